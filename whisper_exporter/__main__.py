@@ -1,0 +1,3 @@
+from whisper_exporter.cli import main
+
+main()

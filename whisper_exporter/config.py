@@ -1,0 +1,250 @@
+"""Configuration: one YAML file merged over built-in defaults, validated into dataclasses.
+
+Every problem is a ConfigError that names the file, the key path
+(`collectors.gpu.interval`) and what was expected; the CLI turns it into exit 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+DEFAULT_PORT = 10111  # see README "Why port 10111"
+DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
+
+
+class ConfigError(Exception):
+    def __init__(self, source: str, key: str, expected: str, got: Any = dataclasses.MISSING):
+        self.source, self.key, self.expected = source, key, expected
+        shown = "" if got is dataclasses.MISSING else f", got {_show(got)}"
+        super().__init__(f"{source}: {key or '<top>'}: expected {expected}{shown}")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class Duration(float):
+    """Seconds, written in YAML as 15s, 500ms, 2m, 1h or a bare number of seconds."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """'HOST:PORT', '[::1]:PORT' or ':PORT' -> (host, port). Raises ValueError."""
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(value)
+    host = host.strip("[]") or "0.0.0.0"
+    if not re.fullmatch(r"[A-Za-z0-9.\-]+", host):
+        ipaddress.ip_address(host)  # IPv6 literal; raises ValueError when invalid
+    return host, int(port)
+
+
+@dataclass
+class ServiceConfig:
+    url: str = "http://127.0.0.1:8000"
+    api: str = "openai"
+    model: str = "whisper-1"
+    timeout: Duration = Duration(60)
+    api_key_env: Optional[str] = None
+    api_key_file: Optional[str] = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class GpuConfig:
+    enabled: bool = True
+    interval: Duration = Duration(5)
+    timeout: Duration = Duration(3)
+    devices: Union[str, list[int]] = "all"  # "all" or a list of indices
+    xid_events: bool = True
+
+
+@dataclass
+class ProcessConfig:
+    enabled: bool = True
+    interval: Duration = Duration(5)
+    timeout: Duration = Duration(3)
+    match: Optional[str] = "faster-whisper|whisper|uvicorn"
+    pid: Optional[int] = None
+    pid_file: Optional[str] = None
+    children: bool = True
+
+
+@dataclass
+class CollectorsConfig:
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    process: ProcessConfig = field(default_factory=ProcessConfig)
+
+
+@dataclass
+class Config:
+    listen: str = DEFAULT_LISTEN
+    log_level: str = "info"
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    collectors: CollectorsConfig = field(default_factory=CollectorsConfig)
+    source: str = "<defaults>"  # where it came from, for messages; not a config key
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+
+# Checks beyond the type, by key path: (predicate, what was expected).
+_CHOICES = {
+    "log_level": ("debug", "info", "warning", "error"),
+    "service.api": ("openai", "asr-webservice", "whispercpp"),
+}
+
+
+def _check_value(source: str, key: str, value: Any) -> None:
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(source, key, "one of " + ", ".join(_CHOICES[key]), value)
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "interval" and value <= 0:
+        raise ConfigError(source, key, "a duration greater than 0", value)
+    if key == "listen":
+        try:
+            parse_listen(value)
+        except ValueError:
+            raise ConfigError(source, key, "an address HOST:PORT with a port from 1 to 65535", value)
+    if key == "service.url" and not re.match(r"^https?://[^/\s]+", value):
+        raise ConfigError(source, key, "an http:// or https:// URL", value)
+    if key.endswith(".match") and value is not None:
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ConfigError(source, key, f"a valid regular expression ({err})", value)
+    if key.endswith(".devices") and isinstance(value, str) and value != "all":
+        raise ConfigError(source, key, '"all" or a list of GPU indices', value)
+
+
+def _convert(source: str, key: str, tp: Any, value: Any) -> Any:
+    """Check `value` against the annotation `tp`, converting durations and sections."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _convert(source, key, option, value)
+            except ConfigError as err:
+                if err.key != key:  # the value had this option's shape; its inner error says more
+                    raise
+                errors.append(err.expected)
+        raise ConfigError(source, key, " or ".join(errors), value)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(source, key, "null", value)
+    if dataclasses.is_dataclass(tp):
+        return _build(source, key, tp, value)
+    if tp is Duration:
+        try:
+            return Duration(parse_duration(value))
+        except ValueError:
+            raise ConfigError(source, key, "a duration such as 500ms, 15s, 2m or 1h", value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(source, key, "a list", value)
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(source, f"{key}[{i}]", item_tp, v) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(source, key, "a mapping", value)
+        _, value_tp = typing.get_args(tp)
+        return {str(k): _convert(source, f"{key}.{k}", value_tp, v) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(source, key, "true or false", value)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(source, key, "an integer", value)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(source, key, "a number", value)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(source, key, "a string", value)
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")
+
+
+def _build(source: str, prefix: str, cls: type, data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(source, prefix, "a mapping of keys", data)
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    for name in data:
+        if name not in known:
+            where = f"{prefix}.{name}" if prefix else str(name)
+            raise ConfigError(source, where, "a known key (one of " + ", ".join(sorted(known)) + ")")
+    values = {}
+    for name in known:
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            values[name] = _convert(source, key, hints[name], data[name])
+            _check_value(source, key, values[name])
+    return cls(**values)
+
+
+def from_dict(data: Any, source: str = "<config>") -> Config:
+    if data is None:
+        data = {}
+    config = _build(source, "", Config, data)
+    config.source = source
+    return config
+
+
+def load(path: Optional[str]) -> Config:
+    """Built-in defaults, overridden by the YAML file at `path` when given."""
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(path, "", f"a readable file ({err.strerror})")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(path, "", f"valid YAML{where} ({getattr(err, 'problem', err)})")
+    return from_dict(data, source=path)
+
+
+def masked(config: Config) -> dict[str, Any]:
+    """The effective configuration for display. Holds only the names of secrets."""
+    data = dataclasses.asdict(config)
+    data.pop("source", None)
+    headers = data["service"]["headers"]
+    for name in headers:
+        if name.lower() in ("authorization", "x-api-key", "api-key", "cookie"):
+            headers[name] = "<masked>"
+    return data

@@ -1,0 +1,150 @@
+"""Runs each enabled collector in its own background thread, on its interval, with jitter.
+
+A scrape never waits on this: it reads `CollectorState` and the collector's
+latest state. A run that overruns its timeout cannot be killed (an NVML call
+or a blocked read has no cancel), so the watchdog is a check at read time:
+a run in progress for longer than the timeout marks the collector down, and
+its thread simply carries on when (if) the call returns.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from whisper_exporter.collector import Collector
+
+log = logging.getLogger("whisper_exporter.scheduler")
+
+JITTER = 0.1  # each wait is the interval +/- 10%, so collectors drift apart
+
+
+@dataclass
+class CollectorState:
+    """What the exporter and the landing page know about one collector."""
+
+    name: str
+    interval: float
+    timeout: float
+    started: bool = False
+    ok: bool = False  # the last finished run succeeded
+    runs: int = 0
+    errors_total: int = 0
+    last_error: Optional[str] = None
+    last_error_time: Optional[float] = None  # unix seconds
+    last_run_time: Optional[float] = None  # unix seconds, when the last finished run began
+    last_duration: Optional[float] = None  # seconds
+    running_since: Optional[float] = None  # time.monotonic() of the run in progress
+    overrun_counted: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def overrun(self, now: Optional[float] = None) -> Optional[float]:
+        """Seconds the run in progress has taken, when that is past the timeout."""
+        since = self.running_since
+        if since is None:
+            return None
+        elapsed = (time.monotonic() if now is None else now) - since
+        return elapsed if elapsed > self.timeout else None
+
+    def up(self) -> bool:
+        """Down while the last run failed, or a run in progress is past its timeout."""
+        with self.lock:
+            elapsed = self.overrun()
+            if elapsed is not None and not self.overrun_counted:
+                # Counted once per wedged run, the first time anyone looks.
+                self.overrun_counted = True
+                self.errors_total += 1
+                self.last_error = f"run still in progress after {elapsed:.1f}s (timeout {self.timeout:g}s)"
+                self.last_error_time = time.time()
+            return self.ok and elapsed is None
+
+    def record_error(self, message: str) -> None:
+        with self.lock:
+            self.errors_total += 1
+            self.last_error = message
+            self.last_error_time = time.time()
+
+
+def describe(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+class Scheduler:
+    def __init__(self, collectors: list[tuple[Collector, float, float]]):
+        """`collectors` holds (collector, interval seconds, timeout seconds)."""
+        self.entries = [
+            (c, CollectorState(name=c.name, interval=interval, timeout=timeout))
+            for c, interval, timeout in collectors
+        ]
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for collector, state in self.entries:
+            thread = threading.Thread(
+                target=self._loop, args=(collector, state), name=f"collector-{state.name}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, wait: float = 2.0) -> None:
+        self._stop.set()
+        deadline = time.monotonic() + wait
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for collector, state in self.entries:
+            if state.started:
+                try:
+                    collector.stop()
+                except Exception as err:  # stop() must not raise; if it does, say so and go on
+                    log.warning("collector %s: stop failed: %s", state.name, describe(err))
+
+    def ready(self) -> bool:
+        """Every collector has finished at least one run (successful or not)."""
+        return all(state.runs > 0 for _, state in self.entries)
+
+    def run_once(self, collector: Collector, state: CollectorState) -> None:
+        """One scheduled run: start the collector if it is not started yet, then update it."""
+        started_wall, started = time.time(), time.monotonic()
+        with state.lock:
+            state.running_since, state.overrun_counted = started, False
+        error: Optional[str] = None
+        try:
+            if not state.started:
+                collector.start()
+                state.started = True
+            collector.update()
+        except Exception as err:
+            error = describe(err)
+        duration = time.monotonic() - started
+        with state.lock:
+            was_ok, previous_error = state.ok, state.last_error
+            state.running_since = None
+            state.runs += 1
+            state.last_run_time, state.last_duration = started_wall, duration
+            state.ok = error is None
+            if error is not None:
+                # A run that overran was already counted by the watchdog.
+                if not state.overrun_counted:
+                    state.errors_total += 1
+                state.last_error, state.last_error_time = error, time.time()
+        # Log each kind of failure once, and the recovery, not every interval.
+        if error is not None and (was_ok or error != previous_error or state.runs == 1):
+            log.error("collector %s is down: %s", state.name, error)
+        elif error is None and not was_ok and state.runs > 1:
+            log.info("collector %s is up again", state.name)
+
+    def _loop(self, collector: Collector, state: CollectorState) -> None:
+        # A small random delay first, so collectors started together do not fire together.
+        if self._stop.wait(random.uniform(0, min(0.2, state.interval / 10))):
+            return
+        while True:
+            began = time.monotonic()
+            self.run_once(collector, state)
+            wait = state.interval * random.uniform(1 - JITTER, 1 + JITTER) - (time.monotonic() - began)
+            if self._stop.wait(max(0.0, wait)):
+                return
