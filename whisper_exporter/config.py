@@ -56,7 +56,7 @@ def parse_duration(value: Any) -> float:
 def parse_listen(value: str) -> tuple[str, int]:
     """'HOST:PORT', '[::1]:PORT' or ':PORT' -> (host, port). Raises ValueError."""
     host, sep, port = str(value).rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(value)
     host = host.strip("[]") or "0.0.0.0"
     if not re.fullmatch(r"[A-Za-z0-9.\-]+", host):
@@ -131,7 +131,7 @@ def _check_value(source: str, key: str, value: Any) -> None:
         try:
             parse_listen(value)
         except ValueError:
-            raise ConfigError(source, key, "an address HOST:PORT with a port from 1 to 65535", value)
+            raise ConfigError(source, key, "an address HOST:PORT with a port from 0 (any free port) to 65535", value)
     if key == "service.url" and not re.match(r"^https?://[^/\s]+", value):
         raise ConfigError(source, key, "an http:// or https:// URL", value)
     if key.endswith(".match") and value is not None:
@@ -241,10 +241,21 @@ def load(path: Optional[str]) -> Config:
 
 def masked(config: Config) -> dict[str, Any]:
     """The effective configuration for display. Holds only the names of secrets."""
-    data = dataclasses.asdict(config)
+    data = _plain(dataclasses.asdict(config))
     data.pop("source", None)
     headers = data["service"]["headers"]
     for name in headers:
         if name.lower() in ("authorization", "x-api-key", "api-key", "cookie"):
             headers[name] = "<masked>"
     return data
+
+
+def _plain(value: Any) -> Any:
+    """Durations back to the way users write them, so the result dumps as YAML."""
+    if isinstance(value, Duration):
+        return f"{value:g}s"
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
