@@ -45,8 +45,9 @@ def _run_options(command: Callable) -> Callable:
         help="Address to serve metrics on (default: from config, else 0.0.0.0:10111).",
     )(command)
     command = click.option(
-        "--config", "--config.file", "config_path", default=None, metavar="FILE",
-        type=click.Path(dir_okay=False), help="YAML configuration merged over the built-in defaults.",
+        "--config", "--config.file", "config_path", default=None, metavar="FILE", envvar="WHISPER_EXPORTER_CONFIG",
+        type=click.Path(dir_okay=False),
+        help="YAML configuration merged over the built-in defaults (env: WHISPER_EXPORTER_CONFIG).",
     )(command)
     return command
 
