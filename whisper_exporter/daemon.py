@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 from dataclasses import dataclass
 from typing import Optional
@@ -13,6 +14,7 @@ from whisper_exporter.config import Config
 from whisper_exporter.exporter import make_registry
 from whisper_exporter.scheduler import Scheduler
 from whisper_exporter.server import make_app, serve
+from whisper_exporter.webconfig import BasicAuth, WebConfig, with_headers
 
 log = logging.getLogger("whisper_exporter")
 
@@ -40,7 +42,8 @@ class Running:
     def url(self) -> str:
         host, port = self.server.server_address[:2]
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{port}"
+        scheme = "https" if isinstance(self.server.socket, ssl.SSLSocket) else "http"
+        return f"{scheme}://{host}:{port}"
 
     def close(self) -> None:
         self.server.shutdown()
@@ -48,12 +51,29 @@ class Running:
         self.scheduler.stop()
 
 
-def start(config: Config, scheduler: Optional[Scheduler] = None) -> Running:
-    """Start collectors and the HTTP server in background threads. Raises OSError when the port is taken."""
+HEALTH_PATHS = ("/-/healthy", "/-/ready")
+
+
+def start(
+    config: Config,
+    scheduler: Optional[Scheduler] = None,
+    web: Optional[WebConfig] = None,
+    health_open: bool = False,
+) -> Running:
+    """Start collectors and the HTTP server in background threads. Raises OSError when the port is taken.
+
+    `web` (from --web.config.file) adds TLS, basic auth and response headers; with
+    `health_open` the health endpoints answer without credentials.
+    """
     scheduler = scheduler or build_scheduler(config)
     registry = make_registry(scheduler)
     host, port = config.listen_address
-    server, thread = serve(host, port, make_app(config, scheduler, registry))
+    web = web or WebConfig()
+    app = make_app(config, scheduler, registry)
+    if web.users:
+        app = BasicAuth(app, web.users, open_paths=HEALTH_PATHS if health_open else ())
+    app = with_headers(app, web.headers)
+    server, thread = serve(host, port, app, web.ssl_context)
     scheduler.start()
     return Running(config, scheduler, server, thread)
 

@@ -5,10 +5,12 @@ carry the landing page and, later, an authentication layer in front of all of it
 """
 from __future__ import annotations
 
+import logging
 import socket
+import ssl
 import threading
 from socketserver import ThreadingMixIn
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -18,9 +20,21 @@ from whisper_exporter.config import Config
 from whisper_exporter.scheduler import Scheduler
 
 StartResponse = Callable[..., object]
+log = logging.getLogger("whisper_exporter.server")
+
+REQUEST_TIMEOUT = 30  # seconds a client may take to send its request (slow clients hold a thread)
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = REQUEST_TIMEOUT
+
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.request, ssl.SSLSocket):
+            # The TLS handshake runs here, in the request's own thread, so a slow or
+            # hostile client cannot stall accept() for everyone else.
+            self.request.do_handshake()
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         pass  # one line per scrape on stderr is noise
 
@@ -28,6 +42,11 @@ class _QuietHandler(WSGIRequestHandler):
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A failed handshake or a dropped connection is the client's problem: one debug line,
+        # not a traceback on stderr.
+        log.debug("connection from %s failed", client_address, exc_info=True)
 
 
 class _ThreadingWSGIServerV6(_ThreadingWSGIServer):
@@ -62,10 +81,14 @@ def _text(start_response: StartResponse, status: str, text: str) -> list[bytes]:
     return [body]
 
 
-def serve(host: str, port: int, app: Callable) -> tuple[WSGIServer, threading.Thread]:
+def serve(
+    host: str, port: int, app: Callable, ssl_context: Optional[ssl.SSLContext] = None
+) -> tuple[WSGIServer, threading.Thread]:
     """Bind now (so a taken port fails at start-up) and serve in a background thread."""
     server_class = _ThreadingWSGIServerV6 if ":" in host else _ThreadingWSGIServer
     server = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
+    if ssl_context is not None:
+        server.socket = ssl_context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="http", daemon=True)
     thread.start()
     return server, thread
