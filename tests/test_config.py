@@ -114,3 +114,9 @@ def test_masked_hides_secret_headers():
     shown = config.masked(c)
     assert shown["service"]["headers"] == {"Authorization": "<masked>", "X-Team": "asr"}
     assert "sk-123" not in repr(shown)
+
+
+def test_masked_hides_a_password_in_the_service_url():
+    c = from_dict({"service": {"url": "https://asr:hunter2@whisper.internal:8443/base"}})
+    assert config.masked(c)["service"]["url"] == "https://asr:<masked>@whisper.internal:8443/base"
+    assert config.masked_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000"

@@ -100,6 +100,75 @@ def check_config(path: str) -> None:
 
 
 @main.command()
+@click.option("--config", "--config.file", "config_path", default=None, metavar="FILE",
+              envvar="WHISPER_EXPORTER_CONFIG", type=click.Path(dir_okay=False),
+              help="YAML configuration: the service and the canaries (default: built-in defaults).")
+@click.option("--target", default=None, metavar="URL", help="Probe this base URL instead of service.url, this once.")
+@click.option("--audio", default=None, metavar="FILE", type=click.Path(dir_okay=False),
+              help="Probe this audio instead of the configured canaries (needs --reference).")
+@click.option("--reference", default=None, metavar="TEXT", help="What is said in --audio.")
+@click.option("--language", default="en", show_default=True, metavar="CODE", help="Language of --audio.")
+@click.option("--canary", "canary_names", multiple=True, metavar="NAME",
+              help="Probe only the configured canary of this name (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON, for scripts.")
+@click.option("--metrics", "show_metrics", is_flag=True, help="Also print the metrics the probe would export.")
+def probe(config_path: Optional[str], target: Optional[str], audio: Optional[str], reference: Optional[str],
+          language: str, canary_names: tuple[str, ...], as_json: bool, show_metrics: bool) -> None:
+    """Probe the Whisper server now and say what was measured and why it failed.
+
+    Exit status: 0 every canary succeeded, 1 one failed, 2 bad configuration or usage.
+    """
+    import json
+    import os
+    import re
+
+    from collectors import probe as probe_collector
+    from whisper_exporter.clients import ClientSetupError
+    from whisper_exporter.config import Canary, canary_name
+
+    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)  # the report says it all
+    config = _config_or_exit(config_path)
+
+    def usage(message: str) -> None:
+        click.echo(f"whisper-exporter probe: {message}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+    if target is not None and not re.match(r"^https?://[^/\s]+", target):
+        usage(f"--target: expected an http:// or https:// URL, got {target!r}")
+    canaries = None
+    if audio is not None or reference is not None:
+        if audio is None or not reference:
+            usage("--audio and --reference go together")
+        if not re.fullmatch(r"[a-z]{2,3}", language):
+            usage(f"--language: expected a Whisper language code such as en or zh, got {language!r}")
+        canaries = [Canary(audio=os.path.abspath(audio), reference=reference, language=language)]
+    elif canary_names:
+        available = probe_collector.resolve_canaries(config.collectors.probe, config)
+        canaries = [c for c in available if canary_name(c) in canary_names]
+        missing = sorted(set(canary_names) - {canary_name(c) for c in canaries})
+        if missing:
+            usage(f"--canary: no canary named {', '.join(missing)} (configured: "
+                  f"{', '.join(canary_name(c) for c in available)})")
+    try:
+        collector, records, problems = probe_collector.probe_once(config, url=target, canaries=canaries)
+    except ClientSetupError as err:
+        usage(str(err))
+    if as_json:
+        click.echo(json.dumps({"records": [r.to_dict() for r in records], "problems": problems}, indent=2))
+    else:
+        for record in records:
+            click.echo(probe_collector.debug_text(record))
+            click.echo("")
+        for problem in problems:
+            click.echo(f"Not probed: {problem}")
+        if show_metrics:
+            click.echo("Metrics that would have been exported:")
+            click.echo(probe_collector.metrics_text(collector))
+    if problems or not records or not all(r.success for r in records):
+        sys.exit(1)
+
+
+@main.command()
 def version() -> None:
     """Print the version."""
     click.echo(f"whisper-exporter {__version__}")

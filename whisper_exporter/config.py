@@ -96,9 +96,75 @@ class ProcessConfig:
 
 
 @dataclass
+class LogField:
+    """Where a record field is in a log line: a dotted JSON path or a regex group, and its unit."""
+
+    field: str = ""
+    unit: str = "s"  # s | ms | us, for durations
+
+
+@dataclass
+class LogFile:
+    path: str = ""  # a file or a glob; required
+    format: str = "json"  # json | regex | a preset (see whisper_exporter/logparse.py PRESETS)
+    pattern: Union[str, list[str], None] = None  # format regex: Python regular expression(s) with named groups
+    # record field -> log field; overrides the format's defaults per field, null drops one
+    fields: dict[str, Union[str, LogField, None]] = field(default_factory=dict)
+
+
+@dataclass
+class LogsConfig:
+    enabled: bool = False
+    interval: Duration = Duration(1)  # how often the files are polled
+    timeout: Duration = Duration(10)
+    start_at: str = "end"  # end | beginning: where files present at start-up are read from
+    files: list[LogFile] = field(default_factory=list)
+    # Allowed label values; anything else is counted as "other". null: the built-in sets.
+    endpoints: Optional[list[str]] = None
+    status_codes: Optional[list[int]] = None
+    languages: Optional[list[str]] = None
+    max_series: int = 5000  # endpoint x status x language combinations of whisper_requests_total
+    max_line_bytes: int = 1048576  # longer lines are skipped and counted
+
+
+@dataclass
+class Canary:
+    """One canary: audio with a known transcript, sent to the service as a user would."""
+
+    audio: str = ""  # path; relative paths are relative to the config file's folder; required
+    reference: str = ""  # what is said in it; required
+    language: str = "en"  # a Whisper language code; also picks the normaliser and the unit
+    name: Optional[str] = None  # the `probe` label; default: the audio file's name without suffix
+
+
+@dataclass
+class ProbeConfig:
+    enabled: bool = True
+    interval: Duration = Duration(60)
+    timeout: Duration = Duration(30)  # for one canary's request (connect, answer, body)
+    response_format: str = "verbose_json"  # json | verbose_json (openai and whispercpp APIs)
+    max_error_rate: float = 0.5  # a transcript with a higher WER/CER counts as wrong_transcript
+    canaries: list[Canary] = field(default_factory=list)  # empty: the bundled English canary
+
+    @property
+    def run_timeout(self) -> float:
+        """The scheduler's watchdog for one run of every canary, one after another.
+
+        A request may take up to three timeouts in the worst case (connecting, waiting for
+        the answer, a body that stops arriving), plus reading the audio and scoring."""
+        return max(1, len(self.canaries)) * (3 * self.timeout + 1.0) + 5.0
+
+
+def canary_name(canary: Canary) -> str:
+    return canary.name or Path(canary.audio).stem
+
+
+@dataclass
 class CollectorsConfig:
     gpu: GpuConfig = field(default_factory=GpuConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
+    logs: LogsConfig = field(default_factory=LogsConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 @dataclass
@@ -118,6 +184,8 @@ class Config:
 _CHOICES = {
     "log_level": ("debug", "info", "warning", "error"),
     "service.api": ("openai", "asr-webservice", "whispercpp"),
+    "collectors.logs.start_at": ("end", "beginning"),
+    "collectors.probe.response_format": ("json", "verbose_json"),
 }
 
 
@@ -141,6 +209,93 @@ def _check_value(source: str, key: str, value: Any) -> None:
             raise ConfigError(source, key, f"a valid regular expression ({err})", value)
     if key.endswith(".devices") and isinstance(value, str) and value != "all":
         raise ConfigError(source, key, '"all" or a list of GPU indices', value)
+    if key.startswith("collectors.logs."):
+        _check_logs(source, key, value)
+    if key.startswith("collectors.probe."):
+        _check_probe(source, key, value)
+
+
+def _canary_audio_problem(source: str, audio: str) -> Optional[str]:
+    """Why the canary's audio cannot be used, or None. Relative paths are relative to the
+    config file's folder, as the probe collector resolves them."""
+    from whisper_exporter.audio import AudioError, duration_seconds  # mutagen only when canaries are set
+
+    path = Path(audio).expanduser()
+    if not path.is_absolute():
+        base = Path(source).parent if source and not source.startswith("<") else Path.cwd()
+        path = base / path
+    try:
+        duration_seconds(path)
+    except AudioError as err:
+        return str(err).removeprefix(f"{path}: ")
+    return None
+
+
+def _check_probe(source: str, key: str, value: Any) -> None:
+    if key == "collectors.probe.timeout" and value <= 0:
+        raise ConfigError(source, key, "a duration greater than 0", value)
+    if key == "collectors.probe.max_error_rate" and value < 0:
+        raise ConfigError(source, key, "an error rate of 0 or more (0.5 = one error in two words)", value)
+    if key == "collectors.probe.canaries":
+        names: dict[str, int] = {}
+        for i, canary in enumerate(value):
+            where = f"{key}[{i}]"
+            if not canary.audio:
+                raise ConfigError(source, f"{where}.audio", "the path of an audio file (WAV, FLAC, MP3, OGG)")
+            if not canary.reference.strip():
+                raise ConfigError(source, f"{where}.reference", "the text spoken in the audio")
+            if not re.fullmatch(r"[a-z]{2,3}", canary.language):
+                raise ConfigError(source, f"{where}.language", "a Whisper language code such as en, de, zh or yue",
+                                  canary.language)
+            problem = _canary_audio_problem(source, canary.audio)
+            if problem:
+                raise ConfigError(source, f"{where}.audio", f"a readable audio file ({problem})", canary.audio)
+            name = canary_name(canary)
+            if name in names:
+                raise ConfigError(source, f"{where}.name",
+                                  f"a name no other canary has ({key}[{names[name]}] is also {name!r})", name)
+            names[name] = i
+
+
+def _check_logs(source: str, key: str, value: Any) -> None:
+    from whisper_exporter import logparse  # no import cycle: logparse imports nothing of ours
+
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf in ("max_series", "max_line_bytes") and value < 1:
+        raise ConfigError(source, key, "a number greater than 0", value)
+    if leaf == "endpoints" and value is not None:
+        for i, path in enumerate(value):
+            if not path.startswith("/"):
+                raise ConfigError(source, f"{key}[{i}]", "a path starting with /", path)
+    if leaf == "status_codes" and value is not None:
+        for i, code in enumerate(value):
+            if not 100 <= code <= 599:
+                raise ConfigError(source, f"{key}[{i}]", "an HTTP status code from 100 to 599", code)
+    if leaf == "languages" and value is not None:
+        for i, name in enumerate(value):
+            if logparse.language_code(name) is None:
+                raise ConfigError(source, f"{key}[{i}]", "a Whisper language code or name (en, english, yue)", name)
+    if key == "collectors.logs.files":
+        for i, entry in enumerate(value):
+            where = f"{key}[{i}]"
+            if not entry.path:
+                raise ConfigError(source, f"{where}.path", "a file or glob to follow")
+            if entry.format not in logparse.FORMATS:
+                raise ConfigError(source, f"{where}.format", "one of " + ", ".join(logparse.FORMATS), entry.format)
+            if entry.format == "regex" and not entry.pattern:
+                raise ConfigError(source, f"{where}.pattern", "a regular expression with named groups (format regex)")
+            for name, spec in entry.fields.items():
+                if name not in logparse.RECORD_FIELDS:
+                    raise ConfigError(source, f"{where}.fields.{name}",
+                                      "a record field (one of " + ", ".join(logparse.RECORD_FIELDS) + ")")
+                if isinstance(spec, LogField) and spec.unit not in logparse.UNITS:
+                    raise ConfigError(source, f"{where}.fields.{name}.unit",
+                                      "one of " + ", ".join(logparse.UNITS), spec.unit)
+            try:
+                logparse.make_parser(entry.format, entry.pattern, entry.fields)
+            except ValueError as err:
+                about_pattern = entry.format == "regex" and any(w in str(err) for w in ("pattern", "regular", "group"))
+                raise ConfigError(source, f"{where}.{'pattern' if about_pattern else 'fields'}", str(err))
 
 
 def _convert(source: str, key: str, tp: Any, value: Any) -> Any:
@@ -243,11 +398,17 @@ def masked(config: Config) -> dict[str, Any]:
     """The effective configuration for display. Holds only the names of secrets."""
     data = _plain(dataclasses.asdict(config))
     data.pop("source", None)
+    data["service"]["url"] = masked_url(config.service.url)
     headers = data["service"]["headers"]
     for name in headers:
         if name.lower() in ("authorization", "x-api-key", "api-key", "cookie"):
             headers[name] = "<masked>"
     return data
+
+
+def masked_url(url: str) -> str:
+    """The URL with the password of its user info (http://user:pw@host) replaced."""
+    return re.sub(r"^([a-z]+://[^/@:\s]*):[^/@\s]*@", r"\1:<masked>@", url, flags=re.I)
 
 
 def _plain(value: Any) -> Any:

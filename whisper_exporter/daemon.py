@@ -27,7 +27,8 @@ def build_scheduler(config: Config) -> Scheduler:
         if not section.enabled:
             continue
         collector = available[name](section, config)
-        entries.append((collector, section.interval, section.timeout))
+        # A section may derive its watchdog from its own settings (the probe: canaries x timeout).
+        entries.append((collector, section.interval, getattr(section, "run_timeout", section.timeout)))
     return Scheduler(entries)
 
 

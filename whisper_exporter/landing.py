@@ -8,7 +8,7 @@ from typing import Optional
 import yaml
 
 from whisper_exporter import __version__
-from whisper_exporter.config import Config, masked
+from whisper_exporter.config import Config, masked, masked_url
 from whisper_exporter.scheduler import Scheduler
 
 _STYLE = """
@@ -51,6 +51,70 @@ def collector_rows(scheduler: Scheduler) -> list[dict]:
     return rows
 
 
+def _probe_collector(scheduler: Scheduler):
+    for collector, _state in scheduler.entries:
+        if getattr(collector, "name", None) == "probe" and hasattr(collector, "recent_probes"):
+            return collector
+    return None
+
+
+def _clip(text: Optional[str], limit: int = 200) -> str:
+    if text is None:
+        return ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def probe_rows(scheduler: Scheduler) -> dict[str, list[dict]]:
+    """Per canary, its last probes (newest first) as the page shows them; {} without a probe collector."""
+    collector = _probe_collector(scheduler)
+    if collector is None:
+        return {}
+    now = time.time()
+    out: dict[str, list[dict]] = {}
+    for name, records in collector.recent_probes().items():
+        out[name] = [{
+            "when": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.started)) + " UTC",
+            "ago": _ago(r.started, now),
+            "result": r.result,
+            "ok": r.success,
+            "duration": f"{r.duration:.3f} s",
+            "rtf": "" if r.realtime_factor is None else f"{r.realtime_factor:.3f}",
+            "error_rate": "" if r.error_rate is None else f"{r.error_rate:.3f} ({r.unit})",
+            "status": "" if r.status_code is None else str(r.status_code),
+            "transcript": _clip(r.transcript),
+            "reason": _clip(r.reason, 300),
+        } for r in records]
+    return out
+
+
+def _render_probes(scheduler: Scheduler) -> str:
+    if _probe_collector(scheduler) is None:
+        return ""
+    parts = ["<h2>Recent probes</h2>"]
+    rows_by_canary = probe_rows(scheduler)
+    if not any(rows_by_canary.values()):
+        parts.append("<p>No probe has run yet.</p>")
+    for name, rows in rows_by_canary.items():
+        if not rows:
+            continue
+        parts.append(f"<h3>Canary {escape(name)}</h3>")
+        parts.append("<table><tr><th>when</th><th>result</th><th>took</th><th>RTF</th><th>error rate</th>"
+                     "<th>HTTP</th><th>transcript</th><th>failure reason</th></tr>")
+        for row in rows:
+            css = "up" if row["ok"] else "down"
+            parts.append(
+                "<tr>"
+                f"<td>{escape(row['when'])} <small>({escape(row['ago'])})</small></td>"
+                f"<td class=\"{css}\">{escape(row['result'])}</td>"
+                f"<td>{escape(row['duration'])}</td><td>{escape(row['rtf'])}</td>"
+                f"<td>{escape(row['error_rate'])}</td><td>{escape(row['status'])}</td>"
+                f"<td>{escape(row['transcript'])}</td><td>{escape(row['reason'])}</td>"
+                "</tr>"
+            )
+        parts.append("</table>")
+    return "\n".join(parts) + "\n"
+
+
 def render(config: Config, scheduler: Scheduler) -> str:
     rows = []
     for row in collector_rows(scheduler):
@@ -72,7 +136,7 @@ def render(config: Config, scheduler: Scheduler) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>whisper-exporter</title>
 <style>{_STYLE}</style></head><body>
 <h1>whisper-exporter</h1>
-<p>Version {escape(__version__)}. Watching <code>{escape(config.service.url)}</code>.
+<p>Version {escape(__version__)}. Watching <code>{escape(masked_url(config.service.url))}</code>.
 Metrics at <a href="metrics">/metrics</a>; health at <a href="-/healthy">/-/healthy</a>,
 readiness at <a href="-/ready">/-/ready</a>.</p>
 <h2>Collectors</h2>
@@ -81,7 +145,7 @@ readiness at <a href="-/ready">/-/ready</a>.</p>
 {''.join(rows)}
 </table>
 <p>Disabled: {escape(', '.join(disabled) or 'none')}.</p>
-<h2>Effective configuration</h2>
+{_render_probes(scheduler)}<h2>Effective configuration</h2>
 <p>From {escape(config.source)}; secrets are shown by name only.</p>
 <pre>{escape(effective)}</pre>
 </body></html>

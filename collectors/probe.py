@@ -1,0 +1,416 @@
+"""The canary probe: known audio sent to the Whisper server's real HTTP API, on a schedule.
+
+Each scheduled run sends every canary once, one after another (so probes of
+one target never pile up), and keeps, per canary, the latest result and a ring
+of the last probes with their times. What a scrape sees is that latest result:
+
+- `whisper_probe_success`, `whisper_probe_duration_seconds` (request sent to
+  answer read; until the failure when it failed), `whisper_probe_http_status_code`
+  (0 without an answer) and `whisper_probe_last_run_timestamp_seconds`: always,
+  failures included (the blackbox_exporter habit);
+- `whisper_probe_realtime_factor` (duration / the audio's duration from its
+  header), `whisper_probe_word_error_rate` (WER, or CER for languages scored in
+  characters): when a transcript came back;
+- from verbose_json segments, the worst segment of the transcript:
+  `whisper_probe_avg_logprob` (lowest), `whisper_probe_compression_ratio`
+  (highest), `whisper_probe_no_speech_prob` (highest), and
+  `whisper_probe_fallback_segments` (segments decoded at temperature > 0, i.e.
+  after Whisper's own checks failed); each left out when the server does not
+  report it (whisper.cpp has no compression ratio, vLLM no no_speech_prob);
+- `whisper_probe_runs_total{result}`: success, http_error, timeout,
+  connection_error, bad_response, wrong_transcript (error rate above
+  `max_error_rate`).
+
+Scores also count into the shared `whisper_quality_*` families with
+set="canary". A failed probe is a result, not a collector failure; the
+collector is down only when it cannot probe at all (an unreadable canary file,
+an API key that cannot be read).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from whisper_exporter import audio, clients, quality_metrics, scoring
+from whisper_exporter.collector import register
+from whisper_exporter.config import Canary, Config, ProbeConfig, canary_name
+
+log = logging.getLogger(__name__)
+
+WRONG_TRANSCRIPT = "wrong_transcript"
+RESULTS = (clients.SUCCESS, clients.HTTP_ERROR, clients.TIMEOUT, clients.CONNECTION_ERROR,
+           clients.BAD_RESPONSE, WRONG_TRANSCRIPT)
+HISTORY = 10  # probes kept per canary for the status page
+MAX_TRANSCRIPT_CHARS = 2000  # a hallucination loop can be long
+BUNDLED_NAME = "en-short"
+QUALITY_SET = "canary"
+
+
+def bundled_canary() -> Canary:
+    """The canary shipped in the package: espeak-ng speech, 4 s, 16 kHz mono WAV, English."""
+    folder = resources.files("whisper_exporter") / "canary"
+    return Canary(
+        name=BUNDLED_NAME,
+        audio=str(folder / "en.wav"),
+        reference=(folder / "en.txt").read_text(encoding="utf-8").strip(),
+        language="en",
+    )
+
+
+def resolve_canaries(section: ProbeConfig, config: Optional[Config]) -> list[Canary]:
+    """The configured canaries (the bundled one when none is), audio paths made absolute:
+    relative paths are relative to the config file's folder."""
+    if not section.canaries:
+        return [bundled_canary()]
+    source = getattr(config, "source", "")
+    base = Path(source).resolve().parent if source and not source.startswith("<") else Path.cwd()
+    resolved = []
+    for c in section.canaries:
+        path = Path(os.path.expanduser(c.audio))
+        resolved.append(Canary(
+            audio=str(path if path.is_absolute() else base / path),
+            reference=c.reference, language=c.language, name=canary_name(c),
+        ))
+    return resolved
+
+
+@dataclass
+class ProbeRecord:
+    """One probe of one canary: what was measured and, when it failed, why."""
+
+    canary: str
+    started: float  # unix seconds
+    result: str  # one of RESULTS
+    duration: float  # seconds
+    status_code: Optional[int]
+    reason: str  # "" on success
+    language: str
+    unit: str
+    audio_path: str
+    audio_duration: float
+    target: str  # the base URL probed (user info masked)
+    api: str
+    transcript: Optional[str] = None
+    reference: str = ""
+    score: Optional[scoring.Score] = None
+    max_error_rate: float = 0.5
+    segments: int = 0
+    avg_logprob: Optional[float] = None  # lowest of the segments
+    compression_ratio: Optional[float] = None  # highest of the segments
+    no_speech_prob: Optional[float] = None  # highest of the segments
+    fallback_segments: Optional[int] = None  # segments with temperature > 0
+    server_language: Optional[str] = None
+    server_duration: Optional[float] = None
+    exchange: clients.Exchange = field(default_factory=clients.Exchange)
+
+    @property
+    def success(self) -> bool:
+        return self.result == clients.SUCCESS
+
+    @property
+    def error_rate(self) -> Optional[float]:
+        return None if self.score is None else self.score.error_rate
+
+    @property
+    def realtime_factor(self) -> Optional[float]:
+        if self.transcript is None or self.audio_duration <= 0:
+            return None
+        return self.duration / self.audio_duration
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["error_rate"] = self.error_rate
+        data["realtime_factor"] = self.realtime_factor
+        if self.score is not None:
+            data["score"]["errors"] = self.score.errors
+        return data
+
+
+def probe_canary(client: clients.WhisperClient, canary: Canary, max_error_rate: float) -> ProbeRecord:
+    """Probe one canary now. Raises audio.AudioError when its audio cannot be read;
+    everything the server does becomes the record's result."""
+    path = canary.audio
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise audio.AudioError(f"{path}: no such file") from None
+    except OSError as err:
+        raise audio.AudioError(f"{path}: cannot read ({err.strerror or err})") from None
+    audio_duration = audio.duration_seconds(data, name=path)
+    name = canary.name or canary_name(canary)
+    started = time.time()
+    outcome = client.transcribe(data, os.path.basename(path), canary.language)
+    record = ProbeRecord(
+        canary=name, started=started, result=outcome.outcome, duration=outcome.elapsed,
+        status_code=outcome.status_code, reason=outcome.reason, language=canary.language,
+        unit=scoring.unit_for(canary.language), audio_path=path, audio_duration=audio_duration,
+        target=client.url, api=client.api, reference=canary.reference, max_error_rate=max_error_rate,
+        exchange=outcome.exchange,
+    )
+    t = outcome.transcription
+    if t is None:
+        return record
+    record.transcript = t.text.strip()[:MAX_TRANSCRIPT_CHARS]
+    record.server_language, record.server_duration = t.language, t.duration
+    record.score = scoring.score(canary.reference, t.text, canary.language)
+    segments = t.segments
+    record.segments = len(segments)
+    if segments:
+        logprobs = [s.avg_logprob for s in segments if s.avg_logprob is not None]
+        ratios = [s.compression_ratio for s in segments if s.compression_ratio is not None]
+        silence = [s.no_speech_prob for s in segments if s.no_speech_prob is not None]
+        temperatures = [s.temperature for s in segments if s.temperature is not None]
+        record.avg_logprob = min(logprobs) if logprobs else None
+        record.compression_ratio = max(ratios) if ratios else None
+        record.no_speech_prob = max(silence) if silence else None
+        record.fallback_segments = sum(1 for x in temperatures if x > 0) if temperatures else None
+    if record.score.error_rate > max_error_rate:
+        record.result = WRONG_TRANSCRIPT
+        record.reason = (f"{record.unit} error rate {record.score.error_rate:.3f} is above "
+                         f"max_error_rate {max_error_rate:g}")
+    return record
+
+
+class ProbeCollector:
+    name = "probe"
+
+    def __init__(self, section: ProbeConfig, config: Config, url: Optional[str] = None):
+        self.section = section
+        self.config = config
+        self.url = url or config.service.url
+        self.canaries = resolve_canaries(section, config)
+        self.quality = quality_metrics.shared(config, self.name)
+        self.status = "no probe yet"
+        self.problems: list[str] = []  # canaries that could not be probed in the last run
+        self._lock = threading.Lock()  # one run at a time: probes never pile up
+        self._state_lock = threading.Lock()  # guards what families() and the page read
+        self._latest: dict[str, ProbeRecord] = {}
+        self._history: dict[str, deque[ProbeRecord]] = {c.name: deque(maxlen=HISTORY) for c in self.canaries}
+        self._last_failure: dict[str, ProbeRecord] = {}
+        self._runs: dict[str, dict[str, int]] = {c.name: dict.fromkeys(RESULTS, 0) for c in self.canaries}
+
+    def client(self) -> clients.WhisperClient:
+        return clients.make_client(self.config.service, url=self.url, timeout=self.section.timeout,
+                                   response_format=self.section.response_format)
+
+    def start(self) -> None:
+        pass
+
+    def update(self) -> None:
+        with self._lock:
+            client = self.client()  # reads the API key: a missing one marks the collector down
+            problems = []
+            records = []
+            for canary in self.canaries:
+                try:
+                    record = probe_canary(client, canary, self.section.max_error_rate)
+                except audio.AudioError as err:
+                    problems.append(f"canary {canary.name}: {err}")
+                    continue
+                records.append(record)
+                self._store(record)
+            self.quality.end_round(QUALITY_SET)
+            self.problems = problems
+            self.status = self._describe(records, problems)
+            if problems:
+                raise RuntimeError("; ".join(problems))
+
+    def _store(self, record: ProbeRecord) -> None:
+        if record.score is not None:
+            self.quality.record(record.score, QUALITY_SET)
+        else:
+            self.quality.record_failure(record.language, QUALITY_SET)
+        with self._state_lock:
+            previous = self._latest.get(record.canary)
+            self._latest[record.canary] = record
+            self._history[record.canary].appendleft(record)
+            self._runs[record.canary][record.result] += 1
+            if not record.success:
+                self._last_failure[record.canary] = record
+        # Log changes of result, not every probe.
+        if previous is None or previous.result != record.result:
+            level = logging.INFO if record.success else logging.WARNING
+            log.log(level, "probe %s: %s%s", record.canary, record.result,
+                    f": {record.reason}" if record.reason else f" in {record.duration:.3f}s")
+
+    @staticmethod
+    def _describe(records: list[ProbeRecord], problems: list[str]) -> str:
+        parts = [f"{r.canary}: {r.result} in {r.duration:.2f}s" for r in records]
+        return "; ".join(parts + problems) or "no canary"
+
+    def recent_probes(self) -> dict[str, list[ProbeRecord]]:
+        """Per canary, the last probes, newest first."""
+        with self._state_lock:
+            return {name: list(ring) for name, ring in self._history.items()}
+
+    def last_failures(self) -> dict[str, ProbeRecord]:
+        with self._state_lock:
+            return dict(self._last_failure)
+
+    def families(self) -> Iterable[Metric]:
+        with self._state_lock:
+            latest = dict(self._latest)
+            runs = {name: dict(counts) for name, counts in self._runs.items()}
+        label = ["probe"]
+        success = GaugeMetricFamily("whisper_probe_success",
+                                    "1 when the last scheduled canary probe succeeded, else 0.", labels=label)
+        duration = GaugeMetricFamily("whisper_probe_duration_seconds",
+                                     "Time from sending the canary to its transcript read (or to the failure), "
+                                     "last scheduled run.", labels=label)
+        status = GaugeMetricFamily("whisper_probe_http_status_code",
+                                   "HTTP status of the last scheduled probe's answer; 0 when none came.", labels=label)
+        last = GaugeMetricFamily("whisper_probe_last_run_timestamp_seconds",
+                                 "Unix time at which the last scheduled probe of the canary began.", labels=label)
+        rtf = GaugeMetricFamily("whisper_probe_realtime_factor",
+                                "Probe duration divided by the canary audio's duration (smaller is faster), "
+                                "last scheduled run.", labels=label)
+        audio_len = GaugeMetricFamily("whisper_probe_audio_duration_seconds",
+                                      "Duration of the canary audio, from its file header.", labels=label)
+        wer = GaugeMetricFamily("whisper_probe_word_error_rate",
+                                "Word error rate of the canary transcript (character error rate for languages "
+                                "scored in characters), Whisper-normalised, last scheduled run.", labels=label)
+        logprob = GaugeMetricFamily("whisper_probe_avg_logprob",
+                                    "Lowest avg_logprob of the transcript's segments (Whisper fails a segment "
+                                    "below -1), last scheduled run.", labels=label)
+        ratio = GaugeMetricFamily("whisper_probe_compression_ratio",
+                                  "Highest compression_ratio of the transcript's segments (above 2.4 is "
+                                  "repetitive), last scheduled run.", labels=label)
+        silence = GaugeMetricFamily("whisper_probe_no_speech_prob",
+                                    "Highest no_speech_prob of the transcript's segments, last scheduled run.",
+                                    labels=label)
+        fallback = GaugeMetricFamily("whisper_probe_fallback_segments",
+                                     "Segments decoded at temperature > 0 (Whisper's fallback after failed checks), "
+                                     "last scheduled run.", labels=label)
+        info = GaugeMetricFamily("whisper_probe_info", "Always 1; the canary's language and scoring unit.",
+                                 labels=["probe", "language", "unit"])
+        total = CounterMetricFamily("whisper_probe_runs_total", "Canary probes by result.",
+                                    labels=["probe", "result"])
+        for canary in self.canaries:
+            name = canary.name
+            info.add_metric([name, canary.language, scoring.unit_for(canary.language)], 1.0)
+            for result, count in runs[name].items():
+                total.add_metric([name, result], float(count))
+            r = latest.get(name)
+            if r is None:
+                continue
+            success.add_metric([name], 1.0 if r.success else 0.0)
+            duration.add_metric([name], r.duration)
+            status.add_metric([name], float(r.status_code or 0))
+            last.add_metric([name], r.started)
+            audio_len.add_metric([name], r.audio_duration)
+            if r.realtime_factor is not None:
+                rtf.add_metric([name], r.realtime_factor)
+            if r.error_rate is not None:
+                wer.add_metric([name], r.error_rate)
+            for family, value in ((logprob, r.avg_logprob), (ratio, r.compression_ratio),
+                                  (silence, r.no_speech_prob), (fallback, r.fallback_segments)):
+                if value is not None:
+                    family.add_metric([name], float(value))
+        out: list[Metric] = [success, duration, status, last, rtf, audio_len, wer, logprob, ratio, silence,
+                             fallback, total, info]
+        if self.quality.owner == self.name:
+            out.extend(self.quality.families())
+        return out
+
+    def stop(self) -> None:
+        quality_metrics.release(self.config, self.name)
+
+
+@register("probe")
+def make(section: ProbeConfig, config: Config) -> ProbeCollector:
+    return ProbeCollector(section, config)
+
+
+# -- the `whisper-exporter probe` command's report ------------------------------------------
+
+
+def _fmt(value: Optional[float], spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def debug_text(record: ProbeRecord) -> str:
+    """A blackbox_exporter-style account of one probe: request, answer, scores, verdict."""
+    ex = record.exchange
+    lines = [
+        f"Probing canary {record.canary!r} against {record.target} (api {record.api})",
+        f"  audio: {record.audio_path} ({record.audio_duration:.2f} s, language {record.language})",
+        f"Request: {ex.method} {ex.url}",
+        "  form: " + ", ".join(f"{k}={v}" for k, v in ex.fields.items())
+        + f"{', ' if ex.fields else ''}{ex.file_field}=@{ex.file_name} ({ex.file_bytes} bytes)",
+    ]
+    if ex.status_code is None:
+        lines.append(f"Answer: none after {record.duration:.3f} s")
+    else:
+        lines.append(f"Answer: HTTP {ex.status_code} {ex.content_type or '(no Content-Type)'}, "
+                     f"{ex.body_bytes} bytes in {record.duration:.3f} s")
+        if not record.success and ex.body_excerpt:
+            lines.append(f"  body: {ex.body_excerpt}")
+    if record.transcript is not None:
+        lines.append(f"Transcript: {record.transcript!r}")
+        s = record.score
+        lines.append(f"  reference (normalised):  {s.reference!r}")
+        lines.append(f"  transcript (normalised): {s.hypothesis!r}")
+        lines.append(f"  {record.unit} error rate {s.error_rate:.3f}: {s.substitutions} substitutions, "
+                     f"{s.deletions} deletions, {s.insertions} insertions over {s.reference_units} "
+                     f"reference {record.unit}s (max_error_rate {record.max_error_rate:g})")
+        lines.append(f"  real-time factor {record.realtime_factor:.3f} "
+                     f"({record.duration:.3f} s for {record.audio_duration:.2f} s of audio)")
+        if record.segments:
+            lines.append(f"  segments: {record.segments}; worst avg_logprob {_fmt(record.avg_logprob)}, "
+                         f"compression_ratio {_fmt(record.compression_ratio)}, "
+                         f"no_speech_prob {_fmt(record.no_speech_prob)}; "
+                         f"fallback segments {'-' if record.fallback_segments is None else record.fallback_segments}")
+        if record.server_language or record.server_duration:
+            lines.append(f"  server says: language {record.server_language or '-'}, "
+                         f"audio {_fmt(record.server_duration, '.2f')} s")
+    verdict = f"Result: {record.result}"
+    if record.reason:
+        verdict += f" ({record.reason})"
+    lines.append(verdict)
+    return "\n".join(lines)
+
+
+class _OneShot:
+    """A collector holding given records, to render them as the exporter would."""
+
+    def __init__(self, collector: ProbeCollector):
+        self.collector = collector
+
+    def collect(self) -> Iterable[Metric]:
+        return self.collector.families()
+
+
+def metrics_text(collector: ProbeCollector) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_OneShot(collector))
+    return generate_latest(registry).decode()
+
+
+def probe_once(config: Config, url: Optional[str] = None,
+               canaries: Optional[list[Canary]] = None) -> tuple[ProbeCollector, list[ProbeRecord], list[str]]:
+    """Run every canary (or the given ones) once now: (collector, records, problems).
+
+    Raises clients.ClientSetupError when the API key cannot be read."""
+    section = config.collectors.probe
+    if canaries is not None:
+        section = dataclasses.replace(section, canaries=canaries)
+    collector = ProbeCollector(section, config, url=url)
+    try:
+        collector.update()
+    except RuntimeError:
+        pass  # the problems are in the status; the records of the others stand
+    records = [r for ring in collector.recent_probes().values() for r in ring]
+    return collector, records, collector.problems

@@ -1,0 +1,519 @@
+"""The probe collector against small local HTTP servers that misbehave on purpose (loopback only).
+
+Each fake server reads the whole request, then does what the test asks: answer
+the canary's transcript after an injected delay, hang, answer 500 or HTML, or
+stall in the middle of its body.
+"""
+import json
+import shutil
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+from click.testing import CliRunner
+
+from collectors import probe
+from collectors.probe import ProbeCollector, bundled_canary, probe_canary, resolve_canaries
+from whisper_exporter import clients, daemon, landing
+from whisper_exporter.cli import main
+from whisper_exporter.config import ConfigError, from_dict, load
+from whisper_exporter.scheduler import Scheduler
+
+REFERENCE = bundled_canary().reference
+
+
+class FakeWhisper:
+    """An OpenAI-style endpoint whose behaviour the test sets: mode, delay, text, status."""
+
+    def __init__(self):
+        self.mode = "ok"
+        self.delay = 0.0
+        self.text = REFERENCE
+        self.requests = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                body = self.rfile.read(length)
+                fake.requests.append((self.path, dict(self.headers), body))
+                if fake.delay:
+                    time.sleep(fake.delay)
+                mode = fake.mode
+                if mode == "hang":
+                    time.sleep(30)
+                    return
+                if mode == "500":
+                    return self._send(500, b"Internal Server Error", "text/plain")
+                if mode == "html":
+                    return self._send(200, b"<!DOCTYPE html><html><body>It works!</body></html>", "text/html")
+                if mode == "stall":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    self.wfile.write(b'{"text": "')
+                    self.wfile.flush()
+                    time.sleep(30)
+                    return
+                answer = {"task": "transcribe", "language": "en", "duration": 4.0, "text": fake.text,
+                          "segments": [{"text": fake.text, "temperature": 0.2, "avg_logprob": -0.5,
+                                        "compression_ratio": 1.2, "no_speech_prob": 0.05},
+                                       {"text": "", "temperature": 0.0, "avg_logprob": -0.1,
+                                        "compression_ratio": 3.1, "no_speech_prob": 0.3}]}
+                self._send(200, json.dumps(answer).encode(), "application/json")
+
+            def _send(self, status, body, content_type):
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake():
+    server = FakeWhisper()
+    yield server
+    server.close()
+
+
+def closed_port_url():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def make_config(url, **probe):
+    return from_dict({"service": {"url": url, "model": "tiny"}, "collectors": {"probe": probe}})
+
+
+def families(collector):
+    return {f.name: f for f in collector.families()}
+
+
+def value(fams, name, **labels):
+    family = fams[name]
+    wanted = name if family.type != "counter" else name + "_total"
+    for sample in family.samples:
+        if sample.name == wanted and all(sample.labels.get(k) == v for k, v in labels.items()):
+            return sample.value
+    return None
+
+
+def run_probe(url, **probe_section):
+    collector = ProbeCollector((c := make_config(url, **probe_section)).collectors.probe, c)
+    collector.update()
+    return collector, collector.recent_probes()["en-short"][0]
+
+
+# -- results ------------------------------------------------------------------------------
+
+
+def test_success_against_a_good_server(fake):
+    collector, record = run_probe(fake.url)
+    assert record.result == "success" and record.status_code == 200
+    assert record.error_rate == 0.0 and record.transcript == REFERENCE
+    # worst segment: lowest logprob, highest ratio and no-speech probability, one fallback
+    assert (record.avg_logprob, record.compression_ratio, record.no_speech_prob, record.fallback_segments) == (
+        -0.5, 3.1, 0.3, 1)
+    fams = families(collector)
+    assert value(fams, "whisper_probe_success", probe="en-short") == 1.0
+    assert value(fams, "whisper_probe_http_status_code", probe="en-short") == 200.0
+    assert value(fams, "whisper_probe_word_error_rate", probe="en-short") == 0.0
+    assert value(fams, "whisper_probe_realtime_factor", probe="en-short") == pytest.approx(
+        record.duration / record.audio_duration)
+    assert value(fams, "whisper_probe_compression_ratio", probe="en-short") == 3.1
+    assert value(fams, "whisper_probe_fallback_segments", probe="en-short") == 1.0
+    assert value(fams, "whisper_probe_runs", probe="en-short", result="success") == 1.0
+    assert value(fams, "whisper_probe_runs", probe="en-short", result="timeout") == 0.0
+    # the request: the bundled canary's bytes, language and model
+    path, headers, body = fake.requests[0]
+    assert path == "/v1/audio/transcriptions"
+    assert b'name="model_name"\r\n\r\ntiny' in body and b'name="language"\r\n\r\nen' in body
+    assert headers["User-Agent"] == "whisper-exporter"
+
+
+def test_server_down_is_a_connection_error():
+    collector, record = run_probe(closed_port_url())
+    assert record.result == "connection_error"
+    assert "refused" in record.reason
+    fams = families(collector)
+    # blackbox habit: success and duration are there on failure too
+    assert value(fams, "whisper_probe_success", probe="en-short") == 0.0
+    assert value(fams, "whisper_probe_duration_seconds", probe="en-short") is not None
+    assert value(fams, "whisper_probe_http_status_code", probe="en-short") == 0.0
+    # no transcript: no error rate or real-time factor from this run
+    assert value(fams, "whisper_probe_word_error_rate", probe="en-short") is None
+    assert value(fams, "whisper_probe_realtime_factor", probe="en-short") is None
+    assert value(fams, "whisper_probe_runs", probe="en-short", result="connection_error") == 1.0
+
+
+def test_hang_past_the_timeout(fake):
+    fake.mode = "hang"
+    started = time.monotonic()
+    collector, record = run_probe(fake.url, timeout="500ms")
+    assert record.result == "timeout"
+    assert 0.5 <= record.duration < 0.75
+    assert time.monotonic() - started < 2.0
+    assert value(families(collector), "whisper_probe_runs", probe="en-short", result="timeout") == 1.0
+
+
+def test_body_that_stops_arriving_is_a_timeout(fake):
+    fake.mode = "stall"
+    collector, record = run_probe(fake.url, timeout="500ms")
+    assert record.result == "timeout"
+    assert record.status_code == 200
+    assert "stopped arriving" in record.reason
+    assert record.duration < 1.5
+
+
+def test_http_500(fake):
+    fake.mode = "500"
+    collector, record = run_probe(fake.url)
+    assert record.result == "http_error" and record.status_code == 500
+    assert value(families(collector), "whisper_probe_http_status_code", probe="en-short") == 500.0
+
+
+def test_html_instead_of_json(fake):
+    fake.mode = "html"
+    collector, record = run_probe(fake.url)
+    assert record.result == "bad_response" and record.status_code == 200
+    assert "not JSON" in record.reason and "text/html" in record.reason
+
+
+def test_wrong_transcript_above_the_threshold(fake):
+    fake.text = "Please call Stella."  # 3 of 15 words: 12 deletions, WER 0.8
+    collector, record = run_probe(fake.url, max_error_rate=0.5)
+    assert record.result == "wrong_transcript"
+    assert record.error_rate == pytest.approx(12 / 15)
+    assert "above max_error_rate 0.5" in record.reason
+    fams = families(collector)
+    assert value(fams, "whisper_probe_success", probe="en-short") == 0.0
+    assert value(fams, "whisper_probe_word_error_rate", probe="en-short") == pytest.approx(0.8)
+    # the same transcript under a laxer threshold succeeds
+    _, lax = run_probe(fake.url, max_error_rate=0.9)
+    assert lax.result == "success"
+
+
+def test_injected_delay_is_measured_within_5_percent(fake):
+    run_probe(fake.url)  # warm up
+    fake.delay = 1.0
+    durations = [run_probe(fake.url)[1].duration for _ in range(3)]
+    for duration in durations:
+        assert 1.0 <= duration <= 1.05, durations
+
+
+def test_canary_scores_feed_the_quality_counters(fake):
+    fake.text = "Please call Stella and ask her to bring these things with her from the shop."  # 1 substitution
+    collector, record = run_probe(fake.url)
+    fams = families(collector)
+    labels = dict(language="en", set="canary", unit="word")
+    assert value(fams, "whisper_quality_reference_units", **labels) == 15.0
+    assert value(fams, "whisper_quality_errors", type="substitution", **labels) == 1.0
+    assert value(fams, "whisper_quality_errors", type="deletion", **labels) == 0.0
+    assert value(fams, "whisper_quality_error_rate", **labels) == pytest.approx(1 / 15)
+    assert value(fams, "whisper_quality_utterances", result="scored", **labels) == 1.0
+    # a failed probe counts as a failed utterance, adds no reference units
+    fake.mode = "500"
+    collector.update()
+    fams = families(collector)
+    assert value(fams, "whisper_quality_utterances", result="failed", **labels) == 1.0
+    assert value(fams, "whisper_quality_reference_units", **labels) == 15.0
+
+
+def test_several_canaries_run_one_after_another(fake, tmp_path):
+    audio = bundled_canary().audio
+    config = make_config(fake.url, canaries=[
+        {"name": "a", "audio": audio, "reference": REFERENCE, "language": "en"},
+        {"name": "b", "audio": audio, "reference": "Something else entirely was said here.", "language": "en"},
+    ])
+    fake.delay = 0.2
+    active, peak = [0], [0]
+    original = probe.probe_canary
+
+    def counting(*args, **kwargs):
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        try:
+            return original(*args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    collector = ProbeCollector(config.collectors.probe, config)
+    probe.probe_canary, saved = counting, probe.probe_canary
+    try:
+        threads = [threading.Thread(target=collector.update) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        probe.probe_canary = saved
+    assert peak[0] == 1  # never two probes at once
+    recent = collector.recent_probes()
+    assert [r.result for r in recent["a"]] == ["success", "success"]
+    assert [r.result for r in recent["b"]] == ["wrong_transcript", "wrong_transcript"]
+    assert recent["a"][0].started > recent["a"][1].started  # newest first
+
+
+def test_history_is_bounded_per_canary(fake):
+    config = make_config(fake.url)
+    collector = ProbeCollector(config.collectors.probe, config)
+    for _ in range(probe.HISTORY + 3):
+        collector.update()
+    assert len(collector.recent_probes()["en-short"]) == probe.HISTORY
+    fake.mode = "500"
+    collector.update()
+    assert collector.last_failures()["en-short"].result == "http_error"
+
+
+def test_unreadable_canary_marks_the_collector_down_but_probes_the_others(fake, tmp_path):
+    doomed = tmp_path / "nope.wav"
+    shutil.copy(bundled_canary().audio, doomed)
+    config = make_config(fake.url, canaries=[
+        {"name": "missing", "audio": str(doomed), "reference": "x", "language": "en"},
+        {"name": "good", "audio": bundled_canary().audio, "reference": REFERENCE, "language": "en"},
+    ])
+    collector = ProbeCollector(config.collectors.probe, config)
+    doomed.unlink()  # deleted while the exporter runs
+    with pytest.raises(RuntimeError, match="canary missing: .*nope.wav: no such file"):
+        collector.update()
+    assert collector.recent_probes()["good"][0].result == "success"
+    assert collector.recent_probes()["missing"] == []
+
+
+def test_missing_api_key_marks_the_collector_down(fake, monkeypatch):
+    monkeypatch.delenv("PROBE_TEST_KEY", raising=False)
+    config = from_dict({"service": {"url": fake.url, "api_key_env": "PROBE_TEST_KEY"}})
+    collector = ProbeCollector(config.collectors.probe, config)
+    with pytest.raises(clients.ClientSetupError, match="PROBE_TEST_KEY"):
+        collector.update()
+    assert fake.requests == []
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+def test_default_is_the_bundled_canary_enabled():
+    config = load(None)
+    assert config.collectors.probe.enabled
+    (canary,) = resolve_canaries(config.collectors.probe, config)
+    assert canary.name == "en-short" and canary.language == "en"
+    assert canary.reference.startswith("Please call Stella")
+
+
+def test_relative_canary_paths_are_relative_to_the_config_file(tmp_path):
+    path = tmp_path / "conf" / "c.yml"
+    (tmp_path / "conf" / "clips").mkdir(parents=True)
+    shutil.copy(bundled_canary().audio, tmp_path / "conf" / "clips" / "de.wav")
+    path.write_text("collectors:\n  probe:\n    canaries:\n      - {audio: clips/de.wav, reference: Hallo, language: de}\n")
+    config = load(str(path))
+    (canary,) = resolve_canaries(config.collectors.probe, config)
+    assert canary.audio == str(tmp_path / "conf" / "clips" / "de.wav")
+    assert canary.name == "de"
+
+
+@pytest.mark.parametrize("text, key, expected", [
+    ("canaries: [{reference: hi}]", "collectors.probe.canaries[0].audio", "audio file"),
+    ("canaries: [{audio: a.wav}]", "collectors.probe.canaries[0].reference", "text spoken"),
+    ("canaries: [{audio: a.wav, reference: hi, language: English}]", "collectors.probe.canaries[0].language",
+     "language code"),
+    ("canaries: [{audio: a.wav, reference: hi}, {audio: b/a.wav, reference: ho}]",
+     "collectors.probe.canaries[1].name", "a name no other canary has"),
+    ("canaries: [{audio: missing.wav, reference: hi}]", "collectors.probe.canaries[0].audio",
+     "a readable audio file (no such file)"),
+    ("canaries: [{audio: notes.txt, reference: hi}]", "collectors.probe.canaries[0].audio",
+     "a readable audio file (unknown audio format"),
+    ("canaries: [{audio: a.wav, reference: hi, colour: red}]", "collectors.probe.canaries[0].colour", "a known key"),
+    ("response_format: text", "collectors.probe.response_format", "one of json"),
+    ("timeout: 0s", "collectors.probe.timeout", "greater than 0"),
+    ("max_error_rate: -1", "collectors.probe.max_error_rate", "0 or more"),
+])
+def test_bad_probe_config(tmp_path, text, key, expected):
+    (tmp_path / "b").mkdir()
+    for name in ("a.wav", "b/a.wav"):
+        shutil.copy(bundled_canary().audio, tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not audio")
+    path = tmp_path / "bad.yml"
+    path.write_text("collectors:\n  probe:\n    " + text + "\n")
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert info.value.key == key
+    assert expected in info.value.expected
+
+
+def test_watchdog_outlasts_every_canary_timing_out():
+    config = make_config("http://127.0.0.1:1", timeout="10s", canaries=[
+        {"name": n, "audio": bundled_canary().audio, "reference": "x"} for n in ("a", "b", "c")])
+    section = config.collectors.probe
+    assert section.run_timeout > 3 * 3 * section.timeout  # three canaries, each up to three timeouts
+    assert load(None).collectors.probe.run_timeout > 30 * 3
+
+
+def test_scheduler_watchdog_for_the_probe_derives_from_the_probe_timeout():
+    config = make_config("http://127.0.0.1:1", timeout="10s")
+    scheduler = daemon.build_scheduler(config)
+    (state,) = [s for c, s in scheduler.entries if s.name == "probe"]
+    assert state.timeout == config.collectors.probe.run_timeout > config.collectors.probe.timeout
+
+
+# -- the exporter around it ---------------------------------------------------------------
+
+
+def test_scrapes_stay_fast_while_a_probe_hangs(fake):
+    config = from_dict({"listen": "127.0.0.1:0", "service": {"url": fake.url},
+                        "collectors": {"gpu": {"enabled": False}, "process": {"enabled": False},
+                                       "probe": {"timeout": "2s", "interval": "300ms"}}})
+    section = config.collectors.probe
+    collector = ProbeCollector(section, config)
+    scheduler = Scheduler([(collector, section.interval, section.run_timeout)])
+    running = daemon.start(config, scheduler)
+
+    def metrics():
+        return requests.get(running.url + "/metrics", timeout=5).text
+
+    try:
+        deadline = time.monotonic() + 10
+        while 'result="success"} 1.0' not in metrics() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        fake.mode = "hang"  # the next probe hangs for longer than its 2 s timeout
+        asked = len(fake.requests)
+        while len(fake.requests) == asked and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(fake.requests) > asked, "no probe reached the server"
+        for _ in range(5):
+            started = time.monotonic()
+            response = requests.get(running.url + "/metrics", timeout=5)
+            took = time.monotonic() - started
+            assert response.status_code == 200 and took < 0.5, took
+            # the last finished probe is still what a scrape shows, and the collector is up
+            assert 'whisper_probe_success{probe="en-short"} 1.0' in response.text
+            assert 'whisper_exporter_collector_up{collector="probe"} 1.0' in response.text
+            assert requests.get(running.url + "/", timeout=5).status_code == 200
+            time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while 'result="timeout"} 1.0' not in metrics() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        text = metrics()
+        assert 'whisper_probe_runs_total{probe="en-short",result="timeout"} 1.0' in text
+        assert 'whisper_probe_success{probe="en-short"} 0.0' in text
+        assert 'whisper_exporter_collector_up{collector="probe"} 1.0' in text
+    finally:
+        running.close()
+
+
+def test_landing_page_shows_recent_probes_escaped(fake):
+    fake.text = "<script>alert('x')</script> Please call Stella"
+    config = make_config(fake.url)
+    collector = ProbeCollector(config.collectors.probe, config)
+    collector.update()
+    fake.mode = "500"
+    collector.update()
+    scheduler = Scheduler([(collector, 60.0, 100.0)])
+    page = landing.render(config, scheduler)
+    assert "Recent probes" in page and "Canary en-short" in page
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; Please call Stella" in page
+    assert "wrong_transcript" in page and "http_error" in page and "HTTP 500" in page
+    rows = landing.probe_rows(scheduler)["en-short"]
+    assert [r["result"] for r in rows] == ["http_error", "wrong_transcript"]
+    assert rows[1]["error_rate"].endswith("(word)")
+
+
+# -- the `probe` command --------------------------------------------------------------
+
+
+def write_config(tmp_path, url, **service):
+    path = tmp_path / "c.yml"
+    path.write_text(json.dumps({"service": {"url": url, "model": "tiny", **service}}))
+    return str(path)
+
+
+def test_probe_command_success(fake, tmp_path):
+    result = CliRunner().invoke(main, ["probe", "--config", write_config(tmp_path, fake.url)])
+    assert result.exit_code == 0, result.output
+    assert "Result: success" in result.output
+    assert "word error rate 0.000" in result.output
+    assert f"POST {fake.url}/v1/audio/transcriptions" in result.output
+
+
+def test_probe_command_failure_says_why_and_exits_1(fake, tmp_path):
+    fake.mode = "html"
+    result = CliRunner().invoke(main, ["probe", "--config", write_config(tmp_path, fake.url), "--metrics"])
+    assert result.exit_code == 1
+    assert "Result: bad_response (the answer is not JSON (Content-Type text/html)" in result.output
+    assert "It works!" in result.output
+    assert 'whisper_probe_success{probe="en-short"} 0.0' in result.output
+
+
+def test_probe_command_target_overrides_the_service_url(fake, tmp_path):
+    config = write_config(tmp_path, closed_port_url())
+    result = CliRunner().invoke(main, ["probe", "--config", config, "--target", fake.url, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    (record,) = data["records"]
+    assert record["result"] == "success" and record["target"] == fake.url
+    assert record["error_rate"] == 0.0 and record["realtime_factor"] > 0
+
+
+def test_probe_command_with_own_audio_and_reference(fake, tmp_path):
+    fake.text = "hello world"
+    result = CliRunner().invoke(main, ["probe", "--target", fake.url, "--audio", bundled_canary().audio,
+                                       "--reference", "Hello, world!", "--json"])
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads(result.output)["records"]
+    assert record["canary"] == "en" and record["score"]["reference_units"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "ftp://x"], "--target"),
+    (["--audio", "x.wav"], "--audio and --reference go together"),
+    (["--canary", "nope"], "no canary named nope"),
+])
+def test_probe_command_usage_errors_exit_2(args, message):
+    result = CliRunner().invoke(main, ["probe"] + args)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_probe_command_never_prints_the_api_key(fake, tmp_path, monkeypatch):
+    monkeypatch.setenv("PROBE_KEY", "sk-very-secret-42")
+    fake.mode = "500"
+    config = write_config(tmp_path, fake.url, api_key_env="PROBE_KEY")
+    for extra in ([], ["--json"], ["--metrics"]):
+        result = CliRunner().invoke(main, ["probe", "--config", config] + extra)
+        assert result.exit_code == 1
+        assert "sk-very-secret-42" not in result.output
+    assert fake.requests[0][1]["Authorization"] == "Bearer sk-very-secret-42"
+    monkeypatch.delenv("PROBE_KEY")
+    result = CliRunner().invoke(main, ["probe", "--config", config])
+    assert result.exit_code == 2 and "PROBE_KEY is not set" in result.output
+
+
+def test_probe_canary_reports_the_audio_duration_from_the_header(fake):
+    config = make_config(fake.url)
+    client = clients.make_client(config.service, timeout=5)
+    record = probe_canary(client, bundled_canary(), 0.5)
+    assert record.audio_duration == pytest.approx(4.0, abs=0.01)
+    assert record.realtime_factor == pytest.approx(record.duration / record.audio_duration)
+    assert "Result: success" in probe.debug_text(record)

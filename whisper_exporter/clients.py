@@ -1,0 +1,498 @@
+"""Clients for the Whisper servers' HTTP APIs, seen from outside like any user would.
+
+Three API shapes (`service.api`):
+
+- `openai`: `POST {url}/v1/audio/transcriptions`, multipart `file` with form
+  fields `model`, `language` and `response_format` (json or verbose_json):
+  faster-whisper-server, speaches, vLLM. faster-whisper-server reads the model
+  from the form field `model_name`, so both `model` and `model_name` are sent
+  (the others ignore a field they do not know).
+- `asr-webservice` (whisper-asr-webservice): `POST {url}/asr?output=json&task=transcribe&language=..`
+  with multipart `audio_file`. It labels every answer text/plain, JSON or not,
+  so the body decides; a body that is not JSON but labelled text/plain is its
+  plain-text transcript. The model is chosen when that server starts.
+- `whispercpp` (whisper.cpp's server): `POST {url}/inference`, multipart `file`
+  with `response_format` and `language`. It answers `language` as a full name
+  ("english"), has no `compression_ratio`, and reports its own failures as
+  HTTP 200 with `{"error": ...}`. The model is chosen when that server starts.
+
+`transcribe()` never raises for what the server does: it returns a
+`TranscribeResult` whose `outcome` is success, http_error, timeout,
+connection_error or bad_response, with the measured time and a reason.
+It raises `ClientSetupError` for what is wrong on our side (an API key that
+cannot be read).
+
+Timing covers sending the request and reading the whole answer (the multipart
+body is built before the clock starts). `timeout` bounds the connection, the
+wait for the answer's headers, and the reading of its body.
+
+Secrets: the API key (from `service.api_key_env` or `service.api_key_file`,
+sent as `Authorization: Bearer ...`), the values of credential-like headers and
+the password of a URL with user info are replaced by `<masked>` in every
+reason, excerpt, URL and repr this module produces.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+from urllib3.exceptions import ReadTimeoutError
+
+SUCCESS = "success"
+HTTP_ERROR = "http_error"
+TIMEOUT = "timeout"
+CONNECTION_ERROR = "connection_error"
+BAD_RESPONSE = "bad_response"
+OUTCOMES = (SUCCESS, HTTP_ERROR, TIMEOUT, CONNECTION_ERROR, BAD_RESPONSE)
+
+APIS = ("openai", "asr-webservice", "whispercpp")
+RESPONSE_FORMATS = ("json", "verbose_json")
+MAX_BODY_BYTES = 8 * 1024 * 1024  # a transcript of a canary is a few KiB
+EXCERPT_CHARS = 300
+MASK = "<masked>"
+USER_AGENT = "whisper-exporter"
+_SECRET_HEADER = re.compile(r"authorization|cookie|key|token|secret|password|auth", re.I)
+
+# Whisper's language names (whisper/tokenizer.py) for answers that give a name, not a code.
+_LANGUAGE_NAMES = dict(
+    english="en", chinese="zh", german="de", spanish="es", russian="ru", korean="ko", french="fr",
+    japanese="ja", portuguese="pt", turkish="tr", polish="pl", catalan="ca", dutch="nl", arabic="ar",
+    swedish="sv", italian="it", indonesian="id", hindi="hi", finnish="fi", vietnamese="vi", hebrew="he",
+    ukrainian="uk", greek="el", malay="ms", czech="cs", romanian="ro", danish="da", hungarian="hu",
+    tamil="ta", norwegian="no", thai="th", urdu="ur", croatian="hr", bulgarian="bg", lithuanian="lt",
+    latin="la", maori="mi", malayalam="ml", welsh="cy", slovak="sk", telugu="te", persian="fa",
+    latvian="lv", bengali="bn", serbian="sr", azerbaijani="az", slovenian="sl", kannada="kn",
+    estonian="et", macedonian="mk", breton="br", basque="eu", icelandic="is", armenian="hy",
+    nepali="ne", mongolian="mn", bosnian="bs", kazakh="kk", albanian="sq", swahili="sw",
+    galician="gl", marathi="mr", punjabi="pa", sinhala="si", khmer="km", shona="sn", yoruba="yo",
+    somali="so", afrikaans="af", occitan="oc", georgian="ka", belarusian="be", tajik="tg",
+    sindhi="sd", gujarati="gu", amharic="am", yiddish="yi", lao="lo", uzbek="uz", faroese="fo",
+    haitian_creole="ht", pashto="ps", turkmen="tk", nynorsk="nn", maltese="mt", sanskrit="sa",
+    luxembourgish="lb", myanmar="my", tibetan="bo", tagalog="tl", malagasy="mg", assamese="as",
+    tatar="tt", hawaiian="haw", lingala="ln", hausa="ha", bashkir="ba", javanese="jw",
+    sundanese="su", cantonese="yue",
+)
+
+
+class ClientSetupError(Exception):
+    """Something on the exporter's side keeps the request from being made (never the server)."""
+
+
+class Secret:
+    """A string that does not show itself in reprs, logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({MASK!r})"
+
+    __str__ = __repr__
+
+
+def load_api_key(api_key_env: Optional[str], api_key_file: Optional[str]) -> Optional[Secret]:
+    """The API key from the named environment variable, else from the file; None when neither
+    is configured. Raises ClientSetupError naming the variable or file, never its content."""
+    if api_key_env:
+        value = os.environ.get(api_key_env, "").strip()
+        if not value:
+            raise ClientSetupError(f"service.api_key_env: environment variable {api_key_env} is not set or empty")
+        return Secret(value)
+    if api_key_file:
+        try:
+            with open(api_key_file, encoding="utf-8") as f:
+                value = f.read(64 * 1024).strip()
+        except OSError as err:
+            raise ClientSetupError(f"service.api_key_file: cannot read {api_key_file} ({err.strerror or type(err).__name__})") from None
+        except UnicodeDecodeError:
+            raise ClientSetupError(f"service.api_key_file: {api_key_file} is not UTF-8 text") from None
+        if not value:
+            raise ClientSetupError(f"service.api_key_file: {api_key_file} is empty")
+        return Secret(value)
+    return None
+
+
+def language_code(value: Any) -> Optional[str]:
+    """'en', 'english', 'English', 'haitian creole' -> a Whisper language code; None if unknown."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip().lower()
+    if text in _LANGUAGE_NAMES.values():
+        return text
+    return _LANGUAGE_NAMES.get(text.replace(" ", "_"), text if re.fullmatch(r"[a-z]{2,3}", text) else None)
+
+
+def _number(value: Any) -> Optional[float]:
+    """A finite float from a JSON number or numeric string (vLLM sends `duration` as a string)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str = ""
+    start: Optional[float] = None
+    end: Optional[float] = None
+    temperature: Optional[float] = None
+    avg_logprob: Optional[float] = None
+    compression_ratio: Optional[float] = None
+    no_speech_prob: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Transcription:
+    text: str
+    language: Optional[str] = None  # a code, as the server reported it (None if it did not)
+    duration: Optional[float] = None  # audio seconds, as the server reported it
+    segments: tuple[Segment, ...] = ()
+
+
+@dataclass
+class Exchange:
+    """What went over the wire, for the debug output. Secrets are masked."""
+
+    method: str = "POST"
+    url: str = ""
+    fields: dict[str, str] = field(default_factory=dict)
+    file_field: str = "file"
+    file_name: str = ""
+    file_bytes: int = 0
+    status_code: Optional[int] = None
+    content_type: Optional[str] = None
+    body_bytes: int = 0
+    body_excerpt: str = ""
+
+
+@dataclass
+class TranscribeResult:
+    outcome: str  # one of OUTCOMES
+    elapsed: float  # seconds from sending to the whole answer read (or to the failure)
+    status_code: Optional[int] = None  # None when no answer came back
+    reason: str = ""  # why it failed, "" on success
+    transcription: Optional[Transcription] = None
+    exchange: Exchange = field(default_factory=Exchange)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == SUCCESS
+
+
+class _BadResponse(Exception):
+    pass
+
+
+def _excerpt(body: bytes) -> str:
+    text = body[: EXCERPT_CHARS * 4].decode("utf-8", "replace")
+    text = " ".join(text.split())
+    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 3] + "..."
+
+
+def _connection_reason(err: BaseException) -> str:
+    """The useful part of a requests/urllib3 connection error: 'connection refused', ..."""
+    text = str(err)
+    match = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+    if match:
+        return match.group(1).strip().rstrip(".").lower()
+    for needle, reason in (
+        ("Name or service not known", "name resolution failed"),
+        ("nodename nor servname", "name resolution failed"),
+        ("RemoteDisconnected", "the server closed the connection without answering"),
+        ("Connection aborted", "connection aborted"),
+        ("Connection reset", "connection reset by peer"),
+        ("SSLError", "TLS handshake failed"),
+        ("certificate verify failed", "TLS certificate verification failed"),
+    ):
+        if needle in text:
+            return reason
+    return type(err).__name__
+
+
+def _is_read_timeout(err: BaseException) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (requests.Timeout, ReadTimeoutError, TimeoutError)):
+            return True
+        if any(isinstance(a, (ReadTimeoutError, TimeoutError)) for a in getattr(err, "args", ())):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+class WhisperClient:
+    """Base: one transcription request per call, a fresh connection each time."""
+
+    api = ""
+    endpoint = ""
+    file_field = "file"
+
+    def __init__(
+        self,
+        url: str,
+        model: str = "whisper-1",
+        timeout: float = 30.0,
+        headers: Optional[dict[str, str]] = None,
+        api_key: Optional[Secret] = None,
+        response_format: str = "verbose_json",
+    ):
+        if response_format not in RESPONSE_FORMATS:
+            raise ValueError(f"response_format must be one of {RESPONSE_FORMATS}")
+        self.model = model
+        self.timeout = float(timeout)
+        self.response_format = response_format
+        self._headers = dict(headers or {})
+        self._api_key = api_key
+        self._secrets: list[str] = []
+        parts = urlsplit(url.rstrip("/"))
+        if parts.password:
+            self._secrets.append(parts.password)
+        if parts.username and parts.password:
+            self._secrets.append(parts.username)
+        self._url = urlunsplit(parts)
+        for name, value in self._headers.items():
+            if _SECRET_HEADER.search(name) and value:
+                self._secrets.append(value)
+        if api_key is not None:
+            self._secrets.append(api_key.reveal())
+        # Longest first, so a secret containing another is masked whole.
+        self._secrets = sorted({s for s in self._secrets if len(s) >= 3}, key=len, reverse=True)
+
+    @property
+    def url(self) -> str:
+        """The base URL, user info masked."""
+        return self.redact(self._url)
+
+    def redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(url={self.url!r}, model={self.model!r}, timeout={self.timeout:g})"
+
+    def endpoint_url(self) -> str:
+        base = self._url
+        # A base URL given as ".../v1" (the OpenAI client habit) must not become ".../v1/v1/...".
+        if self.endpoint.startswith("/v1/") and base.endswith("/v1"):
+            base = base[: -len("/v1")]
+        return base + self.endpoint
+
+    # -- what each API differs in --------------------------------------------------
+
+    def _form(self, language: Optional[str]) -> tuple[dict[str, str], dict[str, str]]:
+        """(query parameters, form fields) of the request."""
+        raise NotImplementedError
+
+    def _parse(self, body: bytes, content_type: str) -> Transcription:
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise _BadResponse(f"the answer is not JSON (Content-Type {content_type or 'none'})") from None
+        return self._parse_json(data)
+
+    def _parse_json(self, data: Any) -> Transcription:
+        if not isinstance(data, dict):
+            raise _BadResponse(f"the answer is JSON but not an object ({type(data).__name__})")
+        text = data.get("text")
+        if not isinstance(text, str):
+            error = data.get("error") or data.get("detail")
+            if error:
+                message = error.get("message", error) if isinstance(error, dict) else error
+                raise _BadResponse(f"the server reported an error: {str(message)[:200]}")
+            raise _BadResponse('the answer has no "text" string')
+        segments = []
+        raw_segments = data.get("segments")
+        if isinstance(raw_segments, list):
+            for raw in raw_segments:
+                if not isinstance(raw, dict):  # e.g. a faster-whisper Segment dumped as a list
+                    continue
+                segments.append(Segment(
+                    text=raw.get("text") if isinstance(raw.get("text"), str) else "",
+                    start=_number(raw.get("start")),
+                    end=_number(raw.get("end")),
+                    temperature=_number(raw.get("temperature")),
+                    avg_logprob=_number(raw.get("avg_logprob")),
+                    compression_ratio=_number(raw.get("compression_ratio")),
+                    no_speech_prob=_number(raw.get("no_speech_prob")),
+                ))
+        return Transcription(
+            text=text,
+            language=language_code(data.get("language")),
+            duration=_number(data.get("duration")),
+            segments=tuple(segments),
+        )
+
+    # -- the request -----------------------------------------------------------------
+
+    def transcribe(self, audio: bytes, filename: str = "audio.wav", language: Optional[str] = None) -> TranscribeResult:
+        params, fields = self._form(language)
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **self._headers}
+        if self._api_key is not None:
+            headers["Authorization"] = "Bearer " + self._api_key.reveal()
+        url = self.endpoint_url()
+        exchange = Exchange(
+            url=self.redact(requests.Request("GET", url, params=params).prepare().url or url),
+            fields={k: self.redact(v) for k, v in fields.items()},
+            file_field=self.file_field,
+            file_name=os.path.basename(filename),
+            file_bytes=len(audio),
+        )
+        session = requests.Session()
+        session.trust_env = False  # no proxies or .netrc credentials from the environment
+        try:
+            prepared = session.prepare_request(requests.Request(
+                "POST", url, params=params, data=fields, headers=headers,
+                files={self.file_field: (os.path.basename(filename), audio, "application/octet-stream")},
+            ))
+        except requests.RequestException as err:  # an unusable URL: nothing was sent
+            session.close()
+            return TranscribeResult(CONNECTION_ERROR, 0.0, reason=self.redact(f"invalid request: {err}"), exchange=exchange)
+        started = time.perf_counter()
+        deadline = started + self.timeout
+        try:
+            return self._send(session, prepared, started, deadline, exchange)
+        finally:
+            session.close()
+
+    def _send(self, session: requests.Session, prepared: requests.PreparedRequest, started: float,
+              deadline: float, exchange: Exchange) -> TranscribeResult:
+        def failed(outcome: str, reason: str, status: Optional[int] = None) -> TranscribeResult:
+            return TranscribeResult(outcome, time.perf_counter() - started, status, self.redact(reason), exchange=exchange)
+
+        try:
+            response = session.send(prepared, timeout=(self.timeout, self.timeout), stream=True, allow_redirects=False)
+        except requests.Timeout:
+            return failed(TIMEOUT, f"no answer within {self.timeout:g}s")
+        except requests.ConnectionError as err:
+            if _is_read_timeout(err):
+                return failed(TIMEOUT, f"no answer within {self.timeout:g}s")
+            return failed(CONNECTION_ERROR, f"cannot connect: {_connection_reason(err)}")
+        except requests.RequestException as err:
+            return failed(CONNECTION_ERROR, f"request failed: {type(err).__name__}")
+        with response:
+            status = response.status_code
+            exchange.status_code = status
+            exchange.content_type = response.headers.get("Content-Type")
+            chunks, size = [], 0
+            try:
+                for chunk in response.iter_content(64 * 1024):
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > MAX_BODY_BYTES:
+                        exchange.body_bytes = size
+                        return failed(BAD_RESPONSE, f"the answer is larger than {MAX_BODY_BYTES} bytes", status)
+                    if time.perf_counter() > deadline:
+                        exchange.body_bytes = size
+                        return failed(TIMEOUT, f"the answer took longer than {self.timeout:g}s to arrive", status)
+            except (requests.RequestException, OSError) as err:
+                exchange.body_bytes = size
+                if _is_read_timeout(err):
+                    return failed(TIMEOUT, f"the answer stopped arriving for {self.timeout:g}s", status)
+                return failed(CONNECTION_ERROR, f"the connection broke while reading the answer: {_connection_reason(err)}", status)
+        elapsed = time.perf_counter() - started
+        body = b"".join(chunks)
+        exchange.body_bytes = len(body)
+        exchange.body_excerpt = self.redact(_excerpt(body))
+        content_type = (exchange.content_type or "").split(";")[0].strip().lower()
+        if not 200 <= status < 300:
+            reason = f"HTTP {status}"
+            if 300 <= status < 400 and response.headers.get("Location"):
+                reason += f", redirected to {response.headers['Location']} (redirects are not followed)"
+            elif exchange.body_excerpt:
+                reason += f": {exchange.body_excerpt[:200]}"
+            return TranscribeResult(HTTP_ERROR, elapsed, status, self.redact(reason), exchange=exchange)
+        try:
+            transcription = self._parse(body, content_type)
+        except _BadResponse as err:
+            reason = str(err)
+            if exchange.body_excerpt and "server reported" not in reason:
+                reason += f": {exchange.body_excerpt[:120]}"
+            return TranscribeResult(BAD_RESPONSE, elapsed, status, self.redact(reason), exchange=exchange)
+        return TranscribeResult(SUCCESS, elapsed, status, "", transcription, exchange)
+
+
+class OpenAIClient(WhisperClient):
+    api = "openai"
+    endpoint = "/v1/audio/transcriptions"
+
+    def _form(self, language):
+        fields = {"model": self.model, "model_name": self.model, "response_format": self.response_format}
+        if language:
+            fields["language"] = language
+        return {}, fields
+
+
+class AsrWebserviceClient(WhisperClient):
+    api = "asr-webservice"
+    endpoint = "/asr"
+    file_field = "audio_file"
+
+    def _form(self, language):
+        params = {"task": "transcribe", "output": "json", "encode": "true"}
+        if language:
+            params["language"] = language
+        return params, {}
+
+    def _parse(self, body, content_type):
+        try:
+            return super()._parse(body, content_type)
+        except _BadResponse:
+            # Its answers are all labelled text/plain; one that is not JSON is the txt output.
+            stripped = body.lstrip()[:1]
+            if content_type == "text/plain" and stripped not in (b"{", b"[", b"<"):
+                try:
+                    return Transcription(text=body.decode("utf-8").strip())
+                except UnicodeDecodeError:
+                    pass
+            raise
+
+
+class WhisperCppClient(WhisperClient):
+    api = "whispercpp"
+    endpoint = "/inference"
+
+    def _form(self, language):
+        fields = {"response_format": self.response_format}
+        if language:
+            fields["language"] = language
+        return {}, fields
+
+
+_CLIENTS = {c.api: c for c in (OpenAIClient, AsrWebserviceClient, WhisperCppClient)}
+
+
+def make_client(service: Any, *, url: Optional[str] = None, timeout: Optional[float] = None,
+                response_format: str = "verbose_json") -> WhisperClient:
+    """The client for `service` (a ServiceConfig). `url` and `timeout` override its own.
+    Reads the API key now; raises ClientSetupError when it cannot."""
+    cls = _CLIENTS.get(service.api)
+    if cls is None:
+        raise ClientSetupError(f"service.api: unknown API {service.api!r} (one of {', '.join(APIS)})")
+    return cls(
+        url=url or service.url,
+        model=service.model,
+        timeout=service.timeout if timeout is None else timeout,
+        headers=service.headers,
+        api_key=load_api_key(service.api_key_env, service.api_key_file),
+        response_format=response_format,
+    )
