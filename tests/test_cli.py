@@ -163,3 +163,28 @@ def test_sigint_also_stops_cleanly():
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=10)
     assert code == 0
+
+
+def test_bad_web_config_exits_2_naming_the_key(tmp_path):
+    web = tmp_path / "web.yml"
+    web.write_text("basic_auth_users:\n  prom: plaintext-password\n")
+    result = cli("run", "--web.config.file", str(web), "--listen", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 2
+    assert "basic_auth_users.prom" in result.stderr and "bcrypt" in result.stderr
+    assert "plaintext-password" not in result.stderr
+
+
+def test_web_config_protects_the_running_exporter(tmp_path):
+    import bcrypt
+
+    web = tmp_path / "web.yml"
+    web.write_text(f"basic_auth_users:\n  prom: '{bcrypt.hashpw(b'pw', bcrypt.gensalt(4)).decode()}'\n")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start("run", "--listen", f"127.0.0.1:{port}", "--web.config.file", str(web), "--web.health-open")
+    try:
+        wait_healthy(url, proc)  # open: --web.health-open
+        assert requests.get(url + "/metrics", timeout=5).status_code == 401
+        assert requests.get(url + "/metrics", auth=("prom", "pw"), timeout=5).status_code == 200
+    finally:
+        assert stop(proc) == 0

@@ -36,6 +36,14 @@ def _config_or_exit(path: Optional[str], listen: Optional[str] = None, log_level
 
 def _run_options(command: Callable) -> Callable:
     command = click.option(
+        "--web.health-open", "health_open", is_flag=True, default=False,
+        help="Serve /-/healthy and /-/ready without authentication (for orchestrator probes).",
+    )(command)
+    command = click.option(
+        "--web.config.file", "web_config", default=None, metavar="FILE", type=click.Path(dir_okay=False),
+        help="TLS and basic auth, in the Prometheus exporter-toolkit web-config.yml format.",
+    )(command)
+    command = click.option(
         "--log-level", "--log.level", "log_level",
         type=click.Choice(["debug", "info", "warning", "error"]), default=None,
         help="Logging verbosity (default: from config, else info).",
@@ -52,10 +60,19 @@ def _run_options(command: Callable) -> Callable:
     return command
 
 
-def _run(config_path: Optional[str], listen: Optional[str], log_level: Optional[str]) -> None:
+def _run(config_path: Optional[str], listen: Optional[str], log_level: Optional[str],
+         web_config: Optional[str] = None, health_open: bool = False) -> None:
     from whisper_exporter import daemon  # imports the collectors; keep `version` and `--help` fast
+    from whisper_exporter.webconfig import load_web_config
 
     config = _config_or_exit(config_path, listen, log_level)
+    web = None
+    if web_config is not None:
+        try:
+            web = load_web_config(web_config)
+        except ConfigError as err:
+            click.echo(f"whisper-exporter: bad web configuration: {err}", err=True)
+            sys.exit(EXIT_CONFIG)
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -65,7 +82,7 @@ def _run(config_path: Optional[str], listen: Optional[str], log_level: Optional[
         "whisper-exporter %s starting (config: %s)", __version__, config.source
     )
     try:
-        daemon.run_until_signalled(config)
+        daemon.run_until_signalled(config, web, health_open)
     except OSError as err:
         click.echo(f"whisper-exporter: cannot listen on {config.listen}: {err.strerror or err}", err=True)
         sys.exit(1)
@@ -74,20 +91,22 @@ def _run(config_path: Optional[str], listen: Optional[str], log_level: Optional[
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @_run_options
 @click.pass_context
-def main(ctx: click.Context, config_path: Optional[str], listen: Optional[str], log_level: Optional[str]) -> None:
+def main(ctx: click.Context, config_path: Optional[str], listen: Optional[str], log_level: Optional[str],
+         web_config: Optional[str], health_open: bool) -> None:
     """Prometheus exporter for a Whisper speech-recognition server.
 
     With no command, runs the exporter (the same as `run`).
     """
     if ctx.invoked_subcommand is None:
-        _run(config_path, listen, log_level)
+        _run(config_path, listen, log_level, web_config, health_open)
 
 
 @main.command()
 @_run_options
-def run(config_path: Optional[str], listen: Optional[str], log_level: Optional[str]) -> None:
+def run(config_path: Optional[str], listen: Optional[str], log_level: Optional[str],
+        web_config: Optional[str], health_open: bool) -> None:
     """Run the exporter until SIGTERM or SIGINT."""
-    _run(config_path, listen, log_level)
+    _run(config_path, listen, log_level, web_config, health_open)
 
 
 @main.command("check-config")

@@ -79,12 +79,12 @@ def start(
     return Running(config, scheduler, server, thread)
 
 
-def run_until_signalled(config: Config) -> None:
+def run_until_signalled(config: Config, web: Optional[WebConfig] = None, health_open: bool = False) -> None:
     """The main job: serve until SIGTERM or SIGINT, then stop cleanly."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
-    running = start(config)
+    running = start(config, web=web, health_open=health_open)
     names = ", ".join(s.name for _, s in running.scheduler.entries) or "none"
     log.info("collectors enabled: %s", names)
     log.info("listening on %s/metrics", running.url)
