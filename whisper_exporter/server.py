@@ -42,6 +42,9 @@ class _QuietHandler(WSGIRequestHandler):
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog of 5 drops connections from concurrent scrapers, which
+    # the client's TCP then retries after 1, 3, 7 s: multi-second tail latencies for nothing.
+    request_queue_size = 128
 
     def handle_error(self, request: object, client_address: object) -> None:
         # A failed handshake or a dropped connection is the client's problem: one debug line,
