@@ -1,0 +1,685 @@
+"""Generate the Grafana dashboards in this folder: python dashboards/generate.py
+
+The JSON files are committed (import them as they are); this script is where they are written
+from, and tests/test_dashboards.py checks that the committed files are what it writes.
+
+Conventions (design.md, "Ecosystem conventions to follow"):
+- one `datasource` template variable of type datasource (query prometheus), used by every
+  panel and every target as {"type": "prometheus", "uid": "${datasource}"}: it works for import
+  in the UI and for file provisioning alike, and no datasource uid is hard-coded;
+- variables job and instance (and language, gpu where they apply), multi-valued, matched with
+  =~ so that "All" (.*) and several values work;
+- $__rate_interval in every rate(); a unit on every panel; an explicit uid per dashboard;
+- histograms as heatmaps (format heatmap, legend {{le}});
+- the design's thresholds drawn on the panels they belong to.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+HERE = Path(__file__).resolve().parent
+DS = {"type": "prometheus", "uid": "${datasource}"}
+TAGS = ["whisper", "whisper-exporter"]
+
+# Selectors. Every variable is matched with =~ (multi-value and All = .*).
+JI = 'job=~"$job",instance=~"$instance"'
+LANG = 'language=~"$language"'
+GPU = 'gpu=~"$gpu"'
+# Requests that are work: not health checks, docs or model listings (as in rules/recording.yml).
+WORK = 'endpoint!~"/|/docs|/openapi.json|/health|/healthz|/ready|/metrics|/v1/models"'
+RI = "$__rate_interval"
+
+# Thresholds from the design ("Where this comes from").
+LATENCY_TARGET = 1.5  # s, end to end for a 10 s clip
+LATENCY_ALERT = 3.0  # s, p95 for 5 minutes
+RTF_LIMIT = 0.8
+QUEUE_LIMIT = 0.2  # s
+GPU_MEMORY_WARN = 0.90
+GPU_MEMORY_CRIT = 0.95
+ERROR_RATE_ALERT = 0.15  # accuracy < 85%
+MANDARIN_TARGET = 0.08  # accuracy > 92% for Mandarin
+ERROR_RATIO_ALERT = 0.05  # rules/service.yml WhisperErrorRatioHigh
+GPU_TEMPERATURE = 85
+LOG_STALLED = 600
+
+
+# -- building blocks ----------------------------------------------------------------------------
+
+def target(expr: str, legend: str = "", ref: str = "A", **extra: Any) -> dict:
+    t = {"datasource": DS, "editorMode": "code", "expr": expr, "legendFormat": legend or "__auto",
+         "range": True, "refId": ref}
+    t.update(extra)
+    return t
+
+
+def targets(*pairs: tuple[str, str]) -> list[dict]:
+    return [target(expr, legend, chr(ord("A") + i)) for i, (expr, legend) in enumerate(pairs)]
+
+
+def steps(*levels: tuple[float, str], base: str = "green") -> dict:
+    return {"mode": "absolute",
+            "steps": [{"color": base, "value": None}] + [{"color": c, "value": v} for v, c in levels]}
+
+
+def timeseries(title: str, tgts: list[dict], unit: str, description: str = "", *,
+               thresholds: Optional[dict] = None, min_: Optional[float] = None,
+               max_: Optional[float] = None, stack: bool = False, bars: bool = False,
+               width: int = 12, height: int = 8) -> dict:
+    custom: dict[str, Any] = {
+        "drawStyle": "bars" if bars else "line",
+        "fillOpacity": 60 if bars else (25 if stack else 10),
+        "lineWidth": 1,
+        "showPoints": "never",
+        "spanNulls": False,
+        "stacking": {"group": "A", "mode": "normal" if stack else "none"},
+        "thresholdsStyle": {"mode": "line+area" if thresholds else "off"},
+    }
+    defaults: dict[str, Any] = {"custom": custom, "unit": unit,
+                                "thresholds": thresholds or steps(), "color": {"mode": "palette-classic"}}
+    if min_ is not None:
+        defaults["min"] = min_
+    if max_ is not None:
+        defaults["max"] = max_
+    return {
+        "type": "timeseries", "title": title, "description": description, "datasource": DS,
+        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "options": {"legend": {"displayMode": "table", "placement": "bottom", "showLegend": True,
+                               "calcs": ["lastNotNull", "max"]},
+                    "tooltip": {"mode": "multi", "sort": "desc"}},
+        "targets": tgts, "_size": (width, height),
+    }
+
+
+def stat(title: str, tgts: list[dict], unit: str, description: str = "", *,
+         thresholds: Optional[dict] = None, mappings: Optional[list] = None,
+         decimals: Optional[int] = None, width: int = 3, height: int = 4) -> dict:
+    defaults: dict[str, Any] = {"unit": unit, "thresholds": thresholds or steps(),
+                                "mappings": mappings or [], "color": {"mode": "thresholds"}}
+    if decimals is not None:
+        defaults["decimals"] = decimals
+    return {
+        "type": "stat", "title": title, "description": description, "datasource": DS,
+        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "options": {"colorMode": "background", "graphMode": "area", "justifyMode": "auto",
+                    "orientation": "auto", "textMode": "auto",
+                    "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}},
+        "targets": tgts, "_size": (width, height),
+    }
+
+
+def bargauge(title: str, tgts: list[dict], unit: str, description: str = "", *,
+             thresholds: Optional[dict] = None, max_: Optional[float] = None,
+             width: int = 12, height: int = 8) -> dict:
+    defaults: dict[str, Any] = {"unit": unit, "thresholds": thresholds or steps(), "min": 0,
+                                "color": {"mode": "thresholds"}}
+    if max_ is not None:
+        defaults["max"] = max_
+    return {
+        "type": "bargauge", "title": title, "description": description, "datasource": DS,
+        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "options": {"displayMode": "gradient", "orientation": "horizontal", "showUnfilled": True,
+                    "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}},
+        "targets": tgts, "_size": (width, height),
+    }
+
+
+def heatmap(title: str, metric: str, selector: str, unit: str, description: str = "", *,
+            width: int = 12, height: int = 8) -> dict:
+    """A histogram as a heatmap: rate of each bucket, Grafana turns the cumulative buckets into bands."""
+    expr = f"sum by (le) (rate({metric}_bucket{{{selector}}}[{RI}]))"
+    return {
+        "type": "heatmap", "title": title, "description": description, "datasource": DS,
+        "fieldConfig": {"defaults": {"unit": unit, "custom": {"hideFrom": {"legend": False,
+                                                                           "tooltip": False, "viz": False},
+                                                              "scaleDistribution": {"type": "linear"}}},
+                        "overrides": []},
+        "options": {
+            "calculate": False,
+            "cellGap": 1,
+            "color": {"mode": "scheme", "scheme": "Oranges", "fill": "dark-orange", "scale": "exponential",
+                      "exponent": 0.5, "steps": 64, "reverse": False},
+            "exemplars": {"color": "rgba(255,0,255,0.7)"},
+            "filterValues": {"le": 1e-9},
+            "legend": {"show": True},
+            "rowsFrame": {"layout": "auto"},
+            "tooltip": {"mode": "single", "showColorScale": False, "yHistogram": True},
+            "yAxis": {"axisPlacement": "left", "reverse": False, "unit": unit},
+        },
+        "targets": [target(expr, "{{le}}", format="heatmap", interval="")],
+        "_size": (width, height),
+    }
+
+
+def table(title: str, tgts: list[dict], unit: str, description: str = "", *,
+          width: int = 12, height: int = 8, hide: tuple[str, ...] = ("Time",)) -> dict:
+    return {
+        "type": "table", "title": title, "description": description, "datasource": DS,
+        "fieldConfig": {"defaults": {"unit": unit, "custom": {"align": "auto"}}, "overrides": []},
+        "options": {"showHeader": True, "cellHeight": "sm", "footer": {"show": False}},
+        "transformations": [{"id": "organize", "options": {"excludeByName": {h: True for h in hide}}}],
+        "targets": tgts, "_size": (width, height),
+    }
+
+
+def instant(t: dict) -> dict:
+    t = dict(t)
+    t.update({"instant": True, "range": False, "format": "table"})
+    return t
+
+
+def row(title: str) -> dict:
+    return {"type": "row", "title": title, "collapsed": False, "panels": [], "_size": (24, 1)}
+
+
+UP_DOWN = [{"type": "value", "options": {"0": {"text": "DOWN", "color": "red", "index": 0},
+                                         "1": {"text": "UP", "color": "green", "index": 1}}}]
+OK_FAILING = [{"type": "value", "options": {"0": {"text": "FAILING", "color": "red", "index": 0},
+                                            "1": {"text": "OK", "color": "green", "index": 1}}}]
+
+
+def layout(panels: list[dict]) -> list[dict]:
+    """Place panels left to right, top to bottom on Grafana's 24-column grid; number them."""
+    x = y = row_height = 0
+    out = []
+    for pid, panel in enumerate(panels, start=1):
+        width, height = panel.pop("_size")
+        if x + width > 24 or panel["type"] == "row":
+            x, y = 0, y + row_height
+            row_height = 0
+        panel["gridPos"] = {"h": height, "w": width, "x": x, "y": y}
+        panel["id"] = pid
+        x += width
+        row_height = max(row_height, height)
+        if panel["type"] == "row":
+            x, y, row_height = 0, y + height, 0
+        out.append(panel)
+    return out
+
+
+def datasource_variable() -> dict:
+    return {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
+            "current": {}, "hide": 0, "includeAll": False, "multi": False, "options": [],
+            "refresh": 1, "regex": "", "skipUrlSync": False}
+
+
+def query_variable(name: str, label: str, query: str) -> dict:
+    return {"name": name, "label": label, "type": "query", "datasource": DS,
+            "definition": query, "query": query, "refresh": 2, "regex": "", "sort": 1,
+            "multi": True, "includeAll": True, "allValue": ".*", "current": {}, "hide": 0,
+            "options": [], "skipUrlSync": False}
+
+
+JOB_VAR = query_variable("job", "Job", "label_values(whisper_exporter_build_info, job)")
+INSTANCE_VAR = query_variable("instance", "Instance",
+                              'label_values(whisper_exporter_build_info{job=~"$job"}, instance)')
+GPU_VAR = query_variable("gpu", "GPU", f"label_values(whisper_gpu_info{{{JI}}}, gpu)")
+REQUEST_LANGUAGE_VAR = query_variable("language", "Language",
+                                      f"label_values(whisper_requests_total{{{JI}}}, language)")
+QUALITY_LANGUAGE_VAR = query_variable("language", "Language",
+                                      f"label_values(whisper_quality_reference_units_total{{{JI}}}, language)")
+
+
+def dashboard(uid: str, title: str, description: str, panels: list[dict], variables: list[dict],
+              time_from: str = "now-6h") -> dict:
+    return {
+        "__requires": [
+            {"type": "grafana", "id": "grafana", "name": "Grafana", "version": "10.0.0"},
+            {"type": "datasource", "id": "prometheus", "name": "Prometheus", "version": "1.0.0"},
+        ],
+        "annotations": {"list": [
+            {"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"}, "enable": True,
+             "hide": True, "iconColor": "rgba(0, 211, 255, 1)", "name": "Annotations & Alerts",
+             "type": "dashboard"},
+            {"datasource": DS, "enable": True, "hide": False, "iconColor": "orange",
+             "name": "Whisper server restarts", "titleFormat": "Whisper server restarted",
+             "textFormat": "{{instance}}", "step": "60s",
+             "expr": f"changes(whisper_process_start_time_seconds{{{JI}}}[{RI}]) > 0"},
+        ]},
+        "description": description,
+        "editable": True,
+        "fiscalYearStartMonth": 0,
+        "graphTooltip": 1,
+        "id": None,
+        "links": [{"asDropdown": True, "icon": "external link", "includeVars": True, "keepTime": True,
+                   "tags": ["whisper"], "targetBlank": False, "title": "Whisper dashboards",
+                   "type": "dashboards"}],
+        "panels": layout(panels),
+        "refresh": "30s",
+        "schemaVersion": 39,
+        "tags": TAGS,
+        "templating": {"list": [datasource_variable()] + variables},
+        "time": {"from": time_from, "to": "now"},
+        "timepicker": {},
+        "timezone": "",
+        "title": title,
+        "uid": uid,
+        "version": 1,
+        "weekStart": "",
+    }
+
+
+# -- the dashboards ----------------------------------------------------------------------------
+
+def overview() -> dict:
+    panels = [
+        row("Health"),
+        stat("Exporter", targets((f"min(up{{{JI}}})", "")), "none",
+             "Whether Prometheus can scrape the exporter (alert: WhisperExporterDown).",
+             mappings=UP_DOWN, thresholds=steps((1, "green"), base="red")),
+        stat("Server process", targets((f"min(whisper_process_up{{{JI}}})", "")), "none",
+             "Whether the Whisper server's process is running (alert: WhisperServerProcessDown).",
+             mappings=UP_DOWN, thresholds=steps((1, "green"), base="red")),
+        stat("Canary probe", targets((f"min(whisper_probe_success{{{JI}}})", "")), "none",
+             "Whether the last canary probe got the right transcript back (alerts: WhisperProbeFailing, "
+             "WhisperCanaryTranscriptWrong).",
+             mappings=OK_FAILING, thresholds=steps((1, "green"), base="red")),
+        stat("Success ratio (5m)",
+             targets((f"1 - max(job_instance:whisper_requests_errors:ratio_rate5m{{{JI}}})", "")),
+             "percentunit", "Requests that did not fail (5xx) over 5 minutes, from the server's log; "
+             "the worst instance. Alert below 95%.",
+             thresholds=steps((1 - ERROR_RATIO_ALERT, "yellow"), (0.99, "green"), base="red"), decimals=2),
+        stat("Requests/s", targets((f"sum(job_instance:whisper_requests:rate5m{{{JI}}})", "")), "reqps",
+             "Transcription requests per second over 5 minutes, from the server's log."),
+        stat("p95 latency (5m)",
+             targets((f"max(job_instance:whisper_request_duration_seconds:p95_5m{{{JI}}})", "")), "s",
+             f"End-to-end p95 from the server's log. Target {LATENCY_TARGET} s for a 10 s clip; "
+             f"alert above {LATENCY_ALERT} s for 5 minutes.",
+             thresholds=steps((LATENCY_TARGET, "yellow"), (LATENCY_ALERT, "red")), decimals=2),
+        stat("Canary RTF", targets((f"max(whisper_probe_realtime_factor{{{JI}}})", "")), "none",
+             f"Canary processing time / audio duration. Alert above {RTF_LIMIT}.",
+             thresholds=steps((RTF_LIMIT, "yellow"), (1, "red")), decimals=2),
+        stat("GPU memory",
+             targets((f"max(instance_gpu:whisper_gpu_memory_used_bytes:ratio{{{JI},{GPU}}})", "")),
+             "percentunit", f"Most used GPU's memory. Healthy below {GPU_MEMORY_WARN:.0%} (5 min); "
+             f"critical above {GPU_MEMORY_CRIT:.0%} for 10 minutes.",
+             thresholds=steps((GPU_MEMORY_WARN, "orange"), (GPU_MEMORY_CRIT, "red")), decimals=1),
+        row("Requests and latency"),
+        timeseries("Requests by status code",
+                   targets((f"sum by (status_code) (rate(whisper_requests_total{{{JI},{WORK}}}[{RI}]))",
+                            "{{status_code}}")),
+                   "reqps", "Transcription requests per second by HTTP status, from the server's log.",
+                   stack=True),
+        timeseries("Success ratio",
+                   targets((f"1 - job_instance:whisper_requests_errors:ratio_rate5m{{{JI}}}", "{{instance}}")),
+                   "percentunit", "1 - the 5-minute error ratio (5xx and failed lines) per instance. "
+                   "The red band is the WhisperErrorRatioHigh alert (below 95%).",
+                   thresholds=steps((1 - ERROR_RATIO_ALERT, "transparent"), base="red"), max_=1),
+        timeseries("p95 latency",
+                   targets((f"histogram_quantile(0.95, sum by (le, instance) "
+                            f"(rate(whisper_request_duration_seconds_bucket{{{JI},{WORK}}}[{RI}])))",
+                            "p95 {{instance}}"),
+                           (f"whisper_probe_duration_seconds{{{JI}}}", "canary {{probe}} {{instance}}")),
+                   "s", f"End-to-end p95 from the server's log, and the canary's duration. Lines: "
+                   f"{LATENCY_TARGET} s target (10 s clip), {LATENCY_ALERT} s alert.",
+                   thresholds=steps((LATENCY_TARGET, "yellow"), (LATENCY_ALERT, "red")), min_=0),
+        timeseries("GPU memory used",
+                   targets((f"instance_gpu:whisper_gpu_memory_used_bytes:ratio{{{JI},{GPU}}}",
+                            "GPU {{gpu}} {{instance}}")),
+                   "percentunit", f"Used / total per GPU. Lines: {GPU_MEMORY_WARN:.0%} (warning after 5 min), "
+                   f"{GPU_MEMORY_CRIT:.0%} (critical after 10 min).",
+                   thresholds=steps((GPU_MEMORY_WARN, "orange"), (GPU_MEMORY_CRIT, "red")), min_=0, max_=1),
+        table("Whisper alerts",
+              [instant(target('sum by (alertname, severity, alertstate, instance) '
+                              '(ALERTS{alertname=~"Whisper.*",job=~"$job"})', ""))],
+              "none", "Whisper alerts pending or firing now (all severities, info included).",
+              width=24, height=6, hide=("Time", "Value")),
+    ]
+    return dashboard("whisper-overview", "Whisper / Overview",
+                     "Health, requests, success ratio, p95 latency and GPU memory of a Whisper service.",
+                     panels, [JOB_VAR, INSTANCE_VAR, GPU_VAR])
+
+
+def performance() -> dict:
+    q = "histogram_quantile({q}, sum by (le{by}) (rate({metric}_bucket{{{sel}}}[" + RI + "])))"
+    panels = [
+        row("End-to-end latency"),
+        timeseries("Latency by endpoint",
+                   targets(*[(q.format(q=p, by=", endpoint", metric="whisper_request_duration_seconds",
+                                       sel=f"{JI},{WORK}"), f"p{int(p * 100)} {{{{endpoint}}}}")
+                             for p in (0.5, 0.95, 0.99)]),
+                   "s", f"From the server's log (needs a log with durations). Lines: {LATENCY_TARGET} s "
+                   f"target for a 10 s clip, {LATENCY_ALERT} s p95 alert.",
+                   thresholds=steps((LATENCY_TARGET, "yellow"), (LATENCY_ALERT, "red")), min_=0),
+        heatmap("Latency distribution", "whisper_request_duration_seconds", f"{JI},{WORK}", "s",
+                "Requests per second in each latency bucket."),
+        timeseries("Inference time p95 by language",
+                   targets((q.format(q=0.95, by=", language", metric="whisper_inference_duration_seconds",
+                                     sel=f"{JI},{LANG}"), "{{language}}")),
+                   "s", "Time spent transcribing, as the server logged it.", min_=0),
+        heatmap("Inference time distribution", "whisper_inference_duration_seconds", f"{JI},{LANG}", "s",
+                "Requests per second in each inference-time bucket."),
+        timeseries("Canary probe duration",
+                   targets((f"whisper_probe_duration_seconds{{{JI}}}", "{{probe}} {{instance}}")),
+                   "s", "End to end time of the last canary probe (request sent to transcript read).",
+                   thresholds=steps((LATENCY_TARGET, "yellow"), (LATENCY_ALERT, "red")), min_=0, width=24),
+        row("Real-time factor"),
+        timeseries("Real-time factor p95 by language",
+                   targets((q.format(q=0.95, by=", language", metric="whisper_realtime_factor",
+                                     sel=f"{JI},{LANG}"), "{{language}}")),
+                   "none", f"Processing time / audio duration (smaller is faster). Line: {RTF_LIMIT} "
+                   "(alert WhisperRealtimeFactorHigh); above 1 the server falls behind.",
+                   thresholds=steps((RTF_LIMIT, "orange"), (1, "red")), min_=0),
+        heatmap("Real-time factor distribution", "whisper_realtime_factor", f"{JI},{LANG}", "none",
+                "Requests per second in each real-time factor bucket."),
+        timeseries("Canary real-time factor",
+                   targets((f"whisper_probe_realtime_factor{{{JI}}}", "{{probe}} {{instance}}")),
+                   "none", f"Canary duration / its audio's duration. Line: {RTF_LIMIT}.",
+                   thresholds=steps((RTF_LIMIT, "orange"), (1, "red")), min_=0),
+        timeseries("Audio processed",
+                   targets((f"sum by (language) (rate(whisper_audio_processed_seconds_total{{{JI},{LANG}}}[{RI}]))",
+                            "{{language}}")),
+                   "suffix: s audio/s", "Seconds of audio transcribed per second, by language.", stack=True),
+        row("Queue and load"),
+        timeseries("Queue wait",
+                   targets((q.format(q=0.5, by="", metric="whisper_queue_wait_seconds", sel=JI), "p50"),
+                           (q.format(q=0.95, by="", metric="whisper_queue_wait_seconds", sel=JI), "p95")),
+                   "s", f"Time requests waited for a worker. Line: {QUEUE_LIMIT * 1000:.0f} ms "
+                   "(alert WhisperQueueWaitHigh).",
+                   thresholds=steps((QUEUE_LIMIT, "red")), min_=0),
+        heatmap("Queue wait distribution", "whisper_queue_wait_seconds", JI, "s",
+                "Requests per second in each queue-wait bucket."),
+        timeseries("Requests by language",
+                   targets((f"sum by (language) (rate(whisper_requests_total{{{JI},{LANG},{WORK}}}[{RI}]))",
+                            "{{language}}")),
+                   "reqps", "Transcription requests per second by language (unknown: the log does not say).",
+                   stack=True),
+        timeseries("Error ratio by language",
+                   targets((f"job_instance_language:whisper_requests_errors:ratio_rate5m{{{JI},{LANG}}}",
+                            "{{language}} {{instance}}")),
+                   "percentunit", f"5xx and failed requests over 5 minutes. Line: {ERROR_RATIO_ALERT:.0%}.",
+                   thresholds=steps((ERROR_RATIO_ALERT, "red")), min_=0),
+        timeseries("429 rejections",
+                   targets((f"job_instance:whisper_requests_rejected:rate1m{{{JI}}}", "{{instance}}")),
+                   "reqps", "Requests answered 429 Too Many Requests. Line: 0.1/s (alert WhisperRequestsRejected).",
+                   thresholds=steps((0.1, "red")), min_=0),
+        heatmap("Audio duration distribution", "whisper_audio_duration_seconds", f"{JI},{LANG}", "s",
+                "Requests per second in each audio-length bucket: longer audio, longer requests."),
+    ]
+    return dashboard("whisper-performance", "Whisper / Performance",
+                     "Latency and real-time factor by language, histograms, queue wait.",
+                     panels, [JOB_VAR, INSTANCE_VAR, REQUEST_LANGUAGE_VAR])
+
+
+def quality() -> dict:
+    ql = f'job=~"$job",{LANG}'  # recorded corpus rates are per job (summed over instances)
+    qsel = f"{JI},{LANG}"
+    wer_steps = steps((MANDARIN_TARGET, "yellow"), (ERROR_RATE_ALERT, "red"))
+    panels = [
+        row("Error rate by language"),
+        bargauge("Error rate by language, last hour",
+                 [instant(target(f"language:whisper_quality_error_rate:ratio_rate1h{{{ql}}}",
+                                 "{{language}} {{unit}} ({{set}})"))],
+                 "percentunit", "Corpus error rate (errors / reference units) over the last hour: WER, or "
+                 f"CER for unit=char. Yellow from {MANDARIN_TARGET:.0%} (Mandarin accuracy target 92%), "
+                 f"red from {ERROR_RATE_ALERT:.0%} (alert WhisperQualityErrorRateHigh).",
+                 thresholds=wer_steps, max_=0.5),
+        timeseries("Error rate by language (1h window)",
+                   targets((f"language:whisper_quality_error_rate:ratio_rate1h{{{ql}}}",
+                            "{{language}} {{unit}} ({{set}})")),
+                   "percentunit", f"Corpus error rate over a sliding hour. Lines: {MANDARIN_TARGET:.0%}, "
+                   f"{ERROR_RATE_ALERT:.0%} (alert).", thresholds=wer_steps, min_=0),
+        timeseries("Error rate trend (1d window)",
+                   targets((f"language:whisper_quality_error_rate:ratio_rate1d{{{ql}}}",
+                            "{{language}} {{unit}} ({{set}})")),
+                   "percentunit", "Corpus error rate over a sliding day: the trend.",
+                   thresholds=wer_steps, min_=0),
+        timeseries("Character error rate (zh, yue, ja, ko, th, ...)",
+                   targets((f'language:whisper_quality_error_rate:ratio_rate1h{{{ql},unit="char"}}',
+                            "{{language}} ({{set}})")),
+                   "percentunit", f"Languages scored in characters. Line: {MANDARIN_TARGET:.0%} "
+                   "(accuracy > 92% for Mandarin).",
+                   thresholds=steps((MANDARIN_TARGET, "yellow"), (ERROR_RATE_ALERT, "red")), min_=0),
+        timeseries("Errors by type",
+                   targets((f"sum by (language, type) (rate(whisper_quality_errors_total{{{qsel}}}[{RI}])) "
+                            f"/ ignoring (type) group_left () "
+                            f"sum by (language) (rate(whisper_quality_reference_units_total{{{qsel}}}[{RI}]))",
+                            "{{language}} {{type}}")),
+                   "percentunit", "Substitutions, deletions and insertions per reference unit; stacked, "
+                   "they add up to the error rate. Insertions jump with hallucinations.", stack=True, min_=0),
+        timeseries("Last evaluation round",
+                   targets((f"whisper_quality_error_rate{{{qsel}}}", "{{language}} {{unit}} ({{set}})")),
+                   "percentunit", "Error rate of the last evaluation round of each language and set.",
+                   thresholds=wer_steps, min_=0),
+        timeseries("Utterances evaluated",
+                   targets((f"sum by (set, result) (rate(whisper_quality_utterances_total{{{qsel}}}[{RI}]))",
+                            "{{set}} {{result}}")),
+                   "cps", "Utterances scored (a transcript was compared) or failed (none came back).",
+                   stack=True),
+        stat("Evaluation age",
+             targets((f"time() - max by (set) (whisper_quality_last_evaluation_timestamp_seconds{{{JI}}})",
+                      "{{set}}")),
+             "s", "Time since the newest evaluation round of each set ended (alert after 3 hours).",
+             thresholds=steps((3 * 3600, "red")), width=6, height=8),
+        row("Canary"),
+        stat("Canary success (1h)",
+             targets((f"job_instance_probe:whisper_probe_runs_success:ratio_rate1h{{{JI}}}", "{{probe}}")),
+             "percentunit", "Share of the last hour's canary probes that succeeded.",
+             thresholds=steps((0.9, "yellow"), (0.99, "green"), base="red"), width=6, height=8),
+        timeseries("Canary transcript error rate",
+                   targets((f"whisper_probe_word_error_rate{{{JI}}}", "{{probe}} {{instance}}")),
+                   "percentunit", "WER (CER for char languages) of the last canary transcript against its "
+                   f"reference. Line: {ERROR_RATE_ALERT:.0%}.",
+                   thresholds=steps((ERROR_RATE_ALERT, "red")), min_=0, width=9),
+        timeseries("Canary probes by result",
+                   targets((f"sum by (result) (rate(whisper_probe_runs_total{{{JI}}}[{RI}]))", "{{result}}")),
+                   "cps", "Canary probes per second by result: success, wrong_transcript, http_error, "
+                   "timeout, connection_error, bad_response.", stack=True, bars=True, width=9),
+        timeseries("Canary avg_logprob (worst segment)",
+                   targets((f"whisper_probe_avg_logprob{{{JI}}}", "{{probe}} {{instance}}")),
+                   "none", "Lowest average log probability of the transcript's segments; Whisper fails a "
+                   "segment below -1.", thresholds=steps((-1, "green"), base="red"), width=6),
+        timeseries("Canary compression ratio (worst segment)",
+                   targets((f"whisper_probe_compression_ratio{{{JI}}}", "{{probe}} {{instance}}")),
+                   "none", "Highest compression ratio of the transcript's segments; above 2.4 the text is "
+                   "repetitive (a hallucination loop).", thresholds=steps((2.4, "red")), min_=0, width=6),
+        timeseries("Canary no_speech_prob (worst segment)",
+                   targets((f"whisper_probe_no_speech_prob{{{JI}}}", "{{probe}} {{instance}}")),
+                   "percentunit", "Highest no-speech probability; above 0.6 with a low logprob Whisper "
+                   "takes the segment for silence.", thresholds=steps((0.6, "red")), min_=0, max_=1, width=6),
+        timeseries("Canary fallback segments",
+                   targets((f"whisper_probe_fallback_segments{{{JI}}}", "{{probe}} {{instance}}")),
+                   "short", "Segments decoded at a temperature above 0: Whisper's checks failed at 0.",
+                   thresholds=steps((1, "orange")), min_=0, width=6),
+        table("Canaries",
+              [instant(target(f"whisper_probe_info{{{JI}}}", ""))], "none",
+              "The configured canaries, their language and scoring unit.", width=24, height=5,
+              hide=("Time", "Value", "__name__")),
+    ]
+    return dashboard("whisper-quality", "Whisper / Quality",
+                     "Transcription error rate (WER/CER) by language and its trend, and the canary's results.",
+                     panels, [JOB_VAR, INSTANCE_VAR, QUALITY_LANGUAGE_VAR], time_from="now-24h")
+
+
+def resources() -> dict:
+    g = f"{JI},{GPU}"
+    legend = "GPU {{gpu}} {{instance}}"
+    panels = [
+        row("GPU"),
+        timeseries("GPU utilisation", targets((f"whisper_gpu_utilization_ratio{{{g}}}", legend)),
+                   "percentunit", "Time a kernel was running on the GPU.", min_=0, max_=1, width=8),
+        timeseries("GPU memory used",
+                   targets((f"instance_gpu:whisper_gpu_memory_used_bytes:ratio{{{g}}}", legend)),
+                   "percentunit", f"Used / total. Lines: {GPU_MEMORY_WARN:.0%} (sustained 5 min: warning), "
+                   f"{GPU_MEMORY_CRIT:.0%} (10 min: critical).",
+                   thresholds=steps((GPU_MEMORY_WARN, "orange"), (GPU_MEMORY_CRIT, "red")), min_=0, max_=1,
+                   width=8),
+        timeseries("GPU memory",
+                   targets((f"whisper_gpu_memory_used_bytes{{{g}}}", "used " + legend),
+                           (f"whisper_gpu_memory_total_bytes{{{g}}}", "total " + legend),
+                           (f"whisper_gpu_memory_reserved_bytes{{{g}}}", "reserved " + legend)),
+                   "bytes", "Used (as nvidia-smi shows it), total, and driver-reserved memory.", min_=0,
+                   width=8),
+        timeseries("GPU memory by server process",
+                   targets((f"whisper_gpu_process_memory_used_bytes{{{g}}}", "pid {{pid}} " + legend)),
+                   "bytes", "Memory of the watched Whisper server's processes (needs matching pids).",
+                   min_=0, width=8),
+        timeseries("GPU memory bandwidth utilisation",
+                   targets((f"whisper_gpu_memory_utilization_ratio{{{g}}}", legend)),
+                   "percentunit", "Time device memory was being read or written.", min_=0, max_=1, width=8),
+        timeseries("Power",
+                   targets((f"whisper_gpu_power_watts{{{g}}}", "draw " + legend),
+                           (f"rate(whisper_gpu_energy_joules_total{{{g}}}[{RI}])", "mean " + legend),
+                           (f"whisper_gpu_power_limit_watts{{{g}}}", "limit " + legend)),
+                   "watt", "Sampled power draw, mean power from the energy counter, and the enforced limit.",
+                   min_=0, width=8),
+        timeseries("Temperature", targets((f"whisper_gpu_temperature_celsius{{{g}}}", legend)),
+                   "celsius", f"Line: {GPU_TEMPERATURE} °C (alert WhisperGpuTemperatureHigh).",
+                   thresholds=steps((GPU_TEMPERATURE, "red")), width=8),
+        timeseries("SM clock", targets((f"whisper_gpu_sm_clock_hertz{{{g}}}", legend)), "hertz",
+                   "Streaming multiprocessor clock; it drops when the GPU throttles.", min_=0, width=8),
+        timeseries("Clock slowdown reasons active",
+                   targets((f"whisper_gpu_clock_event_active{{{g}}} == 1", "{{reason}} " + legend)),
+                   "short", "Reasons holding the clocks down now. gpu_idle and sw_power_cap under load are "
+                   "normal; thermal and hardware slowdowns alert (WhisperGpuThrottled).",
+                   bars=True, width=8),
+        timeseries("XID errors",
+                   targets((f"whisper_gpu_xid_errors_total{{{g}}}", "XID {{xid}} " + legend)),
+                   "short", "XID errors counted per code since the exporter started.", bars=True, width=8),
+        timeseries("ECC errors",
+                   targets((f"whisper_gpu_ecc_errors_total{{{g}}}", "{{type}} " + legend)),
+                   "short", "Volatile ECC error counts since the driver loaded.", width=8),
+        timeseries("GPU compute processes",
+                   targets((f"whisper_gpu_processes{{{g}}}", "matched={{matched}} " + legend)),
+                   "short", "Compute processes that are (true) or are not (false) the watched server's.",
+                   width=8),
+        row("Whisper server process"),
+        timeseries("Server CPU (cores)",
+                   targets((f"sum by (instance, mode) (rate(whisper_process_cpu_seconds_total{{{JI}}}[{RI}]))",
+                            "{{mode}} {{instance}}")),
+                   "short", "CPU seconds per second used by the server's processes (1 = one core).",
+                   stack=True, min_=0, width=8),
+        timeseries("Server resident memory",
+                   targets((f"whisper_process_resident_memory_bytes{{{JI}}}", "{{instance}}")),
+                   "bytes", "Sum of the RSS of the server's processes.", min_=0, width=8),
+        timeseries("Server threads and open files",
+                   targets((f"whisper_process_threads{{{JI}}}", "threads {{instance}}"),
+                           (f"whisper_process_open_fds{{{JI}}}", "open fds {{instance}}")),
+                   "short", "Threads and open file descriptors of the server's processes.", min_=0, width=8),
+        stat("Server uptime",
+             targets((f"time() - whisper_process_start_time_seconds{{{JI}}}", "{{instance}}")), "s",
+             "Since the oldest server process started.", width=12),
+        stat("Server processes", targets((f"whisper_process_count{{{JI}}}", "{{instance}}")), "short",
+             "Processes watched (roots and children).", thresholds=steps((1, "green"), base="red"), width=12),
+    ]
+    return dashboard("whisper-resources", "Whisper / Resources",
+                     "GPU utilisation, memory, power, temperature, clocks and errors; the server's CPU and memory.",
+                     panels, [JOB_VAR, INSTANCE_VAR, GPU_VAR])
+
+
+def exporter() -> dict:
+    c = JI
+    panels = [
+        row("Exporter"),
+        stat("Scrape", targets((f"min(up{{{c}}})", "")), "none", "Whether Prometheus can scrape the exporter.",
+             mappings=UP_DOWN, thresholds=steps((1, "green"), base="red"), width=4),
+        table("Build", [instant(target(f"whisper_exporter_build_info{{{c}}}", ""))], "none",
+              "Version of each exporter.", width=8, height=4, hide=("Time", "Value", "__name__")),
+        stat("Collectors down", targets((f"count(whisper_exporter_collector_up{{{c}}} == 0) or vector(0)", "")),
+             "short", "Collectors whose last run failed or is overdue.",
+             thresholds=steps((1, "red")), width=4),
+        stat("Scrape duration", targets((f"max(scrape_duration_seconds{{{c}}})", "")), "s",
+             "How long the last scrape took (it only reads cached results).",
+             thresholds=steps((0.5, "yellow"), (1, "red")), width=4),
+        stat("Samples per scrape", targets((f"max(scrape_samples_scraped{{{c}}})", "")), "short",
+             "Series in one scrape: watch for label cardinality.", width=4),
+        row("Collectors"),
+        timeseries("Collector up", targets((f"whisper_exporter_collector_up{{{c}}}", "{{collector}} {{instance}}")),
+                   "short", "1 when the collector's last run succeeded and none is overdue.",
+                   min_=0, max_=1, width=8),
+        timeseries("Collector run duration",
+                   targets((f"whisper_exporter_collector_duration_seconds{{{c}}}", "{{collector}} {{instance}}")),
+                   "s", "Duration of each collector's last run.", min_=0, width=8),
+        timeseries("Collector errors",
+                   targets((f"sum by (collector) (rate(whisper_exporter_collector_errors_total{{{c}}}[{RI}]))",
+                            "{{collector}}")),
+                   "cps", "Failed runs, timeouts and render failures per second.", min_=0, width=8),
+        timeseries("Time since last run",
+                   targets((f"time() - whisper_exporter_collector_last_run_timestamp_seconds{{{c}}}",
+                            "{{collector}} {{instance}}")),
+                   "s", "Seconds since each collector's last finished run began.", min_=0, width=12),
+        timeseries("Canary probe last run",
+                   targets((f"time() - whisper_probe_last_run_timestamp_seconds{{{c}}}", "{{probe}} {{instance}}")),
+                   "s", "Seconds since each canary was last probed.", min_=0, width=12),
+        row("Log following"),
+        timeseries("Lines read", targets((f"sum by (path) (rate(whisper_exporter_log_lines_total{{{c}}}[{RI}]))",
+                                          "{{path}}")),
+                   "cps", "Complete lines read per second from each log path.", min_=0, width=8),
+        timeseries("Bad lines by reason",
+                   targets((f"sum by (path, reason) (rate(whisper_exporter_log_parse_errors_total{{{c}}}[{RI}]))",
+                            "{{reason}} {{path}}")),
+                   "cps", "Lines skipped as bad, per second.", min_=0, stack=True, width=8),
+        timeseries("Lines ignored",
+                   targets((f"sum by (path) (rate(whisper_exporter_log_lines_ignored_total{{{c}}}[{RI}]))",
+                            "{{path}}")),
+                   "cps", "Lines that are not about a request (start-up messages, ...).", min_=0, width=8),
+        timeseries("Bytes read", targets((f"sum by (path) (rate(whisper_exporter_log_read_bytes_total{{{c}}}[{RI}]))",
+                                          "{{path}}")),
+                   "Bps", "Bytes read per second from each log path.", min_=0, width=8),
+        timeseries("Seconds since the last line",
+                   targets((f"whisper_exporter_log_seconds_since_last_line{{{c}}}", "{{path}} {{instance}}")),
+                   "s", f"Line: {LOG_STALLED // 60} minutes (alert WhisperLogStalled while the canary succeeds).",
+                   thresholds=steps((LOG_STALLED, "red")), min_=0, width=8),
+        timeseries("Files open", targets((f"whisper_exporter_log_files{{{c}}}", "{{path}} {{instance}}")),
+                   "short", "Files open for each configured path (0: the file is not there).", min_=0, width=8),
+        timeseries("Rotations and read errors",
+                   targets((f"sum by (path) (rate(whisper_exporter_log_rotations_total{{{c}}}[{RI}]))",
+                            "rotations {{path}}"),
+                           (f"sum by (path, reason) (rate(whisper_exporter_log_read_errors_total{{{c}}}[{RI}]))",
+                            "read errors {{reason}} {{path}}")),
+                   "cps", "Rotations seen (rename, re-create, truncation) and read errors per second.",
+                   min_=0, width=12),
+        timeseries("Label values folded into \"other\"",
+                   targets((f"sum by (label) (rate(whisper_exporter_log_label_folded_total{{{c}}}[{RI}]))",
+                            "{{label}}")),
+                   "cps", "Values outside a label's allowed set, counted as other.", min_=0, width=12),
+        row("Exporter process"),
+        timeseries("Exporter CPU (cores)",
+                   targets((f"rate(process_cpu_seconds_total{{{c}}}[{RI}])", "{{instance}}")),
+                   "short", "CPU seconds per second of the exporter itself.", min_=0, width=8),
+        timeseries("Exporter resident memory",
+                   targets((f"process_resident_memory_bytes{{{c}}}", "{{instance}}")),
+                   "bytes", "The exporter's own RSS: it must stay flat under log floods.", min_=0, width=8),
+        timeseries("Exporter open files",
+                   targets((f"process_open_fds{{{c}}}", "{{instance}}")),
+                   "short", "The exporter's own open file descriptors.", min_=0, width=8),
+    ]
+    return dashboard("whisper-exporter", "Whisper / Exporter",
+                     "The exporter's own health: scrapes, collectors, log following, its process.",
+                     panels, [JOB_VAR, INSTANCE_VAR])
+
+
+DASHBOARDS = {
+    "whisper-overview.json": overview,
+    "whisper-performance.json": performance,
+    "whisper-quality.json": quality,
+    "whisper-resources.json": resources,
+    "whisper-exporter.json": exporter,
+}
+
+
+def render() -> dict[str, str]:
+    """File name -> the JSON text to commit."""
+    return {name: json.dumps(build(), indent=2, ensure_ascii=False) + "\n" for name, build in DASHBOARDS.items()}
+
+
+def main(argv: list[str]) -> int:
+    check = "--check" in argv
+    stale = []
+    for name, text in render().items():
+        path = HERE / name
+        if check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(name)
+        else:
+            path.write_text(text)
+    if stale:
+        print("out of date (run python dashboards/generate.py): " + ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

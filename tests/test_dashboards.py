@@ -1,0 +1,434 @@
+"""The Grafana dashboards: current with their generator, import-ready (one datasource variable
+used everywhere, no hard-coded uid), conventions (variables, $__rate_interval, units, heatmaps,
+thresholds), every query parses (promtool), and every metric name a query or a rule uses is in
+the exposition of a real exporter running all its collectors."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD_DIR = ROOT / "dashboards"
+RULES = ROOT / "rules"
+DS = {"type": "prometheus", "uid": "${datasource}"}
+EXPECTED = {"whisper-overview.json", "whisper-performance.json", "whisper-quality.json",
+            "whisper-resources.json", "whisper-exporter.json"}
+# Series that Prometheus makes itself, not the exporter.
+PROMETHEUS_NAMES = {"up", "ALERTS", "ALERTS_FOR_STATE", "scrape_duration_seconds", "scrape_samples_scraped",
+                    "scrape_samples_post_metric_relabeling", "scrape_series_added"}
+KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
+            "offset", "inf", "nan", "Inf", "NaN"}
+
+pytest_plugins = ["whisper_server"]
+
+
+# -- reading dashboards and queries (also used by tests/test_stack.py) ---------------------------
+
+def load_dashboards() -> dict[str, dict]:
+    return {p.name: json.loads(p.read_text()) for p in sorted(DASHBOARD_DIR.glob("*.json"))}
+
+
+def panels(dashboard: dict) -> Iterator[dict]:
+    for panel in dashboard["panels"]:
+        yield panel
+        yield from panel.get("panels", [])  # collapsed rows keep theirs inside
+
+
+def label_values_selector(query: str) -> str:
+    """label_values(selector, label) -> selector (what Grafana asks Prometheus for)."""
+    m = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", query.strip(), re.S)
+    assert m, f"not a label_values() query: {query!r}"
+    return m.group(1).strip()
+
+
+def queries(dashboard: dict) -> list[tuple[str, str]]:
+    """(where, PromQL) of every query in a dashboard: panel targets, variables, annotations."""
+    out = []
+    for panel in panels(dashboard):
+        for t in panel.get("targets", []):
+            out.append((f"{dashboard['uid']} / {panel['title']} / {t['refId']}", t["expr"]))
+    for var in dashboard["templating"]["list"]:
+        if var["type"] == "query":
+            out.append((f"{dashboard['uid']} / variable {var['name']}", label_values_selector(var["query"])))
+    for ann in dashboard["annotations"]["list"]:
+        if "expr" in ann:
+            out.append((f"{dashboard['uid']} / annotation {ann['name']}", ann["expr"]))
+    return out
+
+
+def all_dashboard_queries() -> list[tuple[str, str]]:
+    return [q for d in load_dashboards().values() for q in queries(d)]
+
+
+def rule_queries() -> list[tuple[str, str]]:
+    out = []
+    for path in sorted(RULES.glob("*.yml")):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                out.append((f"{path.name} / {rule.get('alert') or rule.get('record')}", rule["expr"]))
+    return out
+
+
+def recorded_names() -> set[str]:
+    return {rule["record"] for path in sorted(RULES.glob("*.yml"))
+            for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"]
+            if "record" in rule}
+
+
+def substitute(expr: str, rate_interval: str = "1m") -> str:
+    """Grafana's variables -> values Prometheus can run: $__rate_interval -> a duration, the
+    template variables -> .* (what "All" sends)."""
+    expr = expr.replace("$__rate_interval", rate_interval)
+    return re.sub(r"\$\{?(\w+)\}?", ".*", expr)
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression (a lexer's view, enough for our queries)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', '""', expr)  # strings
+    text = re.sub(r"\{[^}]*\}", " ", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", " ", text)  # ranges and subqueries
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    text = re.sub(r"\boffset\s+\S+", " ", text)
+    text = re.sub(r"(?<![\w:])\d+(\.\d+)?([eE][+-]?\d+)?", " ", text)  # numbers
+    names = set()
+    for m in re.finditer(r"(?<![\w:$])([A-Za-z_:][A-Za-z0-9_:]*)\s*(\()?", text):
+        name, call = m.group(1), m.group(2)
+        if call or name in KEYWORDS:
+            continue
+        names.add(name)
+    return names
+
+
+def test_metric_names_helper():
+    assert metric_names('sum by (le) (rate(a_bucket{x="y",le=~"1"}[$__rate_interval]))') == {"a_bucket"}
+    assert metric_names("x:y:z / ignoring (type) group_left () w offset 15m > 0.5e3") == {"x:y:z", "w"}
+    assert metric_names('histogram_quantile(0.95, sum by (le) (rate(m[5m]))) and on (job) up == 1') == {"m", "up"}
+    assert metric_names('label_replace(v, "dst", "$1", "src", "(.*)")') == {"v"}
+
+
+# -- the generator and the files -----------------------------------------------------------------
+
+def generator():
+    spec = importlib.util.spec_from_file_location("dashboards_generate", DASHBOARD_DIR / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_json_is_what_the_generator_writes():
+    rendered = generator().render()
+    assert set(rendered) == EXPECTED
+    for name, text in rendered.items():
+        assert (DASHBOARD_DIR / name).read_text() == text, f"{name} is out of date: run python dashboards/generate.py"
+    assert {p.name for p in DASHBOARD_DIR.glob("*.json")} == EXPECTED
+
+
+def test_uids_and_titles_are_unique_and_explicit():
+    dashboards = load_dashboards()
+    uids = [d["uid"] for d in dashboards.values()]
+    titles = [d["title"] for d in dashboards.values()]
+    assert all(re.fullmatch(r"[a-z0-9-]{1,40}", u) for u in uids), uids
+    assert len(set(uids)) == len(uids) and len(set(titles)) == len(titles)
+    for name, d in dashboards.items():
+        assert d["uid"] == name.removesuffix(".json")
+        assert d["id"] is None, "an id ties the dashboard to one Grafana database"
+        ids = [p["id"] for p in panels(d)]
+        assert len(ids) == len(set(ids)), f"{name}: panel ids repeat"
+
+
+def test_one_datasource_variable_and_no_hard_coded_datasource():
+    for name, d in load_dashboards().items():
+        variables = d["templating"]["list"]
+        ds_vars = [v for v in variables if v["type"] == "datasource"]
+        assert len(ds_vars) == 1 and ds_vars[0]["name"] == "datasource" and ds_vars[0]["query"] == "prometheus"
+        assert "__inputs" not in d, "${DS_...} inputs break file provisioning"
+        text = json.dumps(d)
+        assert "DS_PROMETHEUS" not in text
+        # every datasource reference anywhere is the variable, or Grafana's built-in annotations
+        for ref in re.findall(r'"datasource": (\{[^{}]*\})', text):
+            ref = json.loads(ref)
+            assert ref == DS or ref == {"type": "grafana", "uid": "-- Grafana --"}, f"{name}: {ref}"
+
+
+def test_every_panel_and_target_uses_the_datasource_variable():
+    for name, d in load_dashboards().items():
+        for panel in panels(d):
+            if panel["type"] == "row":
+                continue
+            assert panel["datasource"] == DS, f"{name} / {panel['title']}"
+            assert panel["targets"], f"{name} / {panel['title']} has no query"
+            for t in panel["targets"]:
+                assert t["datasource"] == DS, f"{name} / {panel['title']} / {t['refId']}"
+        for var in d["templating"]["list"]:
+            if var["type"] == "query":
+                assert var["datasource"] == DS
+        for ann in d["annotations"]["list"]:
+            if "expr" in ann:
+                assert ann["datasource"] == DS
+
+
+def test_variables():
+    wanted = {
+        "whisper-overview": {"datasource", "job", "instance", "gpu"},
+        "whisper-performance": {"datasource", "job", "instance", "language"},
+        "whisper-quality": {"datasource", "job", "instance", "language"},
+        "whisper-resources": {"datasource", "job", "instance", "gpu"},
+        "whisper-exporter": {"datasource", "job", "instance"},
+    }
+    for d in load_dashboards().values():
+        variables = {v["name"]: v for v in d["templating"]["list"]}
+        assert set(variables) == wanted[d["uid"]], d["uid"]
+        for v in variables.values():
+            if v["type"] == "query":
+                assert v["multi"] and v["includeAll"] and v["allValue"] == ".*", v["name"]
+                label_values_selector(v["query"])
+        # every variable a query uses is defined, and used as a regex matcher (multi-value, All)
+        for where, expr in queries(d):
+            for name in re.findall(r"\$\{?(\w+)\}?", expr):
+                if name.startswith("__"):
+                    continue
+                assert name in variables, f"{where}: ${name} is not defined"
+            bare = re.sub(r'\w+=~"\$\w+"', "", expr)
+            assert not re.search(r"\$(?!__rate_interval)", bare), f"{where}: a variable outside a =~ matcher: {expr}"
+        # each defined variable is used
+        used = " ".join(expr for _, expr in queries(d))
+        for name in set(variables) - {"datasource"}:
+            assert f"${name}" in used, f"{d['uid']}: ${name} is never used"
+
+
+def test_every_range_is_the_rate_interval():
+    found = 0
+    for where, expr in all_dashboard_queries():
+        for call in re.finditer(r"\b(rate|irate|increase|changes|delta|deriv)\(", expr):
+            found += 1
+        ranges = re.findall(r"\[([^\]]+)\]", expr)
+        assert all(r == "$__rate_interval" for r in ranges), f"{where}: {ranges}"
+        if re.search(r"\b(rate|irate|increase)\(", expr):
+            assert ranges, f"{where}: rate() without a range"
+    assert found > 20
+
+
+def test_every_panel_has_a_unit():
+    for d in load_dashboards().values():
+        for panel in panels(d):
+            if panel["type"] == "row":
+                continue
+            unit = panel["fieldConfig"]["defaults"].get("unit")
+            assert unit, f"{d['uid']} / {panel['title']}: no unit"
+            if panel["type"] == "heatmap":
+                assert panel["options"]["yAxis"]["unit"] == unit
+
+
+def test_histograms_are_heatmaps():
+    seen = set()
+    for d in load_dashboards().values():
+        for panel in panels(d):
+            if panel["type"] != "heatmap":
+                continue
+            (t,) = panel["targets"]
+            assert t["format"] == "heatmap" and t["legendFormat"] == "{{le}}", panel["title"]
+            m = re.fullmatch(r"sum by \(le\) \(rate\((whisper_\w+)_bucket\{.*\}\[\$__rate_interval\]\)\)", t["expr"])
+            assert m, t["expr"]
+            assert panel["options"]["calculate"] is False  # Prometheus buckets, not Grafana's own
+            seen.add(m.group(1))
+    assert seen == {"whisper_request_duration_seconds", "whisper_queue_wait_seconds",
+                    "whisper_inference_duration_seconds", "whisper_audio_duration_seconds",
+                    "whisper_realtime_factor"}
+
+
+def threshold_values(panel: dict) -> set[float]:
+    return {s["value"] for s in panel["fieldConfig"]["defaults"]["thresholds"]["steps"] if s["value"] is not None}
+
+
+def test_design_thresholds_are_drawn():
+    """The design's healthy thresholds and alert levels, on the panels they belong to."""
+    wanted = {
+        ("whisper-overview", "p95 latency"): {1.5, 3.0},
+        ("whisper-overview", "GPU memory used"): {0.9, 0.95},
+        ("whisper-overview", "Success ratio"): {0.95},
+        ("whisper-overview", "GPU memory"): {0.9, 0.95},
+        ("whisper-overview", "Canary RTF"): {0.8},
+        ("whisper-performance", "Latency by endpoint"): {1.5, 3.0},
+        ("whisper-performance", "Real-time factor p95 by language"): {0.8},
+        ("whisper-performance", "Canary real-time factor"): {0.8},
+        ("whisper-performance", "Queue wait"): {0.2},
+        ("whisper-performance", "429 rejections"): {0.1},
+        ("whisper-quality", "Error rate by language (1h window)"): {0.15},
+        ("whisper-quality", "Error rate by language, last hour"): {0.15},
+        ("whisper-quality", "Character error rate (zh, yue, ja, ko, th, ...)"): {0.08},
+        ("whisper-quality", "Canary compression ratio (worst segment)"): {2.4},
+        ("whisper-quality", "Canary avg_logprob (worst segment)"): {-1},
+        ("whisper-resources", "GPU memory used"): {0.9, 0.95},
+        ("whisper-resources", "Temperature"): {85},
+        ("whisper-exporter", "Seconds since the last line"): {600},
+    }
+    found = {}
+    for d in load_dashboards().values():
+        for panel in panels(d):
+            if (d["uid"], panel["title"]) in wanted:
+                found[(d["uid"], panel["title"])] = panel
+    assert set(found) == set(wanted), set(wanted) - set(found)
+    for key, values in wanted.items():
+        panel = found[key]
+        assert values <= threshold_values(panel), f"{key}: {threshold_values(panel)}"
+        if panel["type"] == "timeseries":
+            assert panel["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] != "off", key
+
+
+def test_grid_has_no_overlaps():
+    for d in load_dashboards().values():
+        taken = set()
+        for panel in d["panels"]:
+            g = panel["gridPos"]
+            assert g["x"] >= 0 and g["x"] + g["w"] <= 24, panel["title"]
+            cells = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+            assert not cells & taken, f"{d['uid']} / {panel['title']} overlaps"
+            taken |= cells
+
+
+def test_every_query_parses(tmp_path):
+    """promtool parses each query (Grafana variables substituted) as a recording rule."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("`promtool` is not installed (Debian package `prometheus`; .ci/run installs it)")
+    rules = [{"record": f"dashboard:query_{i}:check", "expr": substitute(expr)}
+             for i, (_, expr) in enumerate(all_dashboard_queries())]
+    path = tmp_path / "dashboards.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
+    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+def test_recorded_names_in_dashboards_are_recorded():
+    recorded = recorded_names()
+    for where, expr in all_dashboard_queries():
+        for name in metric_names(expr):
+            if ":" in name:
+                assert name in recorded, f"{where}: {name} is not a recording rule in rules/"
+
+
+# -- against a real exporter ----------------------------------------------------------------------
+
+SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count", ""),
+            "gauge": ("",), "info": ("_info",), "unknown": ("",)}
+
+
+def exposed_names(text: str) -> set[str]:
+    """Sample names in an exposition, and the sample names of families it declares (HELP and
+    TYPE) without a sample yet, such as an error counter before the first error."""
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names |= {s.name for s in family.samples}
+        names |= {family.name + suffix for suffix in SUFFIXES.get(family.type, ("",))}
+    return names
+
+
+@pytest.fixture(scope="module")
+def exposition(whisper_server, tmp_path_factory) -> set[str]:
+    """Metric names a real exporter exposes with every collector working: the GPU through the
+    fake NVML (real H100 readings, an XID injected), the process collector watching a real
+    process, the logs collector reading a JSON request log and the server's uvicorn log, and
+    the probe against the real faster-whisper-server."""
+    from fake_nvml import FakeNVML
+
+    from collectors import gpu
+    from whisper_exporter import daemon
+    from whisper_exporter.collector import factories
+    from whisper_exporter.config import from_dict
+    from whisper_exporter.scheduler import Scheduler
+
+    folder = tmp_path_factory.mktemp("exposition")
+    log = folder / "requests.jsonl"
+    shutil.copy(ROOT / "tests" / "data" / "logs" / "json-request.jsonl", log)
+    # A process the exporter may watch: not its own child (the exporter never watches its family),
+    # so started through a shell that exits; argv[0] is a marker with no path in it.
+    marker = f"whisper-dashboard-test-{uuid.uuid4().hex[:8]}"
+    started = subprocess.run(["bash", "-c", f"(exec -a {marker} sleep 300) >/dev/null 2>&1 & echo $!"],
+                             capture_output=True, text=True, check=True)
+    pid = int(started.stdout.strip())
+    config = from_dict({
+        "listen": "127.0.0.1:0",
+        "service": {"url": whisper_server.url, "model": whisper_server.model},
+        "collectors": {
+            "gpu": {"interval": "200ms"},
+            "process": {"interval": "200ms", "match": marker},
+            "probe": {"interval": "1s"},
+            "logs": {"enabled": True, "interval": "200ms", "start_at": "beginning", "files": [
+                {"path": str(log), "format": "json-request"},
+                {"path": str(whisper_server.log_path), "format": "uvicorn-access"},
+            ]},
+        },
+    })
+    fake = FakeNVML()
+    available = factories()
+    entries = []
+    for name, section in vars(config.collectors).items():
+        if name == "gpu":
+            collector = gpu.GpuCollector(section, nvml=fake, watched_pids=lambda: {424})  # the fixture's pid
+            collector.xid_wait_ms = 50
+        elif section.enabled:
+            collector = available[name](section, config)
+        else:
+            continue
+        entries.append((collector, section.interval, section.timeout))
+    running = daemon.start(config, scheduler=Scheduler(entries))
+    try:
+        fake.inject_xid(0, 79)
+        wanted = {"whisper_probe_word_error_rate", "whisper_gpu_xid_errors_total", "whisper_process_open_fds",
+                  "whisper_request_duration_seconds_bucket", "whisper_quality_errors_total"}
+        deadline = time.monotonic() + 60
+        while True:
+            text = requests.get(running.url + "/metrics", timeout=10).text
+            names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+            if wanted <= names or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert wanted <= names, f"missing {wanted - names}; status: {requests.get(running.url + '/').text[:3000]}"
+        yield exposed_names(text)
+    finally:
+        running.close()
+        os.kill(pid, signal.SIGTERM)
+
+
+def test_every_metric_in_every_dashboard_query_is_exposed(exposition):
+    recorded = recorded_names()
+    used = set()
+    for where, expr in all_dashboard_queries():
+        names = metric_names(expr)
+        assert names, f"{where}: no metric in {expr!r}"
+        for name in names:
+            used.add(name)
+            if ":" in name:
+                assert name in recorded, f"{where}: {name} is not recorded"
+            elif name not in PROMETHEUS_NAMES:
+                assert name in exposition, f"{where}: the exporter does not expose {name}"
+    # the dashboards cover the contract's families
+    for family in ("whisper_requests_total", "whisper_gpu_utilization_ratio", "whisper_gpu_power_watts",
+                   "whisper_process_resident_memory_bytes", "whisper_probe_success",
+                   "whisper_quality_errors_total", "whisper_exporter_collector_up"):
+        assert family in used, f"no dashboard shows {family}"
+
+
+def test_every_metric_in_every_rule_is_exposed(exposition):
+    recorded = recorded_names()
+    for where, expr in rule_queries():
+        for name in metric_names(expr):
+            if ":" in name:
+                assert name in recorded, f"{where}: {name} is not recorded"
+            elif name not in PROMETHEUS_NAMES:
+                assert name in exposition, f"{where}: the exporter does not expose {name}"
