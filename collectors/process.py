@@ -23,8 +23,8 @@ from whisper_exporter.config import Config, ProcessConfig
 
 log = logging.getLogger(__name__)
 
-# A process whose command line says this is an exporter, ours or another instance.
-EXPORTER_MARKERS = ("whisper-exporter", "whisper_exporter")
+# Programs that are an exporter, ours or another instance: the console script or `-m` module.
+EXPORTER_NAMES = ("whisper-exporter", "whisper_exporter")
 # How old the collector's last scan may be for watched_pids() to reuse it.
 CACHE_MAX_AGE = 1.0
 # A pid file is a number and a newline; refuse to read a huge file by mistake.
@@ -93,8 +93,12 @@ def _name_cmdline(proc: psutil.Process) -> Optional[tuple[str, list[str]]]:
 
 
 def _is_exporter(cmdline: list[str]) -> bool:
-    text = " ".join(cmdline)
-    return any(marker in text for marker in EXPORTER_MARKERS)
+    """Whether the command runs an exporter: `whisper-exporter ...`, `python .../whisper-exporter ...`
+    or `python -m whisper_exporter ...`. Only the program is looked at, not every argument, so a
+    Whisper server started from a checkout or venv whose path says whisper-exporter is still watched."""
+    if any(os.path.basename(arg) in EXPORTER_NAMES for arg in cmdline[:2]):
+        return True
+    return any(arg == "-m" and nxt.split(".")[0] == "whisper_exporter" for arg, nxt in zip(cmdline, cmdline[1:]))
 
 
 def _descendants(roots: Iterable[int], children: dict[int, list[int]]) -> set[int]:
