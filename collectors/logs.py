@@ -178,8 +178,9 @@ class Labels:
 class LogsCollector:
     name = "logs"
 
-    def __init__(self, section: LogsConfig):
+    def __init__(self, section: LogsConfig, sampler: Any = None):
         self.section = section
+        self.sampler = sampler  # production sampling into the review queue (sampling.ProductionSampler)
         self.labels = Labels(section.endpoints, section.status_codes, section.languages)
         self.max_series = section.max_series
         self._lock = threading.Lock()
@@ -241,9 +242,12 @@ class LogsCollector:
                 observe(record)
 
     def _observe(self, record: logparse.Record) -> None:
-        endpoint, status, language, duration, queue, inference, audio, _model, error = record
+        endpoint, status, language, duration, queue, inference, audio, _model, error, audio_path, text = record
         labels = self.labels
         lang = labels.language(language)
+        if text is not None and audio_path and self.sampler is not None and not error and (
+                status is None or str(status).lstrip().startswith("2")):
+            self.sampler.offer(audio_path, text, lang, audio)
         if endpoint is not None or status is not None:
             ep = labels.endpoint(endpoint)
             key = (ep, labels.status_code(status, error), lang)
@@ -356,6 +360,8 @@ class LogsCollector:
         yield from (inference, audio, processed, rtf)
 
         yield from self._self_metrics(snap)
+        if self.sampler is not None:
+            yield from self.sampler.families()
 
     def _self_metrics(self, snap: dict[str, Any]) -> Iterable[Metric]:
         lines = CounterMetricFamily("whisper_exporter_log_lines_total",
@@ -417,4 +423,6 @@ class LogsCollector:
 
 @register("logs")
 def make(section: LogsConfig, config: Config) -> LogsCollector:
-    return LogsCollector(section)
+    from whisper_exporter.sampling import production_sampler
+
+    return LogsCollector(section, sampler=production_sampler(config))

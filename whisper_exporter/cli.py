@@ -1,4 +1,4 @@
-"""Command line: `whisper-exporter` runs on built-in defaults; `run`, `check-config`, `version`.
+"""Command line: `whisper-exporter` runs on built-in defaults; `run`, `check-config`, `probe`, `evaluate`, `version`.
 
 Exit status: 0 fine, 1 a run-time failure (port taken), 2 bad configuration or usage.
 """
@@ -185,6 +185,93 @@ def probe(config_path: Optional[str], target: Optional[str], audio: Optional[str
             click.echo(probe_collector.metrics_text(collector))
     if problems or not records or not all(r.success for r in records):
         sys.exit(1)
+
+
+@main.command()
+@click.option("--manifest", default=None, metavar="FILE", type=click.Path(dir_okay=False),
+              help="The labeled set: JSON lines or CSV (default: collectors.quality.manifest of --config).")
+@click.option("--target", default=None, metavar="URL", help="Base URL of the Whisper server (default: service.url).")
+@click.option("--config", "--config.file", "config_path", default=None, metavar="FILE",
+              envvar="WHISPER_EXPORTER_CONFIG", type=click.Path(dir_okay=False),
+              help="YAML configuration: service (api, model, key), quality manifest and thresholds.")
+@click.option("--api", default=None, type=click.Choice(["openai", "asr-webservice", "whispercpp"]),
+              help="The server's API (default: service.api, else openai).")
+@click.option("--model", default=None, metavar="NAME", help="Model name sent with each request (default: service.model).")
+@click.option("--timeout", default=None, type=float, metavar="SECONDS",
+              help="For one utterance's request (default: collectors.quality.timeout, 60).")
+@click.option("--max-error-rate", "max_error_rate", default=None, metavar="LANG=RATE,...",
+              help="Thresholds, e.g. en=0.1,zh=0.15; a bare number applies to every other language. "
+                   "Overrides collectors.quality.thresholds.")
+@click.option("--worst", "worst_n", default=10, show_default=True, type=click.IntRange(0),
+              help="How many of the worst items to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (with every item's transcript).")
+def evaluate(manifest: Optional[str], target: Optional[str], config_path: Optional[str], api: Optional[str],
+             model: Optional[str], timeout: Optional[float], max_error_rate: Optional[str], worst_n: int,
+             as_json: bool) -> None:
+    """Evaluate the Whisper server on a labeled set once: error rates per language, the worst items.
+
+    A quality gate before rolling out a model. Exit status: 0 every language within its
+    threshold, 1 a language above it (or an utterance without a transcript), 2 bad usage,
+    configuration or a manifest with nothing usable.
+    """
+    import dataclasses
+    import json
+    import re
+
+    from whisper_exporter import evaluate as ev
+    from whisper_exporter import manifest as mf
+    from whisper_exporter.clients import ClientSetupError, make_client
+
+    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+    config = _config_or_exit(config_path)
+
+    def usage(message: str) -> None:
+        click.echo(f"whisper-exporter evaluate: {message}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+    section = config.collectors.quality
+    if manifest is None:
+        if not section.manifest:
+            usage("--manifest: which labeled set? (or collectors.quality.manifest in --config)")
+        from whisper_exporter.sampling import config_base, resolve
+
+        manifest = resolve(section.manifest, config_base(config))
+    if target is not None and not re.match(r"^https?://[^/\s]+", target):
+        usage(f"--target: expected an http:// or https:// URL, got {target!r}")
+    if timeout is not None and not timeout > 0:
+        usage(f"--timeout: expected seconds above 0, got {timeout:g}")
+    thresholds = dict(section.thresholds)
+    if max_error_rate is not None:
+        try:
+            thresholds = ev.parse_thresholds(max_error_rate)
+        except ValueError as err:
+            usage(f"--max-error-rate: {err} (expected LANG=RATE,... such as en=0.1,zh=0.15)")
+    service = dataclasses.replace(config.service, **{k: v for k, v in (("api", api), ("model", model)) if v})
+    try:
+        loaded = mf.load(manifest)
+    except mf.ManifestError as err:
+        usage(f"--manifest: {err}")
+    if not loaded.items:
+        for problem in loaded.problems:
+            click.echo(f"  {problem}", err=True)
+        usage(f"--manifest: {manifest}: no usable line ({len(loaded.problems)} skipped)")
+    try:
+        client = make_client(service, url=target, timeout=section.timeout if timeout is None else timeout,
+                             response_format="json")
+    except ClientSetupError as err:
+        usage(str(err))
+
+    progress = None
+    if not as_json and sys.stderr.isatty():
+        def progress(n: int, total: int, result: "ev.ItemResult") -> None:
+            click.echo(f"\r[{n}/{total}] {result.id[:40]:<40}", err=True, nl=n == total)
+
+    report = ev.run(loaded, client, thresholds, worst_n=worst_n, progress=progress)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        click.echo(ev.text_report(report))
+    sys.exit(0 if report.passed else 1)
 
 
 @main.command()

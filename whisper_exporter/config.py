@@ -160,11 +160,46 @@ def canary_name(canary: Canary) -> str:
 
 
 @dataclass
+class ProductionConfig:
+    """Production sampling (docs/quality.md): the log collector queues, reviewers verify, we score."""
+
+    queue: Optional[str] = None  # review queue (JSON lines) the log collector appends to; null: off
+    references: Optional[str] = None  # verified references (JSON lines {"id", "reference"}) by reviewers
+    fraction: float = 0.01  # of logged requests with audio path and transcript, per language x duration band
+    max_queue: int = 1000  # items waiting; samples drawn while full are dropped and counted
+
+
+@dataclass
+class QualityConfig:
+    enabled: bool = False
+    interval: Duration = Duration(3600)
+    timeout: Duration = Duration(60)  # for one utterance's request
+    manifest: Optional[str] = None  # the labeled reference set (JSON lines or CSV)
+    per_run: int = 50  # utterances per run, stratified by language and strata tags
+    max_server_share: float = 0.1  # at most this share of wall time busy with our requests
+    state_file: Optional[str] = None  # keeps the sampling cursor across restarts; null: in memory
+    thresholds: dict[str, float] = field(default_factory=dict)  # language (or "default") -> max error rate
+    production: ProductionConfig = field(default_factory=ProductionConfig)
+
+    @property
+    def run_budget(self) -> float:
+        """A run stops sending new utterances after this long (the rest wait for the next run)."""
+        return 0.9 * self.interval
+
+    @property
+    def run_timeout(self) -> float:
+        """The scheduler's watchdog for one run: the budget, one request that began just before
+        it ran out (up to three timeouts), and loading the manifest."""
+        return self.run_budget + 3 * self.timeout + 60.0
+
+
+@dataclass
 class CollectorsConfig:
     gpu: GpuConfig = field(default_factory=GpuConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
     logs: LogsConfig = field(default_factory=LogsConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
 
 @dataclass
@@ -213,6 +248,8 @@ def _check_value(source: str, key: str, value: Any) -> None:
         _check_logs(source, key, value)
     if key.startswith("collectors.probe."):
         _check_probe(source, key, value)
+    if key == "collectors.quality" or key.startswith("collectors.quality."):
+        _check_quality(source, key, value)
 
 
 def _canary_audio_problem(source: str, audio: str) -> Optional[str]:
@@ -255,6 +292,40 @@ def _check_probe(source: str, key: str, value: Any) -> None:
                 raise ConfigError(source, f"{where}.name",
                                   f"a name no other canary has ({key}[{names[name]}] is also {name!r})", name)
             names[name] = i
+
+
+def _check_quality(source: str, key: str, value: Any) -> None:
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "timeout" and value <= 0:
+        raise ConfigError(source, key, "a duration greater than 0", value)
+    if leaf in ("per_run", "max_queue") and value < 1:
+        raise ConfigError(source, key, "a number greater than 0", value)
+    if leaf == "max_server_share" and not 0 < value <= 1:
+        raise ConfigError(source, key, "a share of the server's time above 0 and at most 1 (0.1 = 10%)", value)
+    if leaf == "fraction" and not 0 <= value <= 1:
+        raise ConfigError(source, key, "a fraction from 0 to 1 (0.01 = 1% of requests)", value)
+    if key == "collectors.quality.thresholds":
+        from whisper_exporter.manifest import language_code  # mutagen only when quality is configured
+
+        for name, rate in value.items():
+            if name != "default" and language_code(name) != name:
+                raise ConfigError(source, f"{key}.{name}", "a Whisper language code (en, zh, yue ...) or default",
+                                  name)
+            if not 0 <= rate < float("inf"):
+                raise ConfigError(source, f"{key}.{name}", "an error rate of 0 or more (0.1 = 10%)", rate)
+    if key == "collectors.quality.production" and value.references and not value.queue:
+        raise ConfigError(source, f"{key}.queue", "the review queue whose ids the references file names")
+    if key == "collectors.quality" and value.enabled:
+        if not value.manifest and not value.production.references:
+            raise ConfigError(source, f"{key}.manifest",
+                              "the labeled reference set to evaluate (or production.references to score)")
+        if value.manifest:
+            path = Path(value.manifest).expanduser()
+            if not path.is_absolute():
+                path = (Path(source).parent if source and not source.startswith("<") else Path.cwd()) / path
+            if not path.is_file():
+                raise ConfigError(source, f"{key}.manifest", f"a readable manifest file ({path} is not a file)",
+                                  value.manifest)
 
 
 def _check_logs(source: str, key: str, value: Any) -> None:

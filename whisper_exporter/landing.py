@@ -115,6 +115,76 @@ def _render_probes(scheduler: Scheduler) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _quality_counters(scheduler: Scheduler):
+    """The shared QualityCounters, from whichever collector holds them (probe or quality)."""
+    for collector, _state in scheduler.entries:
+        counters = getattr(collector, "quality", None)
+        if counters is not None and hasattr(counters, "snapshot"):
+            return counters
+    return None
+
+
+def quality_rows(scheduler: Scheduler) -> dict[str, list[dict]]:
+    """The page's Quality section as data: `rates` (latest error rate per language and set) and
+    `worst` (the worst recent items of the quality collector); both empty without quality data."""
+    counters = _quality_counters(scheduler)
+    now = time.time()
+    rates = []
+    if counters is not None:
+        for (language, set_, unit), v in sorted(counters.snapshot().items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            rates.append({
+                "language": language, "set": set_, "unit": unit,
+                "error_rate": "" if v["error_rate"] is None else f"{v['error_rate']:.4f}",
+                "evaluated": _ago(v["evaluated"], now),
+                "scored": v["scored"], "failed": v["failed"], "reference_units": v["reference_units"],
+                "errors": v["substitution"] + v["deletion"] + v["insertion"],
+            })
+    worst = []
+    for collector, _state in scheduler.entries:
+        if getattr(collector, "name", None) == "quality" and hasattr(collector, "worst_items"):
+            for set_, results in collector.worst_items().items():
+                for r in results:
+                    worst.append({
+                        "set": set_, "id": r.id, "language": r.language, "unit": r.unit,
+                        "error_rate": "" if r.error_rate is None else f"{r.error_rate:.3f}",
+                        "result": r.result if r.score is not None else f"{r.result}: {r.outcome}",
+                        "reference": _clip(r.reference),
+                        "transcript": _clip(r.transcript) if r.transcript is not None else _clip(r.reason),
+                        "when": _ago(r.started, now),
+                    })
+    return {"rates": rates, "worst": worst}
+
+
+def _render_quality(scheduler: Scheduler) -> str:
+    rows = quality_rows(scheduler)
+    if not rows["rates"] and not rows["worst"]:
+        return ""
+    parts = ["<h2>Quality</h2>"]
+    if rows["rates"]:
+        parts.append("<p>Error rate of the last evaluation round per language and set (WER; CER for unit "
+                     "char), and the counts since start-up.</p>")
+        parts.append("<table><tr><th>set</th><th>language</th><th>unit</th><th>error rate</th><th>evaluated</th>"
+                     "<th>scored</th><th>failed</th><th>reference units</th><th>errors</th></tr>")
+        for r in rows["rates"]:
+            parts.append(
+                f"<tr><td>{escape(r['set'])}</td><td>{escape(r['language'])}</td><td>{escape(r['unit'])}</td>"
+                f"<td>{escape(r['error_rate'])}</td><td>{escape(r['evaluated'])}</td><td>{r['scored']}</td>"
+                f"<td>{r['failed']}</td><td>{r['reference_units']}</td><td>{r['errors']}</td></tr>")
+        parts.append("</table>")
+    if rows["worst"]:
+        parts.append("<h3>Worst recent items</h3>")
+        parts.append("<table><tr><th>set</th><th>item</th><th>language</th><th>error rate</th><th>result</th>"
+                     "<th>reference</th><th>transcript</th><th>when</th></tr>")
+        for r in rows["worst"]:
+            parts.append(
+                f"<tr><td>{escape(r['set'])}</td><td>{escape(r['id'])}</td><td>{escape(r['language'])}</td>"
+                f"<td>{escape(r['error_rate'])}</td><td>{escape(r['result'])}</td>"
+                f"<td>{escape(r['reference'])}</td><td>{escape(r['transcript'])}</td>"
+                f"<td>{escape(r['when'])}</td></tr>")
+        parts.append("</table>")
+    return "\n".join(parts) + "\n"
+
+
 def render(config: Config, scheduler: Scheduler) -> str:
     rows = []
     for row in collector_rows(scheduler):
@@ -145,7 +215,7 @@ readiness at <a href="-/ready">/-/ready</a>.</p>
 {''.join(rows)}
 </table>
 <p>Disabled: {escape(', '.join(disabled) or 'none')}.</p>
-{_render_probes(scheduler)}<h2>Effective configuration</h2>
+{_render_probes(scheduler)}{_render_quality(scheduler)}<h2>Effective configuration</h2>
 <p>From {escape(config.source)}; secrets are shown by name only.</p>
 <pre>{escape(effective)}</pre>
 </body></html>

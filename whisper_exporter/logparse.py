@@ -16,6 +16,8 @@ The record's fields (what `fields:` in the configuration maps onto):
     audio_duration  length of the audio              }
     model           model name (validated, not used as a label)
     error           a truthy value marks a failed request that has no status code
+    audio_path      where the server kept the request's audio   } for production sampling
+    transcript      the transcript it answered                  } (docs/quality.md)
 
 A line is about a request when it has an endpoint or a status code (it is then
 counted in whisper_requests_total), or any duration (observed, not counted);
@@ -44,7 +46,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 RECORD_FIELDS = (
     "endpoint", "status_code", "language", "duration", "queue_wait",
-    "inference", "audio_duration", "model", "error",
+    "inference", "audio_duration", "model", "error", "audio_path", "transcript",
 )
 DURATION_FIELDS = ("duration", "queue_wait", "inference", "audio_duration")
 UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
@@ -80,6 +82,8 @@ class Record(NamedTuple):
     audio_duration: Optional[float]
     model: Optional[str]
     error: Any
+    audio_path: Optional[str] = None
+    transcript: Optional[str] = None
 
 
 _new = tuple.__new__  # Record(...) goes through a Python-level __new__; this does not
@@ -203,7 +207,7 @@ def _compile_json(fields: Mapping[str, FieldSpec]) -> Callable[[dict], Optional[
         if spec is None:
             lines.append(f"    {var} = None")
             continue
-        if name not in ("language", "model", "error"):  # alone, these do not make a line about a request
+        if name not in ("language", "model", "error", "audio_path", "transcript"):  # alone, not about a request
             present.append(var)
         parts = spec.source.split(".")
         if len(parts) == 1:
@@ -214,7 +218,7 @@ def _compile_json(fields: Mapping[str, FieldSpec]) -> Callable[[dict], Optional[
                 lines.append(f"    {var} = {var}.get({part!r}) if type({var}) is dict else None")
         if name in DURATION_FIELDS:
             lines.append(f"    if {var} is not None: {var} = number({var}, {spec.scale!r})")
-        elif name in ("endpoint", "status_code", "language", "model"):
+        elif name in ("endpoint", "status_code", "language", "model", "audio_path", "transcript"):
             lines.append(f"    if {var} is not None and type({var}) is not str: {var} = check_label({var}, {name!r})")
     if present:
         lines.append(f"    if {' is None and '.join(present)} is None: return None")

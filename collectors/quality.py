@@ -1,0 +1,293 @@
+"""Transcription quality per language: a labeled reference set, and verified production samples.
+
+Each scheduled run (default hourly):
+
+1. Reference set (`manifest`): the manifest is (re)loaded, lines that cannot be
+   used are logged once each with their line number and skipped; a stratified
+   sample of `per_run` items (whisper_exporter/sampling.py: round-robin across
+   language x strata cells, every item within ceil(items / per_run) runs) is
+   sent to the server one after another through the core clients, and each
+   transcript is scored with Whisper's normalisers + jiwer. Counts go to the
+   shared `whisper_quality_*` families with set="reference"; the round's
+   per-language error rates become `whisper_quality_error_rate`.
+   Rate limit: after a request that took t seconds the collector waits
+   t x (1 - share) / share, so at most `max_server_share` of the wall time has
+   one of our requests in flight. A run stops sending after `run_budget`
+   (0.9 x interval); the items it did not reach come first next run. Three
+   connection errors or timeouts in a row end the run (the server is down; the
+   canary probe says so).
+2. Production (`production.references`): queue items (sampled by the log
+   collector) that a reviewer has written a verified reference for are scored
+   (the server's own transcript from the log against the reference), counted
+   with set="production", and taken off the queue.
+
+Besides the shared families (rendered here only when no probe collector owns
+them), this collector exports the state of the set: usable items, skipped
+manifest lines, the current pass's coverage, completed passes, and the
+configured thresholds as `whisper_quality_max_error_rate{language}` (for
+alert rules). The collector is down only when it cannot evaluate at all (the
+manifest cannot be read, an API key cannot be read); failed requests are
+counted as utterances with result="failed".
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import Iterable, Optional
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from whisper_exporter import clients, quality_metrics, scoring
+from whisper_exporter.collector import register
+from whisper_exporter.config import Config, QualityConfig
+from whisper_exporter.evaluate import FAILED, SCORED, ItemResult, evaluate_item, threshold_for, worst
+from whisper_exporter.manifest import ManifestError
+from whisper_exporter.manifest import load as load_manifest
+from whisper_exporter.sampling import (
+    StratifiedSampler, config_base, load_references, resolve, review_queue,
+)
+
+log = logging.getLogger("whisper_exporter.quality")
+
+REFERENCE, PRODUCTION = "reference", "production"
+DOWN_OUTCOMES = (clients.CONNECTION_ERROR, clients.TIMEOUT)
+MAX_CONSECUTIVE_DOWN = 3
+WORST = 10  # items shown per set on the landing page
+RECENT_PRODUCTION = 200  # scored production items kept for the page
+MAX_LOGGED = 10000  # distinct problems remembered so each is logged once
+MAX_SCORED_IDS = 100000  # production ids scored by this process (a failed queue rewrite never counts twice)
+
+
+class QualityCollector:
+    name = "quality"
+
+    def __init__(self, section: QualityConfig, config: Config, url: Optional[str] = None):
+        self.section = section
+        self.config = config
+        self.url = url or config.service.url
+        base = config_base(config)
+        self.manifest_path = resolve(section.manifest, base)
+        self.sampler = StratifiedSampler(resolve(section.state_file, base))
+        production = section.production
+        self.references_path = resolve(production.references, base)
+        queue_path = resolve(production.queue, base)
+        self.queue = review_queue(queue_path, production.max_queue) if queue_path else None
+        # The log collector renders the queue's families when it samples into it.
+        self._render_queue = self.queue is not None and not config.collectors.logs.enabled
+        self.quality = quality_metrics.shared(config, self.name)
+        self.status = "no run yet"
+        self.problems: list[str] = []
+        self._stop = threading.Event()
+        self.wait = self._stop.wait  # the pause between requests; tests replace it
+        self.clock = time.monotonic
+        self._lock = threading.Lock()  # one run at a time
+        self._state_lock = threading.Lock()  # what families() and the page read
+        self._latest: dict[str, list[ItemResult]] = {}  # set -> the items of its last round
+        self._recent_production: deque[ItemResult] = deque(maxlen=RECENT_PRODUCTION)
+        self._items = 0
+        self._manifest_problems = 0
+        self._logged: set[str] = set()
+        self._scored_ids: OrderedDict[str, None] = OrderedDict()
+
+    def client(self) -> clients.WhisperClient:
+        return clients.make_client(self.config.service, url=self.url, timeout=self.section.timeout,
+                                   response_format="json")
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        quality_metrics.release(self.config, self.name)
+
+    # -- a run ------------------------------------------------------------------------------
+
+    def update(self) -> None:
+        with self._lock:
+            problems: list[str] = []
+            parts: list[str] = []
+            fatal: Optional[Exception] = None
+            if self.manifest_path:
+                try:
+                    parts.append(self._reference_round(problems))
+                except (ManifestError, clients.ClientSetupError) as err:
+                    fatal = err
+                    parts.append(f"reference set: {err}")
+            if self.references_path and self.queue is not None:
+                parts.append(self._production_round(problems))
+            self.problems = problems
+            self.status = "; ".join(parts) or "nothing configured"
+            if fatal is not None:
+                raise RuntimeError(str(fatal))
+
+    def _once(self, message: str, level: int = logging.WARNING) -> None:
+        if message in self._logged:
+            return
+        if len(self._logged) >= MAX_LOGGED:
+            self._logged.clear()
+        self._logged.add(message)
+        log.log(level, "quality: %s", message)
+
+    def _reference_round(self, problems: list[str]) -> str:
+        manifest = load_manifest(self.manifest_path)
+        for problem in manifest.problems:
+            self._once(f"{self.manifest_path}: {problem} (skipped)")
+        with self._state_lock:
+            self._items, self._manifest_problems = len(manifest.items), len(manifest.problems)
+        if not manifest.items:
+            raise ManifestError(f"{self.manifest_path}: no usable line ({len(manifest.problems)} skipped)")
+        batch = self.sampler.sample(manifest.items, self.section.per_run)
+        client = self.client() if batch else None
+        share = self.section.max_server_share
+        deadline = self.clock() + self.section.run_budget
+        results: list[ItemResult] = []
+        down = 0
+        stopped = ""
+        for n, item in enumerate(batch):
+            if self._stop.is_set():
+                stopped = "stopping"
+                break
+            if self.clock() >= deadline:
+                stopped = f"run budget of {self.section.run_budget:g}s used up"
+                break
+            result = evaluate_item(client, item, REFERENCE)
+            self.sampler.done(item)
+            if result.outcome == "audio_error":
+                problems.append(f"{item.id} (line {item.line}): {result.reason}")
+                self._once(f"{self.manifest_path}: line {item.line}: {result.reason} (skipped)")
+                continue
+            results.append(result)
+            if result.score is not None:
+                self.quality.record(result.score, REFERENCE)
+            else:
+                self.quality.record_failure(item.language, REFERENCE)
+                self._once(f"{item.id}: {result.outcome}: {result.reason}", logging.INFO)
+            down = down + 1 if result.outcome in DOWN_OUTCOMES else 0
+            if down >= MAX_CONSECUTIVE_DOWN:
+                stopped = f"{down} {result.outcome.replace('_', ' ')}s in a row"
+                break
+            if n + 1 < len(batch) and share < 1:
+                pause = result.elapsed * (1 - share) / share
+                pause = min(pause, max(0.0, deadline - self.clock()))
+                if pause > 0:
+                    self.wait(pause)
+        self.quality.end_round(REFERENCE)
+        try:
+            self.sampler.save()
+        except OSError as err:
+            problems.append(f"cannot write the sampling state {self.sampler.state_path} ({err.strerror or err})")
+            self._once(problems[-1])
+        with self._state_lock:
+            if results:
+                self._latest[REFERENCE] = results
+        scored = sum(1 for r in results if r.result == SCORED)
+        text = (f"reference set: {scored} scored, {len(results) - scored} failed of {len(batch)} sampled "
+                f"from {len(manifest.items)} items")
+        if manifest.problems:
+            text += f" ({len(manifest.problems)} manifest lines skipped)"
+        text += f"; pass {self.sampler.passes + 1}, {self.sampler.coverage():.0%} covered"
+        if stopped:
+            text += f"; stopped early: {stopped}"
+        return text
+
+    def _production_round(self, problems: list[str]) -> str:
+        references, bad = load_references(self.references_path)
+        for problem in bad:
+            self._once(f"{self.references_path}: {problem} (skipped)")
+        waiting = self.queue.items()
+        done_ids: list[str] = []
+        fresh: list[ItemResult] = []
+        for queued in waiting:
+            ref = references.get(queued.id)
+            if ref is None:
+                continue
+            done_ids.append(queued.id)
+            if queued.id in self._scored_ids:
+                continue  # scored already; a queue rewrite failed last time
+            language = ref.language or queued.language
+            score = scoring.score(ref.reference, queued.transcript, language)
+            self.quality.record(score, PRODUCTION)
+            self._scored_ids[queued.id] = None
+            if len(self._scored_ids) > MAX_SCORED_IDS:
+                self._scored_ids.popitem(last=False)
+            fresh.append(ItemResult(
+                id=queued.id, line=ref.line, audio=queued.audio, language=scoring.base_language(language),
+                unit=score.unit, strata={"duration_band": queued.duration_band}, reference=ref.reference,
+                result=SCORED, outcome=clients.SUCCESS, transcript=queued.transcript, score=score,
+                audio_duration=queued.duration or 0.0, started=time.time(), set=PRODUCTION))
+        if fresh:
+            self.quality.end_round(PRODUCTION)
+            with self._state_lock:
+                self._latest[PRODUCTION] = fresh
+                self._recent_production.extendleft(fresh)
+        try:
+            self.queue.remove(done_ids)
+        except OSError as err:
+            problems.append(f"cannot rewrite the review queue {self.queue.path} ({err.strerror or err})")
+            self._once(problems[-1])
+        return f"production: {len(fresh)} scored, {len(self.queue)} waiting for review"
+
+    # -- exposition -------------------------------------------------------------------------
+
+    def families(self) -> Iterable[Metric]:
+        with self._state_lock:
+            items, skipped = self._items, self._manifest_problems
+        out: list[Metric] = []
+        if self.manifest_path:
+            items_f = GaugeMetricFamily("whisper_quality_reference_items",
+                                        "Usable items in the reference set's manifest, at the last run.")
+            items_f.add_metric([], float(items))
+            skipped_f = GaugeMetricFamily("whisper_quality_manifest_problems",
+                                          "Manifest lines skipped at the last run (bad JSON, unknown column, "
+                                          "missing audio, empty reference ...); the log names each.")
+            skipped_f.add_metric([], float(skipped))
+            coverage = GaugeMetricFamily("whisper_quality_reference_coverage_ratio",
+                                         "Share of the reference set evaluated in the current sampling pass.")
+            coverage.add_metric([], self.sampler.coverage())
+            passes = CounterMetricFamily("whisper_quality_reference_passes_total",
+                                         "Complete passes over the reference set (every item evaluated once).")
+            passes.add_metric([], float(self.sampler.passes))
+            out += [items_f, skipped_f, coverage, passes]
+        thresholds = self.section.thresholds
+        if thresholds:
+            family = GaugeMetricFamily("whisper_quality_max_error_rate",
+                                       "Configured quality threshold (collectors.quality.thresholds) per language.",
+                                       labels=["language"])
+            languages = {k for k in thresholds if k != "default"}
+            languages |= {key[0] for key in self.quality.snapshot() if key[1] != "canary"}
+            for language in sorted(languages):
+                rate = threshold_for(thresholds, language)
+                if rate is not None:
+                    family.add_metric([language], rate)
+            out.append(family)
+        if self._render_queue:
+            out.extend(self.queue.families())
+        if self.quality.owner == self.name:
+            out.extend(self.quality.families())
+        return out
+
+    # -- the landing page -------------------------------------------------------------------
+
+    def last_round(self, set_: str = REFERENCE) -> list[ItemResult]:
+        """The items of the last round of `set_`, in the order they were evaluated."""
+        with self._state_lock:
+            return list(self._latest.get(set_, ()))
+
+    def worst_items(self, n: int = WORST) -> dict[str, list[ItemResult]]:
+        """Per set, the worst items of its last round (production: of the recent ones)."""
+        with self._state_lock:
+            latest = {k: list(v) for k, v in self._latest.items()}
+            recent = list(self._recent_production)
+        out = {}
+        if REFERENCE in latest:
+            out[REFERENCE] = worst(latest[REFERENCE], n) + [r for r in latest[REFERENCE] if r.result == FAILED][:n]
+        if recent:
+            out[PRODUCTION] = worst(recent, n)
+        return out
+
+
+@register("quality")
+def make(section: QualityConfig, config: Config) -> QualityCollector:
+    return QualityCollector(section, config)

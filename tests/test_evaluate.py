@@ -1,0 +1,211 @@
+"""`whisper-exporter evaluate` against a small loopback server with scripted transcripts: the
+per-language table, the worst items, broken manifest lines named, and the exit status of the gate."""
+import json
+import re
+import threading
+import wave
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from click.testing import CliRunner
+
+from whisper_exporter.cli import main
+from whisper_exporter.evaluate import DEFAULT_THRESHOLD, parse_thresholds
+
+# (id, language, reference, what the server answers)
+SET = [
+    ("en-1", "en", "The quick brown fox jumps over the lazy dog.", "The quick brown fox jumps over the lazy dog."),
+    ("en-2", "en", "Please call Stella and ask her to bring these things.",
+     "Please call Stella now and ask her to bring these things."),               # 1 insertion / 10 words
+    ("zh-1", "zh", "你好，今天天气很好。", "你好今天天气不好"),                    # 1 substitution / 8 chars
+    ("yue-1", "yue", "早晨，你今日食咗飯未呀？", "早晨你今日食左饭未"),             # 2 S, 1 D / 10 chars
+]
+# en: 1/19 words; zh: 1/8 chars; yue: 3/10 chars
+
+
+class Fake:
+    def __init__(self, answers):
+        self.answers = answers
+        self.requests = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                name = re.search(rb'filename="([^"]+)"', body).group(1).decode()
+                language = re.search(rb'name="language"\r\n\r\n([a-z]+)', body).group(1).decode()
+                fake.requests.append((name, language))
+                answer = fake.answers.get(name, "")
+                if answer == 500:
+                    data, status = b'{"detail": "boom"}', 500
+                else:
+                    data, status = json.dumps({"text": answer}).encode(), 200
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def wav(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"\0\0" * 16000)
+
+
+@pytest.fixture
+def server():
+    fake = Fake({f"{ident}.wav": answer for ident, _, _, answer in SET})
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    lines = []
+    for ident, language, reference, _ in SET:
+        wav(tmp_path / "audio" / f"{ident}.wav")
+        lines.append(json.dumps({"id": ident, "audio": f"audio/{ident}.wav", "reference": reference,
+                                 "language": language}, ensure_ascii=False))
+    path = tmp_path / "refs.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def evaluate(*args):
+    return CliRunner().invoke(main, ["evaluate", *map(str, args)])
+
+
+def test_table_per_language_and_exit_0_within_thresholds(server, manifest):
+    result = evaluate("--manifest", manifest, "--target", server.url, "--max-error-rate", "en=0.1,zh=0.125,yue=0.3")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert re.search(r"^en\s+word\s+2\s+0\s+19\s+0\s+0\s+1\s+0\.0526\s+0\.1\s+ok$", out, re.M), out
+    assert re.search(r"^zh\s+char\s+1\s+0\s+8\s+1\s+0\s+0\s+0\.1250\s+0\.125\s+ok$", out, re.M), out  # equal passes
+    assert re.search(r"^yue\s+char\s+1\s+0\s+10\s+2\s+1\s+0\s+0\.3000\s+0\.3\s+ok$", out, re.M), out
+    assert out.rstrip().endswith("Result: PASS")
+    # the worst item first, with its normalised texts
+    worst = out.split("Worst")[1]
+    assert worst.index("yue-1") < worst.index("zh-1") < worst.index("en-2")
+    assert "'早晨 你今日食咗飯未呀'" in worst  # normalised (punctuation -> space; spaces are not units)
+    assert sorted(server.requests) == sorted((f"{i}.wav", lang) for i, lang, *_ in SET)
+
+
+def test_exit_1_when_a_language_is_over_its_threshold(server, manifest):
+    result = evaluate("--manifest", manifest, "--target", server.url, "--max-error-rate", "en=0.1,yue=0.29")
+    assert result.exit_code == 1, result.output
+    assert "Result: FAIL: yue: char error rate 0.3000 is above 0.29" in result.output
+    assert re.search(r"^yue .* FAIL$", result.output, re.M)
+
+
+def test_a_bare_number_is_the_threshold_of_every_other_language(server, manifest):
+    assert evaluate("--manifest", manifest, "--target", server.url, "--max-error-rate", "0.3").exit_code == 0
+    result = evaluate("--manifest", manifest, "--target", server.url, "--max-error-rate", "0.2,yue=0.5")
+    assert result.exit_code == 0, result.output
+    result = evaluate("--manifest", manifest, "--target", server.url, "--max-error-rate", "0.1")
+    assert result.exit_code == 1 and "zh:" in result.output and "yue:" in result.output
+
+
+def test_json_report_carries_every_transcript_and_the_counts(server, manifest):
+    result = evaluate("--manifest", manifest, "--target", server.url, "--json", "--max-error-rate", "zh=0.1")
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    assert report["passed"] is False and report["breaches"] == ["zh: char error rate 0.1250 is above 0.1"]
+    langs = report["languages"]
+    assert {k: (v["unit"], v["reference_units"], v["errors"]) for k, v in langs.items()} == {
+        "en": ("word", 19, 1), "yue": ("char", 10, 3), "zh": ("char", 8, 1)}
+    assert langs["yue"]["substitutions"] == 2 and langs["yue"]["deletions"] == 1
+    assert langs["zh"]["error_rate"] == 1 / 8 and langs["zh"]["threshold"] == 0.1
+    items = {i["id"]: i for i in report["items"]}
+    assert items["yue-1"]["transcript"] == "早晨你今日食左饭未" and items["yue-1"]["unit"] == "char"
+    assert items["en-2"]["reference_normalized"] == "please call stella and ask her to bring these things"
+    assert report["worst"][0] == "yue-1"
+    assert report["manifest_problems"] == []
+
+
+def test_broken_lines_are_named_and_the_good_ones_evaluated(server, manifest, tmp_path):
+    with open(manifest, "a", encoding="utf-8") as f:
+        f.write('{"id": "gone", "audio": "audio/gone.wav", "reference": "x", "language": "en"}\n')  # line 5
+        f.write("{oops\n")                                                                           # line 6
+        f.write('{"id": "e", "audio": "audio/en-1.wav", "reference": "", "language": "en"}\n')     # line 7
+        f.write('{"id": "c", "audio": "audio/en-1.wav", "reference": "x", "language": "en", "mood": 1}\n')  # 8
+    result = evaluate("--manifest", manifest, "--target", server.url)
+    assert result.exit_code == 0, result.output
+    assert "Evaluated 4 utterance(s)" in result.output
+    assert "Skipped 4 manifest line(s):" in result.output
+    for line, text in ((5, "audio/gone.wav: no such file"), (6, "not valid JSON"), (7, "empty reference"),
+                       (8, "unknown column 'mood'")):
+        assert re.search(rf"^  line {line}: .*{re.escape(text)}", result.output, re.M), (line, result.output)
+    report = json.loads(evaluate("--manifest", manifest, "--target", server.url, "--json").output)
+    assert [p["line"] for p in report["manifest_problems"]] == [5, 6, 7, 8]
+    assert len(report["items"]) == 4
+
+
+def test_utterances_without_a_transcript_fail_the_gate(manifest):
+    fake = Fake({"en-1.wav": 500, "en-2.wav": "please call stella", "zh-1.wav": "你好", "yue-1.wav": "早晨"})
+    try:
+        result = evaluate("--manifest", manifest, "--target", fake.url)
+    finally:
+        fake.close()
+    assert result.exit_code == 1
+    assert "No transcript for 1 item(s):" in result.output and "en-1 (line 1): http_error" in result.output
+    assert "1 utterance(s) got no transcript (en-1)" in result.output
+
+
+def test_thresholds_and_service_from_the_config_file(server, manifest, tmp_path):
+    config = tmp_path / "exporter.yml"
+    config.write_text(json.dumps({"service": {"url": server.url, "model": "tiny"},
+                                  "collectors": {"quality": {"manifest": "refs.jsonl",
+                                                             "thresholds": {"default": 0.2, "en": 0.05}}}}))
+    result = evaluate("--config", config)  # manifest, target and thresholds all from the file
+    assert result.exit_code == 1 and "en: word error rate 0.0526 is above 0.05" in result.output
+    assert "yue: char error rate 0.3000 is above 0.2" in result.output
+    result = evaluate("--config", config, "--max-error-rate", "0.5")  # the flag wins over the file
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--manifest"),
+    (["--manifest", "MANIFEST", "--max-error-rate", "en=abc"], "not an error rate"),
+    (["--manifest", "MANIFEST", "--max-error-rate", "xx=0.1"], "unknown language 'xx'"),
+    (["--manifest", "MANIFEST", "--max-error-rate", "en=-1"], "0 or more"),
+    (["--manifest", "MANIFEST", "--target", "ftp://x"], "http"),
+    (["--manifest", "NOPE"], "no such file"),
+    (["--manifest", "EMPTY"], "no usable line"),
+    (["--manifest", "BADCSV"], "unknown column 'speaker'"),
+])
+def test_bad_usage_exits_2(server, manifest, tmp_path, args, message):
+    (tmp_path / "empty.jsonl").write_text('{"audio": "nope.wav", "reference": "x", "language": "en"}\n')
+    (tmp_path / "bad.csv").write_text("audio,reference,language,speaker\n")
+    swap = {"MANIFEST": manifest, "NOPE": tmp_path / "nope.jsonl", "EMPTY": tmp_path / "empty.jsonl",
+            "BADCSV": tmp_path / "bad.csv"}
+    result = evaluate(*[swap.get(a, a) for a in args], "--target" if "--target" not in args else "--worst",
+                      server.url if "--target" not in args else 3)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert server.requests == []
+
+
+def test_parse_thresholds():
+    assert parse_thresholds("en=0.1, zh=0.15") == {"en": 0.1, "zh": 0.15}
+    assert parse_thresholds("0.3,Cantonese=0.2") == {DEFAULT_THRESHOLD: 0.3, "yue": 0.2}
+    assert parse_thresholds("*=0.4") == {DEFAULT_THRESHOLD: 0.4}
+    for bad in ("", "en=", "en=nan", "en=inf"):
+        with pytest.raises(ValueError):
+            parse_thresholds(bad)
