@@ -448,21 +448,27 @@ def from_dict(data: Any, source: str = "<config>") -> Config:
     return config
 
 
-def load(path: Optional[str]) -> Config:
-    """Built-in defaults, overridden by the YAML file at `path` when given."""
-    if path is None:
-        return Config()
+def read_yaml(path: str) -> Any:
+    """The YAML document in the file at `path`. Raises ConfigError naming the file."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(path, "", f"a readable file ({err.strerror})")
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "UTF-8 text")
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(path, "", f"valid YAML{where} ({getattr(err, 'problem', err)})")
-    return from_dict(data, source=path)
+
+
+def load(path: Optional[str]) -> Config:
+    """Built-in defaults, overridden by the YAML file at `path` when given."""
+    if path is None:
+        return Config()
+    return from_dict(read_yaml(path), source=path)
 
 
 def masked(config: Config) -> dict[str, Any]:

@@ -176,7 +176,7 @@ def load(path: Union[str, os.PathLike], format: Optional[str] = None, check_audi
         raise ManifestError(f"{path}: unknown manifest format {kind!r} (jsonl, csv or tsv)")
     manifest = Manifest(path=path, format=kind)
     base = Path(path).resolve().parent
-    records = _jsonl_records(data) if kind == "jsonl" else _csv_records(path, data, "\t" if kind == "tsv" else ",")
+    records = jsonl_records(data) if kind == "jsonl" else _csv_records(path, data, "\t" if kind == "tsv" else ",")
     seen: dict[str, int] = {}
     for line, record in records:
         manifest.lines += 1
@@ -200,7 +200,9 @@ class _Skip(Exception):
     pass
 
 
-def _jsonl_records(data: bytes) -> Iterator[tuple[int, Union[dict, Problem]]]:
+def jsonl_records(data: bytes) -> Iterator[tuple[int, Union[dict, Problem]]]:
+    """(line number, object) for each JSON-object line, or (line number, Problem) for a bad one.
+    Blank lines and # comments are skipped; a UTF-8 byte-order mark is ignored."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     for number, raw in enumerate(data.split(b"\n"), start=1):

@@ -53,7 +53,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from whisper_exporter.manifest import Item, Problem, duration_band, language_code
+from whisper_exporter.manifest import Item, Problem, duration_band, jsonl_records, language_code
 
 log = logging.getLogger("whisper_exporter.sampling")
 
@@ -230,11 +230,11 @@ class ReviewQueue:
         except FileNotFoundError:
             return [], []
         items, problems = [], []
-        for number, raw in enumerate(data.split(b"\n"), start=1):
-            if not raw.strip():
+        for number, obj in jsonl_records(data):
+            if isinstance(obj, Problem):
+                problems.append(Problem(number, "not a queue item"))
                 continue
             try:
-                obj = json.loads(raw.decode("utf-8"))
                 items.append(QueueItem(
                     id=str(obj["id"]), audio=str(obj.get("audio", "")), transcript=str(obj["transcript"]),
                     language=str(obj.get("language") or "unknown"),
@@ -413,18 +413,8 @@ def load_references(path: str) -> tuple[dict[str, VerifiedReference], list[Probl
         return {}, []
     refs: dict[str, VerifiedReference] = {}
     problems: list[Problem] = []
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        raw = raw.strip()
-        if not raw or raw.startswith(b"#"):
-            continue
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            problems.append(Problem(number, "not a JSON object"))
-            continue
-        if not isinstance(obj, dict):
+    for number, obj in jsonl_records(data):
+        if isinstance(obj, Problem):
             problems.append(Problem(number, "not a JSON object"))
             continue
         unknown = [k for k in obj if k not in REFERENCE_KEYS]

@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-import yaml
-
-from whisper_exporter.config import ConfigError
+from whisper_exporter.config import ConfigError, read_yaml
 
 _TLS_VERSIONS = {
     "TLS10": ssl.TLSVersion.TLSv1,
@@ -108,15 +106,7 @@ def _tls_context(path: str, tls: dict, base: Path) -> ssl.SSLContext:
 
 
 def load_web_config(path: str) -> WebConfig:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(path, "", f"a readable file ({err.strerror})")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(path, "", f"valid YAML ({getattr(err, 'problem', err)})")
-    data = _mapping(path, "", data, {"tls_server_config", "http_server_config", "basic_auth_users"})
+    data = _mapping(path, "", read_yaml(path), {"tls_server_config", "http_server_config", "basic_auth_users"})
     base = Path(path).resolve().parent  # relative file names are relative to the web config
     web = WebConfig()
     tls = _mapping(path, "tls_server_config", data.get("tls_server_config"), _TLS_KEYS)
