@@ -128,3 +128,48 @@ def test_configuration_errors_are_always_config_errors(data):
         from_dict(data, "fuzz.yml")
     except ConfigError as err:
         assert str(err).startswith("fuzz.yml: ")
+
+
+manifest_columns = st.sampled_from(["audio", "reference", "language", "id", "duration", "duration_band",
+                                    "audio_quality", "source", "tags", "text", "bogus"])
+
+
+def check_manifest(path) -> None:
+    from whisper_exporter import manifest
+
+    try:
+        loaded = manifest.load(path, check_audio=False)
+    except manifest.ManifestError as err:
+        assert str(err)  # a manifest that cannot be used at all says why
+        return
+    # Every record read is either an item or a named problem with its line number.
+    assert len(loaded.items) + len(loaded.problems) == loaded.lines
+    for problem in loaded.problems:
+        assert problem.line >= 1 and problem.message
+    for item in loaded.items:
+        assert item.reference.strip() and item.language and item.duration >= 0
+
+
+@FUZZ
+@given(lines=st.lists(st.dictionaries(manifest_columns, json_values, max_size=6).map(
+    lambda d: json.dumps(d, allow_nan=True).encode()) | st.binary(max_size=80), max_size=8))
+def test_jsonl_manifests_never_escape_the_loader(tmp_path_factory, lines):
+    path = tmp_path_factory.mktemp("fuzz") / "refs.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    check_manifest(path)
+
+
+@FUZZ
+@given(header=st.lists(manifest_columns, min_size=1, max_size=5),
+       rows=st.lists(st.lists(st.text(max_size=12), max_size=6), max_size=6), raw=st.binary(max_size=60))
+def test_csv_manifests_never_escape_the_loader(tmp_path_factory, header, rows, raw):
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    writer.writerows(rows)
+    path = tmp_path_factory.mktemp("fuzz") / "refs.csv"
+    path.write_bytes(out.getvalue().encode("utf-8", "surrogatepass") + raw)
+    check_manifest(path)
