@@ -366,7 +366,8 @@ def _check_logs(source: str, key: str, value: Any) -> None:
                 logparse.make_parser(entry.format, entry.pattern, entry.fields)
             except ValueError as err:
                 about_pattern = entry.format == "regex" and any(w in str(err) for w in ("pattern", "regular", "group"))
-                raise ConfigError(source, f"{where}.{'pattern' if about_pattern else 'fields'}", str(err))
+                raise ConfigError(source, f"{where}.{'pattern' if about_pattern else 'fields'}",
+                                  f"a usable {entry.format} setting, but: {err}")
 
 
 def _convert(source: str, key: str, tp: Any, value: Any) -> Any:
