@@ -36,14 +36,13 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from whisper_exporter import audio, clients, quality_metrics, scoring
 from whisper_exporter.collector import register
-from whisper_exporter.config import Canary, Config, ProbeConfig, canary_name
+from whisper_exporter.config import Canary, Config, ProbeConfig, canary_name, config_dir, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +71,11 @@ def resolve_canaries(section: ProbeConfig, config: Optional[Config]) -> list[Can
     relative paths are relative to the config file's folder."""
     if not section.canaries:
         return [bundled_canary()]
-    source = getattr(config, "source", "")
-    base = Path(source).resolve().parent if source and not source.startswith("<") else Path.cwd()
+    base = config_dir(getattr(config, "source", ""))
     resolved = []
     for c in section.canaries:
-        path = Path(os.path.expanduser(c.audio))
         resolved.append(Canary(
-            audio=str(path if path.is_absolute() else base / path),
+            audio=resolve_path(c.audio, base) or c.audio,
             reference=c.reference, language=c.language, name=canary_name(c),
         ))
     return resolved

@@ -41,12 +41,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from whisper_exporter import clients, quality_metrics, scoring
 from whisper_exporter.collector import register
-from whisper_exporter.config import Config, QualityConfig
+from whisper_exporter.config import Config, QualityConfig, config_dir, resolve_path
 from whisper_exporter.evaluate import FAILED, SCORED, ItemResult, evaluate_item, threshold_for, worst
 from whisper_exporter.manifest import ManifestError
 from whisper_exporter.manifest import load as load_manifest
 from whisper_exporter.sampling import (
-    StratifiedSampler, config_base, load_references, resolve, review_queue,
+    StratifiedSampler, load_references, review_queue,
 )
 
 log = logging.getLogger("whisper_exporter.quality")
@@ -67,12 +67,12 @@ class QualityCollector:
         self.section = section
         self.config = config
         self.url = url or config.service.url
-        base = config_base(config)
-        self.manifest_path = resolve(section.manifest, base)
-        self.sampler = StratifiedSampler(resolve(section.state_file, base))
+        base = config_dir(config.source)
+        self.manifest_path = resolve_path(section.manifest, base)
+        self.sampler = StratifiedSampler(resolve_path(section.state_file, base))
         production = section.production
-        self.references_path = resolve(production.references, base)
-        queue_path = resolve(production.queue, base)
+        self.references_path = resolve_path(production.references, base)
+        queue_path = resolve_path(production.queue, base)
         self.queue = review_queue(queue_path, production.max_queue) if queue_path else None
         # The log collector renders the queue's families when it samples into it.
         self._render_queue = self.queue is not None and not config.collectors.logs.enabled

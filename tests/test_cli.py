@@ -1,5 +1,4 @@
 """The command line as a user runs it: a real process, real signals, real HTTP."""
-import os
 import signal
 import socket
 import subprocess

@@ -233,9 +233,9 @@ def evaluate(manifest: Optional[str], target: Optional[str], config_path: Option
     if manifest is None:
         if not section.manifest:
             usage("--manifest: which labeled set? (or collectors.quality.manifest in --config)")
-        from whisper_exporter.sampling import config_base, resolve
+        from whisper_exporter.config import config_dir, resolve_path
 
-        manifest = resolve(section.manifest, config_base(config))
+        manifest = resolve_path(section.manifest, config_dir(config.source))
     if target is not None and not re.match(r"^https?://[^/\s]+", target):
         usage(f"--target: expected an http:// or https:// URL, got {target!r}")
     if timeout is not None and not timeout > 0:

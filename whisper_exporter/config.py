@@ -252,15 +252,26 @@ def _check_value(source: str, key: str, value: Any) -> None:
         _check_quality(source, key, value)
 
 
+def config_dir(source: str) -> Path:
+    """The folder relative paths in a configuration resolve against: the config file's own,
+    or the working directory for the built-in defaults."""
+    return Path(source).resolve().parent if source and not source.startswith("<") else Path.cwd()
+
+
+def resolve_path(path: Optional[str], base: Path) -> Optional[str]:
+    """`path` (with ~ expanded) made absolute against `base`; None and "" stay None."""
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else base / p)
+
+
 def _canary_audio_problem(source: str, audio: str) -> Optional[str]:
     """Why the canary's audio cannot be used, or None. Relative paths are relative to the
     config file's folder, as the probe collector resolves them."""
     from whisper_exporter.audio import AudioError, duration_seconds  # mutagen only when canaries are set
 
-    path = Path(audio).expanduser()
-    if not path.is_absolute():
-        base = Path(source).parent if source and not source.startswith("<") else Path.cwd()
-        path = base / path
+    path = Path(resolve_path(audio, config_dir(source)))
     try:
         duration_seconds(path)
     except AudioError as err:
@@ -320,9 +331,7 @@ def _check_quality(source: str, key: str, value: Any) -> None:
             raise ConfigError(source, f"{key}.manifest",
                               "the labeled reference set to evaluate (or production.references to score)")
         if value.manifest:
-            path = Path(value.manifest).expanduser()
-            if not path.is_absolute():
-                path = (Path(source).parent if source and not source.startswith("<") else Path.cwd()) / path
+            path = Path(resolve_path(value.manifest, config_dir(source)))
             if not path.is_file():
                 raise ConfigError(source, f"{key}.manifest", f"a readable manifest file ({path} is not a file)",
                                   value.manifest)

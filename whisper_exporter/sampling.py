@@ -48,11 +48,11 @@ import threading
 import time
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from whisper_exporter.config import config_dir, resolve_path
 from whisper_exporter.manifest import Item, Problem, duration_band, jsonl_records, language_code
 
 log = logging.getLogger("whisper_exporter.sampling")
@@ -438,24 +438,10 @@ def load_references(path: str) -> tuple[dict[str, VerifiedReference], list[Probl
     return refs, problems
 
 
-def resolve(path: Optional[str], base: Path) -> Optional[str]:
-    """`path` made absolute against `base` (the config file's folder); None stays None."""
-    if not path:
-        return None
-    p = Path(os.path.expanduser(path))
-    return str(p if p.is_absolute() else base / p)
-
-
-def config_base(config: Any) -> Path:
-    """The folder relative paths in the configuration resolve against."""
-    source = getattr(config, "source", "")
-    return Path(source).resolve().parent if source and not source.startswith("<") else Path.cwd()
-
-
 def production_sampler(config: Any) -> Optional[ProductionSampler]:
     """The log collector's sampler, when `collectors.quality.production.queue` is set."""
     production = config.collectors.quality.production
-    path = resolve(production.queue, config_base(config))
+    path = resolve_path(production.queue, config_dir(config.source))
     if not path:
         return None
     return ProductionSampler(review_queue(path, production.max_queue), production.fraction)
