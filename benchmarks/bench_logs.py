@@ -107,7 +107,7 @@ def run_child(args: list[str]) -> dict:
 
 def worker(kind: str, path: str) -> None:
     """In a child: measure one contender, print JSON {lines, cpu}."""
-    from whisper_exporter import logparse
+    from whisper_exporter.logfiles import parse as logparse
 
     if kind in ("json", "orjson"):
         loads = json.loads if kind == "json" else __import__("orjson").loads
@@ -121,7 +121,7 @@ def worker(kind: str, path: str) -> None:
         return
     if kind == "ours-json":
         logparse._loads = json.loads
-    from collectors.logs import LogsCollector
+    from whisper_exporter.collectors.logs import LogsCollector
     from whisper_exporter.config import from_dict
 
     config = from_dict({"collectors": {"logs": {
@@ -155,7 +155,7 @@ def throughput(n: int, workdir: Path) -> None:
     if mtail:
         progs = workdir / "progs"
         progs.mkdir(exist_ok=True)
-        from collectors.logs import AUDIO_BUCKETS, LATENCY_BUCKETS, QUEUE_BUCKETS, RTF_BUCKETS
+        from whisper_exporter.runtime.requests import AUDIO_BUCKETS, LATENCY_BUCKETS, QUEUE_BUCKETS, RTF_BUCKETS
 
         fmt = lambda b: ", ".join(repr(x) for x in b)  # noqa: E731
         (progs / "whisper.mtail").write_text(MTAIL_PROG.format(
@@ -212,11 +212,9 @@ def steady_cpu(seconds: float, rate: float, workdir: Path) -> None:
 
     print(f"## CPU of the running exporter, logs collector only (poll interval 1s), {seconds:g}s each, "
           f"scraped every 15s\n")
-    import dataclasses
+    from whisper_exporter.runtime.collector import plugins
 
-    from whisper_exporter.config import CollectorsConfig
-
-    others_off = {f.name: {"enabled": False} for f in dataclasses.fields(CollectorsConfig) if f.name != "logs"}
+    others_off = {name: {"enabled": False} for name in plugins() if name != "logs"}
     results = []
     for label, lines_per_s in (("log growing at %g lines/s" % rate, rate), ("log not written (idle)", 0.0)):
         log_path = workdir / f"steady-{int(lines_per_s)}.jsonl"

@@ -19,15 +19,16 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 try:
-    from collectors import process
+    from whisper_exporter.collectors import process
 except ModuleNotFoundError as err:  # collectors/__init__ also imports gpu.py
-    if err.name != "collectors.gpu":
+    if err.name != "whisper_exporter.collectors.gpu":
         raise
     package = types.ModuleType("collectors")
     package.__path__ = [str(ROOT / "collectors")]
     sys.modules["collectors"] = package
-    process = importlib.import_module("collectors.process")
-from whisper_exporter.config import Config, ProcessConfig  # noqa: E402
+    process = importlib.import_module("whisper_exporter.collectors.process")
+from whisper_exporter.config import Config  # noqa: E402
+from whisper_exporter.collectors.process import ProcessConfig  # noqa: E402
 
 ROUNDS = 300
 FAMILY_ROUNDS = 20000
@@ -79,7 +80,7 @@ def measure(label: str, collector) -> None:
 def main() -> None:
     print(f"{len(psutil.pids())} processes on this machine, {psutil.cpu_count()} CPUs, "
           f"psutil {psutil.__version__}, Python {sys.version.split()[0]}; {ROUNDS} rounds each")
-    collector = process.make(ProcessConfig(), Config())
+    collector = process.ProcessCollector(ProcessConfig())
     measure("default pattern, this machine as it is", collector)
 
     out = subprocess.run([sys.executable, "-c", LAUNCH, sys.executable, "-c", FAKE, "faster-whisper"],
@@ -90,7 +91,7 @@ def main() -> None:
         while len(fake.children()) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)  # let the children finish starting Python
-        measure("default pattern, plus a 4-process fake server", process.make(ProcessConfig(), Config()))
+        measure("default pattern, plus a 4-process fake server", process.ProcessCollector(ProcessConfig()))
     finally:
         procs = [fake, *fake.children(recursive=True)]
         for p in procs:

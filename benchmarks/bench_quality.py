@@ -27,12 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from collectors.logs import LogsCollector  # noqa: E402
-from collectors.quality import QualityCollector  # noqa: E402
-from whisper_exporter import manifest as mf  # noqa: E402
-from whisper_exporter import scoring  # noqa: E402
+from whisper_exporter.collectors.logs import LogsCollector  # noqa: E402
+from whisper_exporter.collectors.quality import QualityCollector  # noqa: E402
+from whisper_exporter.quality import manifest as mf  # noqa: E402
+from whisper_exporter.whisper import scoring  # noqa: E402
 from whisper_exporter.config import from_dict  # noqa: E402
-from whisper_exporter.sampling import ProductionSampler, ReviewQueue, StratifiedSampler  # noqa: E402
+from whisper_exporter.quality.sampling import ProductionSampler, ReviewQueue, StratifiedSampler  # noqa: E402
 
 
 def best_of(fn, repeat=5):

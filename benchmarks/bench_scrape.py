@@ -29,11 +29,13 @@ from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_cr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from collectors.logs import AUDIO_BUCKETS, LATENCY_BUCKETS, RTF_BUCKETS, LogsCollector  # noqa: E402
-from whisper_exporter.config import LogField, LogFile, LogsConfig, from_dict  # noqa: E402
-from whisper_exporter.exporter import ExporterCollector  # noqa: E402
-from whisper_exporter.scheduler import Scheduler  # noqa: E402
-from whisper_exporter.server import make_app, serve  # noqa: E402
+from whisper_exporter.collectors.logs import LogsCollector  # noqa: E402
+from whisper_exporter.runtime.requests import AUDIO_BUCKETS, LATENCY_BUCKETS, RTF_BUCKETS  # noqa: E402
+from whisper_exporter.config import from_dict  # noqa: E402
+from whisper_exporter.collectors.logs import LogField, LogFile, LogsConfig  # noqa: E402
+from whisper_exporter.runtime.exporter import ExporterCollector  # noqa: E402
+from whisper_exporter.runtime.scheduler import Scheduler  # noqa: E402
+from whisper_exporter.web.server import make_app, serve  # noqa: E402
 
 LANGUAGES = ["en", "zh", "de", "es", "ru", "ko", "fr", "ja", "pt", "tr", "pl", "ca", "nl", "ar", "sv", "it", "id",
              "hi", "fi", "vi", "he", "uk", "el", "ms", "cs", "ro", "da", "hu", "ta", "no", "th", "ur", "hr", "bg",

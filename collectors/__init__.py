@@ -1,2 +1,2 @@
-"""Bundled collectors: importing this package registers each one by name."""
-from collectors import gpu, logs, probe, process, quality  # noqa: F401
+"""Bundled collectors, installed as `whisper_exporter.collectors`: one module each, found through
+the `whisper_exporter.collectors` entry-point group like any third-party plugin (docs/plugins.md)."""

@@ -10,14 +10,28 @@ import ctypes
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from whisper_exporter.collector import register
-from whisper_exporter.config import Config, GpuConfig
+from whisper_exporter.runtime.collector import Plugin
+from whisper_exporter.config import Duration, KeyPath
+from whisper_exporter.runtime.shared import Shared
 
 log = logging.getLogger("whisper_exporter.gpu")
+
+
+@dataclass
+class GpuConfig:
+    enabled: bool = True
+    interval: Duration = Duration(5)
+    timeout: Duration = Duration(3)
+    devices: Union[str, list[int]] = "all"  # "all" or a list of indices
+    xid_events: bool = True
+
+    def check(self, at: KeyPath) -> None:
+        if isinstance(self.devices, str) and self.devices != "all":
+            raise at.error("devices", '"all" or a list of GPU indices', self.devices)
 
 # NVML return codes (part of NVML's C ABI, the same as pynvml.NVML_ERROR_*).
 UNINITIALIZED = 1
@@ -495,15 +509,11 @@ def _snapshot_families(snap: Snapshot) -> Iterable[Metric]:
     yield from (energy, reasons, ecc, procs, proc_mem)
 
 
-@register("gpu")
-def make(section: GpuConfig, config: Config) -> GpuCollector:
-    process_section = config.collectors.process
-    if not process_section.enabled:
+def make(section: GpuConfig, shared: Shared) -> GpuCollector:
+    if not shared.config.collectors.process.enabled:
         return GpuCollector(section)
+    # The pids the process collector found: per-process GPU memory is the server's, not anyone's.
+    return GpuCollector(section, watched_pids=shared.process_watch.pids)
 
-    def watched_pids() -> set[int]:
-        from collectors import process  # lazily: written separately, and only needed per update
 
-        return process.watched_pids(process_section)
-
-    return GpuCollector(section, watched_pids=watched_pids)
+PLUGIN = Plugin("gpu", GpuConfig, make, "NVIDIA GPUs through NVML: utilisation, memory, power, clocks, ECC, XID")

@@ -1,98 +1,99 @@
 """Service metrics from the Whisper server's own logs, for every request.
 
 Each `logs.files[]` entry is a path or glob followed like `tail -F`
-(whisper_exporter/follow.py) and a parser (whisper_exporter/logparse.py: json,
-regex or a preset). update() reads all new complete lines and folds each
-request record into counters and histogram bucket arrays held under one lock;
-families() only copies them out at scrape time. No I/O at scrape.
-
-Labels taken from the log (endpoint, status code, language) have bounded value
-sets (configured, or built in); anything else is counted under `other` and the
-folding itself in whisper_exporter_log_label_folded_total{label}. Caches of
-raw value -> label are capped, so a flood of random values keeps memory flat.
-
-Real-time factor is processing time / audio duration (smaller is faster):
-processing time is the line's `inference` duration when it has one, else its
-end-to-end `duration`.
+(logfiles/follow.py) and a parser (logfiles/parse.py: json, regex or a
+preset). update() reads all new complete lines and folds each request record
+into the exporter's shared request metrics (runtime/requests.py), which the
+runtime renders; this collector renders only its own self-metrics. No I/O at
+scrape. A new log format is a preset in logfiles/parse.py.
 """
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from bisect import bisect_left
-from typing import Any, Iterable, Optional
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from typing import Any, Iterable, Optional, Union
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from whisper_exporter import logparse
-from whisper_exporter.collector import register
-from whisper_exporter.config import Config, LogsConfig
-from whisper_exporter.follow import Follower
-from whisper_exporter.logparse import OTHER, UNKNOWN, LineError
+from whisper_exporter.logfiles import parse as logparse
+from whisper_exporter.runtime.collector import Plugin
+from whisper_exporter.config import Duration, KeyPath, one_of, positive
+from whisper_exporter.whisper.languages import language_code
+from whisper_exporter.logfiles.follow import Follower
+from whisper_exporter.logfiles.parse import LineError
+from whisper_exporter.runtime.requests import Labels, RequestMetrics
+from whisper_exporter.runtime.shared import Shared
 
 log = logging.getLogger("whisper_exporter.logs")
 
-# Buckets, in seconds: ASR latency runs from tens of milliseconds to minutes. 1.5 s and
-# 3 s are the write-up's thresholds (10 s clip end to end; p95 alert).
-LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
-QUEUE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # 200 ms threshold
-AUDIO_BUCKETS = (1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
-RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 5.0, 10.0)  # 0.8 threshold
 
-CACHE_MAX = 4096  # raw value -> label entries kept per label; beyond, labels are computed each time
+@dataclass
+class LogField:
+    """Where a record field is in a log line: a dotted JSON path or a regex group, and its unit."""
+
+    field: str = ""
+    unit: str = "s"  # s | ms | us, for durations
+
+    def check(self, at: KeyPath) -> None:
+        one_of(at, "unit", self.unit, tuple(logparse.UNITS))
+
+
+@dataclass
+class LogFile:
+    path: str = ""  # a file or a glob; required
+    format: str = "json"  # json | regex | a preset (see whisper_exporter/logfiles/parse.py PRESETS)
+    pattern: Union[str, list[str], None] = None  # format regex: Python regular expression(s) with named groups
+    # record field -> log field; overrides the format's defaults per field, null drops one
+    fields: dict[str, Union[str, LogField, None]] = dataclass_field(default_factory=dict)
+
+    def check(self, at: KeyPath) -> None:
+        if not self.path:
+            raise at.error("path", "a file or glob to follow")
+        one_of(at, "format", self.format, tuple(logparse.FORMATS))
+        if self.format == "regex" and not self.pattern:
+            raise at.error("pattern", "a regular expression with named groups (format regex)")
+        for name in self.fields:
+            if name not in logparse.RECORD_FIELDS:
+                raise at.error(f"fields.{name}", "a record field (one of " + ", ".join(logparse.RECORD_FIELDS) + ")")
+        try:
+            logparse.make_parser(self.format, self.pattern, self.fields)
+        except ValueError as err:
+            about_pattern = self.format == "regex" and any(w in str(err) for w in ("pattern", "regular", "group"))
+            raise at.error("pattern" if about_pattern else "fields", f"a usable {self.format} setting, but: {err}")
+
+
+@dataclass
+class LogsConfig:
+    enabled: bool = False
+    interval: Duration = Duration(1)  # how often the files are polled
+    timeout: Duration = Duration(10)
+    start_at: str = "end"  # end | beginning: where files present at start-up are read from
+    files: list[LogFile] = dataclass_field(default_factory=list)
+    # Allowed label values; anything else is counted as "other". null: the built-in sets.
+    endpoints: Optional[list[str]] = None
+    status_codes: Optional[list[int]] = None
+    languages: Optional[list[str]] = None
+    max_series: int = 5000  # endpoint x status x language combinations of whisper_requests_total
+    max_line_bytes: int = 1048576  # longer lines are skipped and counted
+
+    def check(self, at: KeyPath) -> None:
+        one_of(at, "start_at", self.start_at, ("end", "beginning"))
+        positive(at, "max_series", self.max_series, "a number greater than 0")
+        positive(at, "max_line_bytes", self.max_line_bytes, "a number greater than 0")
+        for i, path in enumerate(self.endpoints or ()):
+            if not path.startswith("/"):
+                raise at.error(f"endpoints[{i}]", "a path starting with /", path)
+        for i, code in enumerate(self.status_codes or ()):
+            if not 100 <= code <= 599:
+                raise at.error(f"status_codes[{i}]", "an HTTP status code from 100 to 599", code)
+        for i, name in enumerate(self.languages or ()):
+            if language_code(name) is None:
+                raise at.error(f"languages[{i}]", "a Whisper language code or name (en, english, yue)", name)
+
 LOG_EVERY = 60.0  # seconds between two warnings about bad lines of one kind in one file
 SAMPLE_CHARS = 120  # of a bad line, in the warning
-
-
-class _Hist:
-    """Bucket counts (not cumulative; the last one is +Inf) and the sum."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-    def copy(self) -> "_Hist":
-        h = _Hist.__new__(_Hist)
-        h.bounds, h.counts, h.sum = self.bounds, list(self.counts), self.sum
-        return h
-
-    def buckets(self) -> list[tuple[str, float]]:
-        out, total = [], 0
-        for bound, n in zip(self.bounds, self.counts):
-            total += n
-            out.append((_le(bound), total))
-        out.append(("+Inf", total + self.counts[-1]))
-        return out
-
-
-def _le(bound: float) -> str:
-    return repr(float(bound))
-
-
-class _Language:
-    """Everything kept per language label."""
-
-    __slots__ = ("inference", "audio", "rtf", "processed")
-
-    def __init__(self) -> None:
-        self.inference = _Hist(LATENCY_BUCKETS)
-        self.audio = _Hist(AUDIO_BUCKETS)
-        self.rtf = _Hist(RTF_BUCKETS)
-        self.processed = 0.0
-
-    def copy(self) -> "_Language":
-        c = _Language.__new__(_Language)
-        c.inference, c.audio, c.rtf, c.processed = (
-            self.inference.copy(), self.audio.copy(), self.rtf.copy(), self.processed)
-        return c
 
 
 class _Source:
@@ -108,87 +109,17 @@ class _Source:
         self.unlogged: dict[str, int] = {}
 
 
-class Labels:
-    """Raw values from log lines -> bounded label values, with the folding counted."""
-
-    def __init__(self, endpoints: Optional[list[str]], status_codes: Optional[list[int]],
-                 languages: Optional[list[str]]):
-        eps = logparse.DEFAULT_ENDPOINTS if endpoints is None else endpoints
-        self.endpoints = {logparse.normalize_endpoint(e): logparse.normalize_endpoint(e) for e in eps}
-        codes = logparse.DEFAULT_STATUS_CODES if status_codes is None else status_codes
-        self.status: dict[Any, str] = {}
-        for code in codes:
-            self.status[int(code)] = str(int(code))
-            self.status[str(int(code))] = str(int(code))
-        if languages is None:
-            self.languages = set(logparse.WHISPER_LANGUAGES)
-        else:
-            self.languages = set()
-            for name in languages:
-                code = logparse.language_code(name)
-                if code is None:
-                    raise ValueError(f"not a Whisper language: {name!r}")
-                self.languages.add(code)
-        self.folded = {"endpoint": 0, "status_code": 0, "language": 0, "series": 0}
-        self._endpoint_cache: dict[str, str] = {}
-        self._language_cache: dict[str, str] = {}
-
-    def endpoint(self, raw: Optional[str]) -> str:
-        if raw is None:
-            return UNKNOWN
-        label = self._endpoint_cache.get(raw)
-        if label is None:
-            label = self.endpoints.get(logparse.normalize_endpoint(raw), OTHER)
-            if len(self._endpoint_cache) < CACHE_MAX:
-                self._endpoint_cache[raw] = label
-        if label is OTHER:
-            self.folded["endpoint"] += 1
-        return label
-
-    def status_code(self, raw: Any, error: Any) -> str:
-        if raw is None:
-            return "error" if error else UNKNOWN
-        label = self.status.get(raw)
-        if label is None:
-            if type(raw) is str:  # "200 OK", " 200"
-                head = raw.strip().split(" ", 1)[0]
-                label = self.status.get(head)
-            if label is None:
-                self.folded["status_code"] += 1
-                label = OTHER
-        return label
-
-    def language(self, raw: Optional[str]) -> str:
-        if raw is None:
-            return UNKNOWN
-        label = self._language_cache.get(raw)
-        if label is None:
-            if raw.strip().lower() in logparse._NO_LANGUAGE:
-                label = UNKNOWN
-            else:
-                code = logparse.language_code(raw)
-                label = code if code is not None and code in self.languages else OTHER
-            if len(self._language_cache) < CACHE_MAX:
-                self._language_cache[raw] = label
-        if label is OTHER:
-            self.folded["language"] += 1
-        return label
-
-
 class LogsCollector:
     name = "logs"
 
-    def __init__(self, section: LogsConfig, sampler: Any = None):
+    def __init__(self, section: LogsConfig, requests: Optional[RequestMetrics] = None, sampler: Any = None):
         self.section = section
         self.sampler = sampler  # production sampling into the review queue (sampling.ProductionSampler)
-        self.labels = Labels(section.endpoints, section.status_codes, section.languages)
-        self.max_series = section.max_series
-        self._lock = threading.Lock()
-        # Aggregated state, under _lock.
-        self.requests: dict[tuple[str, str, str], int] = {}
-        self.durations: dict[str, _Hist] = {}  # by endpoint
-        self.queue = _Hist(QUEUE_BUCKETS)
-        self.by_language: dict[str, _Language] = {}
+        # The request metrics this collector feeds (shared with the tap); its lock guards them.
+        self.requests = requests or RequestMetrics(
+            Labels(section.endpoints, section.status_codes, section.languages), section.max_series)
+        self.owns_requests = requests is None  # standalone (tests, benchmarks): render them here
+        self._lock = self.requests.lock
         self.sources: list[_Source] = []
         start_at_end = section.start_at != "beginning"
         for entry in section.files:
@@ -242,45 +173,11 @@ class LogsCollector:
                 observe(record)
 
     def _observe(self, record: logparse.Record) -> None:
-        endpoint, status, language, duration, queue, inference, audio, _model, error, audio_path, text = record
-        labels = self.labels
-        lang = labels.language(language)
-        if text is not None and audio_path and self.sampler is not None and not error and (
-                status is None or str(status).lstrip().startswith("2")):
-            self.sampler.offer(audio_path, text, lang, audio)
-        if endpoint is not None or status is not None:
-            ep = labels.endpoint(endpoint)
-            key = (ep, labels.status_code(status, error), lang)
-            n = self.requests.get(key)
-            if n is None:
-                if len(self.requests) >= self.max_series:
-                    labels.folded["series"] += 1
-                    key = (OTHER, OTHER, OTHER)
-                n = self.requests.get(key, 0)
-            self.requests[key] = n + 1
-        else:
-            ep = None
-        if duration is not None:
-            if ep is None:
-                ep = labels.endpoint(endpoint)
-            hist = self.durations.get(ep)
-            if hist is None:
-                hist = self.durations[ep] = _Hist(LATENCY_BUCKETS)
-            hist.observe(duration)
-        if queue is not None:
-            self.queue.observe(queue)
-        if inference is not None or audio is not None:
-            stats = self.by_language.get(lang)
-            if stats is None:
-                stats = self.by_language[lang] = _Language()
-            if inference is not None:
-                stats.inference.observe(inference)
-            if audio is not None:
-                stats.audio.observe(audio)
-                stats.processed += audio
-                processing = inference if inference is not None else duration
-                if processing is not None and audio > 0:
-                    stats.rtf.observe(processing / audio)
+        # Called with the shared metrics' lock held (feed()).
+        lang = self.requests.observe_locked(record)
+        if record.transcript is not None and record.audio_path and self.sampler is not None and not record.error and (
+                record.status_code is None or str(record.status_code).lstrip().startswith("2")):
+            self.sampler.offer(record.audio_path, record.transcript, lang, record.audio_duration)
 
     def _bad_line(self, source: _Source, reason: str, line: bytes, locked: bool) -> None:
         if locked:
@@ -304,64 +201,15 @@ class LogsCollector:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
-                "requests": dict(self.requests),
-                "durations": {k: h.copy() for k, h in self.durations.items()},
-                "queue": self.queue.copy(),
-                "by_language": {k: v.copy() for k, v in self.by_language.items()},
-                "folded": dict(self.labels.folded),
                 "errors": {s.label: dict(s.errors) for s in self.sources},
                 "ignored": {s.label: s.ignored for s in self.sources},
             }
 
     def families(self) -> Iterable[Metric]:
         snap = self.snapshot()
-        requests = CounterMetricFamily(
-            "whisper_requests_total",
-            "Requests the Whisper server logged, by endpoint, status code and language "
-            "(unknown: the line did not say; other: a value outside the allowed set).",
-            labels=["endpoint", "status_code", "language"])
-        for key, n in sorted(snap["requests"].items()):
-            requests.add_metric(list(key), n)
-        yield requests
-
-        duration = HistogramMetricFamily(
-            "whisper_request_duration_seconds", "End-to-end request time, as the server logged it.",
-            labels=["endpoint"])
-        for ep, h in sorted(snap["durations"].items()):
-            duration.add_metric([ep], h.buckets(), h.sum)
-        yield duration
-
-        queue = HistogramMetricFamily(
-            "whisper_queue_wait_seconds", "Time requests waited for a worker, as the server logged it.")
-        if sum(snap["queue"].counts):
-            queue.add_metric([], snap["queue"].buckets(), snap["queue"].sum)
-        yield queue
-
-        inference = HistogramMetricFamily(
-            "whisper_inference_duration_seconds", "Time spent transcribing, as the server logged it.",
-            labels=["language"])
-        audio = HistogramMetricFamily(
-            "whisper_audio_duration_seconds", "Length of the audio of each request.", labels=["language"])
-        rtf = HistogramMetricFamily(
-            "whisper_realtime_factor",
-            "Processing time divided by audio duration (inference time when logged, else end-to-end "
-            "time); below 1 keeps up with real time.", labels=["language"])
-        processed = CounterMetricFamily(
-            "whisper_audio_processed_seconds_total", "Seconds of audio the server processed.",
-            labels=["language"])
-        for lang, stats in sorted(snap["by_language"].items()):
-            if sum(stats.inference.counts):
-                inference.add_metric([lang], stats.inference.buckets(), stats.inference.sum)
-            if sum(stats.audio.counts):
-                audio.add_metric([lang], stats.audio.buckets(), stats.audio.sum)
-                processed.add_metric([lang], stats.processed)
-            if sum(stats.rtf.counts):
-                rtf.add_metric([lang], stats.rtf.buckets(), stats.rtf.sum)
-        yield from (inference, audio, processed, rtf)
-
+        if self.owns_requests:
+            yield from self.requests.families()
         yield from self._self_metrics(snap)
-        if self.sampler is not None:
-            yield from self.sampler.families()
 
     def _self_metrics(self, snap: dict[str, Any]) -> Iterable[Metric]:
         lines = CounterMetricFamily("whisper_exporter_log_lines_total",
@@ -404,13 +252,7 @@ class LogsCollector:
             if f.last_line_wall is not None:
                 last.add_metric([path], f.last_line_wall)
             since.add_metric([path], max(0.0, now - (f.last_line_wall or f.started_wall)))
-        folded = CounterMetricFamily(
-            "whisper_exporter_log_label_folded_total",
-            "Values outside a label's allowed set, counted under 'other' (series: label combinations "
-            "beyond max_series).", labels=["label"])
-        for label, n in snap["folded"].items():
-            folded.add_metric([label], n)
-        yield from (lines, ignored, errors, read_bytes, rotations, read_errors, files, last, since, folded)
+        yield from (lines, ignored, errors, read_bytes, rotations, read_errors, files, last, since)
 
     def _describe(self) -> str:
         parts = []
@@ -421,8 +263,8 @@ class LogsCollector:
         return "; ".join(parts) or "no files configured"
 
 
-@register("logs")
-def make(section: LogsConfig, config: Config) -> LogsCollector:
-    from whisper_exporter.sampling import production_sampler
+def make(section: LogsConfig, shared: Shared) -> LogsCollector:
+    return LogsCollector(section, requests=shared.use_requests(), sampler=shared.production_sampler())
 
-    return LogsCollector(section, sampler=production_sampler(config))
+
+PLUGIN = Plugin("logs", LogsConfig, make, "request metrics from the Whisper server's log files")

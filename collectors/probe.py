@@ -31,20 +31,86 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
+from dataclasses import field as dataclass_field
+from pathlib import Path
 from importlib import resources
 from typing import Any, Iterable, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from whisper_exporter import audio, clients, quality_metrics, scoring
-from whisper_exporter.collector import register
-from whisper_exporter.config import Canary, Config, ProbeConfig, canary_name, config_dir, resolve_path
+from whisper_exporter.whisper import audio
+from whisper_exporter.whisper import clients
+from whisper_exporter.runtime.quality_counters import QualityCounters
+from whisper_exporter.runtime.shared import Shared
+from whisper_exporter.whisper import scoring
+from whisper_exporter.runtime.collector import Plugin
+from whisper_exporter.config import Config, Duration, KeyPath, config_dir, one_of, resolve_path
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Canary:
+    """One canary: audio with a known transcript, sent to the service as a user would."""
+
+    audio: str = ""  # path; relative paths are relative to the config file's folder; required
+    reference: str = ""  # what is said in it; required
+    language: str = "en"  # a Whisper language code; also picks the normaliser and the unit
+    name: Optional[str] = None  # the `probe` label; default: the audio file's name without suffix
+
+    def check(self, at: KeyPath) -> None:
+        if not self.audio:
+            raise at.error("audio", "the path of an audio file (WAV, FLAC, MP3, OGG)")
+        if not self.reference.strip():
+            raise at.error("reference", "the text spoken in the audio")
+        if not re.fullmatch(r"[a-z]{2,3}", self.language):
+            raise at.error("language", "a Whisper language code such as en, de, zh or yue", self.language)
+        path = Path(resolve_path(self.audio, config_dir(at.source)) or "")
+        try:
+            audio.duration_seconds(path)
+        except audio.AudioError as err:
+            problem = str(err).removeprefix(f"{path}: ")
+            raise at.error("audio", f"a readable audio file ({problem})", self.audio)
+
+
+def canary_name(canary: Canary) -> str:
+    return canary.name or Path(canary.audio).stem
+
+
+@dataclass
+class ProbeConfig:
+    enabled: bool = True
+    interval: Duration = Duration(60)
+    timeout: Duration = Duration(30)  # for one canary's request (connect, answer, body)
+    response_format: str = "verbose_json"  # json | verbose_json (openai and whispercpp APIs)
+    max_error_rate: float = 0.5  # a transcript with a higher WER/CER counts as wrong_transcript
+    canaries: list[Canary] = dataclass_field(default_factory=list)  # empty: the bundled English canary
+
+    @property
+    def run_timeout(self) -> float:
+        """The scheduler's watchdog for one run of every canary, one after another.
+
+        A request may take up to three timeouts in the worst case (connecting, waiting for
+        the answer, a body that stops arriving), plus reading the audio and scoring."""
+        return max(1, len(self.canaries)) * (3 * self.timeout + 1.0) + 5.0
+
+    def check(self, at: KeyPath) -> None:
+        one_of(at, "response_format", self.response_format, ("json", "verbose_json"))
+        if self.max_error_rate < 0:
+            raise at.error("max_error_rate", "an error rate of 0 or more (0.5 = one error in two words)",
+                           self.max_error_rate)
+        names: dict[str, int] = {}
+        for i, canary in enumerate(self.canaries):
+            name = canary_name(canary)
+            if name in names:
+                raise at.error(f"canaries[{i}].name",
+                               f"a name no other canary has (canaries[{names[name]}] is also {name!r})", name)
+            names[name] = i
 
 WRONG_TRANSCRIPT = "wrong_transcript"
 RESULTS = (clients.SUCCESS, clients.HTTP_ERROR, clients.TIMEOUT, clients.CONNECTION_ERROR,
@@ -182,12 +248,15 @@ def probe_canary(client: clients.WhisperClient, canary: Canary, max_error_rate: 
 class ProbeCollector:
     name = "probe"
 
-    def __init__(self, section: ProbeConfig, config: Config, url: Optional[str] = None):
+    def __init__(self, section: ProbeConfig, config: Config, url: Optional[str] = None,
+                 quality: Optional[QualityCounters] = None):
         self.section = section
         self.config = config
         self.url = url or config.service.url
         self.canaries = resolve_canaries(section, config)
-        self.quality = quality_metrics.shared(config, self.name)
+        # Shared counters are rendered by the runtime; standalone (the probe command) renders its own.
+        self.owns_quality = quality is None
+        self.quality = quality or QualityCounters()
         self.status = "no probe yet"
         self.problems: list[str] = []  # canaries that could not be probed in the last run
         self._lock = threading.Lock()  # one run at a time: probes never pile up
@@ -316,17 +385,21 @@ class ProbeCollector:
                     family.add_metric([name], float(value))
         out: list[Metric] = [success, duration, status, last, rtf, audio_len, wer, logprob, ratio, silence,
                              fallback, total, info]
-        if self.quality.owner == self.name:
+        if self.owns_quality:
             out.extend(self.quality.families())
         return out
 
     def stop(self) -> None:
-        quality_metrics.release(self.config, self.name)
+        pass
 
 
-@register("probe")
-def make(section: ProbeConfig, config: Config) -> ProbeCollector:
-    return ProbeCollector(section, config)
+def make(section: ProbeConfig, shared: Shared) -> ProbeCollector:
+    collector = ProbeCollector(section, shared.config, quality=shared.use_quality())
+    shared.probe_view = collector
+    return collector
+
+
+PLUGIN = Plugin("probe", ProbeConfig, make, "canary audio sent to the Whisper server as a user would")
 
 
 # -- the `whisper-exporter probe` command's report ------------------------------------------

@@ -18,15 +18,28 @@ from typing import Iterable, Optional
 import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from whisper_exporter.collector import register
-from whisper_exporter.config import Config, ProcessConfig
+from whisper_exporter.runtime.collector import Plugin
+from whisper_exporter.config import Duration, KeyPath, valid_regex
+from whisper_exporter.runtime.shared import ProcessWatch, Shared
 
 log = logging.getLogger(__name__)
 
+
+@dataclass
+class ProcessConfig:
+    enabled: bool = True
+    interval: Duration = Duration(5)
+    timeout: Duration = Duration(3)
+    match: Optional[str] = "faster-whisper|whisper|uvicorn"
+    pid: Optional[int] = None
+    pid_file: Optional[str] = None
+    children: bool = True
+
+    def check(self, at: KeyPath) -> None:
+        valid_regex(at, "match", self.match)
+
 # Programs that are an exporter, ours or another instance: the console script or `-m` module.
 EXPORTER_NAMES = ("whisper-exporter", "whisper_exporter")
-# How old the collector's last scan may be for watched_pids() to reuse it.
-CACHE_MAX_AGE = 1.0
 # A pid file is a number and a newline; refuse to read a huge file by mistake.
 _PID_FILE_MAX = 4096
 # What a process may do between listing and reading: skip it, never crash.
@@ -166,7 +179,7 @@ def _scan(section: ProcessConfig, regex: Optional[re.Pattern]) -> _Found:
         matched = {pid}
     else:
         # Plain calls, not process_iter(attrs): attrs land in psutil's shared
-        # Process objects, which another thread's scan (watched_pids) may overwrite.
+        # Process objects, which another thread's scan may overwrite.
         matched = set()
         for proc in psutil.process_iter():
             if proc.pid in excluded or (called := _name_cmdline(proc)) is None:
@@ -202,36 +215,6 @@ def _scan(section: ProcessConfig, regex: Optional[re.Pattern]) -> _Found:
         but = " but the exporter itself" if exporters else ""
         return _Found({}, frozenset(), f"no process matches {regex.pattern!r}{but}")
     return _Found(procs, frozenset(roots), reason if by_pid else f"match {regex.pattern!r}")
-
-
-# id(section) -> (section, monotonic time, pids). The section itself is kept so its
-# id cannot be reused by another object while the entry exists.
-_cache: dict[int, tuple[ProcessConfig, float, frozenset[int]]] = {}
-
-
-def _remember(section: ProcessConfig, pids: Iterable[int]) -> frozenset[int]:
-    pids = frozenset(pids)
-    _cache[id(section)] = (section, time.monotonic(), pids)
-    return pids
-
-
-def watched_pids(section: ProcessConfig) -> set[int]:
-    """The pids of the Whisper server's processes, for filtering per-process GPU memory.
-
-    Reuses the process collector's last scan when it is younger than CACHE_MAX_AGE,
-    else scans (a bare table walk, no metric reads). Returns an empty set instead of
-    raising: a failed scan must not take another collector down with it.
-    """
-    entry = _cache.get(id(section))
-    if entry is not None and entry[0] is section and time.monotonic() - entry[1] < CACHE_MAX_AGE:
-        return set(entry[2])
-    regex = re.compile(section.match) if section.match else None
-    try:
-        found = _scan(section, regex)
-    except Exception:  # noqa: BLE001 - see docstring
-        log.warning("process scan for watched_pids failed", exc_info=True)
-        return set()
-    return set(_remember(section, found.procs))
 
 
 @dataclass(frozen=True)
@@ -276,8 +259,9 @@ def _read(proc: psutil.Process) -> Optional[_Reading]:
 class ProcessCollector:
     name = "process"
 
-    def __init__(self, section: ProcessConfig):
+    def __init__(self, section: ProcessConfig, watch: Optional[ProcessWatch] = None):
         self.section = section
+        self.watch = watch  # where the pids found are published (the GPU collector reads them)
         self._regex = re.compile(section.match) if section.match else None
         self._snapshot: Optional[_Snapshot] = None
         self.status = "not scanned yet"
@@ -306,7 +290,9 @@ class ProcessCollector:
                 raise
             self._account_cpu(readings)
             self._snapshot = self._summarise(found, readings)
-            self.pids = _remember(self.section, readings)
+            self.pids = frozenset(readings)
+            if self.watch is not None:
+                self.watch.publish(self.pids)
             self.status = self._describe(found, readings)
 
     def _account_cpu(self, readings: dict[int, _Reading]) -> None:
@@ -381,9 +367,11 @@ class ProcessCollector:
         return out
 
     def stop(self) -> None:
-        _cache.pop(id(self.section), None)
+        pass
 
 
-@register("process")
-def make(section: ProcessConfig, config: Config) -> ProcessCollector:
-    return ProcessCollector(section)
+def make(section: ProcessConfig, shared: Shared) -> ProcessCollector:
+    return ProcessCollector(section, watch=shared.process_watch)
+
+
+PLUGIN = Plugin("process", ProcessConfig, make, "the Whisper server's processes: up, CPU, memory, threads, fds")

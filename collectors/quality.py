@@ -35,21 +35,87 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from pathlib import Path
 from typing import Iterable, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from whisper_exporter import clients, quality_metrics, scoring
-from whisper_exporter.collector import register
-from whisper_exporter.config import Config, QualityConfig, config_dir, resolve_path
-from whisper_exporter.evaluate import FAILED, SCORED, ItemResult, evaluate_item, threshold_for, worst
-from whisper_exporter.manifest import ManifestError
-from whisper_exporter.manifest import load as load_manifest
-from whisper_exporter.sampling import (
-    StratifiedSampler, load_references, review_queue,
+from whisper_exporter.whisper import clients
+from whisper_exporter.runtime.quality_counters import QualityCounters, review_queue_families
+from whisper_exporter.runtime.shared import Shared
+from whisper_exporter.whisper import scoring
+from whisper_exporter.runtime.collector import Plugin
+from whisper_exporter.config import Config, Duration, KeyPath, config_dir, positive, resolve_path
+from whisper_exporter.whisper.languages import language_code
+from whisper_exporter.quality.evaluate import FAILED, SCORED, ItemResult, evaluate_item, threshold_for, worst
+from whisper_exporter.quality.manifest import ManifestError
+from whisper_exporter.quality.manifest import load as load_manifest
+from whisper_exporter.quality.sampling import (
+    ReviewQueue, StratifiedSampler, load_references,
 )
 
 log = logging.getLogger("whisper_exporter.quality")
+
+
+@dataclass
+class ProductionConfig:
+    """Production sampling (docs/quality.md): the log collector queues, reviewers verify, we score."""
+
+    queue: Optional[str] = None  # review queue (JSON lines) the log collector appends to; null: off
+    references: Optional[str] = None  # verified references (JSON lines {"id", "reference"}) by reviewers
+    fraction: float = 0.01  # of logged requests with audio path and transcript, per language x duration band
+    max_queue: int = 1000  # items waiting; samples drawn while full are dropped and counted
+
+    def check(self, at: KeyPath) -> None:
+        if not 0 <= self.fraction <= 1:
+            raise at.error("fraction", "a fraction from 0 to 1 (0.01 = 1% of requests)", self.fraction)
+        positive(at, "max_queue", self.max_queue, "a number greater than 0")
+        if self.references and not self.queue:
+            raise at.error("queue", "the review queue whose ids the references file names")
+
+
+@dataclass
+class QualityConfig:
+    enabled: bool = False
+    interval: Duration = Duration(3600)
+    timeout: Duration = Duration(60)  # for one utterance's request
+    manifest: Optional[str] = None  # the labeled reference set (JSON lines or CSV)
+    per_run: int = 50  # utterances per run, stratified by language and strata tags
+    max_server_share: float = 0.1  # at most this share of wall time busy with our requests
+    state_file: Optional[str] = None  # keeps the sampling cursor across restarts; null: in memory
+    thresholds: dict[str, float] = dataclass_field(default_factory=dict)  # language (or "default") -> max error rate
+    production: ProductionConfig = dataclass_field(default_factory=ProductionConfig)
+
+    @property
+    def run_budget(self) -> float:
+        """A run stops sending new utterances after this long (the rest wait for the next run)."""
+        return 0.9 * self.interval
+
+    @property
+    def run_timeout(self) -> float:
+        """The scheduler's watchdog for one run: the budget, one request that began just before
+        it ran out (up to three timeouts), and loading the manifest."""
+        return self.run_budget + 3 * self.timeout + 60.0
+
+    def check(self, at: KeyPath) -> None:
+        positive(at, "per_run", self.per_run, "a number greater than 0")
+        if not 0 < self.max_server_share <= 1:
+            raise at.error("max_server_share", "a share of the server's time above 0 and at most 1 (0.1 = 10%)",
+                           self.max_server_share)
+        for name, rate in self.thresholds.items():
+            if name != "default" and language_code(name) != name:
+                raise at.error(f"thresholds.{name}", "a Whisper language code (en, zh, yue ...) or default", name)
+            if not 0 <= rate < float("inf"):
+                raise at.error(f"thresholds.{name}", "an error rate of 0 or more (0.1 = 10%)", rate)
+        if self.enabled:
+            if not self.manifest and not self.production.references:
+                raise at.error("manifest", "the labeled reference set to evaluate (or production.references to score)")
+            if self.manifest:
+                path = Path(resolve_path(self.manifest, config_dir(at.source)) or "")
+                if not path.is_file():
+                    raise at.error("manifest", f"a readable manifest file ({path} is not a file)", self.manifest)
 
 REFERENCE, PRODUCTION = "reference", "production"
 DOWN_OUTCOMES = (clients.CONNECTION_ERROR, clients.TIMEOUT)
@@ -63,7 +129,8 @@ MAX_SCORED_IDS = 100000  # production ids scored by this process (a failed queue
 class QualityCollector:
     name = "quality"
 
-    def __init__(self, section: QualityConfig, config: Config, url: Optional[str] = None):
+    def __init__(self, section: QualityConfig, config: Config, url: Optional[str] = None,
+                 quality: Optional[QualityCounters] = None, queue: Optional[ReviewQueue] = None):
         self.section = section
         self.config = config
         self.url = url or config.service.url
@@ -73,10 +140,10 @@ class QualityCollector:
         production = section.production
         self.references_path = resolve_path(production.references, base)
         queue_path = resolve_path(production.queue, base)
-        self.queue = review_queue(queue_path, production.max_queue) if queue_path else None
-        # The log collector renders the queue's families when it samples into it.
-        self._render_queue = self.queue is not None and not config.collectors.logs.enabled
-        self.quality = quality_metrics.shared(config, self.name)
+        # Shared state (runtime/shared.py) is rendered by the runtime; standalone, this renders its own.
+        self.standalone = quality is None
+        self.queue = queue or (ReviewQueue(queue_path, production.max_queue) if queue_path else None)
+        self.quality = quality or QualityCounters()
         self.status = "no run yet"
         self.problems: list[str] = []
         self._stop = threading.Event()
@@ -100,7 +167,6 @@ class QualityCollector:
 
     def stop(self) -> None:
         self._stop.set()
-        quality_metrics.release(self.config, self.name)
 
     # -- a run ------------------------------------------------------------------------------
 
@@ -262,9 +328,9 @@ class QualityCollector:
                 if rate is not None:
                     family.add_metric([language], rate)
             out.append(family)
-        if self._render_queue:
-            out.extend(self.queue.families())
-        if self.quality.owner == self.name:
+        if self.standalone:
+            if self.queue is not None:
+                out.extend(review_queue_families(self.queue))
             out.extend(self.quality.families())
         return out
 
@@ -288,6 +354,10 @@ class QualityCollector:
         return out
 
 
-@register("quality")
-def make(section: QualityConfig, config: Config) -> QualityCollector:
-    return QualityCollector(section, config)
+def make(section: QualityConfig, shared: Shared) -> QualityCollector:
+    collector = QualityCollector(section, shared.config, quality=shared.use_quality(), queue=shared.review_queue)
+    shared.quality_view = collector
+    return collector
+
+
+PLUGIN = Plugin("quality", QualityConfig, make, "the labeled reference set and verified production samples")

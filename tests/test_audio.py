@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from whisper_exporter import audio
-from whisper_exporter.audio import AudioError, duration_seconds
+from whisper_exporter.whisper import audio
+from whisper_exporter.whisper.audio import AudioError, duration_seconds
 
 SECONDS = 2.5
 

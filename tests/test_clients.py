@@ -11,8 +11,8 @@ import requests
 import responses
 from responses import matchers
 
-from whisper_exporter import clients
-from whisper_exporter.clients import (
+from whisper_exporter.whisper import clients
+from whisper_exporter.whisper.clients import (
     AsrWebserviceClient, ClientSetupError, OpenAIClient, Secret, WhisperCppClient, load_api_key, make_client,
 )
 from whisper_exporter.config import ServiceConfig

@@ -346,11 +346,12 @@ def exposition(whisper_server, tmp_path_factory) -> set[str]:
     the probe against the real faster-whisper-server."""
     from fake_nvml import FakeNVML
 
-    from collectors import gpu
-    from whisper_exporter import daemon
-    from whisper_exporter.collector import factories
+    from whisper_exporter.collectors import gpu
+    from whisper_exporter.runtime import wiring as daemon
+    from whisper_exporter.runtime.collector import plugins
+    from whisper_exporter.runtime.shared import Shared
     from whisper_exporter.config import from_dict
-    from whisper_exporter.scheduler import Scheduler
+    from whisper_exporter.runtime.scheduler import Scheduler
 
     folder = tmp_path_factory.mktemp("exposition")
     log = folder / "requests.jsonl"
@@ -375,18 +376,19 @@ def exposition(whisper_server, tmp_path_factory) -> set[str]:
         },
     })
     fake = FakeNVML()
-    available = factories()
+    available = plugins()
+    shared = Shared.build(config)
     entries = []
-    for name, section in vars(config.collectors).items():
+    for name, section in config.collectors.items():
         if name == "gpu":
             collector = gpu.GpuCollector(section, nvml=fake, watched_pids=lambda: {424})  # the fixture's pid
             collector.xid_wait_ms = 50
         elif section.enabled:
-            collector = available[name](section, config)
+            collector = available[name].factory(section, shared)
         else:
             continue
         entries.append((collector, section.interval, section.timeout))
-    running = daemon.start(config, scheduler=Scheduler(entries))
+    running = daemon.start(config, scheduler=Scheduler(entries, shared=shared))
     try:
         fake.inject_xid(0, 79)
         wanted = {"whisper_probe_word_error_rate", "whisper_gpu_xid_errors_total", "whisper_process_open_fds",

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from whisper_exporter.cli import main
-from whisper_exporter.evaluate import DEFAULT_THRESHOLD, parse_thresholds
+from whisper_exporter.quality.evaluate import DEFAULT_THRESHOLD, parse_thresholds
 
 # (id, language, reference, what the server answers)
 SET = [

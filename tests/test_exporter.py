@@ -7,9 +7,9 @@ import requests
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
-from whisper_exporter import daemon
+from whisper_exporter.runtime import wiring as daemon
 from whisper_exporter.config import from_dict
-from whisper_exporter.scheduler import Scheduler
+from whisper_exporter.runtime.scheduler import Scheduler
 
 
 class ScriptedCollector:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from whisper_exporter.follow import Follower
+from whisper_exporter.logfiles.follow import Follower
 
 
 class Sink:

@@ -8,9 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from whisper_exporter import clients, logparse
+from whisper_exporter.whisper import clients
+from whisper_exporter.logfiles import parse as logparse
 from whisper_exporter.config import ConfigError, ServiceConfig, from_dict
-from whisper_exporter.logparse import LineError, Record
+from whisper_exporter.logfiles.parse import LineError, Record
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -135,7 +136,7 @@ manifest_columns = st.sampled_from(["audio", "reference", "language", "id", "dur
 
 
 def check_manifest(path) -> None:
-    from whisper_exporter import manifest
+    from whisper_exporter.quality import manifest
 
     try:
         loaded = manifest.load(path, check_audio=False)

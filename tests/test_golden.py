@@ -10,11 +10,11 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from collectors.gpu import GpuCollector
+from whisper_exporter.collectors.gpu import GpuCollector
 from fake_nvml import FakeNVML
-from whisper_exporter.config import GpuConfig
-from whisper_exporter.exporter import ExporterCollector
-from whisper_exporter.scheduler import Scheduler
+from whisper_exporter.collectors.gpu import GpuConfig
+from whisper_exporter.runtime.exporter import ExporterCollector
+from whisper_exporter.runtime.scheduler import Scheduler
 
 GOLDEN = Path(__file__).parent / "fixtures" / "gpu_exposition.prom"
 

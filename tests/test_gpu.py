@@ -12,10 +12,12 @@ from collections import defaultdict
 import pynvml
 import pytest
 
-import collectors.gpu as gpu
+import whisper_exporter.collectors.gpu as gpu
 from fake_nvml import FakeNVML, load_fixture
-from whisper_exporter.collector import _FACTORIES
-from whisper_exporter.config import Config, GpuConfig, ProcessConfig
+from whisper_exporter.runtime.collector import plugins
+from whisper_exporter.config import Config
+from whisper_exporter.collectors.gpu import GpuConfig
+from whisper_exporter.collectors.process import ProcessConfig
 
 FIXTURE = load_fixture()
 LOAD_PID = 424  # the one compute process in the fixture's under_load state
@@ -414,8 +416,8 @@ def test_scrape_never_waits_on_a_hung_nvml_call(make):
 
 
 def test_scheduler_watchdog_marks_a_wedged_gpu_down(make):
-    from whisper_exporter.exporter import ExporterCollector
-    from whisper_exporter.scheduler import Scheduler
+    from whisper_exporter.runtime.exporter import ExporterCollector
+    from whisper_exporter.runtime.scheduler import Scheduler
 
     fake = FakeNVML("under_load")
     c = make(fake)
@@ -506,22 +508,20 @@ def test_no_xid_thread_when_disabled_or_unsupported(make):
 
 # -- wiring ---------------------------------------------------------------------------------
 
-def test_factory_is_registered_and_wires_watched_pids(monkeypatch):
-    import collectors
+def test_factory_is_a_plugin_and_reads_the_process_watch():
+    from whisper_exporter.runtime.shared import Shared
 
-    assert _FACTORIES["gpu"] is gpu.make
-    calls = []
-    stub = types.ModuleType("collectors.process")
-    stub.watched_pids = lambda section: calls.append(section) or {LOAD_PID}
-    monkeypatch.setitem(sys.modules, "collectors.process", stub)
-    monkeypatch.setattr(collectors, "process", stub, raising=False)
+    assert plugins()["gpu"] is gpu.PLUGIN
     config = Config()
-    c = gpu.make(config.collectors.gpu, config)
+    shared = Shared.build(config)
+    c = gpu.make(config.collectors.gpu, shared)
     assert c.name == "gpu" and c.section is config.collectors.gpu
-    assert c.watched_pids() == {LOAD_PID} and calls == [config.collectors.process]
+    assert c.watched_pids() == set()  # the process collector has not scanned yet
+    shared.process_watch.publish({LOAD_PID})
+    assert c.watched_pids() == {LOAD_PID}
 
     config.collectors.process = ProcessConfig(enabled=False)
-    assert gpu.make(config.collectors.gpu, config).watched_pids() == set()
+    assert gpu.make(config.collectors.gpu, shared).watched_pids() == set()
 
 
 def test_fake_has_only_real_nvml_functions():

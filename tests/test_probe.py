@@ -14,12 +14,14 @@ import pytest
 import requests
 from click.testing import CliRunner
 
-from collectors import probe
-from collectors.probe import ProbeCollector, bundled_canary, probe_canary, resolve_canaries
-from whisper_exporter import clients, daemon, landing
+from whisper_exporter.collectors import probe
+from whisper_exporter.collectors.probe import ProbeCollector, bundled_canary, probe_canary, resolve_canaries
+from whisper_exporter.whisper import clients
+from whisper_exporter.runtime import wiring as daemon
+from whisper_exporter.web import status as landing
 from whisper_exporter.cli import main
 from whisper_exporter.config import ConfigError, from_dict, load
-from whisper_exporter.scheduler import Scheduler
+from whisper_exporter.runtime.scheduler import Scheduler
 
 REFERENCE = bundled_canary().reference
 
@@ -429,7 +431,7 @@ def test_landing_page_shows_recent_probes_escaped(fake):
     collector.update()
     fake.mode = "500"
     collector.update()
-    scheduler = Scheduler([(collector, 60.0, 100.0)])
+    scheduler = Scheduler(shared=_views(config, probe=collector), collectors=[(collector, 60.0, 100.0)])
     page = landing.render(config, scheduler)
     assert "Recent probes" in page and "Canary en-short" in page
     assert "<script>" not in page
@@ -517,3 +519,12 @@ def test_probe_canary_reports_the_audio_duration_from_the_header(fake):
     assert record.audio_duration == pytest.approx(4.0, abs=0.01)
     assert record.realtime_factor == pytest.approx(record.duration / record.audio_duration)
     assert "Result: success" in probe.debug_text(record)
+
+
+def _views(config, probe=None):
+    """The shared state the wiring would build, with the probe as the status page's handle."""
+    from whisper_exporter.runtime.shared import Shared
+
+    shared = Shared.build(config)
+    shared.probe_view = probe
+    return shared

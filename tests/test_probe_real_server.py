@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from whisper_normalizer.english import EnglishTextNormalizer
 
-from collectors.probe import ProbeCollector
+from whisper_exporter.collectors.probe import ProbeCollector
 from whisper_exporter.cli import main
 from whisper_exporter.config import from_dict
 

@@ -14,20 +14,22 @@ from pathlib import Path
 import psutil
 import pytest
 
-from whisper_exporter.collector import _FACTORIES
-from whisper_exporter.config import Config, ProcessConfig
+from whisper_exporter.runtime.collector import plugins
+from whisper_exporter.runtime.shared import ProcessWatch
+from whisper_exporter.config import Config
+from whisper_exporter.collectors.process import ProcessConfig
 
 try:
-    from collectors import process
+    from whisper_exporter.collectors import process
 except ModuleNotFoundError as err:
     # collectors/__init__.py imports collectors.gpu too; while that module is not
     # there, load this one alone under its real name.
-    if err.name != "collectors.gpu":
+    if err.name != "whisper_exporter.collectors.gpu":
         raise
     package = types.ModuleType("collectors")
     package.__path__ = [str(Path(__file__).resolve().parent.parent / "collectors")]
     sys.modules["collectors"] = package
-    process = importlib.import_module("collectors.process")
+    process = importlib.import_module("whisper_exporter.collectors.process")
 
 # The fake server: argv = kids, burn|idle, marker. Its children are plain sleepers
 # without the marker, so only `children: true` brings them in. Three extra
@@ -135,7 +137,7 @@ def marker() -> str:
 
 
 def collect(section: ProcessConfig):
-    collector = process.make(section, Config())
+    collector = process.ProcessCollector(section)
     collector.start()
     collector.update()
     return collector
@@ -156,8 +158,10 @@ def cpu(collector) -> float:
 
 
 def test_registered_under_its_name():
-    assert _FACTORIES["process"] is process.make
-    assert process.make(ProcessConfig(), Config()).name == "process"
+    from whisper_exporter.runtime.shared import Shared
+
+    assert plugins()["process"] is process.PLUGIN
+    assert process.make(ProcessConfig(), Shared.build(Config())).name == "process"
 
 
 def test_found_by_pattern_with_children(spawn, marker):
@@ -292,7 +296,7 @@ def test_bad_pid_file_means_down_with_a_reason(tmp_path, content, reason):
     v = values(c)
     assert v["whisper_process_up"] == 0 and v["whisper_process_count"] == 0
     assert reason.format(path=path) in c.status and str(path) in c.status
-    assert process.watched_pids(c.section) == set()
+    assert c.pids == frozenset()
 
 
 @pytest.mark.parametrize("pid", [0, -3])
@@ -348,20 +352,23 @@ def test_never_watches_the_exporter(spawn, marker):
 EXPORTER_LIKE = r"""
 import importlib, os, re, sys, types
 try:
-    from collectors import process
+    from whisper_exporter.collectors import process
 except ModuleNotFoundError:
     package = types.ModuleType("collectors")
     package.__path__ = [os.path.join(os.getcwd(), "collectors")]
     sys.modules["collectors"] = package
-    process = importlib.import_module("collectors.process")
+    process = importlib.import_module("whisper_exporter.collectors.process")
 import psutil
-from whisper_exporter.config import Config, ProcessConfig
+from whisper_exporter.config import Config
+from whisper_exporter.collectors.process import ProcessConfig
 section = ProcessConfig()
 assert re.search(section.match, " ".join(psutil.Process().cmdline()))
-c = process.make(section, Config())
+from whisper_exporter.runtime.shared import ProcessWatch
+watch = ProcessWatch()
+c = process.ProcessCollector(section, watch=watch)
 c.update()
 family = {os.getpid()} | {p.pid for p in psutil.Process().parents()}
-print(len(c.pids & family), len(process.watched_pids(section) & family))
+print(len(c.pids & family), len(watch.pids() & family))
 """
 
 
@@ -392,23 +399,13 @@ def test_scan_fault_raises_and_serves_nothing(spawn, marker, monkeypatch):
     assert values(c)["whisper_process_up"] == 1 and cpu(c) >= before
 
 
-def test_watched_pids_reuses_a_fresh_scan(spawn, marker, monkeypatch):
+def test_publishes_the_pids_it_found_to_the_watch(spawn, marker):
     server = spawn(marker, kids=1)
-    section = ProcessConfig(match=re.escape(marker))
-    c = collect(section)
-
-    def broken(*a, **kw):
-        raise OSError("scanned again")
-
-    monkeypatch.setattr(process.psutil, "process_iter", broken)
-    assert process.watched_pids(section) == server.pids()  # the collector's scan, no new one
-    monkeypatch.setattr(process, "CACHE_MAX_AGE", 0.0)
-    assert process.watched_pids(section) == set()  # stale: scanned, failed, did not raise
-    monkeypatch.undo()
-    # A section no collector updates is scanned on demand.
-    assert process.watched_pids(ProcessConfig(match=re.escape(marker))) == server.pids()
-    c.stop()
-    assert id(section) not in process._cache
+    watch = ProcessWatch()
+    c = process.ProcessCollector(ProcessConfig(match=re.escape(marker)), watch=watch)
+    assert watch.pids() == set()
+    c.update()
+    assert watch.pids() == server.pids() == set(c.pids)
 
 
 def test_parent_map_agrees_with_psutil(spawn, marker):

@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from whisper_exporter import daemon
+from whisper_exporter.runtime import wiring as daemon
 from whisper_exporter.config import from_dict
 
 pytestmark = pytest.mark.integration

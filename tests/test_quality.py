@@ -7,12 +7,18 @@ import jiwer
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from collectors.logs import LogsCollector
-from collectors.quality import QualityCollector
-from whisper_exporter import clients, daemon, landing, logparse
+from whisper_exporter.collectors.logs import LogsCollector
+from whisper_exporter.collectors.quality import QualityCollector
+from whisper_exporter.whisper import clients
+from whisper_exporter.runtime import wiring as daemon
+from whisper_exporter.web import status as landing
+from whisper_exporter.logfiles import parse as logparse
 from whisper_exporter.config import ConfigError, from_dict
-from whisper_exporter.sampling import item_id, production_sampler
-from whisper_exporter.scheduler import Scheduler
+from whisper_exporter.quality.sampling import item_id
+from whisper_exporter.runtime.exporter import make_registry
+from whisper_exporter.runtime.quality_counters import review_queue_families
+from whisper_exporter.runtime.shared import Shared
+from whisper_exporter.runtime.scheduler import Scheduler
 
 
 def wav(path, seconds=1.0):
@@ -236,8 +242,8 @@ def test_broken_manifest_lines_are_logged_once_and_counted(labeled, caplog):
 
 
 def test_audio_gone_at_send_time_is_skipped_not_failed(labeled, monkeypatch):
-    import collectors.quality as quality_module
-    from whisper_exporter import manifest
+    import whisper_exporter.collectors.quality as quality_module
+    from whisper_exporter.quality import manifest
 
     # the file vanishes between loading the manifest and sending it
     monkeypatch.setattr(quality_module, "load_manifest", lambda path: manifest.load(path, check_audio=False))
@@ -271,8 +277,7 @@ def test_thresholds_are_exported_for_alert_rules(labeled):
 def quality_help_lines(config):
     scheduler = daemon.build_scheduler(config)
     try:
-        text = "".join(
-            generate_latest(_registry(collector)).decode() for collector, _ in scheduler.entries)
+        text = generate_latest(make_registry(scheduler)).decode()
     finally:
         for collector, _ in scheduler.entries:
             collector.stop()
@@ -301,7 +306,7 @@ def test_the_quality_families_are_rendered_exactly_once(labeled, probe, quality,
 
 def test_quality_alone_owns_and_renders_its_counts(labeled):
     config, collector = make(labeled, FakeClient({"en-1.wav": "the quick brown fox"}))
-    assert collector.quality.owner == "quality"
+    assert collector.standalone  # built outside the wiring: it renders the quality families itself
     collector.update()
     text = generate_latest(_registry(collector)).decode()
     assert 'whisper_quality_reference_units_total{language="en",set="reference",unit="word"}' in text
@@ -320,7 +325,9 @@ def test_log_lines_with_audio_and_transcript_reach_the_queue_and_verified_ones_a
         {"path": str(log_file), "format": "json",
          "fields": {"endpoint": "path", "status_code": "status", "language": "lang",
                     "audio_duration": "seconds", "audio_path": "audio.path", "transcript": "text"}}]}}}).collectors.logs
-    logs = LogsCollector(logs_section, sampler=production_sampler(config))
+    shared = Shared.build(config)  # one review queue for the sampler and the quality collector
+    collector.queue = shared.review_queue
+    logs = LogsCollector(logs_section, sampler=shared.production_sampler())
     lines = [
         {"path": "/v1/audio/transcriptions", "status": 200, "lang": "en", "seconds": 3.0,
          "audio": {"path": "/srv/a1.wav"}, "text": "the cat sat on a mat"},
@@ -337,7 +344,7 @@ def test_log_lines_with_audio_and_transcript_reach_the_queue_and_verified_ones_a
     queued = [json.loads(line) for line in queue.read_text(encoding="utf-8").splitlines()]
     assert [(q["audio"], q["language"], q["duration_band"]) for q in queued] == [
         ("/srv/a1.wav", "en", "0-5s"), ("/srv/y1.wav", "yue", "15-30s")]
-    fams = {f.name: f for f in logs.families()}
+    fams = {f.name: f for f in shared.families()}
     assert fams["whisper_quality_review_queue_items"].samples[0].value == 2
     # nothing verified yet: nothing scored, nothing taken off the queue
     collector.update()
@@ -417,7 +424,9 @@ def test_landing_page_shows_rates_and_worst_items_escaped(labeled):
     client = FakeClient({"en-1.wav": "<script>alert(1)</script> fox", "de-1.wav": clients.TIMEOUT})
     config, collector = make(labeled, client)
     collector.update()
-    scheduler = Scheduler([(collector, 3600.0, 4000.0)])
+    shared = Shared.build(config)
+    shared.quality, shared.quality_in_use, shared.quality_view = collector.quality, True, collector
+    scheduler = Scheduler([(collector, 3600.0, 4000.0)], shared=shared)
     rows = landing.quality_rows(scheduler)
     assert {(r["set"], r["language"]) for r in rows["rates"]} >= {("reference", "en"), ("reference", "yue")}
     worst = rows["worst"]

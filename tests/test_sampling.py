@@ -7,10 +7,10 @@ from collections import Counter
 
 import pytest
 
-from whisper_exporter.manifest import Item
-from whisper_exporter.sampling import (
+from whisper_exporter.quality.manifest import Item
+from whisper_exporter.runtime.quality_counters import review_queue_families
+from whisper_exporter.quality.sampling import (
     ProductionSampler, QueueItem, ReviewQueue, StratifiedSampler, interleave, item_id, load_references,
-    review_queue,
 )
 
 
@@ -172,7 +172,7 @@ def test_a_full_queue_drops_and_counts(tmp_path):
     assert results == [True, True, True, False, False]
     assert queue.dropped["full"] == 2 and len(queue) == 3
     assert len((tmp_path / "queue.jsonl").read_text().splitlines()) == 3
-    fams = {f.name: f for f in queue.families()}
+    fams = {f.name: f for f in review_queue_families(queue)}
     dropped = {s.labels["reason"]: s.value for s in fams["whisper_quality_review_queue_dropped"].samples
                if s.name.endswith("_total")}
     assert dropped["full"] == 2.0
@@ -208,9 +208,16 @@ def test_queue_size_is_read_back_at_start(tmp_path):
     assert [i.id for i in queue.items()] == ["id0", "id1", "id2", "id3", "new"]
 
 
-def test_one_queue_object_per_file(tmp_path):
-    path = str(tmp_path / "q.jsonl")
-    assert review_queue(path, 5) is review_queue(os.path.join(str(tmp_path), ".", "q.jsonl"), 5)
+def test_one_queue_object_per_exporter(tmp_path):
+    """The wiring builds the queue once; the log collector's sampler and the quality collector share it."""
+    from whisper_exporter.config import from_dict
+    from whisper_exporter.runtime.shared import Shared
+
+    config = from_dict({"collectors": {"quality": {"production": {"queue": str(tmp_path / "q.jsonl")}}}})
+    shared = Shared.build(config)
+    assert shared.production_sampler().queue is shared.review_queue is not None
+    assert Shared.build(from_dict({})).review_queue is None
+
 
 
 def test_references_file_problems_are_named(tmp_path):

@@ -2,9 +2,9 @@
 import jiwer
 import pytest
 
-from whisper_exporter import scoring
-from whisper_exporter.quality_metrics import QualityCounters, shared
-from whisper_exporter.scoring import score
+from whisper_exporter.whisper import scoring
+from whisper_exporter.runtime.quality_counters import QualityCounters
+from whisper_exporter.whisper.scoring import score
 
 
 # reference, hypothesis, language -> unit, reference units, S, D, I
@@ -127,12 +127,11 @@ def test_quality_languages_are_bounded():
     assert counters.folded_total == 2
 
 
-def test_shared_counters_have_one_owner_per_config():
-    class Cfg:  # any object stands for a Config
-        pass
+def test_shared_counters_are_one_per_exporter():
+    from whisper_exporter.config import from_dict
+    from whisper_exporter.runtime.shared import Shared
 
-    a, b = Cfg(), Cfg()
-    first = shared(a, "probe")
-    assert shared(a, "quality") is first
-    assert first.owner == "probe"
-    assert shared(b, "quality") is not first
+    config = from_dict({})
+    shared = Shared.build(config)
+    assert shared.use_quality() is shared.use_quality() is shared.quality
+    assert Shared.build(config).quality is not shared.quality  # two exporters in one process: two sets

@@ -6,7 +6,7 @@ import time
 import pytest
 import requests
 
-from whisper_exporter import daemon
+from whisper_exporter.runtime import wiring as daemon
 from whisper_exporter.config import from_dict
 
 pytestmark = pytest.mark.integration

@@ -6,10 +6,10 @@ import bcrypt
 import pytest
 import requests
 
-from whisper_exporter import daemon
+from whisper_exporter.runtime import wiring as daemon
 from whisper_exporter.config import ConfigError, from_dict
-from whisper_exporter.scheduler import Scheduler
-from whisper_exporter.webconfig import load_web_config
+from whisper_exporter.runtime.scheduler import Scheduler
+from whisper_exporter.web.webconfig import load_web_config
 
 
 def openssl(*args, cwd):

@@ -12,16 +12,21 @@ import click
 
 from whisper_exporter import __version__
 from whisper_exporter.config import Config, ConfigError, load, parse_listen
+from whisper_exporter.runtime.collector import plugin_names
 
 EXIT_CONFIG = 2
 
 
-def _config_or_exit(path: Optional[str], listen: Optional[str] = None, log_level: Optional[str] = None) -> Config:
+def _config_or_exit(path: Optional[str], listen: Optional[str] = None, log_level: Optional[str] = None,
+                    collectors: Optional[dict[str, Optional[bool]]] = None) -> Config:
     try:
         config = load(path)
     except ConfigError as err:
         click.echo(f"whisper-exporter: bad configuration: {err}", err=True)
         sys.exit(EXIT_CONFIG)
+    for name, enabled in (collectors or {}).items():
+        if enabled is not None:  # --collector.NAME / --no-collector.NAME override the file
+            getattr(config.collectors, name).enabled = enabled
     if listen is not None:
         try:
             parse_listen(listen)
@@ -34,7 +39,24 @@ def _config_or_exit(path: Optional[str], listen: Optional[str] = None, log_level
     return config
 
 
+def _collector_flags(command: Callable) -> Callable:
+    """--collector.NAME / --no-collector.NAME for every installed collector plugin, as node_exporter
+    has them. Names come from the entry points, so no collector is imported for --help."""
+    for name in reversed(plugin_names()):
+        command = click.option(
+            f"--collector.{name}/--no-collector.{name}", f"collector__{name.replace('-', '_')}", default=None,
+            help=f"Enable or disable the {name} collector (default: from config).",
+        )(command)
+    return command
+
+
+def _collector_choices(flags: dict[str, Optional[bool]]) -> dict[str, Optional[bool]]:
+    by_param = {f"collector__{n.replace('-', '_')}": n for n in plugin_names()}
+    return {by_param[k]: v for k, v in flags.items() if k in by_param}
+
+
 def _run_options(command: Callable) -> Callable:
+    command = _collector_flags(command)
     command = click.option(
         "--web.health-open", "health_open", is_flag=True, default=False,
         help="Serve /-/healthy and /-/ready without authentication (for orchestrator probes).",
@@ -61,11 +83,12 @@ def _run_options(command: Callable) -> Callable:
 
 
 def _run(config_path: Optional[str], listen: Optional[str], log_level: Optional[str],
-         web_config: Optional[str] = None, health_open: bool = False) -> None:
-    from whisper_exporter import daemon  # imports the collectors; keep `version` and `--help` fast
-    from whisper_exporter.webconfig import load_web_config
+         web_config: Optional[str] = None, health_open: bool = False,
+         collectors: Optional[dict[str, Optional[bool]]] = None) -> None:
+    from whisper_exporter.runtime import wiring as daemon  # imports the collectors; keep `version` and `--help` fast
+    from whisper_exporter.web.webconfig import load_web_config
 
-    config = _config_or_exit(config_path, listen, log_level)
+    config = _config_or_exit(config_path, listen, log_level, collectors)
     web = None
     if web_config is not None:
         try:
@@ -92,21 +115,21 @@ def _run(config_path: Optional[str], listen: Optional[str], log_level: Optional[
 @_run_options
 @click.pass_context
 def main(ctx: click.Context, config_path: Optional[str], listen: Optional[str], log_level: Optional[str],
-         web_config: Optional[str], health_open: bool) -> None:
+         web_config: Optional[str], health_open: bool, **flags: Optional[bool]) -> None:
     """Prometheus exporter for a Whisper speech-recognition server.
 
     With no command, runs the exporter (the same as `run`).
     """
     if ctx.invoked_subcommand is None:
-        _run(config_path, listen, log_level, web_config, health_open)
+        _run(config_path, listen, log_level, web_config, health_open, _collector_choices(flags))
 
 
 @main.command()
 @_run_options
 def run(config_path: Optional[str], listen: Optional[str], log_level: Optional[str],
-        web_config: Optional[str], health_open: bool) -> None:
+        web_config: Optional[str], health_open: bool, **flags: Optional[bool]) -> None:
     """Run the exporter until SIGTERM or SIGINT."""
-    _run(config_path, listen, log_level, web_config, health_open)
+    _run(config_path, listen, log_level, web_config, health_open, _collector_choices(flags))
 
 
 @main.command("check-config")
@@ -114,7 +137,7 @@ def run(config_path: Optional[str], listen: Optional[str], log_level: Optional[s
 def check_config(path: str) -> None:
     """Validate a configuration file; exit 2 naming the key when it is wrong."""
     config = _config_or_exit(path)
-    enabled = [name for name, section in vars(config.collectors).items() if section.enabled]
+    enabled = [name for name, section in config.collectors.items() if section.enabled]
     click.echo(f"{path}: OK (listen {config.listen}; collectors: {', '.join(enabled) or 'none'})")
 
 
@@ -141,9 +164,9 @@ def probe(config_path: Optional[str], target: Optional[str], audio: Optional[str
     import os
     import re
 
-    from collectors import probe as probe_collector
-    from whisper_exporter.clients import ClientSetupError
-    from whisper_exporter.config import Canary, canary_name
+    from whisper_exporter.collectors import probe as probe_collector
+    from whisper_exporter.collectors.probe import Canary, canary_name
+    from whisper_exporter.whisper.clients import ClientSetupError
 
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)  # the report says it all
     config = _config_or_exit(config_path)
@@ -218,9 +241,9 @@ def evaluate(manifest: Optional[str], target: Optional[str], config_path: Option
     import json
     import re
 
-    from whisper_exporter import evaluate as ev
-    from whisper_exporter import manifest as mf
-    from whisper_exporter.clients import ClientSetupError, make_client
+    from whisper_exporter.quality import evaluate as ev
+    from whisper_exporter.quality import manifest as mf
+    from whisper_exporter.whisper.clients import ClientSetupError, make_client
 
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
     config = _config_or_exit(config_path)

@@ -64,6 +64,44 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+@dataclass(frozen=True)
+class KeyPath:
+    """Where a value sits in the configuration, for errors: the file and the dotted key path."""
+
+    source: str
+    key: str
+
+    def child(self, name: str) -> "KeyPath":
+        return KeyPath(self.source, f"{self.key}.{name}" if self.key else name)
+
+    def error(self, name: str, expected: str, got: Any = dataclasses.MISSING) -> ConfigError:
+        """A ConfigError about `name` under this path ("" for the path itself)."""
+        key = self.child(name).key if name else self.key
+        return ConfigError(self.source, key, expected, got)
+
+
+def one_of(at: KeyPath, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise unless `value` is one of `choices`."""
+    if value not in choices:
+        raise at.error(name, "one of " + ", ".join(choices), value)
+
+
+def positive(at: KeyPath, name: str, value: float, what: str = "a duration greater than 0") -> None:
+    """Raise unless `value` > 0."""
+    if not value > 0:
+        raise at.error(name, what, value)
+
+
+def valid_regex(at: KeyPath, name: str, value: Optional[str]) -> None:
+    """Raise unless `value` is None or compiles as a Python regular expression."""
+    if value is None:
+        return
+    try:
+        re.compile(value)
+    except re.error as err:
+        raise at.error(name, f"a valid regular expression ({err})", value)
+
+
 @dataclass
 class ServiceConfig:
     url: str = "http://127.0.0.1:8000"
@@ -74,132 +112,28 @@ class ServiceConfig:
     api_key_file: Optional[str] = None
     headers: dict[str, str] = field(default_factory=dict)
 
-
-@dataclass
-class GpuConfig:
-    enabled: bool = True
-    interval: Duration = Duration(5)
-    timeout: Duration = Duration(3)
-    devices: Union[str, list[int]] = "all"  # "all" or a list of indices
-    xid_events: bool = True
+    def check(self, at: KeyPath) -> None:
+        if not re.match(r"^https?://[^/\s]+", self.url):
+            raise at.error("url", "an http:// or https:// URL", self.url)
+        one_of(at, "api", self.api, ("openai", "asr-webservice", "whispercpp"))
+        positive(at, "timeout", self.timeout)
 
 
-@dataclass
-class ProcessConfig:
-    enabled: bool = True
-    interval: Duration = Duration(5)
-    timeout: Duration = Duration(3)
-    match: Optional[str] = "faster-whisper|whisper|uvicorn"
-    pid: Optional[int] = None
-    pid_file: Optional[str] = None
-    children: bool = True
+class Sections(types.SimpleNamespace):
+    """The `collectors:` mapping: one validated section per installed collector plugin, by name."""
+
+    def items(self) -> list[tuple[str, Any]]:
+        return list(vars(self).items())
+
+    def __getitem__(self, name: str) -> Any:
+        return vars(self)[name]
 
 
-@dataclass
-class LogField:
-    """Where a record field is in a log line: a dotted JSON path or a regex group, and its unit."""
+def default_sections() -> Sections:
+    """Every installed plugin's section with its built-in defaults."""
+    from whisper_exporter.runtime.collector import plugins  # entry points are read at run time
 
-    field: str = ""
-    unit: str = "s"  # s | ms | us, for durations
-
-
-@dataclass
-class LogFile:
-    path: str = ""  # a file or a glob; required
-    format: str = "json"  # json | regex | a preset (see whisper_exporter/logparse.py PRESETS)
-    pattern: Union[str, list[str], None] = None  # format regex: Python regular expression(s) with named groups
-    # record field -> log field; overrides the format's defaults per field, null drops one
-    fields: dict[str, Union[str, LogField, None]] = field(default_factory=dict)
-
-
-@dataclass
-class LogsConfig:
-    enabled: bool = False
-    interval: Duration = Duration(1)  # how often the files are polled
-    timeout: Duration = Duration(10)
-    start_at: str = "end"  # end | beginning: where files present at start-up are read from
-    files: list[LogFile] = field(default_factory=list)
-    # Allowed label values; anything else is counted as "other". null: the built-in sets.
-    endpoints: Optional[list[str]] = None
-    status_codes: Optional[list[int]] = None
-    languages: Optional[list[str]] = None
-    max_series: int = 5000  # endpoint x status x language combinations of whisper_requests_total
-    max_line_bytes: int = 1048576  # longer lines are skipped and counted
-
-
-@dataclass
-class Canary:
-    """One canary: audio with a known transcript, sent to the service as a user would."""
-
-    audio: str = ""  # path; relative paths are relative to the config file's folder; required
-    reference: str = ""  # what is said in it; required
-    language: str = "en"  # a Whisper language code; also picks the normaliser and the unit
-    name: Optional[str] = None  # the `probe` label; default: the audio file's name without suffix
-
-
-@dataclass
-class ProbeConfig:
-    enabled: bool = True
-    interval: Duration = Duration(60)
-    timeout: Duration = Duration(30)  # for one canary's request (connect, answer, body)
-    response_format: str = "verbose_json"  # json | verbose_json (openai and whispercpp APIs)
-    max_error_rate: float = 0.5  # a transcript with a higher WER/CER counts as wrong_transcript
-    canaries: list[Canary] = field(default_factory=list)  # empty: the bundled English canary
-
-    @property
-    def run_timeout(self) -> float:
-        """The scheduler's watchdog for one run of every canary, one after another.
-
-        A request may take up to three timeouts in the worst case (connecting, waiting for
-        the answer, a body that stops arriving), plus reading the audio and scoring."""
-        return max(1, len(self.canaries)) * (3 * self.timeout + 1.0) + 5.0
-
-
-def canary_name(canary: Canary) -> str:
-    return canary.name or Path(canary.audio).stem
-
-
-@dataclass
-class ProductionConfig:
-    """Production sampling (docs/quality.md): the log collector queues, reviewers verify, we score."""
-
-    queue: Optional[str] = None  # review queue (JSON lines) the log collector appends to; null: off
-    references: Optional[str] = None  # verified references (JSON lines {"id", "reference"}) by reviewers
-    fraction: float = 0.01  # of logged requests with audio path and transcript, per language x duration band
-    max_queue: int = 1000  # items waiting; samples drawn while full are dropped and counted
-
-
-@dataclass
-class QualityConfig:
-    enabled: bool = False
-    interval: Duration = Duration(3600)
-    timeout: Duration = Duration(60)  # for one utterance's request
-    manifest: Optional[str] = None  # the labeled reference set (JSON lines or CSV)
-    per_run: int = 50  # utterances per run, stratified by language and strata tags
-    max_server_share: float = 0.1  # at most this share of wall time busy with our requests
-    state_file: Optional[str] = None  # keeps the sampling cursor across restarts; null: in memory
-    thresholds: dict[str, float] = field(default_factory=dict)  # language (or "default") -> max error rate
-    production: ProductionConfig = field(default_factory=ProductionConfig)
-
-    @property
-    def run_budget(self) -> float:
-        """A run stops sending new utterances after this long (the rest wait for the next run)."""
-        return 0.9 * self.interval
-
-    @property
-    def run_timeout(self) -> float:
-        """The scheduler's watchdog for one run: the budget, one request that began just before
-        it ran out (up to three timeouts), and loading the manifest."""
-        return self.run_budget + 3 * self.timeout + 60.0
-
-
-@dataclass
-class CollectorsConfig:
-    gpu: GpuConfig = field(default_factory=GpuConfig)
-    process: ProcessConfig = field(default_factory=ProcessConfig)
-    logs: LogsConfig = field(default_factory=LogsConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    quality: QualityConfig = field(default_factory=QualityConfig)
+    return Sections(**{name: plugin.config() for name, plugin in plugins().items()})
 
 
 @dataclass
@@ -207,49 +141,19 @@ class Config:
     listen: str = DEFAULT_LISTEN
     log_level: str = "info"
     service: ServiceConfig = field(default_factory=ServiceConfig)
-    collectors: CollectorsConfig = field(default_factory=CollectorsConfig)
+    collectors: Sections = field(default_factory=default_sections)
     source: str = "<defaults>"  # where it came from, for messages; not a config key
 
     @property
     def listen_address(self) -> tuple[str, int]:
         return parse_listen(self.listen)
 
-
-# Checks beyond the type, by key path: (predicate, what was expected).
-_CHOICES = {
-    "log_level": ("debug", "info", "warning", "error"),
-    "service.api": ("openai", "asr-webservice", "whispercpp"),
-    "collectors.logs.start_at": ("end", "beginning"),
-    "collectors.probe.response_format": ("json", "verbose_json"),
-}
-
-
-def _check_value(source: str, key: str, value: Any) -> None:
-    if key in _CHOICES and value not in _CHOICES[key]:
-        raise ConfigError(source, key, "one of " + ", ".join(_CHOICES[key]), value)
-    leaf = key.rsplit(".", 1)[-1]
-    if leaf == "interval" and value <= 0:
-        raise ConfigError(source, key, "a duration greater than 0", value)
-    if key == "listen":
+    def check(self, at: KeyPath) -> None:
+        one_of(at, "log_level", self.log_level, ("debug", "info", "warning", "error"))
         try:
-            parse_listen(value)
+            parse_listen(self.listen)
         except ValueError:
-            raise ConfigError(source, key, "an address HOST:PORT with a port from 0 (any free port) to 65535", value)
-    if key == "service.url" and not re.match(r"^https?://[^/\s]+", value):
-        raise ConfigError(source, key, "an http:// or https:// URL", value)
-    if key.endswith(".match") and value is not None:
-        try:
-            re.compile(value)
-        except re.error as err:
-            raise ConfigError(source, key, f"a valid regular expression ({err})", value)
-    if key.endswith(".devices") and isinstance(value, str) and value != "all":
-        raise ConfigError(source, key, '"all" or a list of GPU indices', value)
-    if key.startswith("collectors.logs."):
-        _check_logs(source, key, value)
-    if key.startswith("collectors.probe."):
-        _check_probe(source, key, value)
-    if key == "collectors.quality" or key.startswith("collectors.quality."):
-        _check_quality(source, key, value)
+            raise at.error("listen", "an address HOST:PORT with a port from 0 (any free port) to 65535", self.listen)
 
 
 def config_dir(source: str) -> Path:
@@ -264,119 +168,6 @@ def resolve_path(path: Optional[str], base: Path) -> Optional[str]:
         return None
     p = Path(path).expanduser()
     return str(p if p.is_absolute() else base / p)
-
-
-def _canary_audio_problem(source: str, audio: str) -> Optional[str]:
-    """Why the canary's audio cannot be used, or None. Relative paths are relative to the
-    config file's folder, as the probe collector resolves them."""
-    from whisper_exporter.audio import AudioError, duration_seconds  # mutagen only when canaries are set
-
-    path = Path(resolve_path(audio, config_dir(source)))
-    try:
-        duration_seconds(path)
-    except AudioError as err:
-        return str(err).removeprefix(f"{path}: ")
-    return None
-
-
-def _check_probe(source: str, key: str, value: Any) -> None:
-    if key == "collectors.probe.timeout" and value <= 0:
-        raise ConfigError(source, key, "a duration greater than 0", value)
-    if key == "collectors.probe.max_error_rate" and value < 0:
-        raise ConfigError(source, key, "an error rate of 0 or more (0.5 = one error in two words)", value)
-    if key == "collectors.probe.canaries":
-        names: dict[str, int] = {}
-        for i, canary in enumerate(value):
-            where = f"{key}[{i}]"
-            if not canary.audio:
-                raise ConfigError(source, f"{where}.audio", "the path of an audio file (WAV, FLAC, MP3, OGG)")
-            if not canary.reference.strip():
-                raise ConfigError(source, f"{where}.reference", "the text spoken in the audio")
-            if not re.fullmatch(r"[a-z]{2,3}", canary.language):
-                raise ConfigError(source, f"{where}.language", "a Whisper language code such as en, de, zh or yue",
-                                  canary.language)
-            problem = _canary_audio_problem(source, canary.audio)
-            if problem:
-                raise ConfigError(source, f"{where}.audio", f"a readable audio file ({problem})", canary.audio)
-            name = canary_name(canary)
-            if name in names:
-                raise ConfigError(source, f"{where}.name",
-                                  f"a name no other canary has ({key}[{names[name]}] is also {name!r})", name)
-            names[name] = i
-
-
-def _check_quality(source: str, key: str, value: Any) -> None:
-    leaf = key.rsplit(".", 1)[-1]
-    if leaf == "timeout" and value <= 0:
-        raise ConfigError(source, key, "a duration greater than 0", value)
-    if leaf in ("per_run", "max_queue") and value < 1:
-        raise ConfigError(source, key, "a number greater than 0", value)
-    if leaf == "max_server_share" and not 0 < value <= 1:
-        raise ConfigError(source, key, "a share of the server's time above 0 and at most 1 (0.1 = 10%)", value)
-    if leaf == "fraction" and not 0 <= value <= 1:
-        raise ConfigError(source, key, "a fraction from 0 to 1 (0.01 = 1% of requests)", value)
-    if key == "collectors.quality.thresholds":
-        from whisper_exporter.manifest import language_code  # mutagen only when quality is configured
-
-        for name, rate in value.items():
-            if name != "default" and language_code(name) != name:
-                raise ConfigError(source, f"{key}.{name}", "a Whisper language code (en, zh, yue ...) or default",
-                                  name)
-            if not 0 <= rate < float("inf"):
-                raise ConfigError(source, f"{key}.{name}", "an error rate of 0 or more (0.1 = 10%)", rate)
-    if key == "collectors.quality.production" and value.references and not value.queue:
-        raise ConfigError(source, f"{key}.queue", "the review queue whose ids the references file names")
-    if key == "collectors.quality" and value.enabled:
-        if not value.manifest and not value.production.references:
-            raise ConfigError(source, f"{key}.manifest",
-                              "the labeled reference set to evaluate (or production.references to score)")
-        if value.manifest:
-            path = Path(resolve_path(value.manifest, config_dir(source)))
-            if not path.is_file():
-                raise ConfigError(source, f"{key}.manifest", f"a readable manifest file ({path} is not a file)",
-                                  value.manifest)
-
-
-def _check_logs(source: str, key: str, value: Any) -> None:
-    from whisper_exporter import logparse  # no import cycle: logparse imports nothing of ours
-
-    leaf = key.rsplit(".", 1)[-1]
-    if leaf in ("max_series", "max_line_bytes") and value < 1:
-        raise ConfigError(source, key, "a number greater than 0", value)
-    if leaf == "endpoints" and value is not None:
-        for i, path in enumerate(value):
-            if not path.startswith("/"):
-                raise ConfigError(source, f"{key}[{i}]", "a path starting with /", path)
-    if leaf == "status_codes" and value is not None:
-        for i, code in enumerate(value):
-            if not 100 <= code <= 599:
-                raise ConfigError(source, f"{key}[{i}]", "an HTTP status code from 100 to 599", code)
-    if leaf == "languages" and value is not None:
-        for i, name in enumerate(value):
-            if logparse.language_code(name) is None:
-                raise ConfigError(source, f"{key}[{i}]", "a Whisper language code or name (en, english, yue)", name)
-    if key == "collectors.logs.files":
-        for i, entry in enumerate(value):
-            where = f"{key}[{i}]"
-            if not entry.path:
-                raise ConfigError(source, f"{where}.path", "a file or glob to follow")
-            if entry.format not in logparse.FORMATS:
-                raise ConfigError(source, f"{where}.format", "one of " + ", ".join(logparse.FORMATS), entry.format)
-            if entry.format == "regex" and not entry.pattern:
-                raise ConfigError(source, f"{where}.pattern", "a regular expression with named groups (format regex)")
-            for name, spec in entry.fields.items():
-                if name not in logparse.RECORD_FIELDS:
-                    raise ConfigError(source, f"{where}.fields.{name}",
-                                      "a record field (one of " + ", ".join(logparse.RECORD_FIELDS) + ")")
-                if isinstance(spec, LogField) and spec.unit not in logparse.UNITS:
-                    raise ConfigError(source, f"{where}.fields.{name}.unit",
-                                      "one of " + ", ".join(logparse.UNITS), spec.unit)
-            try:
-                logparse.make_parser(entry.format, entry.pattern, entry.fields)
-            except ValueError as err:
-                about_pattern = entry.format == "regex" and any(w in str(err) for w in ("pattern", "regular", "group"))
-                raise ConfigError(source, f"{where}.{'pattern' if about_pattern else 'fields'}",
-                                  f"a usable {entry.format} setting, but: {err}")
 
 
 def _convert(source: str, key: str, tp: Any, value: Any) -> Any:
@@ -444,10 +235,40 @@ def _build(source: str, prefix: str, cls: type, data: Any) -> Any:
     values = {}
     for name in known:
         key = f"{prefix}.{name}" if prefix else name
-        if name in data:
+        if hints[name] is Sections:
+            values[name] = _build_sections(source, key, data.get(name, {}))
+        elif name in data:
             values[name] = _convert(source, key, hints[name], data[name])
-            _check_value(source, key, values[name])
-    return cls(**values)
+    obj = cls(**values)
+    check = getattr(obj, "check", None)
+    if check is not None:  # config types validate themselves, next to their fields
+        check(KeyPath(source, prefix))
+    return obj
+
+
+def _build_sections(source: str, key: str, data: Any) -> Sections:
+    """`collectors:`: each installed plugin's section, validated like any other section."""
+    from whisper_exporter.runtime.collector import plugins
+
+    available = plugins()
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, key, "a mapping of collector names to their settings", data)
+    for name in data:
+        if name not in available:
+            raise ConfigError(source, f"{key}.{name}",
+                              "a known key (one of " + ", ".join(sorted(available)) + ")")
+    sections = Sections()
+    for name, plugin in available.items():
+        where = f"{key}.{name}"
+        section = _build(source, where, plugin.config, data.get(name) or {}) if name in data else plugin.config()
+        # What every section has, by the plugin contract (runtime/collector.py).
+        at = KeyPath(source, where)
+        positive(at, "interval", section.interval)
+        positive(at, "timeout", section.timeout)
+        setattr(sections, name, section)
+    return sections
 
 
 def from_dict(data: Any, source: str = "<config>") -> Config:
@@ -483,8 +304,9 @@ def load(path: Optional[str]) -> Config:
 
 def masked(config: Config) -> dict[str, Any]:
     """The effective configuration for display. Holds only the names of secrets."""
-    data = _plain(dataclasses.asdict(config))
+    data = _plain(dataclasses.asdict(dataclasses.replace(config, collectors=Sections())))
     data.pop("source", None)
+    data["collectors"] = {name: _plain(dataclasses.asdict(section)) for name, section in config.collectors.items()}
     data["service"]["url"] = masked_url(config.service.url)
     headers = data["service"]["headers"]
     for name in headers:

@@ -1,17 +1,15 @@
 """The `whisper_quality_*` metric families, shared by every collector that scores transcripts.
 
 The canary probe (set="canary") and the reference-set evaluation
-(set="reference", issue 5) both count into one `QualityCounters` per exporter,
-obtained with `shared(config, collector_name)`: one object, so each family
-appears once per scrape whatever the number of collectors feeding it. Only
-the first collector that asked for it (its *owner*) renders the families;
-the others just record.
+(set="reference") both count into the one `QualityCounters` of the exporter,
+built in the wiring (runtime/shared.py) and rendered once by the runtime, so
+each family appears once per scrape whatever the number of collectors feeding
+it, and none vanishes while one of them is overdue.
 
-    counters = shared(config, "probe")
+    counters = shared.use_quality()
     counters.record(score, set_="canary")          # one scored utterance
     counters.record_failure("en", "canary")       # one utterance without a transcript
     counters.end_round("canary")                  # error-rate gauges for this round
-    if counters.owner == "probe": yield from counters.families()
 
 Counters (monotonic): reference units, errors by type, utterances by result,
 labelled language, set, unit. `whisper_quality_error_rate` is the corpus error
@@ -28,7 +26,7 @@ from typing import Any, Iterable, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from whisper_exporter.scoring import Score, base_language, unit_for
+from whisper_exporter.whisper.scoring import Score, base_language, unit_for
 
 ERROR_TYPES = ("substitution", "deletion", "insertion")
 # "scored": a transcript was compared with its reference; "failed": no transcript came back.
@@ -60,7 +58,6 @@ class QualityCounters:
         self._languages: set[str] = set()
         self.max_languages = max_languages
         self.folded_total = 0  # utterances whose language was folded into "other"
-        self.owner: Optional[str] = None
 
     def _language(self, language: str) -> str:
         language = base_language(language) or "unknown"
@@ -158,28 +155,19 @@ class QualityCounters:
         return [units_family, errors, utterances, rate, evaluated]
 
 
-# id(config) -> (config, counters); the config is kept so its id is not reused meanwhile.
-_shared: dict[int, tuple[Any, QualityCounters]] = {}
-_shared_lock = threading.Lock()
-
-
-def shared(config: Any, collector_name: str) -> QualityCounters:
-    """The one QualityCounters of this exporter (this Config object). The first caller owns
-    it: that collector, and only that one, renders its families."""
-    with _shared_lock:
-        entry = _shared.get(id(config))
-        if entry is None or entry[0] is not config:
-            entry = (config, QualityCounters())
-            _shared[id(config)] = entry
-        counters = entry[1]
-        if counters.owner is None:
-            counters.owner = collector_name
-        return counters
-
-
-def release(config: Any, collector_name: str) -> None:
-    """The owner stops (exporter shutdown): forget this exporter's counters."""
-    with _shared_lock:
-        entry = _shared.get(id(config))
-        if entry is not None and entry[0] is config and entry[1].owner == collector_name:
-            del _shared[id(config)]
+def review_queue_families(queue: Any) -> list[Metric]:
+    """The review queue's metrics (quality/sampling.py ReviewQueue.stats())."""
+    size, added, dropped = queue.stats()
+    items = GaugeMetricFamily("whisper_quality_review_queue_items",
+                              "Production samples waiting in the review queue for a verified reference.")
+    items.add_metric([], float(size))
+    added_f = CounterMetricFamily("whisper_quality_review_queue_added_total",
+                                  "Production samples added to the review queue.")
+    added_f.add_metric([], float(added))
+    dropped_f = CounterMetricFamily(
+        "whisper_quality_review_queue_dropped_total",
+        "Production samples drawn but not queued: full (max_queue reached), duplicate (already "
+        "queued), write_error (the file cannot be written).", labels=["reason"])
+    for reason, n in dropped.items():
+        dropped_f.add_metric([reason], float(n))
+    return [items, added_f, dropped_f]

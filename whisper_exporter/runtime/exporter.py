@@ -15,9 +15,9 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from whisper_exporter import __version__
-from whisper_exporter.scheduler import Scheduler, describe
+from whisper_exporter.runtime.scheduler import Scheduler, describe
 
-log = logging.getLogger("whisper_exporter.exporter")
+log = logging.getLogger("whisper_exporter.runtime.exporter")
 
 
 class ExporterCollector:
@@ -61,6 +61,12 @@ class ExporterCollector:
             if state.last_run_time is not None:
                 last_run.add_metric([state.name], state.last_run_time)
             errors.add_metric([state.name], float(state.errors_total))
+        if self.scheduler.shared is not None:
+            # Fed by several collectors, rendered once here, whatever state each feeder is in.
+            try:
+                yield from list(self.scheduler.shared.families())
+            except Exception:
+                log.exception("rendering the shared metrics failed")
         build = GaugeMetricFamily(
             "whisper_exporter_build_info",
             "Always 1; the labels say which whisper-exporter build is running.",

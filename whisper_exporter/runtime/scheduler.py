@@ -13,11 +13,14 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from whisper_exporter.collector import Collector
+from whisper_exporter.runtime.collector import Collector
 
-log = logging.getLogger("whisper_exporter.scheduler")
+if TYPE_CHECKING:
+    from whisper_exporter.runtime.shared import Shared
+
+log = logging.getLogger("whisper_exporter.runtime.scheduler")
 
 JITTER = 0.1  # each wait is the interval +/- 10%, so collectors drift apart
 
@@ -74,8 +77,10 @@ def describe(err: BaseException) -> str:
 
 
 class Scheduler:
-    def __init__(self, collectors: list[tuple[Collector, float, float]]):
-        """`collectors` holds (collector, interval seconds, timeout seconds)."""
+    def __init__(self, collectors: list[tuple[Collector, float, float]], shared: Optional["Shared"] = None):
+        """`collectors` holds (collector, interval seconds, timeout seconds); `shared` is the state
+        they share (runtime/shared.py), whose families the exporter renders once."""
+        self.shared = shared
         self.entries = [
             (c, CollectorState(name=c.name, interval=interval, timeout=timeout))
             for c, interval, timeout in collectors

@@ -20,8 +20,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
-from whisper_exporter import clients, scoring
-from whisper_exporter.manifest import Item, Manifest, Problem
+from whisper_exporter.whisper import clients
+from whisper_exporter.whisper import scoring
+from whisper_exporter.quality.manifest import Item, Manifest, Problem
 
 DEFAULT_THRESHOLD = "default"  # the thresholds key for "every other language"
 SCORED, FAILED = "scored", "failed"
@@ -179,7 +180,7 @@ def threshold_for(thresholds: dict[str, float], language: str) -> Optional[float
 
 def parse_thresholds(text: str) -> dict[str, float]:
     """'en=0.1,zh=0.15' (and a bare number for every other language: '0.3,en=0.1'). Raises ValueError."""
-    from whisper_exporter.manifest import language_code
+    from whisper_exporter.quality.manifest import language_code
 
     out: dict[str, float] = {}
     for part in text.split(","):

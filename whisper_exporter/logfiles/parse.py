@@ -35,6 +35,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
+from whisper_exporter.whisper.languages import NO_LANGUAGE, WHISPER_LANGUAGES, language_code  # noqa: F401 (used by callers)
+
 try:  # a third to a fifth of json.loads' cost on request-log lines; see benchmarks/bench_logs.py
     import orjson
 
@@ -410,37 +412,6 @@ def make_parser(format: str, pattern: Union[str, list[str], None] = None,
 OTHER = "other"
 UNKNOWN = "unknown"  # the line did not say
 
-# Whisper's languages (openai/whisper tokenizer.py LANGUAGES), code -> name.
-WHISPER_LANGUAGES = {
-    "en": "english", "zh": "chinese", "de": "german", "es": "spanish", "ru": "russian",
-    "ko": "korean", "fr": "french", "ja": "japanese", "pt": "portuguese", "tr": "turkish",
-    "pl": "polish", "ca": "catalan", "nl": "dutch", "ar": "arabic", "sv": "swedish",
-    "it": "italian", "id": "indonesian", "hi": "hindi", "fi": "finnish", "vi": "vietnamese",
-    "he": "hebrew", "uk": "ukrainian", "el": "greek", "ms": "malay", "cs": "czech",
-    "ro": "romanian", "da": "danish", "hu": "hungarian", "ta": "tamil", "no": "norwegian",
-    "th": "thai", "ur": "urdu", "hr": "croatian", "bg": "bulgarian", "lt": "lithuanian",
-    "la": "latin", "mi": "maori", "ml": "malayalam", "cy": "welsh", "sk": "slovak",
-    "te": "telugu", "fa": "persian", "lv": "latvian", "bn": "bengali", "sr": "serbian",
-    "az": "azerbaijani", "sl": "slovenian", "kn": "kannada", "et": "estonian", "mk": "macedonian",
-    "br": "breton", "eu": "basque", "is": "icelandic", "hy": "armenian", "ne": "nepali",
-    "mn": "mongolian", "bs": "bosnian", "kk": "kazakh", "sq": "albanian", "sw": "swahili",
-    "gl": "galician", "mr": "marathi", "pa": "punjabi", "si": "sinhala", "km": "khmer",
-    "sn": "shona", "yo": "yoruba", "so": "somali", "af": "afrikaans", "oc": "occitan",
-    "ka": "georgian", "be": "belarusian", "tg": "tajik", "sd": "sindhi", "gu": "gujarati",
-    "am": "amharic", "yi": "yiddish", "lo": "lao", "uz": "uzbek", "fo": "faroese",
-    "ht": "haitian creole", "ps": "pashto", "tk": "turkmen", "nn": "nynorsk", "mt": "maltese",
-    "sa": "sanskrit", "lb": "luxembourgish", "my": "myanmar", "bo": "tibetan", "tl": "tagalog",
-    "mg": "malagasy", "as": "assamese", "tt": "tatar", "haw": "hawaiian", "ln": "lingala",
-    "ha": "hausa", "ba": "bashkir", "jw": "javanese", "su": "sundanese", "yue": "cantonese",
-}
-# Whisper's own aliases (TO_LANGUAGE_CODE) on top of the names.
-LANGUAGE_ALIASES = {
-    "burmese": "my", "valencian": "ca", "flemish": "nl", "haitian": "ht", "letzeburgesch": "lb",
-    "pushto": "ps", "panjabi": "pa", "moldavian": "ro", "moldovan": "ro", "sinhalese": "si",
-    "castilian": "es", "mandarin": "zh",
-}
-# Written for "the server did not know or did not say".
-_NO_LANGUAGE = {"", "auto", "none", "null", "unknown", "-"}
 
 # Paths of the Whisper servers' APIs (OpenAI-compatible, whisper-asr-webservice, whisper.cpp).
 DEFAULT_ENDPOINTS = (
@@ -450,25 +421,6 @@ DEFAULT_ENDPOINTS = (
     "/health", "/healthz", "/ready", "/metrics", "/", "/docs", "/openapi.json",
 )
 DEFAULT_STATUS_CODES = tuple(int(s) for s in http.HTTPStatus)
-
-
-def language_code(value: str) -> Optional[str]:
-    """A Whisper language code for a code, a name or a locale ("en", "English", "en-US"), else None."""
-    v = value.strip().lower()
-    if v in WHISPER_LANGUAGES:
-        return v
-    code = _NAME_TO_CODE.get(v)
-    if code:
-        return code
-    for sep in ("-", "_"):
-        if sep in v:
-            head = v.split(sep, 1)[0]
-            if head in WHISPER_LANGUAGES:
-                return head
-    return None
-
-
-_NAME_TO_CODE = {name: code for code, name in WHISPER_LANGUAGES.items()} | LANGUAGE_ALIASES
 
 
 def normalize_endpoint(value: str) -> str:

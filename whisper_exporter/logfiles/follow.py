@@ -44,7 +44,7 @@ import stat
 import time
 from typing import Callable, Optional
 
-log = logging.getLogger("whisper_exporter.follow")
+log = logging.getLogger("whisper_exporter.logfiles.follow")
 
 CHUNK = 1 << 18  # bytes per read
 FINGERPRINT = 64  # bytes before the offset that must not change while we follow a file

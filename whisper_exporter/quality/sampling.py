@@ -50,12 +50,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Iterable, Optional, Sequence
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from whisper_exporter.quality.manifest import Item, Problem, duration_band, jsonl_records
+from whisper_exporter.whisper.languages import language_code
 
-from whisper_exporter.config import config_dir, resolve_path
-from whisper_exporter.manifest import Item, Problem, duration_band, jsonl_records, language_code
-
-log = logging.getLogger("whisper_exporter.sampling")
+log = logging.getLogger("whisper_exporter.quality.sampling")
 
 STATE_VERSION = 1
 
@@ -306,37 +304,10 @@ class ReviewQueue:
             self._sync()
             return removed
 
-    def families(self) -> list[Metric]:
+    def stats(self) -> tuple[int, int, dict[str, int]]:
+        """(items waiting, added in total, dropped by reason), for the metrics."""
         with self._lock:
-            size, added, dropped = len(self._ids), self.added_total, dict(self.dropped)
-        items = GaugeMetricFamily("whisper_quality_review_queue_items",
-                                  "Production samples waiting in the review queue for a verified reference.")
-        items.add_metric([], float(size))
-        added_f = CounterMetricFamily("whisper_quality_review_queue_added_total",
-                                      "Production samples added to the review queue.")
-        added_f.add_metric([], float(added))
-        dropped_f = CounterMetricFamily(
-            "whisper_quality_review_queue_dropped_total",
-            "Production samples drawn but not queued: full (max_queue reached), duplicate (already "
-            "queued), write_error (the file cannot be written).", labels=["reason"])
-        for reason, n in dropped.items():
-            dropped_f.add_metric([reason], float(n))
-        return [items, added_f, dropped_f]
-
-
-_queues: dict[str, ReviewQueue] = {}
-_queues_lock = threading.Lock()
-
-
-def review_queue(path: str, max_items: int) -> ReviewQueue:
-    """The one ReviewQueue of this file in this process."""
-    key = os.path.realpath(path)
-    with _queues_lock:
-        queue = _queues.get(key)
-        if queue is None:
-            queue = _queues[key] = ReviewQueue(path, max_items)
-        queue.max_items = max_items
-        return queue
+            return len(self._ids), self.added_total, dict(self.dropped)
 
 
 # -- production sampling ---------------------------------------------------------------------
@@ -385,8 +356,6 @@ class ProductionSampler:
             duration=duration if duration is not None and math.isfinite(duration) else None,
             duration_band=band, sampled_at=self._clock()))
 
-    def families(self) -> list[Metric]:
-        return self.queue.families()
 
 
 # -- the references file ---------------------------------------------------------------------
@@ -436,12 +405,3 @@ def load_references(path: str) -> tuple[dict[str, VerifiedReference], list[Probl
                 continue
         refs[ident.strip()] = VerifiedReference(ident.strip(), reference, language, number)
     return refs, problems
-
-
-def production_sampler(config: Any) -> Optional[ProductionSampler]:
-    """The log collector's sampler, when `collectors.quality.production.queue` is set."""
-    production = config.collectors.quality.production
-    path = resolve_path(production.queue, config_dir(config.source))
-    if not path:
-        return None
-    return ProductionSampler(review_queue(path, production.max_queue), production.fraction)

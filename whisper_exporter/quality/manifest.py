@@ -47,8 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-from whisper_exporter import audio as audio_mod
-from whisper_exporter import logparse, scoring
+from whisper_exporter.whisper import audio as audio_mod
+from whisper_exporter.whisper import scoring
+from whisper_exporter.whisper.languages import language_code
 
 # Upper bounds (seconds) of the duration bands; the last band is open.
 DURATION_BANDS = (5.0, 15.0, 30.0, 60.0)
@@ -69,9 +70,6 @@ COLUMN = {name: canonical for canonical, names in _ALIASES.items() for name in n
 STRATA_COLUMNS = ("duration_band", "audio_quality", "source")
 KNOWN_COLUMNS = tuple(COLUMN)
 
-# Codes people write that Whisper spells differently (Cantonese must not become zh).
-_LANGUAGE_FIXES = {"cmn": "zh", "zh-cmn": "zh", "zh-yue": "yue", "yue-hk": "yue", "yue-hant": "yue",
-                   "zh_yue": "yue", "zh_cmn": "zh"}
 MAX_TAG_CHARS = 64
 
 
@@ -135,17 +133,6 @@ def duration_band(seconds: Optional[float]) -> str:
     if seconds is None or not 0 <= seconds < math.inf:  # NaN fails the comparison too
         return "unknown"
     return _BAND_LABELS[bisect_right(DURATION_BANDS, seconds)]
-
-
-def language_code(value: Any) -> Optional[str]:
-    """A Whisper language code for 'en', 'English', 'en-US', 'Cantonese', 'zh-yue', 'cmn'; else None."""
-    if not isinstance(value, str) or not value.strip():
-        return None
-    text = value.strip().lower()
-    fixed = _LANGUAGE_FIXES.get(text)
-    if fixed:
-        return fixed
-    return logparse.language_code(text)
 
 
 def detect_format(path: Union[str, os.PathLike], head: bytes = b"") -> str:

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import time
 from html import escape
-from typing import Optional
+from typing import Callable, Optional
 
 import yaml
 
 from whisper_exporter import __version__
 from whisper_exporter.config import Config, masked, masked_url
-from whisper_exporter.scheduler import Scheduler
+from whisper_exporter.runtime.quality_counters import QualityCounters
+from whisper_exporter.runtime.scheduler import Scheduler
+from whisper_exporter.runtime.shared import ProbeView
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
@@ -51,11 +53,8 @@ def collector_rows(scheduler: Scheduler) -> list[dict]:
     return rows
 
 
-def _probe_collector(scheduler: Scheduler):
-    for collector, _state in scheduler.entries:
-        if getattr(collector, "name", None) == "probe" and hasattr(collector, "recent_probes"):
-            return collector
-    return None
+def _probe_collector(scheduler: Scheduler) -> Optional[ProbeView]:
+    return scheduler.shared.probe_view if scheduler.shared is not None else None
 
 
 def _clip(text: Optional[str], limit: int = 200) -> str:
@@ -115,13 +114,10 @@ def _render_probes(scheduler: Scheduler) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _quality_counters(scheduler: Scheduler):
-    """The shared QualityCounters, from whichever collector holds them (probe or quality)."""
-    for collector, _state in scheduler.entries:
-        counters = getattr(collector, "quality", None)
-        if counters is not None and hasattr(counters, "snapshot"):
-            return counters
-    return None
+def _quality_counters(scheduler: Scheduler) -> Optional[QualityCounters]:
+    """The exporter's QualityCounters, when a collector scores transcripts."""
+    shared = scheduler.shared
+    return shared.quality if shared is not None and shared.quality_in_use else None
 
 
 def quality_rows(scheduler: Scheduler) -> dict[str, list[dict]]:
@@ -140,18 +136,18 @@ def quality_rows(scheduler: Scheduler) -> dict[str, list[dict]]:
                 "errors": v["substitution"] + v["deletion"] + v["insertion"],
             })
     worst = []
-    for collector, _state in scheduler.entries:
-        if getattr(collector, "name", None) == "quality" and hasattr(collector, "worst_items"):
-            for set_, results in collector.worst_items().items():
-                for r in results:
-                    worst.append({
-                        "set": set_, "id": r.id, "language": r.language, "unit": r.unit,
-                        "error_rate": "" if r.error_rate is None else f"{r.error_rate:.3f}",
-                        "result": r.result if r.score is not None else f"{r.result}: {r.outcome}",
-                        "reference": _clip(r.reference),
-                        "transcript": _clip(r.transcript) if r.transcript is not None else _clip(r.reason),
-                        "when": _ago(r.started, now),
-                    })
+    view = scheduler.shared.quality_view if scheduler.shared is not None else None
+    if view is not None:
+        for set_, results in view.worst_items().items():
+            for r in results:
+                worst.append({
+                    "set": set_, "id": r.id, "language": r.language, "unit": r.unit,
+                    "error_rate": "" if r.error_rate is None else f"{r.error_rate:.3f}",
+                    "result": r.result if r.score is not None else f"{r.result}: {r.outcome}",
+                    "reference": _clip(r.reference),
+                    "transcript": _clip(r.transcript) if r.transcript is not None else _clip(r.reason),
+                    "when": _ago(r.started, now),
+                })
     return {"rates": rates, "worst": worst}
 
 
@@ -185,6 +181,10 @@ def _render_quality(scheduler: Scheduler) -> str:
     return "\n".join(parts) + "\n"
 
 
+# The page's sections after the collector table, in order: a new section is a function here.
+SECTIONS: list[Callable[[Scheduler], str]] = [_render_probes, _render_quality]
+
+
 def render(config: Config, scheduler: Scheduler) -> str:
     rows = []
     for row in collector_rows(scheduler):
@@ -200,7 +200,7 @@ def render(config: Config, scheduler: Scheduler) -> str:
             f"<td>{row['errors']}</td><td>{error}</td>"
             "</tr>"
         )
-    disabled = [name for name, section in vars(config.collectors).items() if not section.enabled]
+    disabled = [name for name, section in config.collectors.items() if not section.enabled]
     effective = yaml.safe_dump(masked(config), sort_keys=False)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>whisper-exporter</title>
@@ -215,7 +215,7 @@ readiness at <a href="-/ready">/-/ready</a>.</p>
 {''.join(rows)}
 </table>
 <p>Disabled: {escape(', '.join(disabled) or 'none')}.</p>
-{_render_probes(scheduler)}{_render_quality(scheduler)}<h2>Effective configuration</h2>
+{''.join(section(scheduler) for section in SECTIONS)}<h2>Effective configuration</h2>
 <p>From {escape(config.source)}; secrets are shown by name only.</p>
 <pre>{escape(effective)}</pre>
 </body></html>

@@ -45,6 +45,8 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 from urllib3.exceptions import ReadTimeoutError
 
+from whisper_exporter.whisper import languages
+
 SUCCESS = "success"
 HTTP_ERROR = "http_error"
 TIMEOUT = "timeout"
@@ -61,24 +63,6 @@ USER_AGENT = "whisper-exporter"
 _SECRET_HEADER = re.compile(r"authorization|cookie|key|token|secret|password|auth", re.I)
 
 # Whisper's language names (whisper/tokenizer.py) for answers that give a name, not a code.
-_LANGUAGE_NAMES = dict(
-    english="en", chinese="zh", german="de", spanish="es", russian="ru", korean="ko", french="fr",
-    japanese="ja", portuguese="pt", turkish="tr", polish="pl", catalan="ca", dutch="nl", arabic="ar",
-    swedish="sv", italian="it", indonesian="id", hindi="hi", finnish="fi", vietnamese="vi", hebrew="he",
-    ukrainian="uk", greek="el", malay="ms", czech="cs", romanian="ro", danish="da", hungarian="hu",
-    tamil="ta", norwegian="no", thai="th", urdu="ur", croatian="hr", bulgarian="bg", lithuanian="lt",
-    latin="la", maori="mi", malayalam="ml", welsh="cy", slovak="sk", telugu="te", persian="fa",
-    latvian="lv", bengali="bn", serbian="sr", azerbaijani="az", slovenian="sl", kannada="kn",
-    estonian="et", macedonian="mk", breton="br", basque="eu", icelandic="is", armenian="hy",
-    nepali="ne", mongolian="mn", bosnian="bs", kazakh="kk", albanian="sq", swahili="sw",
-    galician="gl", marathi="mr", punjabi="pa", sinhala="si", khmer="km", shona="sn", yoruba="yo",
-    somali="so", afrikaans="af", occitan="oc", georgian="ka", belarusian="be", tajik="tg",
-    sindhi="sd", gujarati="gu", amharic="am", yiddish="yi", lao="lo", uzbek="uz", faroese="fo",
-    haitian_creole="ht", pashto="ps", turkmen="tk", nynorsk="nn", maltese="mt", sanskrit="sa",
-    luxembourgish="lb", myanmar="my", tibetan="bo", tagalog="tl", malagasy="mg", assamese="as",
-    tatar="tt", hawaiian="haw", lingala="ln", hausa="ha", bashkir="ba", javanese="jw",
-    sundanese="su", cantonese="yue",
-)
 
 
 class ClientSetupError(Exception):
@@ -125,13 +109,11 @@ def load_api_key(api_key_env: Optional[str], api_key_file: Optional[str]) -> Opt
 
 
 def language_code(value: Any) -> Optional[str]:
-    """'en', 'english', 'English', 'haitian creole' -> a Whisper language code; None if unknown."""
-    if not isinstance(value, str) or not value.strip():
-        return None
-    text = value.strip().lower()
-    if text in _LANGUAGE_NAMES.values():
-        return text
-    return _LANGUAGE_NAMES.get(text.replace(" ", "_"), text if re.fullmatch(r"[a-z]{2,3}", text) else None)
+    """The answer's language as a Whisper code; an unknown two- or three-letter code is kept as sent."""
+    code = languages.language_code(value)
+    if code is None and isinstance(value, str) and re.fullmatch(r"[a-z]{2,3}", value.strip().lower()):
+        return value.strip().lower()
+    return code
 
 
 def _number(value: Any) -> Optional[float]:

@@ -1,4 +1,8 @@
-"""Wiring: configuration -> collectors -> scheduler -> registry -> HTTP server."""
+"""Wiring: configuration -> shared state -> collectors -> scheduler -> registry -> HTTP server.
+
+The one place where state shared between collectors is built (runtime/shared.py)
+and handed down, as blackbox_exporter builds its probe history in main.
+"""
 from __future__ import annotations
 
 import gc
@@ -10,27 +14,29 @@ from dataclasses import dataclass
 from typing import Optional
 from wsgiref.simple_server import WSGIServer
 
-from whisper_exporter.collector import factories
+from whisper_exporter.runtime.collector import plugins
 from whisper_exporter.config import Config
-from whisper_exporter.exporter import make_registry
-from whisper_exporter.scheduler import Scheduler
-from whisper_exporter.server import make_app, serve
-from whisper_exporter.webconfig import BasicAuth, WebConfig, with_headers
+from whisper_exporter.runtime.exporter import make_registry
+from whisper_exporter.runtime.scheduler import Scheduler
+from whisper_exporter.runtime.shared import Shared
+from whisper_exporter.web.server import make_app, serve
+from whisper_exporter.web.webconfig import BasicAuth, WebConfig, with_headers
 
 log = logging.getLogger("whisper_exporter")
 
 
-def build_scheduler(config: Config) -> Scheduler:
-    """One scheduled entry per enabled collector section, in config order."""
-    available = factories()
+def build_scheduler(config: Config, shared: Optional[Shared] = None) -> Scheduler:
+    """One scheduled entry per enabled collector section, in config order, over one shared state."""
+    shared = shared or Shared.build(config)
+    available = plugins()
     entries = []
-    for name, section in vars(config.collectors).items():
+    for name, section in config.collectors.items():
         if not section.enabled:
             continue
-        collector = available[name](section, config)
-        # A section may derive its watchdog from its own settings (the probe: canaries x timeout).
-        entries.append((collector, section.interval, getattr(section, "run_timeout", section.timeout)))
-    return Scheduler(entries)
+        plugin = available[name]
+        collector = plugin.factory(section, shared)
+        entries.append((collector, section.interval, plugin.run_timeout(section)))
+    return Scheduler(entries, shared=shared)
 
 
 @dataclass

@@ -15,12 +15,12 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from whisper_exporter import landing
+from whisper_exporter.web import status as landing
 from whisper_exporter.config import Config
-from whisper_exporter.scheduler import Scheduler
+from whisper_exporter.runtime.scheduler import Scheduler
 
 StartResponse = Callable[..., object]
-log = logging.getLogger("whisper_exporter.server")
+log = logging.getLogger("whisper_exporter.web.server")
 
 REQUEST_TIMEOUT = 30  # seconds a client may take to send its request (slow clients hold a thread)
 

@@ -1,0 +1,109 @@
+"""State shared between collectors, built once in the wiring and handed to each factory.
+
+Nothing here is a module-level singleton: two exporters in one process (tests,
+a reload) each have their own `Shared`. What several collectors feed is
+rendered once, by the runtime, so a family never appears twice in a scrape and
+never vanishes because one of its feeders is overdue.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Protocol
+
+from prometheus_client.core import Metric
+
+from whisper_exporter.config import Config, config_dir, resolve_path
+from whisper_exporter.runtime.quality_counters import QualityCounters, review_queue_families
+from whisper_exporter.runtime.requests import Labels, RequestMetrics
+
+if TYPE_CHECKING:
+    from whisper_exporter.quality.sampling import ProductionSampler, ReviewQueue
+
+
+class ProbeView(Protocol):
+    """What the status page reads of the probe collector."""
+
+    def recent_probes(self) -> dict[str, list[Any]]: ...
+
+
+class QualityView(Protocol):
+    """What the status page reads of the quality collector."""
+
+    def worst_items(self) -> dict[str, list[Any]]: ...
+
+
+class ProcessWatch:
+    """The Whisper server's pids, as the process collector last found them (the GPU collector
+    reads them to pick out the server's GPU memory)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pids: Optional[frozenset[int]] = None
+        self.updated: Optional[float] = None  # time.monotonic() of the last publish
+
+    def publish(self, pids: Iterable[int]) -> None:
+        with self._lock:
+            self._pids = frozenset(pids)
+            self.updated = time.monotonic()
+
+    def pids(self) -> set[int]:
+        """The last set published; empty before the first scan."""
+        with self._lock:
+            return set(self._pids or ())
+
+
+@dataclass
+class Shared:
+    config: Config
+    quality: QualityCounters = field(default_factory=QualityCounters)
+    requests: RequestMetrics = field(default_factory=RequestMetrics)
+    process_watch: ProcessWatch = field(default_factory=ProcessWatch)
+    review_queue: Optional["ReviewQueue"] = None
+    quality_in_use: bool = False
+    # Typed handles for the status page, set by the factories that build these collectors.
+    probe_view: Optional[ProbeView] = None
+    quality_view: Optional[QualityView] = None
+
+    @classmethod
+    def build(cls, config: Config) -> "Shared":
+        """Everything shared, from the configuration: label bounds come from the logs section."""
+        logs = getattr(config.collectors, "logs", None)
+        labels = Labels(logs.endpoints, logs.status_codes, logs.languages) if logs else Labels(None, None, None)
+        shared = cls(config, requests=RequestMetrics(labels, logs.max_series if logs else 5000))
+        quality = getattr(config.collectors, "quality", None)
+        if quality is not None:
+            path = resolve_path(quality.production.queue, config_dir(config.source))
+            if path:
+                from whisper_exporter.quality.sampling import ReviewQueue
+
+                shared.review_queue = ReviewQueue(path, quality.production.max_queue)
+        return shared
+
+    def use_requests(self) -> RequestMetrics:
+        """The request metrics, for a collector that feeds them (they are rendered from now on)."""
+        self.requests.in_use = True
+        return self.requests
+
+    def use_quality(self) -> QualityCounters:
+        """The quality counters, for a collector that scores transcripts."""
+        self.quality_in_use = True
+        return self.quality
+
+    def production_sampler(self) -> Optional["ProductionSampler"]:
+        """A sampler of real requests into the review queue, when `quality.production.queue` is set."""
+        if self.review_queue is None:
+            return None
+        from whisper_exporter.quality.sampling import ProductionSampler
+
+        return ProductionSampler(self.review_queue, self.config.collectors.quality.production.fraction)
+
+    def families(self) -> Iterable[Metric]:
+        """The families fed by several collectors, each rendered once."""
+        if self.requests.in_use:
+            yield from self.requests.families()
+        if self.quality_in_use:
+            yield from self.quality.families()
+        if self.review_queue is not None:
+            yield from review_queue_families(self.review_queue)
