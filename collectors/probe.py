@@ -30,26 +30,29 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 import threading
-import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from dataclasses import field as dataclass_field
-from pathlib import Path
 from importlib import resources
+from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from whisper_exporter.whisper import audio
-from whisper_exporter.whisper import clients
+from whisper_exporter.config import (
+    Config,
+    Duration,
+    KeyPath,
+    config_dir,
+    one_of,
+    resolve_path,
+)
+from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.runtime.quality_counters import QualityCounters
 from whisper_exporter.runtime.shared import Shared
-from whisper_exporter.whisper import scoring
-from whisper_exporter.runtime.collector import Plugin
-from whisper_exporter.config import Config, Duration, KeyPath, config_dir, one_of, resolve_path
+from whisper_exporter.whisper import audio, clients, scoring, utterance
 
 log = logging.getLogger(__name__)
 
@@ -202,42 +205,21 @@ class ProbeRecord:
 def probe_canary(client: clients.WhisperClient, canary: Canary, max_error_rate: float) -> ProbeRecord:
     """Probe one canary now. Raises audio.AudioError when its audio cannot be read;
     everything the server does becomes the record's result."""
-    path = canary.audio
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise audio.AudioError(f"{path}: no such file") from None
-    except OSError as err:
-        raise audio.AudioError(f"{path}: cannot read ({err.strerror or err})") from None
-    audio_duration = audio.duration_seconds(data, name=path)
-    name = canary.name or canary_name(canary)
-    started = time.time()
-    outcome = client.transcribe(data, os.path.basename(path), canary.language)
+    u = utterance.run(client, canary.audio, canary.reference, canary.language)
     record = ProbeRecord(
-        canary=name, started=started, result=outcome.outcome, duration=outcome.elapsed,
-        status_code=outcome.status_code, reason=outcome.reason, language=canary.language,
-        unit=scoring.unit_for(canary.language), audio_path=path, audio_duration=audio_duration,
-        target=client.url, api=client.api, reference=canary.reference, max_error_rate=max_error_rate,
-        exchange=outcome.exchange,
+        canary=canary.name or canary_name(canary), started=u.started, result=u.outcome, duration=u.elapsed,
+        status_code=u.status_code, reason=u.reason, language=canary.language, unit=u.unit,
+        audio_path=canary.audio, audio_duration=u.audio_duration or 0.0, target=client.url, api=client.api,
+        reference=canary.reference, max_error_rate=max_error_rate, exchange=u.exchange,
     )
-    t = outcome.transcription
-    if t is None:
+    if u.transcript is None or u.score is None:
         return record
-    record.transcript = t.text.strip()[:MAX_TRANSCRIPT_CHARS]
-    record.server_language, record.server_duration = t.language, t.duration
-    record.score = scoring.score(canary.reference, t.text, canary.language)
-    segments = t.segments
-    record.segments = len(segments)
-    if segments:
-        logprobs = [s.avg_logprob for s in segments if s.avg_logprob is not None]
-        ratios = [s.compression_ratio for s in segments if s.compression_ratio is not None]
-        silence = [s.no_speech_prob for s in segments if s.no_speech_prob is not None]
-        temperatures = [s.temperature for s in segments if s.temperature is not None]
-        record.avg_logprob = min(logprobs) if logprobs else None
-        record.compression_ratio = max(ratios) if ratios else None
-        record.no_speech_prob = max(silence) if silence else None
-        record.fallback_segments = sum(1 for x in temperatures if x > 0) if temperatures else None
+    record.transcript = u.transcript.strip()[:MAX_TRANSCRIPT_CHARS]
+    record.server_language, record.server_duration = u.server_language, u.server_duration
+    record.score = u.score
+    s = u.signals
+    record.segments, record.avg_logprob, record.compression_ratio = s.segments, s.avg_logprob, s.compression_ratio
+    record.no_speech_prob, record.fallback_segments = s.no_speech_prob, s.fallback_segments
     if record.score.error_rate > max_error_rate:
         record.result = WRONG_TRANSCRIPT
         record.reason = (f"{record.unit} error rate {record.score.error_rate:.3f} is above "

@@ -253,7 +253,7 @@ def test_audio_gone_at_send_time_is_skipped_not_failed(labeled, monkeypatch):
     collector.update()
     assert ("de-1.wav", "de") not in client.calls and len(client.calls) == len(SET) - 1
     assert samples(collector, "whisper_quality_utterances_total", language="de") == {}  # neither scored nor failed
-    assert collector.problems and "de-1" in collector.problems[0] and "cannot read" in collector.problems[0]
+    assert collector.problems and "de-1" in collector.problems[0] and "no such file" in collector.problems[0]
 
 
 def test_a_manifest_without_a_usable_line_marks_the_collector_down(labeled):

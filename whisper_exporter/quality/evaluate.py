@@ -15,14 +15,13 @@ The whole run fails when a language fails or an utterance got no transcript
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
-from whisper_exporter.whisper import clients
-from whisper_exporter.whisper import scoring
 from whisper_exporter.quality.manifest import Item, Manifest, Problem
+from whisper_exporter.whisper import clients, scoring, utterance
+from whisper_exporter.whisper.audio import AudioError
 
 DEFAULT_THRESHOLD = "default"  # the thresholds key for "every other language"
 SCORED, FAILED = "scored", "failed"
@@ -82,19 +81,15 @@ def evaluate_item(client: clients.WhisperClient, item: Item, set_: str = "refere
         started=time.time(), set=set_,
     )
     try:
-        with open(item.audio, "rb") as f:
-            data = f.read()
-    except OSError as err:
+        u = utterance.run(client, item.audio, item.reference, item.language, measure_duration=False)
+    except AudioError as err:
         result.outcome = "audio_error"
-        result.reason = f"cannot read {item.audio} ({err.strerror or err})"
+        result.reason = str(err)
         return result
-    outcome = client.transcribe(data, os.path.basename(item.audio), item.language)
-    result.outcome, result.elapsed, result.reason = outcome.outcome, outcome.elapsed, outcome.reason
-    if outcome.transcription is None:
+    result.outcome, result.elapsed, result.reason = u.outcome, u.elapsed, u.reason
+    if u.transcript is None or u.score is None:
         return result
-    result.transcript = outcome.transcription.text
-    result.score = scoring.score(item.reference, outcome.transcription.text, item.language)
-    result.result = SCORED
+    result.transcript, result.score, result.result = u.transcript, u.score, SCORED
     return result
 
 

@@ -1,0 +1,103 @@
+"""One path to read, transcribe and score an utterance, for the probe, the quality collector and `evaluate`.
+
+    u = utterance.run(client, "/canary/en.wav", "the quick brown fox", "en")
+    u.outcome, u.elapsed, u.transcript, u.score, u.signals
+
+Audio that cannot be read raises `audio.AudioError` (the caller decides whether
+that is a configuration problem or a skipped item); everything the server does
+becomes the utterance's outcome, never an exception.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from whisper_exporter.whisper import audio, clients, scoring
+
+MAX_TRANSCRIPT_CHARS = 20000  # kept and scored at most: alignment is quadratic, and a hostile answer can be megabytes
+
+
+@dataclass
+class Signals:
+    """Whisper's reference-free signs of failed decoding, over the answer's segments (verbose_json)."""
+
+    segments: int = 0
+    avg_logprob: Optional[float] = None  # lowest of the segments
+    compression_ratio: Optional[float] = None  # highest of the segments
+    no_speech_prob: Optional[float] = None  # highest of the segments
+    fallback_segments: Optional[int] = None  # segments with temperature > 0
+
+    @classmethod
+    def of(cls, segments: tuple[clients.Segment, ...]) -> "Signals":
+        logprobs = [s.avg_logprob for s in segments if s.avg_logprob is not None]
+        ratios = [s.compression_ratio for s in segments if s.compression_ratio is not None]
+        silence = [s.no_speech_prob for s in segments if s.no_speech_prob is not None]
+        temperatures = [s.temperature for s in segments if s.temperature is not None]
+        return cls(
+            segments=len(segments),
+            avg_logprob=min(logprobs) if logprobs else None,
+            compression_ratio=max(ratios) if ratios else None,
+            no_speech_prob=max(silence) if silence else None,
+            fallback_segments=sum(1 for x in temperatures if x > 0) if temperatures else None,
+        )
+
+
+@dataclass
+class Utterance:
+    """One utterance sent to the server: what came back and how it scored against its reference."""
+
+    audio_path: str
+    language: str
+    reference: str
+    started: float  # unix seconds
+    outcome: str = ""  # the client's outcome: success, http_error, timeout, ...
+    elapsed: float = 0.0  # seconds the request took
+    status_code: Optional[int] = None
+    reason: str = ""
+    audio_duration: Optional[float] = None  # seconds, from the file's header
+    transcript: Optional[str] = None  # as the server returned it (clipped to MAX_TRANSCRIPT_CHARS)
+    score: Optional[scoring.Score] = None
+    signals: Signals = field(default_factory=Signals)
+    server_language: Optional[str] = None
+    server_duration: Optional[float] = None
+    exchange: clients.Exchange = field(default_factory=clients.Exchange)
+
+    @property
+    def unit(self) -> str:
+        return scoring.unit_for(self.language)
+
+
+def read_audio(path: str) -> bytes:
+    """The file's bytes. Raises audio.AudioError naming the file (never quoting its content)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise audio.AudioError(f"{path}: no such file") from None
+    except OSError as err:
+        raise audio.AudioError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def run(client: clients.WhisperClient, path: str, reference: str, language: str,
+        measure_duration: bool = True) -> Utterance:
+    """Read the audio at `path`, send it with `language`, score the answer against `reference`.
+
+    Raises audio.AudioError when the audio cannot be read (or, with `measure_duration`, has no
+    readable duration)."""
+    data = read_audio(path)
+    duration = audio.duration_seconds(data, name=path) if measure_duration else None
+    started = time.time()
+    outcome = client.transcribe(data, os.path.basename(path), language)
+    u = Utterance(audio_path=path, language=language, reference=reference, started=started,
+                  outcome=outcome.outcome, elapsed=outcome.elapsed, status_code=outcome.status_code,
+                  reason=outcome.reason, audio_duration=duration, exchange=outcome.exchange)
+    t = outcome.transcription
+    if t is None:
+        return u
+    u.transcript = t.text[:MAX_TRANSCRIPT_CHARS]
+    u.server_language, u.server_duration = t.language, t.duration
+    u.score = scoring.score(reference, u.transcript, language)
+    u.signals = Signals.of(t.segments)
+    return u
