@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 PACKAGES = {
     "prometheus": "prometheus", "promtool": "prometheus", "amtool": "prometheus-alertmanager",
     "espeak-ng": "espeak-ng", "sox": "sox", "chromium": "chromium", "chromedriver": "chromium-driver",
-    "nginx": "nginx", "curl": "curl", "stress-ng": "stress-ng",
+    "nginx": "nginx", "curl": "curl", "stress-ng": "stress-ng", "systemd-analyze": "systemd",
 }
 
 

@@ -176,7 +176,7 @@ class Follower:
             if tail is not None:
                 tail.path = path
                 continue
-            offset, fp, partial_known = 0, b"", False
+            offset, fp, partial_known, reused = 0, b"", False, False
             remembered = self.closed.pop(ident, None)
             if at_end:
                 offset = None  # decided once the file is open
@@ -199,7 +199,9 @@ class Follower:
                     offset, fp, skip_first = _end_of_complete_lines(fd, st.st_size, self.max_line_bytes)
                 elif partial_known:
                     if st.st_size < offset or _pread(fd, len(fp), offset - len(fp)) != fp:
-                        offset, fp = 0, b""  # not the file we closed (a reused inode): read it all
+                        # Not the file we closed but a new one given its inode number (ext4 reuses
+                        # them at once): read it all, and count the rotation below.
+                        offset, fp, reused = 0, b"", True
                     skip_first = False
                 else:
                     skip_first = False
@@ -223,7 +225,7 @@ class Follower:
                 tail.fp = _pread(fd, FINGERPRINT, max(0, st.st_size - FINGERPRINT))
                 tail.copy_of = copied.ident
             self.tails[ident] = tail
-            if previous is not None and previous != ident and remembered is None:
+            if previous is not None and (reused or (previous != ident and remembered is None)):
                 # A new file where another was: rotation by rename and create, or delete and re-create.
                 self.rotations += 1
                 log.info("log %s: new file at %s (rotated or re-created)", self.pattern, path)
