@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from whisper_exporter.runtime.collector import Plugin
-from whisper_exporter.config import Duration, KeyPath
+from whisper_exporter.config import Duration, KeyPath, warning
 from whisper_exporter.runtime.shared import Shared
 
 log = logging.getLogger("whisper_exporter.gpu")
@@ -36,6 +36,13 @@ class GpuConfig:
             raise at.error("enabled", "true, false or auto", self.enabled)
         if isinstance(self.devices, str) and self.devices != "all":
             raise at.error("devices", '"all" or a list of GPU indices', self.devices)
+
+    def warnings(self, at: KeyPath, config: Any) -> list[str]:
+        """enabled: true on a machine without the driver library: down from the start."""
+        if self.enabled is True and not nvml_library_present():
+            return [warning(at, "enabled", "true, but there is no NVIDIA driver library (libnvidia-ml) on this "
+                                           "machine: the collector will be down (auto turns it off here)")]
+        return []
 
     def active(self, nvml: Any = None) -> bool:
         """Whether the collector runs: `enabled`, with auto settled by looking for the NVML library."""

@@ -12,22 +12,22 @@ is reported as one server: no per-pid labels, so a restart does not create new s
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
-import ipaddress
 import re
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 from urllib.parse import urlsplit
 
 import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from whisper_exporter.runtime.collector import Plugin
-from whisper_exporter.config import Duration, KeyPath, valid_regex
+from whisper_exporter.config import Duration, KeyPath, valid_regex, warning
 from whisper_exporter.runtime.shared import ProcessWatch, Shared
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,18 @@ class ProcessConfig:
     # only histograms and summaries may end in _count) for dashboards not yet moved to
     # whisper_process_processes. Deprecated: removed in the release after next.
     deprecated_count_metric: bool = False
+
+    def warnings(self, at: KeyPath, config: Any) -> list[str]:
+        """Settings that cannot find the server."""
+        if self.pid is None and self.pid_file is not None and not os.path.exists(os.path.expanduser(self.pid_file)):
+            return [warning(at, "pid_file", f"{self.pid_file}: no such file (yet): whisper_process_up is 0 "
+                                            "until the server writes it")]
+        if self.pid is None and self.pid_file is None and self.match is None and self.port is None:
+            port, why = server_port(config.service.url)
+            if port is None:
+                return [warning(at, "match", f"not set, and {why}: the broad fallback pattern "
+                                             f"{FALLBACK_PATTERN!r} is used; set pid_file, match or port")]
+        return []
 
     def check(self, at: KeyPath) -> None:
         valid_regex(at, "match", self.match)
