@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from whisper_exporter.runtime.collector import Plugin
-from whisper_exporter.config import Duration, KeyPath
+from whisper_exporter.config import Duration, KeyPath, warning
 from whisper_exporter.runtime.shared import Shared
 
 log = logging.getLogger("whisper_exporter.gpu")
@@ -23,15 +23,60 @@ log = logging.getLogger("whisper_exporter.gpu")
 
 @dataclass
 class GpuConfig:
-    enabled: bool = True
+    # auto: on when NVIDIA's driver library (NVML) loads on this machine, off with one info line
+    # when there is none (a CPU-only host). A library that loads but fails keeps it on, down and alerting.
+    enabled: Union[bool, str] = "auto"
     interval: Duration = Duration(5)
     timeout: Duration = Duration(3)
     devices: Union[str, list[int]] = "all"  # "all" or a list of indices
     xid_events: bool = True
 
     def check(self, at: KeyPath) -> None:
+        if isinstance(self.enabled, str) and self.enabled != "auto":
+            raise at.error("enabled", "true, false or auto", self.enabled)
         if isinstance(self.devices, str) and self.devices != "all":
             raise at.error("devices", '"all" or a list of GPU indices', self.devices)
+
+    def warnings(self, at: KeyPath, config: Any) -> list[str]:
+        """enabled: true on a machine without the driver library: down from the start."""
+        if self.enabled is True and not nvml_library_present():
+            return [warning(at, "enabled", "true, but there is no NVIDIA driver library (libnvidia-ml) on this "
+                                           "machine: the collector will be down (auto turns it off here)")]
+        return []
+
+    def active(self, nvml: Any = None) -> bool:
+        """Whether the collector runs: `enabled`, with auto settled by looking for the NVML library."""
+        if self.enabled != "auto":
+            return bool(self.enabled)
+        present = nvml_library_present(nvml)
+        if not present:
+            log.info("gpu: collector off: no NVIDIA driver library (libnvidia-ml) on this machine "
+                     "(collectors.gpu.enabled: auto; true runs it anyway)")
+        return present
+
+
+def load_nvml() -> Any:
+    """The NVML bindings (pynvml, from nvidia-ml-py); imported on first use."""
+    import pynvml
+
+    return pynvml
+
+
+def nvml_library_present(nvml: Any = None) -> bool:
+    """False only when NVML's shared library is not there at all. A library that loads but fails
+    (driver not loaded, no GPU, version mismatch) counts as present: that is a fault to report."""
+    nvml = nvml or load_nvml()
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError as err:
+        return err.value != LIBRARY_NOT_FOUND
+    except Exception:  # noqa: BLE001 - anything else is the driver's fault, for the collector to report
+        return True
+    try:
+        nvml.nvmlShutdown()
+    except Exception as err:  # noqa: BLE001
+        log.debug("gpu: nvmlShutdown after the library probe failed: %s", err)
+    return True
 
 # NVML return codes (part of NVML's C ABI, the same as pynvml.NVML_ERROR_*).
 UNINITIALIZED = 1
@@ -161,9 +206,7 @@ class GpuCollector:
         """nvmlInit, device handles, and the XID thread. Safe to call again (it stops first)."""
         self.stop()
         if self.nvml is None:
-            import pynvml
-
-            self.nvml = pynvml
+            self.nvml = load_nvml()
         nvml = self.nvml
         try:
             nvml.nvmlInit()

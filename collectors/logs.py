@@ -9,7 +9,9 @@ scrape. A new log format is a preset in logfiles/parse.py.
 """
 from __future__ import annotations
 
+import glob
 import logging
+import os
 import time
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -19,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from whisper_exporter.logfiles import parse as logparse
 from whisper_exporter.runtime.collector import Plugin
-from whisper_exporter.config import Duration, KeyPath, one_of, positive
+from whisper_exporter.config import Duration, KeyPath, one_of, positive, warning
 from whisper_exporter.whisper.languages import language_code
 from whisper_exporter.logfiles.follow import Follower
 from whisper_exporter.logfiles.parse import LineError
@@ -78,6 +80,15 @@ class LogsConfig:
     max_series: int = 5000  # endpoint x status x language combinations of whisper_requests_total
     max_line_bytes: int = 1048576  # longer lines are skipped and counted
 
+    def warnings(self, at: KeyPath, config: Any) -> list[str]:
+        """Settings that do nothing: no files, or paths where nothing is (yet)."""
+        if not self.files:
+            return [warning(at, "files", "the logs collector is enabled with no files: it does nothing "
+                                         "(list files, or set enabled: false)")]
+        return [warning(at, f"files[{i}].path", f"{f.path}: nothing there (yet): no request metrics from it "
+                                                 "until it appears")
+                for i, f in enumerate(self.files) if not glob.glob(os.path.expanduser(f.path))]
+
     def check(self, at: KeyPath) -> None:
         one_of(at, "start_at", self.start_at, ("end", "beginning"))
         positive(at, "max_series", self.max_series, "a number greater than 0")
@@ -99,9 +110,10 @@ SAMPLE_CHARS = 120  # of a bad line, in the warning
 class _Source:
     """One configured path: its follower, parser and per-path counters."""
 
-    def __init__(self, label: str, parser: Any, follower: Optional[Follower] = None):
+    def __init__(self, label: str, parser: Any, follower: Optional[Follower] = None, format: str = ""):
         self.label = label
         self.parser = parser
+        self.format = format or parser.kind  # json, regex or a preset's name, for the status page
         self.follower = follower
         self.ignored = 0  # lines that parsed but are not about a request
         self.errors = {reason: 0 for reason in logparse.REASONS}
@@ -124,7 +136,7 @@ class LogsCollector:
         start_at_end = section.start_at != "beginning"
         for entry in section.files:
             parser = logparse.make_parser(entry.format, entry.pattern, entry.fields)
-            source = _Source(entry.path, parser)
+            source = _Source(entry.path, parser, format=entry.format)
             source.follower = Follower(
                 entry.path,
                 on_lines=lambda lines, s=source: self.feed(s, lines),
@@ -259,7 +271,8 @@ class LogsCollector:
         for s in self.sources:
             f = s.follower
             state = f"{f.open_files} file(s)" if f.open_files else "no file yet"
-            parts.append(f"{s.label} ({s.parser.kind}): {state}, {f.lines} lines")
+            kind = s.format if s.format in ("json", "regex") else f"{s.format} preset"
+            parts.append(f"{s.label} ({kind}): {state}, {f.lines} lines")
         return "; ".join(parts) or "no files configured"
 
 

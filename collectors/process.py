@@ -1,25 +1,33 @@
 """The Whisper server's processes, read through psutil: up, CPU, memory, threads, fds.
 
-The processes are found by `pid`, else by `pid_file` (re-read every update, so a
-restarted server is followed), else by the `match` regular expression searched in
-each process's name and command line. The whole set is reported as one server:
-no per-pid labels, so a restart does not create new series.
+The server is found by what it is. Explicit settings win: `pid`, else `pid_file`
+(re-read every update, so a restarted server is followed), else the `match`
+regular expression searched in each process's name and command line. With none
+of them set, the server is the process listening on `port` (default: the port of
+`service.url`, when its host is this machine). Only when that listener cannot be
+seen (another user's process without CAP_SYS_PTRACE, another network namespace,
+a remote URL) is FALLBACK_PATTERN used, and the status says so. The whole set
+is reported as one server: no per-pid labels, so a restart does not create new series.
 """
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
+from urllib.parse import urlsplit
 
 import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from whisper_exporter.runtime.collector import Plugin
-from whisper_exporter.config import Duration, KeyPath, valid_regex
+from whisper_exporter.config import Duration, KeyPath, valid_regex, warning
 from whisper_exporter.runtime.shared import ProcessWatch, Shared
 
 log = logging.getLogger(__name__)
@@ -30,13 +38,40 @@ class ProcessConfig:
     enabled: bool = True
     interval: Duration = Duration(5)
     timeout: Duration = Duration(3)
-    match: Optional[str] = "faster-whisper|whisper|uvicorn"
+    match: Optional[str] = None  # an explicit pattern; see FALLBACK_PATTERN for when none is set
     pid: Optional[int] = None
     pid_file: Optional[str] = None
+    port: Optional[int] = None  # the server's listening port (default: service.url's, when it is on this host)
     children: bool = True
+    # Also export the pre-0.2 name whisper_process_count (which `promtool check metrics` rejects:
+    # only histograms and summaries may end in _count) for dashboards not yet moved to
+    # whisper_process_processes. Deprecated: removed in the release after next.
+    deprecated_count_metric: bool = False
+
+    def warnings(self, at: KeyPath, config: Any) -> list[str]:
+        """Settings that cannot find the server."""
+        if self.pid is None and self.pid_file is not None and not os.path.exists(os.path.expanduser(self.pid_file)):
+            return [warning(at, "pid_file", f"{self.pid_file}: no such file (yet): whisper_process_up is 0 "
+                                            "until the server writes it")]
+        if self.pid is None and self.pid_file is None and self.match is None and self.port is None:
+            port, why = server_port(config.service.url)
+            if port is None:
+                return [warning(at, "match", f"not set, and {why}: the broad fallback pattern "
+                                             f"{FALLBACK_PATTERN!r} is used; set pid_file, match or port")]
+        return []
 
     def check(self, at: KeyPath) -> None:
         valid_regex(at, "match", self.match)
+        if self.port is not None and not 0 < self.port < 65536:
+            raise at.error("port", "a TCP port from 1 to 65535", self.port)
+
+
+# Used only when no pid, pid_file or match is set and the listener on the server's port cannot be
+# seen. It is broad on purpose (any Whisper server): it can match another job's server or a
+# `tail -F whisper.log`, which is why the port comes first and several matches are warned about.
+FALLBACK_PATTERN = "faster-whisper|whisper|uvicorn"
+# The status string names at most this many root processes (the status page shows it whole).
+_STATUS_ROOTS = 4
 
 # Programs that are an exporter, ours or another instance: the console script or `-m` module.
 EXPORTER_NAMES = ("whisper-exporter", "whisper_exporter")
@@ -51,6 +86,64 @@ class _Found:
     procs: dict[int, psutil.Process]  # the watched set, by pid
     roots: frozenset[int]  # the pid, or the matches whose parent is not a match
     reason: str  # how they were found, or why nothing was
+    root_of: dict[int, int] = dataclasses.field(default_factory=dict)  # watched pid -> its root
+    by_pattern: bool = False  # several roots found by a pattern are likely unrelated programs
+
+
+def server_port(url: str) -> tuple[Optional[int], str]:
+    """The port of `url` when its host is this machine, else None and why not."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None, f"service.url {url!r} has no usable port"
+    host = (parts.hostname or "").lower()
+    if host in ("localhost", socket.gethostname().lower()) or host.endswith(".localhost"):
+        return port, ""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None, f"service.url's host {host} is not an address of this machine"
+    if ip.is_loopback or ip.is_unspecified:
+        return port, ""
+    try:
+        mine = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+    except OSError:
+        mine = set()
+    if str(ip) in mine:
+        return port, ""
+    return None, f"service.url's host {host} is not an address of this machine"
+
+
+def _listens(conns: Iterable, port: int) -> list:
+    return [c for c in conns if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port]
+
+
+def _listeners(port: int, cached: frozenset[int]) -> tuple[set[int], bool]:
+    """Pids listening on TCP `port`, and whether a listener exists that the exporter cannot see.
+
+    The pids found last time are asked first (one process's sockets: cheap); the full table
+    (every process's fds) is walked only when none of them listens any more.
+    """
+    still = set()
+    for pid in cached:
+        try:
+            proc = psutil.Process(pid)
+            conns = proc.net_connections("tcp") if hasattr(proc, "net_connections") else proc.connections("tcp")
+        except _GONE:
+            continue
+        if _listens(conns, port):
+            still.add(pid)
+    if still:
+        return still, False
+    try:
+        conns = psutil.net_connections("tcp")
+    except psutil.AccessDenied:  # e.g. macOS without root: nothing can be said about owners
+        return set(), True
+    found = _listens(conns, port)
+    # pid None: the socket is in our network namespace but its process's fds are not readable
+    # (another user's process, without CAP_SYS_PTRACE).
+    return {c.pid for c in found if c.pid is not None}, any(c.pid is None for c in found)
 
 
 def _read_pid_file(path: str) -> tuple[Optional[int], str]:
@@ -105,6 +198,16 @@ def _name_cmdline(proc: psutil.Process) -> Optional[tuple[str, list[str]]]:
         return None
 
 
+def _called(proc: psutil.Process) -> str:
+    """'pid 123 (tail -F whisper.log)', for warnings; each argument and the whole cut short."""
+    got = _name_cmdline(proc)
+    if not got:
+        return f"pid {proc.pid} (gone)"
+    args = [os.path.basename(got[1][0])] + got[1][1:] if got[1] else [got[0]]
+    text = " ".join(" ".join(a if len(a) <= 24 else a[:21] + "..." for a in args).split())
+    return f"pid {proc.pid} ({text if len(text) <= 100 else text[:97] + '...'})"
+
+
 def _is_exporter(cmdline: list[str]) -> bool:
     """Whether the command runs an exporter: `whisper-exporter ...`, `python .../whisper-exporter ...`
     or `python -m whisper_exporter ...`. Only the program is looked at, not every argument, so a
@@ -139,8 +242,13 @@ def _exporter_family(me: int, parent: dict[int, int]) -> set[int]:
     return family
 
 
-def _scan(section: ProcessConfig, regex: Optional[re.Pattern]) -> _Found:
-    """Which processes to watch now. Raises only when the process table cannot be read."""
+def _scan(section: ProcessConfig, regex: Optional[re.Pattern], listening: Optional[set[int]] = None,
+          why: str = "") -> _Found:
+    """Which processes to watch now. Raises only when the process table cannot be read.
+
+    `listening`: the pids found on the server's port (used when no pid or pid_file is set and
+    `regex` is None); `why`: how the processes were looked for, when not by pid or `regex`.
+    """
     me = os.getpid()
     by_pid = section.pid is not None or section.pid_file is not None
     if by_pid:
@@ -160,8 +268,10 @@ def _scan(section: ProcessConfig, regex: Optional[re.Pattern]) -> _Found:
         # children (they have its pid as parent until the last thread exits).
         if root is None or (root_called := _name_cmdline(root)) is None:
             return _Found({}, frozenset(), f"{reason}: not running")
-    elif regex is None:
-        return _Found({}, frozenset(), "nothing to look for: set pid, pid_file or match")
+    elif regex is None and not listening:
+        return _Found({}, frozenset(), why or "nothing to look for: set pid, pid_file or match")
+    else:
+        reason = why if regex is None else f"match {regex.pattern!r}" + (f" ({why})" if why else "")
 
     parent = _parent_map()
     children: dict[int, list[int]] = {}
@@ -177,6 +287,10 @@ def _scan(section: ProcessConfig, regex: Optional[re.Pattern]) -> _Found:
             return _Found({}, frozenset(), f"{reason}: that is the exporter or its parent or child")
         table[pid], seen[pid] = root, root_called
         matched = {pid}
+    elif regex is None:  # the listeners on the port
+        matched = set(listening) - excluded
+        if not matched:
+            return _Found({}, frozenset(), f"{reason}: only the exporter")
     else:
         # Plain calls, not process_iter(attrs): attrs land in psutil's shared
         # Process objects, which another thread's scan may overwrite.
@@ -188,10 +302,16 @@ def _scan(section: ProcessConfig, regex: Optional[re.Pattern]) -> _Found:
             if regex.search(called[0]) or regex.search(" ".join(called[1])):
                 matched.add(proc.pid)
         if not matched:
-            return _Found({}, frozenset(), f"no process matches {regex.pattern!r}")
+            return _Found({}, frozenset(), f"no process matches {regex.pattern!r}" + (f" ({why})" if why else ""))
 
     roots = {p for p in matched if parent.get(p) not in matched}
-    wanted = matched | (_descendants(roots, children) if section.children else set())
+    root_of: dict[int, int] = {}
+    for r in sorted(roots):
+        root_of[r] = r
+        for p in _descendants([r], children):
+            if section.children or p in matched:
+                root_of.setdefault(p, r)
+    wanted = set(root_of) | matched
     procs, exporters = {}, 0
     for p in sorted(wanted - excluded):
         proc = table.get(p)
@@ -210,11 +330,14 @@ def _scan(section: ProcessConfig, regex: Optional[re.Pattern]) -> _Found:
     roots &= procs.keys()
     if not procs:
         if by_pid:
-            why = "that is the exporter itself" if exporters else "not running"
-            return _Found({}, frozenset(), f"{reason}: {why}")
+            why_not = "that is the exporter itself" if exporters else "not running"
+            return _Found({}, frozenset(), f"{reason}: {why_not}")
+        if regex is None:
+            return _Found({}, frozenset(), f"{reason}: gone while reading")
         but = " but the exporter itself" if exporters else ""
-        return _Found({}, frozenset(), f"no process matches {regex.pattern!r}{but}")
-    return _Found(procs, frozenset(roots), reason if by_pid else f"match {regex.pattern!r}")
+        return _Found({}, frozenset(), f"no process matches {regex.pattern!r}{but}" + (f" ({why})" if why else ""))
+    return _Found(procs, frozenset(roots), reason, {p: r for p, r in root_of.items() if p in procs},
+                  by_pattern=not by_pid and regex is not None)
 
 
 @dataclass(frozen=True)
@@ -259,10 +382,18 @@ def _read(proc: psutil.Process) -> Optional[_Reading]:
 class ProcessCollector:
     name = "process"
 
-    def __init__(self, section: ProcessConfig, watch: Optional[ProcessWatch] = None):
+    def __init__(self, section: ProcessConfig, watch: Optional[ProcessWatch] = None,
+                 port: Optional[int] = None, no_port: str = ""):
+        """`port`: the server's listening port (section.port wins); `no_port`: why there is none,
+        which makes FALLBACK_PATTERN the way to look when nothing explicit is set."""
         self.section = section
         self.watch = watch  # where the pids found are published (the GPU collector reads them)
         self._regex = re.compile(section.match) if section.match else None
+        self.port = section.port or port
+        self._no_port = "" if self.port else no_port
+        self._fallback = re.compile(FALLBACK_PATTERN)
+        self._listening: frozenset[int] = frozenset()  # pids found on the port last time
+        self._warned: Optional[frozenset[int]] = None  # the unrelated roots last warned about
         self._snapshot: Optional[_Snapshot] = None
         self.status = "not scanned yet"
         self.pids: frozenset[int] = frozenset()
@@ -280,7 +411,7 @@ class ProcessCollector:
     def update(self) -> None:
         with self._lock:
             try:
-                found = _scan(self.section, self._regex)
+                found = self._find()
                 readings = {pid: r for pid, r in ((pid, _read(p)) for pid, p in found.procs.items()) if r}
             except Exception as err:
                 # A table we cannot read is our fault, not the server's: serve no
@@ -294,6 +425,39 @@ class ProcessCollector:
             if self.watch is not None:
                 self.watch.publish(self.pids)
             self.status = self._describe(found, readings)
+            self._warn_unrelated(found, readings)
+
+    def _find(self) -> _Found:
+        """Explicit settings first; else the listener on the port; else the fallback pattern."""
+        s = self.section
+        if s.pid is not None or s.pid_file is not None or self._regex is not None:
+            return _scan(s, self._regex)
+        if self.port:
+            pids, hidden = _listeners(self.port, self._listening)
+            self._listening = frozenset(pids)
+            if pids:
+                return _scan(s, None, pids, f"listening on port {self.port}")
+            if not hidden:
+                return _Found({}, frozenset(), f"nothing listens on port {self.port}")
+            why = (f"fallback: the process listening on port {self.port} is not visible to the exporter; "
+                   "run it as the server's user, or set pid_file or match")
+        elif self._no_port:
+            why = f"fallback: {self._no_port}; set pid_file or match"
+        else:
+            return _scan(s, None)
+        return _scan(s, self._fallback, why=why)
+
+    def _warn_unrelated(self, found: _Found, readings: dict[int, _Reading]) -> None:
+        """Several roots found by a pattern are likely different programs: say which, once per set."""
+        roots = frozenset(found.roots & readings.keys()) if found.by_pattern else frozenset()
+        if len(roots) < 2:
+            self._warned = None
+            return
+        if roots != self._warned:
+            self._warned = roots
+            log.warning("process: %d unrelated processes match, all watched as one server: %s. "
+                        "Set pid_file, or a match (or port) that finds only the server.",
+                        len(roots), ", ".join(_called(found.procs[p]) for p in sorted(roots)))
 
     def _account_cpu(self, readings: dict[int, _Reading]) -> None:
         seen = {}
@@ -326,13 +490,26 @@ class ProcessCollector:
 
     @staticmethod
     def _describe(found: _Found, readings: dict[int, _Reading]) -> str:
+        """Every watched process by its root (the status page's detail column); bounded."""
         if not readings:
             return found.reason if not found.procs else f"{found.reason}: gone while reading"
-        first = min(found.roots & readings.keys(), default=min(readings))
+        kids: dict[int, int] = {}
+        for pid in readings:
+            root = found.root_of.get(pid, pid)
+            root = root if root in readings else pid  # a root that vanished mid-read: its child stands in
+            kids[root] = kids.get(root, -1) + 1
+        roots = sorted(kids)
+        shown = []
+        for root in roots[:_STATUS_ROOTS]:
+            n = kids[root]
+            shown.append(f"pid {root} {readings[root].name}" + (f" +{n} child{'ren' if n > 1 else ''}" if n else ""))
+        if len(roots) > _STATUS_ROOTS:
+            shown.append(f"and {len(roots) - _STATUS_ROOTS} more")
         n = len(readings)
-        more = f" and {n - 1} more" if n > 1 else ""
-        return (f"watching {n} process{'es' if n > 1 else ''} "
-                f"(pid {first} {readings[first].name}{more}), found by {found.reason}")
+        text = f"watching {n} process{'es' if n > 1 else ''} ({'; '.join(shown)}), found by {found.reason}"
+        if found.by_pattern and len(roots) > 1:
+            text += f"; WARNING: {len(roots)} unrelated processes match"
+        return text
 
     def families(self) -> Iterable[Metric]:
         snap = self._snapshot
@@ -341,7 +518,7 @@ class ProcessCollector:
         up = GaugeMetricFamily("whisper_process_up",
                                "1 when at least one Whisper server process was found at the last update.",
                                value=1 if snap.count else 0)
-        count = GaugeMetricFamily("whisper_process_count",
+        count = GaugeMetricFamily("whisper_process_processes",
                                   "Number of Whisper server processes watched (roots and children).",
                                   value=snap.count)
         cpu = CounterMetricFamily("whisper_process_cpu_seconds_total",
@@ -350,6 +527,10 @@ class ProcessCollector:
         cpu.add_metric(["user"], snap.cpu_user)
         cpu.add_metric(["system"], snap.cpu_system)
         out: list[Metric] = [up, count, cpu]
+        if self.section.deprecated_count_metric:
+            out.append(GaugeMetricFamily("whisper_process_count",
+                                         "Deprecated alias of whisper_process_processes (fails promtool's lint; "
+                                         "removed in the release after next).", value=snap.count))
         if not snap.count:
             return out
         out.append(GaugeMetricFamily("whisper_process_resident_memory_bytes",
@@ -371,7 +552,8 @@ class ProcessCollector:
 
 
 def make(section: ProcessConfig, shared: Shared) -> ProcessCollector:
-    return ProcessCollector(section, watch=shared.process_watch)
+    port, why = server_port(shared.config.service.url)
+    return ProcessCollector(section, watch=shared.process_watch, port=port, no_port=why)
 
 
 PLUGIN = Plugin("process", ProcessConfig, make, "the Whisper server's processes: up, CPU, memory, threads, fds")

@@ -132,6 +132,8 @@ class FakeNVML:
         self.calls["nvmlInit"] += 1
         if self.library_missing:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+        if "nvmlInit" in self.errors:  # a driver that is there but failing (e.g. DRIVER_NOT_LOADED)
+            raise pynvml.NVMLError(self.errors["nvmlInit"])
         self.init_count += 1
 
     def nvmlShutdown(self) -> None:

@@ -23,7 +23,7 @@ def test_file_overrides_only_what_it_names(tmp_path):
     assert c.collectors.gpu.interval == 2.0
     assert c.collectors.gpu.devices == [0, 1]
     assert c.collectors.gpu.timeout == 3.0  # untouched default
-    assert c.collectors.process.match == "faster-whisper|whisper|uvicorn"
+    assert c.collectors.process.match is None and c.collectors.process.port is None
     assert c.source == str(path)
 
 
@@ -47,7 +47,7 @@ def test_empty_file_means_defaults(tmp_path):
         ("collectors:\n  process:\n    match: '(['\n", "collectors.process.match", "regular expression"),
         ("collectors:\n  process:\n    pid: abc\n", "collectors.process.pid", "an integer"),
         ("collectors:\n  gpu:\n    devices: [0, a]\n", "collectors.gpu.devices[1]", "an integer"),
-        ("collectors:\n  gpu:\n    enabled: yes please\n", "collectors.gpu.enabled", "true or false"),
+        ("collectors:\n  gpu:\n    enabled: yes please\n", "collectors.gpu.enabled", "true, false or auto"),
         ("log_level: loud\n", "log_level", "one of debug"),
         ("- just\n- a list\n", "", "a mapping"),
         ("collectors: [\n", "", "valid YAML at line"),

@@ -108,7 +108,7 @@ def test_table_per_language_and_exit_0_within_thresholds(server, manifest):
 
 
 def test_exit_1_when_a_language_is_over_its_threshold(server, manifest):
-    result = evaluate("--manifest", manifest, "--target", server.url, "--max-error-rate", "en=0.1,yue=0.29")
+    result = evaluate("--manifest", manifest, "--target", server.url, "--max-error-rate", "en=0.1,zh=0.2,yue=0.29")
     assert result.exit_code == 1, result.output
     assert "Result: FAIL: yue: char error rate 0.3000 is above 0.29" in result.output
     assert re.search(r"^yue .* FAIL$", result.output, re.M)
@@ -123,9 +123,10 @@ def test_a_bare_number_is_the_threshold_of_every_other_language(server, manifest
 
 
 def test_json_report_carries_every_transcript_and_the_counts(server, manifest):
-    result = evaluate("--manifest", manifest, "--target", server.url, "--json", "--max-error-rate", "zh=0.1")
+    result = evaluate("--manifest", manifest, "--target", server.url, "--json", "--max-error-rate", "zh=0.1",
+                      "--allow-unthresholded")
     assert result.exit_code == 1
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)  # progress lines go to stderr
     assert report["passed"] is False and report["breaches"] == ["zh: char error rate 0.1250 is above 0.1"]
     langs = report["languages"]
     assert {k: (v["unit"], v["reference_units"], v["errors"]) for k, v in langs.items()} == {
@@ -145,14 +146,18 @@ def test_broken_lines_are_named_and_the_good_ones_evaluated(server, manifest, tm
         f.write("{oops\n")                                                                           # line 6
         f.write('{"id": "e", "audio": "audio/en-1.wav", "reference": "", "language": "en"}\n')     # line 7
         f.write('{"id": "c", "audio": "audio/en-1.wav", "reference": "x", "language": "en", "mood": 1}\n')  # 8
-    result = evaluate("--manifest", manifest, "--target", server.url)
-    assert result.exit_code == 0, result.output
+    # Skipped lines fail the gate unless allowed: a skipped line is an utterance not evaluated.
+    result = evaluate("--manifest", manifest, "--target", server.url, "--max-error-rate", "0.5")
+    assert result.exit_code == 1, result.output
     assert "Evaluated 4 utterance(s)" in result.output
     assert "Skipped 4 manifest line(s):" in result.output
     for line, text in ((5, "audio/gone.wav: no such file"), (6, "not valid JSON"), (7, "empty reference"),
                        (8, "unknown column 'mood'")):
         assert re.search(rf"^  line {line}: .*{re.escape(text)}", result.output, re.M), (line, result.output)
-    report = json.loads(evaluate("--manifest", manifest, "--target", server.url, "--json").output)
+    assert "Result: FAIL: 4 of 8 manifest line(s) skipped, more than --max-skipped 0" in result.output
+    result = evaluate("--manifest", manifest, "--target", server.url, "--max-error-rate", "0.5", "--max-skipped", 4)
+    assert result.exit_code == 0 and result.output.rstrip().endswith("Result: PASS"), result.output
+    report = json.loads(evaluate("--manifest", manifest, "--target", server.url, "--json").stdout)
     assert [p["line"] for p in report["manifest_problems"]] == [5, 6, 7, 8]
     assert len(report["items"]) == 4
 
@@ -209,3 +214,51 @@ def test_parse_thresholds():
     for bad in ("", "en=", "en=nan", "en=inf"):
         with pytest.raises(ValueError):
             parse_thresholds(bad)
+
+
+# -- a gate that cannot pass by accident (issue 14) -------------------------------------------
+
+def test_five_of_six_lines_skipped_is_not_a_pass(server, manifest):
+    lines = manifest.read_text(encoding="utf-8").splitlines()[:1]  # en-1, which the server gets right
+    lines += ['{"audio": "audio/missing-%d.wav", "reference": "x", "language": "en"}' % i for i in range(5)]
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = evaluate("--manifest", manifest, "--target", server.url, "--max-error-rate", "0.1")
+    assert result.exit_code == 1, result.output
+    assert "Result: FAIL: 5 of 6 manifest line(s) skipped, more than --max-skipped 0" in result.output
+    # Allowing them is a choice on the command line, and then the gate judges what is left.
+    assert evaluate("--manifest", manifest, "--target", server.url, "--max-error-rate", "0.1",
+                    "--max-skipped", 5).exit_code == 0
+    assert evaluate("--manifest", manifest, "--target", server.url, "--max-error-rate", "0.1",
+                    "--max-skipped", 4).exit_code == 1
+
+
+def test_a_language_without_a_threshold_is_not_a_pass(manifest, tmp_path):
+    wav(tmp_path / "audio" / "de-1.wav")
+    manifest.write_text(json.dumps({"id": "de-1", "audio": "audio/de-1.wav", "language": "de",
+                                    "reference": "Guten Morgen, wie geht es Ihnen heute?"}) + "\n")
+    # Every word wrong, and more: a WER above 1, as the user saw (1.29).
+    fake = Fake({"de-1.wav": "Gute Morgenstunde wo gehts denn hin so heute frueh am Tag"})
+    try:
+        result = evaluate("--manifest", manifest, "--target", fake.url)
+        assert result.exit_code == 1, result.output
+        assert re.search(r"^de\s+word\s+1\s+0\s+7\s+.*\s1\.\d{4}\s+-\s+FAIL$", result.output, re.M), result.output
+        assert "Result: FAIL: no threshold for de (give --max-error-rate LANG=RATE" in result.output
+        # Reported unjudged, on request:
+        result = evaluate("--manifest", manifest, "--target", fake.url, "--allow-unthresholded")
+        assert result.exit_code == 0 and re.search(r"-\s+unjudged$", result.output, re.M), result.output
+        # A default threshold judges every language:
+        result = evaluate("--manifest", manifest, "--target", fake.url, "--max-error-rate", "0.3")
+        assert result.exit_code == 1 and "de: word error rate 1." in result.output
+    finally:
+        fake.close()
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(server, manifest):
+    result = evaluate("--manifest", manifest, "--target", server.url, "--max-error-rate", "0.5")
+    progress = [line for line in result.stderr.splitlines() if line.startswith("evaluate:")]
+    # Four utterances: a line after each (every 10%, at least one item), the last at 100%.
+    assert [line.split()[1:3] for line in progress] == [["25%", "1/4"], ["50%", "2/4"], ["75%", "3/4"],
+                                                         ["100%", "4/4"]], result.stderr
+    assert "\r" not in result.stderr
+    quiet = evaluate("--manifest", manifest, "--target", server.url, "--max-error-rate", "0.5", "--no-progress")
+    assert quiet.exit_code == 0 and quiet.stderr == ""

@@ -536,3 +536,68 @@ def test_fake_has_only_real_nvml_functions():
         assert fake_params[:shared] == real_params[:shared], name
         assert len(fake_params) >= len([p for p in inspect.signature(real).parameters.values()
                                         if p.default is inspect.Parameter.empty]), name
+
+
+# -- enabled: auto -----------------------------------------------------------------------------
+
+def _names(scheduler) -> list[str]:
+    return [state.name for _, state in scheduler.entries]
+
+
+def test_auto_is_the_default_and_other_words_are_refused():
+    from whisper_exporter.config import ConfigError, from_dict
+
+    assert GpuConfig().enabled == "auto" and Config().collectors.gpu.enabled == "auto"
+    for word in (True, False, "auto"):
+        assert from_dict({"collectors": {"gpu": {"enabled": word}}}).collectors.gpu.enabled == word
+    with pytest.raises(ConfigError, match=r"collectors\.gpu\.enabled: expected true, false or auto, got 'yes'"):
+        from_dict({"collectors": {"gpu": {"enabled": "yes"}}})
+
+
+def test_auto_without_the_driver_library_is_off_with_one_info_line(monkeypatch, caplog):
+    from whisper_exporter.runtime.wiring import build_scheduler
+
+    fake = FakeNVML()
+    fake.library_missing = True
+    monkeypatch.setattr(gpu, "load_nvml", lambda: fake)
+    with caplog.at_level(logging.INFO, logger="whisper_exporter"):
+        scheduler = build_scheduler(Config())
+    assert "gpu" not in _names(scheduler)
+    lines = [r for r in caplog.records if r.name == "whisper_exporter.gpu"]
+    assert [(r.levelname, r.getMessage()) for r in lines] == [(
+        "INFO", "gpu: collector off: no NVIDIA driver library (libnvidia-ml) on this machine "
+                "(collectors.gpu.enabled: auto; true runs it anyway)")]
+    # enabled: true is a promise that there is a GPU: then the missing library is an error.
+    config = Config()
+    config.collectors.gpu.enabled = True
+    assert "gpu" in _names(build_scheduler(config))
+
+
+def test_auto_with_a_failing_driver_stays_on_down_and_counted(monkeypatch):
+    from whisper_exporter.runtime.wiring import build_scheduler
+
+    fake = FakeNVML()
+    fake.errors["nvmlInit"] = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
+    monkeypatch.setattr(gpu, "load_nvml", lambda: fake)
+    scheduler = build_scheduler(Config())
+    (collector, state), = [(c, s) for c, s in scheduler.entries if s.name == "gpu"]
+    scheduler.run_once(collector, state)
+    assert not state.ok and state.errors_total == 1
+    assert "is the NVIDIA kernel module loaded?" in state.last_error
+    collector.stop()
+
+
+def test_auto_with_a_working_driver_is_on_and_leaves_nvml_as_it_found_it():
+    fake = FakeNVML()
+    assert GpuConfig().active(fake) and fake.init_count == 0 and fake.calls["nvmlInit"] == 1
+
+
+def test_auto_on_this_machine_agrees_with_the_real_library():
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as err:
+        present = err.value != pynvml.NVML_ERROR_LIBRARY_NOT_FOUND
+    else:
+        pynvml.nvmlShutdown()
+        present = True
+    assert GpuConfig().active() is present

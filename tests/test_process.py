@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from helpers import free_port, wait_for
 from whisper_exporter.runtime.collector import plugins
 from whisper_exporter.runtime.shared import ProcessWatch
 from whisper_exporter.config import Config
@@ -169,12 +170,12 @@ def test_found_by_pattern_with_children(spawn, marker):
     c = collect(ProcessConfig(match=re.escape(marker), children=True))
     v = values(c)
     assert v["whisper_process_up"] == 1
-    assert v["whisper_process_count"] == 3
+    assert v["whisper_process_processes"] == 3
     assert c.pids == server.pids() and len(c.pids) == 3
     assert f"pid {server.pid} " in c.status and "watching 3 processes" in c.status
 
     alone = collect(ProcessConfig(match=re.escape(marker), children=False))
-    assert values(alone)["whisper_process_count"] == 1
+    assert values(alone)["whisper_process_processes"] == 1
     assert alone.pids == {server.pid}
 
 
@@ -199,9 +200,9 @@ def test_metrics_equal_psutil_readings(spawn, marker):
 def test_found_by_pid(spawn, marker):
     server = spawn(marker, kids=2)
     c = collect(ProcessConfig(match=None, pid=server.pid, children=True))
-    assert values(c)["whisper_process_count"] == 3 and c.pids == server.pids()
+    assert values(c)["whisper_process_processes"] == 3 and c.pids == server.pids()
     c = collect(ProcessConfig(match=None, pid=server.pid, children=False))
-    assert values(c)["whisper_process_count"] == 1 and c.pids == {server.pid}
+    assert values(c)["whisper_process_processes"] == 1 and c.pids == {server.pid}
     assert values(c)["whisper_process_start_time_seconds"] == server.root.create_time()
 
     # A child that exits stays a zombie (the fake server never reaps): not watched.
@@ -210,7 +211,7 @@ def test_found_by_pid(spawn, marker):
     kid.kill()
     wait_dead(kid)
     c.update()
-    assert values(c)["whisper_process_count"] == 2 and kid.pid not in c.pids
+    assert values(c)["whisper_process_processes"] == 2 and kid.pid not in c.pids
 
     # The server killed: down at once, even while it is an unreaped zombie.
     server.root.kill()
@@ -232,7 +233,7 @@ def test_pid_file_follows_a_restart(spawn, marker, tmp_path):
     first.kill()
     c.update()
     v = values(c)
-    assert v["whisper_process_up"] == 0 and v["whisper_process_count"] == 0
+    assert v["whisper_process_up"] == 0 and v["whisper_process_processes"] == 0
     assert "whisper_process_resident_memory_bytes" not in v
     assert "not running" in c.status
     down = cpu(c)
@@ -253,7 +254,7 @@ def test_cpu_counter_grows_and_survives_restart_by_pattern(spawn, marker):
     section = ProcessConfig(match=re.escape(marker))
     c = collect(section)
     burner = [p for p in server.root.children() if p.pid in c.pids and "while" in " ".join(p.cmdline())]
-    assert len(burner) == 1 and values(c)["whisper_process_count"] == 3
+    assert len(burner) == 1 and values(c)["whisper_process_processes"] == 3
     start, burner_start = cpu(c), sum(burner[0].cpu_times()[:2])
     deadline = time.monotonic() + 10  # on a loaded machine the burner may get little CPU at first
     while sum(burner[0].cpu_times()[:2]) - burner_start <= 0.25 and time.monotonic() < deadline:
@@ -267,7 +268,7 @@ def test_cpu_counter_grows_and_survives_restart_by_pattern(spawn, marker):
     burner[0].kill()
     wait_dead(burner[0])
     c.update()
-    assert values(c)["whisper_process_count"] == 2
+    assert values(c)["whisper_process_processes"] == 2
     after_child = cpu(c)
     assert after_child >= start + grown
 
@@ -294,7 +295,7 @@ def test_bad_pid_file_means_down_with_a_reason(tmp_path, content, reason):
     path.write_text(content)
     c = collect(ProcessConfig(match="python", pid_file=str(path)))  # match must not be a fallback
     v = values(c)
-    assert v["whisper_process_up"] == 0 and v["whisper_process_count"] == 0
+    assert v["whisper_process_up"] == 0 and v["whisper_process_processes"] == 0
     assert reason.format(path=path) in c.status and str(path) in c.status
     assert c.pids == frozenset()
 
@@ -361,7 +362,7 @@ except ModuleNotFoundError:
 import psutil
 from whisper_exporter.config import Config
 from whisper_exporter.collectors.process import ProcessConfig
-section = ProcessConfig()
+section = ProcessConfig(match=process.FALLBACK_PATTERN)
 assert re.search(section.match, " ".join(psutil.Process().cmdline()))
 from whisper_exporter.runtime.shared import ProcessWatch
 watch = ProcessWatch()
@@ -434,3 +435,140 @@ def test_parent_map_agrees_with_psutil(spawn, marker):
 def test_nothing_to_look_for():
     c = collect(ProcessConfig(match=None))
     assert values(c)["whisper_process_up"] == 0 and "set pid, pid_file or match" in c.status
+
+
+# -- found by what it is: the listener on service.url's port ------------------------------------
+
+# A server: listens on 127.0.0.1:argv[1] until killed. Its other arguments say what it pretends to be.
+LISTENER = r"""
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen()
+time.sleep(120)
+"""
+
+
+def listening(port: int, *what: str) -> psutil.Process:
+    proc = detached(sys.executable, "-c", LISTENER, str(port), *what)
+    wait_for(lambda: any(c.status == psutil.CONN_LISTEN for c in proc.net_connections("tcp")))
+    return proc
+
+
+@pytest.fixture
+def crowd(tmp_path, marker):
+    """The user's host: the Whisper server on its port, another job's Whisper server on another
+    port, and a `tail -F` of the server's log; every one matches the old default pattern."""
+    port, other_port = free_port(), free_port()
+    log = tmp_path / f"whisper-{marker}.log"
+    log.write_text("")
+    procs = {
+        "server": listening(port, "faster-whisper-server", marker),
+        "other": listening(other_port, "whisper-other-job", marker),
+        "tail": detached("tail", "-F", str(log)),
+    }
+    try:
+        yield port, procs
+    finally:
+        for p in procs.values():
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(list(procs.values()), timeout=10)
+
+
+def by_wiring(url: str, **section) -> "process.ProcessCollector":
+    """The collector as the exporter builds it from a config with this service.url."""
+    from whisper_exporter.runtime.shared import Shared
+
+    config = Config()
+    config.service.url = url
+    config.collectors.process = ProcessConfig(**section)
+    c = process.make(config.collectors.process, Shared.build(config))
+    c.update()
+    return c
+
+
+def test_default_watches_the_process_on_the_service_port_not_lookalikes(crowd):
+    port, procs = crowd
+    c = by_wiring(f"http://127.0.0.1:{port}")
+    assert c.pids == {procs["server"].pid}
+    assert values(c)["whisper_process_up"] == 1 and values(c)["whisper_process_processes"] == 1
+    assert c.status == (f"watching 1 process (pid {procs['server'].pid} {procs['server'].name()}), "
+                        f"found by listening on port {port}")
+    # The server dies; another job's server and the tail go on. Up must say so.
+    procs["server"].kill()
+    procs["server"].wait(10)
+    c.update()
+    assert values(c)["whisper_process_up"] == 0 and c.pids == frozenset()
+    assert c.status == f"nothing listens on port {port}"
+    assert procs["other"].is_running() and procs["tail"].is_running()
+
+
+def test_localhost_names_and_an_explicit_port(crowd):
+    port, procs = crowd
+    assert by_wiring(f"http://localhost:{port}/v1").pids == {procs["server"].pid}
+    # service.url on another host, the port given: the listener on it is still the server.
+    assert by_wiring("http://whisper.example:8000", port=port).pids == {procs["server"].pid}
+
+
+def test_a_broad_pattern_warns_and_names_every_match(crowd, marker, caplog):
+    port, procs = crowd
+    with caplog.at_level("WARNING", logger=process.log.name):
+        c = by_wiring(f"http://127.0.0.1:{port}", match=f"whisper.*{marker}")
+    pids = sorted(p.pid for p in procs.values())
+    assert c.pids == set(pids)
+    for pid in pids:
+        assert f"pid {pid} " in c.status
+    assert c.status.endswith("; WARNING: 3 unrelated processes match")
+    warned = [r.getMessage() for r in caplog.records if "unrelated" in r.getMessage()]
+    assert len(warned) == 1 and "tail -F" in warned[0] and "whisper-other-job" in warned[0]
+    caplog.clear()
+    c.update()  # the same set again: not warned twice
+    assert not [r for r in caplog.records if "unrelated" in r.getMessage()]
+
+
+def test_a_remote_service_url_falls_back_to_the_pattern_and_says_so():
+    c = by_wiring("http://whisper.example:8000")
+    assert "fallback: service.url's host whisper.example is not an address of this machine" in c.status
+    assert c.status.startswith(("watching", "no process matches"))
+
+
+def test_listeners_hidden_from_the_exporter_fall_back_to_the_pattern(crowd, monkeypatch):
+    port, procs = crowd
+
+    def denied(kind="inet"):  # macOS without root; a container without the server's fds
+        raise psutil.AccessDenied()
+
+    monkeypatch.setattr(process.psutil, "net_connections", denied)
+    c = by_wiring(f"http://127.0.0.1:{port}")
+    assert f"fallback: the process listening on port {port} is not visible to the exporter" in c.status
+    assert procs["server"].pid in c.pids  # found by the fallback pattern
+
+
+def test_status_is_bounded_however_many_match(marker):
+    sleepers = [detached(sys.executable, "-c", "import time; time.sleep(60)", marker) for _ in range(7)]
+    try:
+        c = collect(ProcessConfig(match=re.escape(marker)))
+        assert len(c.pids) == 7
+        assert "and 3 more" in c.status and len(c.status) < 400
+    finally:
+        for p in sleepers:
+            p.kill()
+
+
+@pytest.mark.parametrize("url, port", [
+    ("http://127.0.0.1:8000", 8000), ("http://localhost", 80), ("https://[::1]/x", 443),
+    ("http://0.0.0.0:9", 9), ("http://10.255.255.1:8000", None), ("http://whisper:8000", None),
+])
+def test_server_port(url, port):
+    assert process.server_port(url)[0] == port
+
+
+def test_old_metric_name_only_as_an_opt_in_alias(spawn, marker):
+    spawn(marker, kids=0)
+    assert "whisper_process_count" not in values(collect(ProcessConfig(match=re.escape(marker))))
+    old = values(collect(ProcessConfig(match=re.escape(marker), deprecated_count_metric=True)))
+    assert old["whisper_process_count"] == old["whisper_process_processes"] == 1

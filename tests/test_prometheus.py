@@ -37,7 +37,7 @@ def test_prometheus_scrapes_the_exporter(prometheus, server_process):
         assert len(up) == 1
         found = prom.wait_for("whisper_process_up == 1")
         assert found[0]["metric"]["job"] == "whisper"
-        count = prom.query("whisper_process_count")
+        count = prom.query("whisper_process_processes")
         assert float(count[0]["value"][1]) == 1
         collectors = {r["metric"]["collector"]: float(r["value"][1]) for r in prom.query("whisper_exporter_collector_up")}
         assert collectors["process"] == 1

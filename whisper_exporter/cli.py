@@ -1,6 +1,10 @@
 """Command line: `whisper-exporter` runs on built-in defaults; `run`, `check-config`, `probe`, `evaluate`, `version`.
 
 Exit status: 0 fine, 1 a run-time failure (port taken), 2 bad configuration or usage.
+
+Every flag can also be set in the environment: WHISPER_EXPORTER_ and the flag's Prometheus-style
+name in capitals, dots and dashes as underscores (--web.listen-address: WHISPER_EXPORTER_WEB_LISTEN_ADDRESS;
+--collector.gpu: WHISPER_EXPORTER_COLLECTOR_GPU=true|false). A flag on the command line wins.
 """
 from __future__ import annotations
 
@@ -11,10 +15,11 @@ from typing import Callable, Optional
 import click
 
 from whisper_exporter import __version__
-from whisper_exporter.config import Config, ConfigError, load, parse_listen
+from whisper_exporter.config import Config, ConfigError, each_error, listen_hint, load, parse_listen
 from whisper_exporter.runtime.collector import plugin_names
 
 EXIT_CONFIG = 2
+ENV_PREFIX = "WHISPER_EXPORTER_"
 
 
 def _config_or_exit(path: Optional[str], listen: Optional[str] = None, log_level: Optional[str] = None,
@@ -22,7 +27,8 @@ def _config_or_exit(path: Optional[str], listen: Optional[str] = None, log_level
     try:
         config = load(path)
     except ConfigError as err:
-        click.echo(f"whisper-exporter: bad configuration: {err}", err=True)
+        for one in each_error(err):  # every problem in the file, not only the first
+            click.echo(f"whisper-exporter: bad configuration: {one}", err=True)
         sys.exit(EXIT_CONFIG)
     for name, enabled in (collectors or {}).items():
         if enabled is not None:  # --collector.NAME / --no-collector.NAME override the file
@@ -31,7 +37,8 @@ def _config_or_exit(path: Optional[str], listen: Optional[str] = None, log_level
         try:
             parse_listen(listen)
         except ValueError:
-            click.echo(f"whisper-exporter: --web.listen-address: expected HOST:PORT, got {listen!r}", err=True)
+            click.echo(f"whisper-exporter: --web.listen-address: expected HOST:PORT, got {listen!r}"
+                       f"{listen_hint(listen)}", err=True)
             sys.exit(EXIT_CONFIG)
         config.listen = listen
     if log_level is not None:
@@ -66,6 +73,10 @@ def _run_options(command: Callable) -> Callable:
         help="TLS and basic auth, in the Prometheus exporter-toolkit web-config.yml format.",
     )(command)
     command = click.option(
+        "--log.format", "log_format", type=click.Choice(["logfmt", "json"]), default="logfmt", show_default=True,
+        help="Log line format, as Prometheus' own programs have it.",
+    )(command)
+    command = click.option(
         "--log-level", "--log.level", "log_level",
         type=click.Choice(["debug", "info", "warning", "error"]), default=None,
         help="Logging verbosity (default: from config, else info).",
@@ -84,7 +95,7 @@ def _run_options(command: Callable) -> Callable:
 
 def _run(config_path: Optional[str], listen: Optional[str], log_level: Optional[str],
          web_config: Optional[str] = None, health_open: bool = False,
-         collectors: Optional[dict[str, Optional[bool]]] = None) -> None:
+         collectors: Optional[dict[str, Optional[bool]]] = None, log_format: str = "logfmt") -> None:
     from whisper_exporter.runtime import wiring as daemon  # imports the collectors; keep `version` and `--help` fast
     from whisper_exporter.web.webconfig import load_web_config
 
@@ -96,14 +107,14 @@ def _run(config_path: Optional[str], listen: Optional[str], log_level: Optional[
         except ConfigError as err:
             click.echo(f"whisper-exporter: bad web configuration: {err}", err=True)
             sys.exit(EXIT_CONFIG)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("whisper_exporter").info(
-        "whisper-exporter %s starting (config: %s)", __version__, config.source
-    )
+    from whisper_exporter.config import config_warnings
+    from whisper_exporter.logsetup import configure
+
+    configure(config.log_level, log_format)
+    log = logging.getLogger("whisper_exporter")
+    log.info("whisper-exporter %s starting (config: %s)", __version__, config.source)
+    for warning in config_warnings(config):  # what `check-config` warns about, said once at start
+        log.warning("%s", warning)
     try:
         daemon.run_until_signalled(config, web, health_open)
     except OSError as err:
@@ -112,33 +123,75 @@ def _run(config_path: Optional[str], listen: Optional[str], log_level: Optional[
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="whisper-exporter", message="%(prog)s %(version)s")
 @_run_options
 @click.pass_context
 def main(ctx: click.Context, config_path: Optional[str], listen: Optional[str], log_level: Optional[str],
-         web_config: Optional[str], health_open: bool, **flags: Optional[bool]) -> None:
+         log_format: str, web_config: Optional[str], health_open: bool, **flags: Optional[bool]) -> None:
     """Prometheus exporter for a Whisper speech-recognition server.
 
-    With no command, runs the exporter (the same as `run`).
+    With no command, runs the exporter (the same as `run`). Every flag can also be set in the
+    environment as WHISPER_EXPORTER_<FLAG> (shown in each command's --help).
     """
     if ctx.invoked_subcommand is None:
-        _run(config_path, listen, log_level, web_config, health_open, _collector_choices(flags))
+        _run(config_path, listen, log_level, web_config, health_open, _collector_choices(flags), log_format)
 
 
 @main.command()
 @_run_options
-def run(config_path: Optional[str], listen: Optional[str], log_level: Optional[str],
+def run(config_path: Optional[str], listen: Optional[str], log_level: Optional[str], log_format: str,
         web_config: Optional[str], health_open: bool, **flags: Optional[bool]) -> None:
     """Run the exporter until SIGTERM or SIGINT."""
-    _run(config_path, listen, log_level, web_config, health_open, _collector_choices(flags))
+    _run(config_path, listen, log_level, web_config, health_open, _collector_choices(flags), log_format)
 
 
 @main.command("check-config")
-@click.argument("path", type=click.Path(dir_okay=False))
-def check_config(path: str) -> None:
-    """Validate a configuration file; exit 2 naming the key when it is wrong."""
-    config = _config_or_exit(path)
-    enabled = [name for name, section in config.collectors.items() if section.enabled]
-    click.echo(f"{path}: OK (listen {config.listen}; collectors: {', '.join(enabled) or 'none'})")
+@click.argument("path", required=False, envvar="WHISPER_EXPORTER_CONFIG", type=click.Path(dir_okay=False))
+@click.option("--web.config.file", "web_config", default=None, metavar="FILE", type=click.Path(dir_okay=False),
+              help="Also check this web configuration (TLS, basic auth), as `run` would load it.")
+@click.option("--strict", is_flag=True, help="Fail on warnings too (exit 2): settings that cannot work or do nothing.")
+def check_config(path: Optional[str], web_config: Optional[str], strict: bool) -> None:
+    """Check a configuration file (default: $WHISPER_EXPORTER_CONFIG): every error, then warnings.
+
+    Exit status: 0 valid (warnings are printed, on stderr), 2 any error, or any warning with --strict.
+    """
+    from whisper_exporter.config import config_warnings
+    from whisper_exporter.runtime.collector import section_active
+
+    if path is None:
+        click.echo("whisper-exporter check-config: which file? Give PATH or set WHISPER_EXPORTER_CONFIG", err=True)
+        sys.exit(EXIT_CONFIG)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)  # the report below says it all
+    errors: list[ConfigError] = []
+    config = None
+    try:
+        config = load(path)
+    except ConfigError as err:
+        errors += each_error(err)
+    if web_config is not None:
+        from whisper_exporter.web.webconfig import load_web_config
+
+        try:
+            load_web_config(web_config)
+        except ConfigError as err:
+            errors += each_error(err)
+    warnings = config_warnings(config) if config is not None else []
+    for err in errors:
+        click.echo(f"whisper-exporter: bad configuration: {err}", err=True)
+    for warning in warnings:
+        click.echo(f"whisper-exporter: warning: {warning}", err=True)
+    checked = path + (f" and {web_config}" if web_config else "")
+    if errors:
+        click.echo(f"{checked}: {len(errors)} error(s), {len(warnings)} warning(s)", err=True)
+        sys.exit(EXIT_CONFIG)
+    if warnings and strict:
+        click.echo(f"{checked}: {len(warnings)} warning(s), which fail with --strict", err=True)
+        sys.exit(EXIT_CONFIG)
+    running = [name for name, section in config.collectors.items() if section_active(section)]
+    off_here = [name for name, section in config.collectors.items() if section.enabled and name not in running]
+    note = f"; {', '.join(off_here)} off here (auto)" if off_here else ""
+    also = f"; {len(warnings)} warning(s)" if warnings else ""
+    click.echo(f"{checked}: OK (listen {config.listen}; collectors: {', '.join(running) or 'none'}{note}{also})")
 
 
 @main.command()
@@ -146,6 +199,10 @@ def check_config(path: str) -> None:
               envvar="WHISPER_EXPORTER_CONFIG", type=click.Path(dir_okay=False),
               help="YAML configuration: the service and the canaries (default: built-in defaults).")
 @click.option("--target", default=None, metavar="URL", help="Probe this base URL instead of service.url, this once.")
+@click.option("--api", default=None, type=click.Choice(["openai", "asr-webservice", "whispercpp"]),
+              help="The server's API (default: service.api, else openai).")
+@click.option("--model", default=None, metavar="NAME",
+              help="Model name sent with each canary (default: service.model, else whisper-1).")
 @click.option("--audio", default=None, metavar="FILE", type=click.Path(dir_okay=False),
               help="Probe this audio instead of the configured canaries (needs --reference).")
 @click.option("--reference", default=None, metavar="TEXT", help="What is said in --audio.")
@@ -154,8 +211,9 @@ def check_config(path: str) -> None:
               help="Probe only the configured canary of this name (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON, for scripts.")
 @click.option("--metrics", "show_metrics", is_flag=True, help="Also print the metrics the probe would export.")
-def probe(config_path: Optional[str], target: Optional[str], audio: Optional[str], reference: Optional[str],
-          language: str, canary_names: tuple[str, ...], as_json: bool, show_metrics: bool) -> None:
+def probe(config_path: Optional[str], target: Optional[str], api: Optional[str], model: Optional[str],
+          audio: Optional[str], reference: Optional[str], language: str, canary_names: tuple[str, ...],
+          as_json: bool, show_metrics: bool) -> None:
     """Probe the Whisper server now and say what was measured and why it failed.
 
     Exit status: 0 every canary succeeded, 1 one failed, 2 bad configuration or usage.
@@ -168,8 +226,11 @@ def probe(config_path: Optional[str], target: Optional[str], audio: Optional[str
     from whisper_exporter.collectors.probe import Canary, canary_name
     from whisper_exporter.whisper.clients import ClientSetupError
 
+    import dataclasses
+
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)  # the report says it all
     config = _config_or_exit(config_path)
+    config.service = dataclasses.replace(config.service, **{k: v for k, v in (("api", api), ("model", model)) if v})
 
     def usage(message: str) -> None:
         click.echo(f"whisper-exporter probe: {message}", err=True)
@@ -196,7 +257,10 @@ def probe(config_path: Optional[str], target: Optional[str], audio: Optional[str
     except ClientSetupError as err:
         usage(str(err))
     if as_json:
-        click.echo(json.dumps({"records": [r.to_dict() for r in records], "problems": problems}, indent=2))
+        out = {"records": [r.to_dict() for r in records], "problems": problems}
+        if show_metrics:  # the exposition text, as the exporter would serve it
+            out["metrics"] = probe_collector.metrics_text(collector)
+        click.echo(json.dumps(out, indent=2))
     else:
         for record in records:
             click.echo(probe_collector.debug_text(record))
@@ -227,15 +291,22 @@ def probe(config_path: Optional[str], target: Optional[str], audio: Optional[str
                    "Overrides collectors.quality.thresholds.")
 @click.option("--worst", "worst_n", default=10, show_default=True, type=click.IntRange(0),
               help="How many of the worst items to list.")
+@click.option("--max-skipped", "max_skipped", default=0, show_default=True, type=click.IntRange(0), metavar="N",
+              help="Manifest lines that may be skipped (invalid, audio missing) before the gate fails.")
+@click.option("--allow-unthresholded", "allow_unthresholded", is_flag=True,
+              help="Report languages without a threshold unjudged instead of failing the gate.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Progress on stderr: a bar on a terminal, a line every 10%% (or 30 s) otherwise.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (with every item's transcript).")
 def evaluate(manifest: Optional[str], target: Optional[str], config_path: Optional[str], api: Optional[str],
              model: Optional[str], timeout: Optional[float], max_error_rate: Optional[str], worst_n: int,
-             as_json: bool) -> None:
+             max_skipped: int, allow_unthresholded: bool, progress: bool, as_json: bool) -> None:
     """Evaluate the Whisper server on a labeled set once: error rates per language, the worst items.
 
-    A quality gate before rolling out a model. Exit status: 0 every language within its
-    threshold, 1 a language above it (or an utterance without a transcript), 2 bad usage,
-    configuration or a manifest with nothing usable.
+    A quality gate before rolling out a model; it cannot pass by accident. Exit status: 0 every
+    language within its threshold; 1 a language above it, an utterance without a transcript,
+    more skipped manifest lines than --max-skipped, or a language without a threshold (unless
+    --allow-unthresholded); 2 bad usage, configuration or a manifest with nothing usable.
     """
     import dataclasses
     import json
@@ -284,12 +355,15 @@ def evaluate(manifest: Optional[str], target: Optional[str], config_path: Option
     except ClientSetupError as err:
         usage(str(err))
 
-    progress = None
-    if not as_json and sys.stderr.isatty():
-        def progress(n: int, total: int, result: "ev.ItemResult") -> None:
-            click.echo(f"\r[{n}/{total}] {result.id[:40]:<40}", err=True, nl=n == total)
+    from whisper_exporter.quality.progress import Progress
 
-    report = ev.run(loaded, client, thresholds, worst_n=worst_n, progress=progress)
+    shown = Progress(len(loaded.items), sys.stderr, sys.stderr.isatty()) if progress else None
+    try:
+        report = ev.run(loaded, client, thresholds, worst_n=worst_n, progress=shown,
+                        max_skipped=max_skipped, allow_unthresholded=allow_unthresholded)
+    finally:
+        if shown is not None:
+            shown.close()
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
@@ -301,3 +375,21 @@ def evaluate(manifest: Optional[str], target: Optional[str], config_path: Option
 def version() -> None:
     """Print the version."""
     click.echo(f"whisper-exporter {__version__}")
+
+
+def _environment_names(group: click.Group) -> None:
+    """Every option of every command readable from WHISPER_EXPORTER_<its Prometheus-style name>.
+
+    click's own auto_envvar_prefix would name them after the Python parameter and the command
+    (WHISPER_EXPORTER_RUN_LISTEN); one name per flag, whatever the command, is easier to document.
+    """
+    for command in [group, *group.commands.values()]:
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.envvar or param.name in ("help", "version"):
+                continue
+            flag = [o for o in param.opts if o.startswith("--")][-1]
+            param.envvar = ENV_PREFIX + flag[2:].upper().replace(".", "_").replace("-", "_")
+            param.show_envvar = True
+
+
+_environment_names(main)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import types
 import typing
@@ -25,6 +26,27 @@ class ConfigError(Exception):
         self.source, self.key, self.expected = source, key, expected
         shown = "" if got is dataclasses.MISSING else f", got {_show(got)}"
         super().__init__(f"{source}: {key or '<top>'}: expected {expected}{shown}")
+
+
+class ConfigErrors(ConfigError):
+    """Every problem the walker found in one file, one per line; otherwise it reads as the first."""
+
+    def __init__(self, errors: list[ConfigError]):
+        self.__dict__.update(errors[0].__dict__)
+        self.errors = errors
+        Exception.__init__(self, "\n".join(str(e) for e in errors))
+
+
+def each_error(err: ConfigError) -> list[ConfigError]:
+    """The single problems in `err`: itself, or those a ConfigErrors holds."""
+    return list(getattr(err, "errors", [err]))
+
+
+def _raise_all(errors: list[ConfigError]) -> None:
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
 
 
 def _show(value: Any) -> str:
@@ -138,7 +160,7 @@ def default_sections() -> Sections:
 
 @dataclass
 class Config:
-    listen: str = DEFAULT_LISTEN
+    listen: Union[str, int] = DEFAULT_LISTEN  # an int only to say what is wrong with `listen: 10111`
     log_level: str = "info"
     service: ServiceConfig = field(default_factory=ServiceConfig)
     collectors: Sections = field(default_factory=default_sections)
@@ -151,9 +173,19 @@ class Config:
     def check(self, at: KeyPath) -> None:
         one_of(at, "log_level", self.log_level, ("debug", "info", "warning", "error"))
         try:
-            parse_listen(self.listen)
+            parse_listen(str(self.listen))
         except ValueError:
-            raise at.error("listen", "an address HOST:PORT with a port from 0 (any free port) to 65535", self.listen)
+            raise at.error("listen", "an address HOST:PORT with a port from 0 (any free port) to 65535"
+                           + listen_hint(self.listen), self.listen)
+        self.listen = str(self.listen)
+
+
+def listen_hint(value: Any) -> str:
+    """What to write instead of a bare port number given as an address; "" otherwise."""
+    text = str(value).strip()
+    if text.isdigit():
+        return f" (a bare number is not an address: write ':{text}' for every interface or '127.0.0.1:{text}')"
+    return ""
 
 
 def config_dir(source: str) -> Path:
@@ -224,25 +256,37 @@ def _convert(source: str, key: str, tp: Any, value: Any) -> Any:
 
 
 def _build(source: str, prefix: str, cls: type, data: Any) -> Any:
+    """`cls` from the mapping `data`. Every problem is collected: one error raises a ConfigError,
+    several a ConfigErrors."""
     if not isinstance(data, dict):
         raise ConfigError(source, prefix, "a mapping of keys", data)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    errors: list[ConfigError] = []
     for name in data:
         if name not in known:
             where = f"{prefix}.{name}" if prefix else str(name)
-            raise ConfigError(source, where, "a known key (one of " + ", ".join(sorted(known)) + ")")
+            errors.append(ConfigError(source, where, "a known key (one of " + ", ".join(sorted(known)) + ")"))
     values = {}
-    for name in known:
+    for name in [f.name for f in dataclasses.fields(cls) if f.name in known]:  # in field order
         key = f"{prefix}.{name}" if prefix else name
-        if hints[name] is Sections:
-            values[name] = _build_sections(source, key, data.get(name, {}))
-        elif name in data:
-            values[name] = _convert(source, key, hints[name], data[name])
-    obj = cls(**values)
+        try:
+            if hints[name] is Sections:
+                values[name] = _build_sections(source, key, data.get(name, {}))
+            elif name in data:
+                values[name] = _convert(source, key, hints[name], data[name])
+        except ConfigError as err:
+            errors.extend(each_error(err))
+    obj = cls(**values)  # the fields that failed keep their defaults, so check() can still look
     check = getattr(obj, "check", None)
     if check is not None:  # config types validate themselves, next to their fields
-        check(KeyPath(source, prefix))
+        try:
+            check(KeyPath(source, prefix))
+        except ConfigError as err:
+            # A check tripping over a field that already failed would say the same thing again.
+            failed = {e.key for e in errors}
+            errors.extend(e for e in each_error(err) if e.key not in failed)
+    _raise_all(errors)
     return obj
 
 
@@ -255,19 +299,25 @@ def _build_sections(source: str, key: str, data: Any) -> Sections:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, key, "a mapping of collector names to their settings", data)
+    errors: list[ConfigError] = []
     for name in data:
         if name not in available:
-            raise ConfigError(source, f"{key}.{name}",
-                              "a known key (one of " + ", ".join(sorted(available)) + ")")
+            errors.append(ConfigError(source, f"{key}.{name}",
+                                      "a known key (one of " + ", ".join(sorted(available)) + ")"))
     sections = Sections()
     for name, plugin in available.items():
         where = f"{key}.{name}"
-        section = _build(source, where, plugin.config, data.get(name) or {}) if name in data else plugin.config()
-        # What every section has, by the plugin contract (runtime/collector.py).
-        at = KeyPath(source, where)
-        positive(at, "interval", section.interval)
-        positive(at, "timeout", section.timeout)
+        try:
+            section = _build(source, where, plugin.config, data.get(name) or {}) if name in data else plugin.config()
+            # What every section has, by the plugin contract (runtime/collector.py).
+            at = KeyPath(source, where)
+            positive(at, "interval", section.interval)
+            positive(at, "timeout", section.timeout)
+        except ConfigError as err:
+            errors.extend(each_error(err))
+            section = plugin.config()
         setattr(sections, name, section)
+    _raise_all(errors)
     return sections
 
 
@@ -277,6 +327,31 @@ def from_dict(data: Any, source: str = "<config>") -> Config:
     config = _build(source, "", Config, data)
     config.source = source
     return config
+
+
+def warning(at: KeyPath, name: str, message: str) -> str:
+    """One warning about `name` under `at`, placed as ConfigError places an error."""
+    return f"{at.source}: {at.child(name).key if name else at.key}: {message}"
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Settings that are valid but cannot work or do nothing, one sentence each: what `check-config`
+    prints (and `--strict` fails on) and what `run` logs at start. Sections add theirs through an
+    optional `warnings(self, at, config)` method."""
+    at = KeyPath(config.source, "")
+    out = []
+    service = config.service
+    if service.api_key_env and not os.environ.get(service.api_key_env, "").strip():
+        out.append(warning(at.child("service"), "api_key_env",
+                           f"the environment variable {service.api_key_env} is not set or empty here: "
+                           "probe and the quality collector refuse to run without it"))
+    if service.api_key_file and not service.api_key_env and not Path(service.api_key_file).expanduser().is_file():
+        out.append(warning(at.child("service"), "api_key_file", f"{service.api_key_file}: no such file"))
+    for name, section in config.collectors.items():
+        hook = getattr(section, "warnings", None)
+        if section.enabled and callable(hook):
+            out.extend(hook(at.child("collectors").child(name), config))
+    return out
 
 
 def read_yaml(path: str) -> Any:

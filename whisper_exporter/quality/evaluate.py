@@ -11,7 +11,10 @@ against per-language thresholds.
 Verdict: a language fails when its error rate is above its threshold (equal
 passes), or when it has a threshold and no utterance of it could be scored.
 The whole run fails when a language fails or an utterance got no transcript
-(an evaluation with holes in it is not a pass).
+(an evaluation with holes in it is not a pass). A gate must not pass by
+accident, so two more things fail it unless allowed explicitly: more skipped
+manifest lines than `max_skipped` (default 0), and a language without a
+threshold (unless `allow_unthresholded`, or a default threshold covers it).
 """
 from __future__ import annotations
 
@@ -214,6 +217,8 @@ class Report:
     seconds: float = 0.0
     worst_n: int = 10
     not_sent: list[ItemResult] = field(default_factory=list)  # audio that vanished after loading
+    max_skipped: Optional[int] = 0  # skipped manifest lines allowed; None: any number
+    allow_unthresholded: bool = False  # languages without a threshold are reported, not failed
 
     @property
     def languages(self) -> dict[str, LanguageSummary]:
@@ -226,9 +231,21 @@ class Report:
     def problems(self) -> list[Problem]:
         return list(self.manifest.problems) + [Problem(r.line, r.reason) for r in self.not_sent]
 
+    def unthresholded(self) -> list[str]:
+        """Languages evaluated with no threshold to judge them by."""
+        return [lang for lang, s in self.languages.items() if s.threshold is None]
+
     def breaches(self) -> list[str]:
         """Why the gate fails, one sentence each; empty when it passes."""
         out = []
+        skipped = len(self.problems())
+        if self.max_skipped is not None and skipped > self.max_skipped:
+            total = skipped + len(self.results)
+            out.append(f"{skipped} of {total} manifest line(s) skipped, more than --max-skipped {self.max_skipped}")
+        unjudged = self.unthresholded()
+        if unjudged and not self.allow_unthresholded:
+            out.append(f"no threshold for {', '.join(unjudged)} (give --max-error-rate LANG=RATE or a default "
+                       "rate for every language, or --allow-unthresholded to report them unjudged)")
         for lang, s in self.languages.items():
             if s.threshold is None:
                 continue
@@ -260,14 +277,18 @@ class Report:
             "worst": [r.id for r in worst(self.results, self.worst_n)],
             "manifest_problems": [{"line": p.line, "message": p.message} for p in self.problems()],
             "unused_thresholds": self.unused_thresholds(),
+            "max_skipped": self.max_skipped, "allow_unthresholded": self.allow_unthresholded,
+            "unthresholded": self.unthresholded(),
         }
 
 
 def run(manifest: Manifest, client: clients.WhisperClient, thresholds: Optional[dict[str, float]] = None,
-        worst_n: int = 10, progress: Optional[Callable[[int, int, ItemResult], None]] = None) -> Report:
+        worst_n: int = 10, progress: Optional[Callable[[int, int, ItemResult], None]] = None,
+        max_skipped: Optional[int] = 0, allow_unthresholded: bool = False) -> Report:
     """Every item of the manifest once, one after another."""
     report = Report(manifest=manifest, target=client.url, api=client.api, model=client.model,
-                    thresholds=dict(thresholds or {}), worst_n=worst_n)
+                    thresholds=dict(thresholds or {}), worst_n=worst_n, max_skipped=max_skipped,
+                    allow_unthresholded=allow_unthresholded)
     started = time.monotonic()
     total = len(manifest.items)
     for n, item in enumerate(manifest.items, start=1):
@@ -315,7 +336,10 @@ def text_report(report: Report) -> str:
     ]
     rows = [["language", "unit", "utterances", "failed", "ref units", "S", "D", "I", "error rate", "threshold", ""]]
     for lang, s in report.languages.items():
-        verdict = "" if s.threshold is None else ("ok" if s.passed else "FAIL")
+        if s.threshold is None:
+            verdict = "unjudged" if report.allow_unthresholded else "FAIL"
+        else:
+            verdict = "ok" if s.passed else "FAIL"
         rows.append([lang, s.unit, str(s.utterances), str(s.failed), str(s.reference_units),
                      str(s.substitutions), str(s.deletions), str(s.insertions), _rate(s.error_rate),
                      "-" if s.threshold is None else f"{s.threshold:g}", verdict])

@@ -74,6 +74,13 @@ class Plugin:
         return float(getattr(section, "run_timeout", section.timeout))
 
 
+def section_active(section: Any) -> bool:
+    """Whether a section's collector runs: the section's own `active()` when it has one (gpu's
+    `enabled: auto` looks for its library there), else its `enabled`."""
+    active = getattr(section, "active", None)
+    return bool(active()) if callable(active) else bool(section.enabled)
+
+
 _plugins: Optional[dict[str, Plugin]] = None
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 from wsgiref.simple_server import WSGIServer
 
-from whisper_exporter.runtime.collector import plugins
+from whisper_exporter.runtime.collector import plugins, section_active
 from whisper_exporter.config import Config
 from whisper_exporter.runtime.exporter import make_registry
 from whisper_exporter.runtime.scheduler import Scheduler
@@ -31,7 +31,7 @@ def build_scheduler(config: Config, shared: Optional[Shared] = None) -> Schedule
     available = plugins()
     entries = []
     for name, section in config.collectors.items():
-        if not section.enabled:
+        if not section_active(section):
             continue
         plugin = available[name]
         collector = plugin.factory(section, shared)
