@@ -65,6 +65,10 @@ def _collector_choices(flags: dict[str, Optional[bool]]) -> dict[str, Optional[b
 def _run_options(command: Callable) -> Callable:
     command = _collector_flags(command)
     command = click.option(
+        "--web.enable-lifecycle", "enable_lifecycle", is_flag=True, default=False,
+        help="Reload the configuration on POST /-/reload (SIGHUP always does).",
+    )(command)
+    command = click.option(
         "--web.health-open", "health_open", is_flag=True, default=False,
         help="Serve /-/healthy and /-/ready without authentication (for orchestrator probes).",
     )(command)
@@ -93,9 +97,37 @@ def _run_options(command: Callable) -> Callable:
     return command
 
 
+def _hold_signals() -> None:
+    """Until the exporter's own handlers are in place, a SIGHUP (reload), SIGUSR1 or SIGUSR2 must
+    not kill it: their default action is to terminate, and systemd counts a death by SIGHUP as clean."""
+    import signal
+
+    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _reloader(config_path: Optional[str], listen: Optional[str], log_level: Optional[str],
+              collectors: Optional[dict[str, Optional[bool]]]) -> Callable[[], Config]:
+    """Reads the configuration again for a reload, with the same command-line overrides; raises ConfigError."""
+    def load_again() -> Config:
+        config = load(config_path)
+        for name, enabled in (collectors or {}).items():
+            if enabled is not None:
+                getattr(config.collectors, name).enabled = enabled
+        if listen is not None:
+            config.listen = listen
+        if log_level is not None:
+            config.log_level = log_level
+        return config
+
+    return load_again
+
+
 def _run(config_path: Optional[str], listen: Optional[str], log_level: Optional[str],
          web_config: Optional[str] = None, health_open: bool = False,
-         collectors: Optional[dict[str, Optional[bool]]] = None, log_format: str = "logfmt") -> None:
+         collectors: Optional[dict[str, Optional[bool]]] = None, log_format: str = "logfmt",
+         enable_lifecycle: bool = False) -> None:
+    _hold_signals()
     from whisper_exporter.runtime import wiring as daemon  # imports the collectors; keep `version` and `--help` fast
     from whisper_exporter.web.webconfig import load_web_config
 
@@ -116,7 +148,9 @@ def _run(config_path: Optional[str], listen: Optional[str], log_level: Optional[
     for warning in config_warnings(config):  # what `check-config` warns about, said once at start
         log.warning("%s", warning)
     try:
-        daemon.run_until_signalled(config, web, health_open)
+        daemon.run_until_signalled(config, web, health_open,
+                                   load_config=_reloader(config_path, listen, log_level, collectors),
+                                   enable_lifecycle=enable_lifecycle)
     except OSError as err:
         click.echo(f"whisper-exporter: cannot listen on {config.listen}: {err.strerror or err}", err=True)
         sys.exit(1)
@@ -127,22 +161,25 @@ def _run(config_path: Optional[str], listen: Optional[str], log_level: Optional[
 @_run_options
 @click.pass_context
 def main(ctx: click.Context, config_path: Optional[str], listen: Optional[str], log_level: Optional[str],
-         log_format: str, web_config: Optional[str], health_open: bool, **flags: Optional[bool]) -> None:
+         log_format: str, web_config: Optional[str], health_open: bool, enable_lifecycle: bool,
+         **flags: Optional[bool]) -> None:
     """Prometheus exporter for a Whisper speech-recognition server.
 
     With no command, runs the exporter (the same as `run`). Every flag can also be set in the
     environment as WHISPER_EXPORTER_<FLAG> (shown in each command's --help).
     """
     if ctx.invoked_subcommand is None:
-        _run(config_path, listen, log_level, web_config, health_open, _collector_choices(flags), log_format)
+        _run(config_path, listen, log_level, web_config, health_open, _collector_choices(flags), log_format,
+             enable_lifecycle)
 
 
 @main.command()
 @_run_options
 def run(config_path: Optional[str], listen: Optional[str], log_level: Optional[str], log_format: str,
-        web_config: Optional[str], health_open: bool, **flags: Optional[bool]) -> None:
-    """Run the exporter until SIGTERM or SIGINT."""
-    _run(config_path, listen, log_level, web_config, health_open, _collector_choices(flags), log_format)
+        web_config: Optional[str], health_open: bool, enable_lifecycle: bool, **flags: Optional[bool]) -> None:
+    """Run the exporter until SIGTERM or SIGINT; SIGHUP reloads the configuration."""
+    _run(config_path, listen, log_level, web_config, health_open, _collector_choices(flags), log_format,
+         enable_lifecycle)
 
 
 @main.command("check-config")

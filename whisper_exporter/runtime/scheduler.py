@@ -13,7 +13,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from whisper_exporter.runtime.collector import Collector
 
@@ -85,24 +85,47 @@ class Scheduler:
             (c, CollectorState(name=c.name, interval=interval, timeout=timeout))
             for c, interval, timeout in collectors
         ]
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        # One stop event and thread per collector (by id), so a reload can hand a running
+        # collector over to the next scheduler without stopping it.
+        self._stops: dict[int, threading.Event] = {}
+        self._threads: dict[int, threading.Thread] = {}
 
     def start(self) -> None:
         for collector, state in self.entries:
+            if id(collector) in self._threads:
+                continue  # adopted from the scheduler this one replaced: already running
+            stop = threading.Event()
             thread = threading.Thread(
-                target=self._loop, args=(collector, state), name=f"collector-{state.name}", daemon=True
+                target=self._loop, args=(collector, state, stop), name=f"collector-{state.name}", daemon=True
             )
+            self._stops[id(collector)], self._threads[id(collector)] = stop, thread
             thread.start()
-            self._threads.append(thread)
 
-    def stop(self, wait: float = 2.0) -> None:
-        self._stop.set()
+    def adopt(self, old: "Scheduler") -> list[Collector]:
+        """On reload: carry on the collectors this scheduler shares with `old` (the same objects),
+        with their state and running thread, so their counters keep counting. Returns them."""
+        kept = []
+        for i, (collector, _) in enumerate(self.entries):
+            for old_collector, old_state in old.entries:
+                if old_collector is collector and id(collector) in old._threads:
+                    self.entries[i] = (collector, old_state)
+                    self._stops[id(collector)] = old._stops[id(collector)]
+                    self._threads[id(collector)] = old._threads[id(collector)]
+                    kept.append(collector)
+        return kept
+
+    def stop(self, wait: float = 2.0, keep: Iterable[Collector] = ()) -> None:
+        """Stop every collector, except those in `keep` (handed over to another scheduler)."""
+        kept = {id(c) for c in keep}
+        for key, stop in self._stops.items():
+            if key not in kept:
+                stop.set()
         deadline = time.monotonic() + wait
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for key, thread in self._threads.items():
+            if key not in kept:
+                thread.join(max(0.0, deadline - time.monotonic()))
         for collector, state in self.entries:
-            if state.started:
+            if state.started and id(collector) not in kept:
                 try:
                     collector.stop()
                 except Exception as err:  # stop() must not raise; if it does, say so and go on
@@ -143,13 +166,13 @@ class Scheduler:
         elif error is None and not was_ok and state.runs > 1:
             log.info("collector %s is up again", state.name)
 
-    def _loop(self, collector: Collector, state: CollectorState) -> None:
+    def _loop(self, collector: Collector, state: CollectorState, stop: threading.Event) -> None:
         # A small random delay first, so collectors started together do not fire together.
-        if self._stop.wait(random.uniform(0, min(0.2, state.interval / 10))):
+        if stop.wait(random.uniform(0, min(0.2, state.interval / 10))):
             return
         while True:
             began = time.monotonic()
             self.run_once(collector, state)
             wait = state.interval * random.uniform(1 - JITTER, 1 + JITTER) - (time.monotonic() - began)
-            if self._stop.wait(max(0.0, wait)):
+            if stop.wait(max(0.0, wait)):
                 return

@@ -1,97 +1,111 @@
-"""HTTP: /metrics, the landing page /, /-/healthy and /-/ready, served by a threading WSGI server.
+"""HTTP: /metrics, the landing page /, /-/healthy, /-/ready and /-/reload.
 
-WSGI rather than prometheus_client's start_http_server so that one app can
-carry the landing page and, later, an authentication layer in front of all of it.
+The app is WSGI (prometheus_client's make_wsgi_app renders /metrics, with its
+name[] filter and gzip/OpenMetrics negotiation; basic auth and the configured
+headers wrap it), run in a small thread pool. The sockets are aiohttp's
+asyncio server (web/connections.py), not a thread per connection: a bounded
+number of connections, a total deadline for a request's head, and accept()
+backing off on EMFILE, so a slowloris attack cannot take /metrics down.
 """
 from __future__ import annotations
 
 import logging
-import socket
-import ssl
-import threading
-from socketserver import ThreadingMixIn
-from typing import Callable, Iterable, Optional
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from typing import Callable, Iterable, Optional, Protocol
+from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from whisper_exporter.web import status as landing
 from whisper_exporter.config import Config
 from whisper_exporter.runtime.scheduler import Scheduler
+from whisper_exporter.web import status as landing
+from whisper_exporter.web.connections import HttpServer, serve
+
+__all__ = ["HttpServer", "Current", "make_app", "serve"]
 
 StartResponse = Callable[..., object]
 log = logging.getLogger("whisper_exporter.web.server")
 
-REQUEST_TIMEOUT = 30  # seconds a client may take to send its request (slow clients hold a thread)
+READ_METHODS = ("GET", "HEAD")
+RELOAD_METHODS = ("POST", "PUT")  # as Prometheus' /-/reload
+PAGES = ("/metrics", "/", "/index.html", "/-/healthy", "/-/ready")
 
 
-class _QuietHandler(WSGIRequestHandler):
-    timeout = REQUEST_TIMEOUT
+class Current(Protocol):
+    """What the app reads at each request: the configuration and scheduler now running
+    (a reload swaps both)."""
 
-    def setup(self) -> None:
-        super().setup()
-        if isinstance(self.request, ssl.SSLSocket):
-            # The TLS handshake runs here, in the request's own thread, so a slow or
-            # hostile client cannot stall accept() for everyone else.
-            self.request.do_handshake()
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
-        pass  # one line per scrape on stderr is noise
+    config: Config
+    scheduler: Scheduler
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    # socketserver's default backlog of 5 drops connections from concurrent scrapers, which
-    # the client's TCP then retries after 1, 3, 7 s: multi-second tail latencies for nothing.
-    request_queue_size = 128
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        # A failed handshake or a dropped connection is the client's problem: one debug line,
-        # not a traceback on stderr.
-        log.debug("connection from %s failed", client_address, exc_info=True)
-
-
-class _ThreadingWSGIServerV6(_ThreadingWSGIServer):
-    address_family = socket.AF_INET6
-
-
-def make_app(config: Config, scheduler: Scheduler, registry: CollectorRegistry) -> Callable:
+def make_app(current: Current, registry: CollectorRegistry,
+             reload: Optional[Callable[[], Optional[str]]] = None) -> Callable:
+    """The WSGI app. `reload` (given with --web.enable-lifecycle) runs a reload and returns
+    None, or the reason it was refused."""
     metrics_app = make_wsgi_app(registry)
 
     def app(environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
+        method = environ.get("REQUEST_METHOD", "GET")
+        if path == "/-/reload":
+            if method not in RELOAD_METHODS:
+                return _text(start_response, "405 Method Not Allowed", "Use POST to reload.\n",
+                             [("Allow", ", ".join(RELOAD_METHODS))])
+            if reload is None:
+                # Prometheus' answer without --web.enable-lifecycle: the endpoint exists and the
+                # method is right, but the operator has not allowed it.
+                return _text(start_response, "403 Forbidden",
+                             "Lifecycle API is not enabled (start with --web.enable-lifecycle).\n")
+            error = reload()
+            if error is not None:
+                return _text(start_response, "500 Internal Server Error", f"Reload failed: {error}\n")
+            return _text(start_response, "200 OK", "Reloaded.\n")
+        if path not in PAGES:
+            return _text(start_response, "404 Not Found", "Not found. Try /metrics.\n")
+        if method not in READ_METHODS:
+            return _text(start_response, "405 Method Not Allowed", f"{method} is not allowed here.\n",
+                         [("Allow", ", ".join(READ_METHODS))])
+        # HEAD is answered as GET; the server sends the headers only.
         if path == "/metrics":
-            return metrics_app(environ, start_response)
+            return _metrics(metrics_app, environ, start_response)
         if path == "/-/healthy":
             return _text(start_response, "200 OK", "Healthy.\n")
         if path == "/-/ready":
-            if scheduler.ready():
+            if current.scheduler.ready():
                 return _text(start_response, "200 OK", "Ready.\n")
             return _text(start_response, "503 Service Unavailable", "Not ready: collectors have not run yet.\n")
-        if path in ("/", "/index.html"):
-            body = landing.render(config, scheduler).encode("utf-8")
-            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body)))])
-            return [body]
-        return _text(start_response, "404 Not Found", "Not found. Try /metrics.\n")
+        body = landing.render(current.config, current.scheduler).encode("utf-8")
+        start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body)))])
+        return [body]
 
     return app
 
 
-def _text(start_response: StartResponse, status: str, text: str) -> list[bytes]:
-    body = text.encode()
-    start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
+def _metrics(metrics_app: Callable, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+    """prometheus_client's exposition; a name[] filter that matches nothing is an error, not an
+    empty scrape (which Prometheus would take as a healthy target without series)."""
+    environ = dict(environ, REQUEST_METHOD="GET")
+    names = parse_qs(environ.get("QUERY_STRING", "")).get("name[]")
+    if not names:
+        return metrics_app(environ, start_response)
+    answer: dict = {}
+
+    def keep(status: str, headers: list, exc_info: object = None) -> None:
+        answer.update(status=status, headers=headers)
+
+    # Uncompressed, so emptiness can be seen; a filtered answer is small.
+    environ.pop("HTTP_ACCEPT_ENCODING", None)
+    body = b"".join(metrics_app(environ, keep))
+    if body.strip() in (b"", b"# EOF"):
+        shown = ", ".join(n[:100] for n in names[:10])
+        return _text(start_response, "400 Bad Request", f"No metric matches name[]: {shown}\n")
+    start_response(answer["status"], answer["headers"])
     return [body]
 
 
-def serve(
-    host: str, port: int, app: Callable, ssl_context: Optional[ssl.SSLContext] = None
-) -> tuple[WSGIServer, threading.Thread]:
-    """Bind now (so a taken port fails at start-up) and serve in a background thread."""
-    server_class = _ThreadingWSGIServerV6 if ":" in host else _ThreadingWSGIServer
-    server = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
-    if ssl_context is not None:
-        server.socket = ssl_context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="http", daemon=True)
-    thread.start()
-    return server, thread
+def _text(start_response: StartResponse, status: str, text: str,
+          extra: Iterable[tuple[str, str]] = ()) -> list[bytes]:
+    body = text.encode()
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                            ("Content-Length", str(len(body))), *extra])
+    return [body]

@@ -37,8 +37,9 @@ _CLIENT_AUTH = {
 }
 _TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version", "max_version",
              "cipher_suites", "curve_preferences", "prefer_server_cipher_suites"}
-# Compared against for unknown users, so a wrong user name costs what a wrong password costs.
-_DUMMY_HASH = b"$2b$10$GTZef5z0TkKu0guoskcOdekWzkvjLzYCEOrXyQrI6pDLFnJAZEc2e"
+# bcrypt reads at most 72 bytes of a password; the bcrypt package raises ValueError beyond that
+# (and Go's, in exporter-toolkit, refuses them), so a longer one is checked clipped, then refused.
+BCRYPT_MAX_PASSWORD = 72
 
 
 @dataclass
@@ -147,6 +148,22 @@ class BasicAuth:
         self._secret = hashlib.sha256(repr(sorted(users.items())).encode() + b"whisper-exporter").digest()
         self._cache: set[bytes] = set()
         self._lock = threading.Lock()
+        # Unknown users are checked against a dummy hash of a cost the configured users have, picked
+        # by a keyed hash of the name: a made-up name then costs what some real user's check costs,
+        # instead of a fixed cost that tells every user of another cost apart by timing.
+        self._dummies: list[bytes] = []
+        by_cost: dict[bytes, bytes] = {}
+        for hashed in sorted(users.values()):
+            cost = hashed[4:6]
+            if cost not in by_cost:
+                by_cost[cost] = bcrypt.hashpw(self._secret, bcrypt.gensalt(int(cost)))
+            self._dummies.append(by_cost[cost])
+
+    def _dummy(self, user: str) -> bytes:
+        if not self._dummies:
+            return self._bcrypt.hashpw(b"x", self._bcrypt.gensalt(4))
+        pick = hmac.new(self._secret, user.encode("utf-8", "surrogateescape"), "sha256").digest()
+        return self._dummies[int.from_bytes(pick[:4], "big") % len(self._dummies)]
 
     def _authorized(self, header: str) -> bool:
         scheme, _, encoded = header.partition(" ")
@@ -162,7 +179,10 @@ class BasicAuth:
         key = hmac.new(self._secret, f"{user}\0{password}\0".encode() + (hashed or b""), "sha256").digest()
         if hashed is not None and key in self._cache:
             return True
-        ok = self._bcrypt.checkpw(password.encode(), hashed or _DUMMY_HASH) and hashed is not None
+        secret = password.encode()
+        too_long = len(secret) > BCRYPT_MAX_PASSWORD
+        ok = (self._bcrypt.checkpw(secret[:BCRYPT_MAX_PASSWORD], hashed or self._dummy(user))
+              and hashed is not None and not too_long)
         if ok:
             with self._lock:
                 if len(self._cache) > 1000:  # bounded: a flood of valid logins cannot grow it

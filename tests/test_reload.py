@@ -1,0 +1,188 @@
+"""Reload and signals, as an operator meets them: the real CLI in a subprocess, real signals, real HTTP.
+
+SIGHUP reloads the configuration; POST /-/reload does too with --web.enable-lifecycle (403
+without it, as Prometheus answers); a bad new configuration is refused and the old one keeps
+running; a collector whose section did not change keeps counting; SIGUSR1/SIGUSR2 kill nothing.
+"""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from helpers import free_port, sample, wait_for
+
+EXE = [sys.executable, "-m", "whisper_exporter"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def line(**fields):
+    base = {"path": "/v1/audio/transcriptions", "status": 200, "language": "en", "duration_ms": 500.0,
+            "audio_seconds": 8.0}
+    base.update(fields)
+    return json.dumps(base) + "\n"
+
+
+class Exporter:
+    """The CLI on a config file this test rewrites; its stderr collected in a file."""
+
+    def __init__(self, tmp_path, *flags):
+        self.tmp = tmp_path
+        self.log = tmp_path / "app.log"
+        self.log.write_text("")
+        self.config = tmp_path / "config.yml"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.write(process_interval="1h")
+        self.stderr = open(tmp_path / "stderr.txt", "w+")
+        self.proc = subprocess.Popen(EXE + ["run", "--config", str(self.config), *flags], cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=self.stderr)
+        assert wait_for(self.healthy, timeout=30), self.errors()
+
+    def write(self, process_interval="1h", logs=True, probe=False, extra=""):
+        data = {
+            "listen": f"127.0.0.1:{self.port}",
+            "collectors": {
+                "gpu": {"enabled": False},
+                "quality": {"enabled": False},
+                "probe": {"enabled": probe, "interval": "1h"},
+                "process": {"enabled": True, "interval": process_interval, "match": "no-such-program-xyz"},
+                "logs": {"enabled": logs, "interval": "0.2s", "start_at": "beginning",
+                         "files": [{"path": str(self.log), "format": "json-request"}]},
+            },
+        }
+        self.config.write_text(yaml.safe_dump(data) + extra)
+
+    def healthy(self):
+        assert self.proc.poll() is None, self.errors()
+        try:
+            return requests.get(self.url + "/-/healthy", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def metrics(self):
+        return requests.get(self.url + "/metrics", timeout=5).text
+
+    def value(self, name, **labels):
+        return sample(self.metrics(), name, **labels)
+
+    def requests_seen(self):
+        return self.value("whisper_requests_total", endpoint="/v1/audio/transcriptions", status_code="200",
+                          language="en") or 0.0
+
+    def errors(self):
+        self.stderr.flush()
+        return (self.tmp / "stderr.txt").read_text()
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.stderr.close()
+
+
+@pytest.fixture
+def exporter(tmp_path):
+    started = []
+
+    def start(*flags):
+        e = Exporter(tmp_path, *flags)
+        started.append(e)
+        return e
+
+    yield start
+    for e in started:
+        e.stop()
+
+
+def last_run(e, collector):
+    return e.value("whisper_exporter_collector_last_run_timestamp_seconds", collector=collector)
+
+
+def test_sighup_applies_a_changed_config_and_unchanged_collectors_keep_counting(exporter):
+    e = exporter()
+    with open(e.log, "a") as f:
+        f.write(line() * 3)
+    assert wait_for(lambda: e.requests_seen() == 3, timeout=10)
+    first_success = e.value("whisper_exporter_config_last_reload_success_timestamp_seconds")
+    assert e.value("whisper_exporter_config_last_reload_successful") == 1
+    before = last_run(e, "process")
+    assert wait_for(lambda: last_run(e, "process") is not None, timeout=10)
+    before = last_run(e, "process")
+
+    e.write(process_interval="0.3s")  # the process section changes, the logs section does not
+    e.signal(signal.SIGHUP)
+    # The new interval takes effect: the process collector now runs several times a second.
+    assert wait_for(lambda: last_run(e, "process") > before + 0.5, timeout=10), e.errors()
+    assert e.proc.poll() is None
+    assert e.value("whisper_exporter_config_last_reload_successful") == 1
+    assert e.value("whisper_exporter_config_last_reload_success_timestamp_seconds") > first_success
+    # The logs collector was kept: its counter goes on from 3, not from 0, and the file is not re-read.
+    with open(e.log, "a") as f:
+        f.write(line() * 2)
+    assert wait_for(lambda: e.requests_seen() == 5, timeout=10), e.metrics()
+    time.sleep(0.5)
+    assert e.requests_seen() == 5
+    assert "configuration reloaded" in e.errors() and "kept logs" in e.errors()
+
+
+def test_a_bad_config_is_refused_and_the_old_one_keeps_running(exporter):
+    e = exporter()
+    with open(e.log, "a") as f:
+        f.write(line())
+    assert wait_for(lambda: e.requests_seen() == 1, timeout=10)
+    good = e.config.read_text()
+    e.config.write_text(good.replace("interval: 1h", "interval: soon", 1))
+    e.signal(signal.SIGHUP)
+    assert wait_for(lambda: e.value("whisper_exporter_config_last_reload_successful") == 0, timeout=10)
+    assert e.proc.poll() is None
+    assert "reload refused" in e.errors() and "interval" in e.errors()  # the error names the key
+    with open(e.log, "a") as f:
+        f.write(line())
+    assert wait_for(lambda: e.requests_seen() == 2, timeout=10)  # the old collectors run on
+    refused_at = e.value("whisper_exporter_config_last_reload_success_timestamp_seconds")
+
+    e.config.write_text(good)  # fixed: the next reload succeeds
+    e.signal(signal.SIGHUP)
+    assert wait_for(lambda: e.value("whisper_exporter_config_last_reload_successful") == 1, timeout=10)
+    assert e.value("whisper_exporter_config_last_reload_success_timestamp_seconds") > refused_at
+
+
+def test_reload_endpoint_only_with_the_lifecycle_flag(exporter, tmp_path):
+    e = exporter()
+    forbidden = requests.post(e.url + "/-/reload", timeout=5)
+    assert forbidden.status_code == 403 and "--web.enable-lifecycle" in forbidden.text
+    assert requests.get(e.url + "/-/reload", timeout=5).status_code == 405
+    e.stop()
+
+    e = exporter("--web.enable-lifecycle")
+    assert requests.get(e.url + "/-/reload", timeout=5).status_code == 405  # a GET changes nothing
+    e.write(logs=False)
+    ok = requests.post(e.url + "/-/reload", timeout=10)
+    assert ok.status_code == 200, ok.text
+    assert e.value("whisper_exporter_collector_up", collector="logs") is None  # logs is off now
+    e.config.write_text("collectors: [not, a, mapping]\n")
+    refused = requests.post(e.url + "/-/reload", timeout=10)
+    assert refused.status_code == 500 and "collectors" in refused.text
+    assert e.value("whisper_exporter_config_last_reload_successful") == 0
+    assert e.value("whisper_exporter_collector_up", collector="process") is not None  # still running
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2])
+def test_user_signals_do_not_kill(exporter, sig):
+    e = exporter()
+    e.signal(sig)
+    assert wait_for(lambda: "ignored" in e.errors(), timeout=10)
+    assert e.proc.poll() is None
+    assert requests.get(e.url + "/metrics", timeout=5).status_code == 200
