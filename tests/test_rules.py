@@ -81,7 +81,7 @@ def run_promtool_tests(test_files: list[Path]) -> list[subprocess.CompletedProce
 
 def test_there_are_rules_and_tests():
     assert {p.name for p in RULE_FILES} >= {"service.yml", "latency.yml", "gpu.yml", "quality.yml",
-                                            "exporter.yml", "recording.yml"}
+                                            "exporter.yml", "recording.yml", "slo.yml"}
     assert len(TEST_FILES) >= len(RULE_FILES)
     assert len(alerts()) >= 20 and len(records()) >= 10
 
@@ -298,3 +298,145 @@ def test_unit_tests_fail_when_an_alert_fires_too_much(tmp_path):
         return {**rule, "expr": f"({rule['expr']}) or on () vector(1)"}
 
     check_mutants(tmp_path, always)
+
+
+# -- issue 15: the SLO in one place, group cadence, Alertmanager inhibition ---------------------
+
+OBJECTIVES = {"slo:whisper_availability:objective", "slo:whisper_latency:objective"}
+
+
+def test_slo_objectives_are_set_in_one_place():
+    """Each objective is one record of a constant; every burn-rate alert divides by it, and no
+    rule carries the budget as a literal."""
+    defined = {r["record"]: r["expr"] for r in records() if r["record"] in OBJECTIVES}
+    assert set(defined) == OBJECTIVES
+    for expr in defined.values():
+        assert re.fullmatch(r"vector\(0\.\d+\)", expr.strip()), expr
+    burns = [r for r in alerts() if r["alert"].endswith("BudgetBurn")]
+    assert {(r["alert"], r["labels"]["severity"]) for r in burns} == {
+        (a, s) for a in ("WhisperErrorBudgetBurn", "WhisperLatencyBudgetBurn") for s in ("critical", "warning")}
+    for rule in burns:
+        assert "(1 - slo:whisper_" in rule["expr"], rule["alert"]
+    for path, _, rule in all_rules():
+        if path.name == "slo.yml" and rule.get("record") not in OBJECTIVES:
+            assert not re.search(r"\b0\.995\b|\b0\.99\b|\b0\.005\b|\b0\.01\b", rule["expr"]), rule.get("alert") or rule.get("record")
+
+
+def test_changing_the_objective_changes_the_pages(tmp_path):
+    """With the availability objective lowered to 90%, the bad-replica scenario (the fleet
+    failing 10%) no longer pages: the unit test that expects the page must fail."""
+    (tmp_path / "tests").mkdir()
+    for path in RULE_FILES:
+        text = path.read_text()
+        if path.name == "slo.yml":
+            assert "vector(0.995)" in text
+            text = text.replace("vector(0.995)", "vector(0.9)")
+        (tmp_path / path.name).write_text(text)
+    data = load(RULES / "tests" / "slo_test.yml")
+    data["tests"] = [t for t in data["tests"] if t["name"].startswith("one bad replica out of three")]
+    assert data["tests"]
+    test_file = tmp_path / "tests" / "slo_test.yml"
+    test_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    shipped = run_promtool_tests([RULES / "tests" / "slo_test.yml"])[0]
+    assert shipped.returncode == 0, shipped.stdout + shipped.stderr
+    changed = run_promtool_tests([test_file])[0]
+    assert changed.returncode != 0 and "alertname: WhisperErrorBudgetBurn" in changed.stdout, changed.stdout
+
+
+def test_records_of_slower_groups_are_read_through_a_window():
+    """promtool evaluates every group at the test's interval, so it cannot see this: a record
+    from a group evaluated every 5m, read plainly by a rule evaluated every minute, can find its
+    newest sample just past the 5-minute lookback, see nothing, and reset `for:`. Every read of
+    such a record must go through *_over_time with a window of at least twice the interval."""
+    slow: dict[str, int] = {}
+    for path in RULE_FILES:
+        for group in load(path)["groups"]:
+            interval = group.get("interval")
+            if interval:
+                seconds = int(interval[:-1]) * {"s": 1, "m": 60, "h": 3600}[interval[-1]]
+                for rule in group["rules"]:
+                    if "record" in rule:
+                        slow[rule["record"]] = seconds
+    assert slow, "no slower group: drop this test"
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    for path in RULE_FILES:
+        for group in load(path)["groups"]:
+            if group.get("interval"):
+                continue
+            for rule in group["rules"]:
+                for name, seconds in slow.items():
+                    for m in re.finditer(re.escape(name) + r"(\[(\d+)([smhdw])\])?", rule["expr"]):
+                        before = rule["expr"][:m.start()]
+                        assert m.group(1) and re.search(r"_over_time\($", before.rstrip()), \
+                            f"{rule.get('alert') or rule.get('record')} reads {name} without a window"
+                        assert int(m.group(2)) * units[m.group(3)] >= 2 * seconds, rule.get("alert")
+
+
+@pytest.fixture
+def alertmanager(tmp_path):
+    """The shipped deploy/alertmanager.yml in a real Alertmanager on loopback."""
+    import requests  # noqa: PLC0415  (only this test needs it)
+    from conftest import free_port  # noqa: PLC0415
+
+    binary = shutil.which("alertmanager") or shutil.which("prometheus-alertmanager")
+    if binary is None:
+        pytest.fail("Alertmanager is not installed (Debian package `prometheus-alertmanager`)")
+    port = free_port()
+    log = open(tmp_path / "alertmanager.log", "w")
+    proc = subprocess.Popen([binary, f"--config.file={ROOT / 'deploy' / 'alertmanager.yml'}",
+                             f"--storage.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
+                             "--cluster.listen-address="], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    import time  # noqa: PLC0415
+    try:
+        for _ in range(100):
+            assert proc.poll() is None, (tmp_path / "alertmanager.log").read_text()
+            try:
+                if requests.get(url + "/-/ready", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_alertmanager_lets_the_symptom_lead(alertmanager):
+    """Inhibition as the shipped config does it, asked of a real Alertmanager: the failing canary
+    inhibits the guessed cause, never the other way round; a page inhibits its own ticket; one
+    instance's outage does not hide the service-level page."""
+    import requests  # noqa: PLC0415
+
+    def alert(name: str, severity: str, **labels: str) -> dict:
+        return {"labels": {"alertname": name, "severity": severity, "job": "whisper", **labels},
+                "annotations": {"summary": name}}
+
+    sent = [
+        # whisper-0: the server is down; the canary fails, and the process is not found.
+        alert("WhisperProbeFailing", "critical", instance="whisper-0:10111", probe="en-short"),
+        alert("WhisperServerProcessDown", "warning", instance="whisper-0:10111"),
+        alert("WhisperErrorRatioHigh", "warning", instance="whisper-0:10111"),
+        # whisper-1: the process pattern stopped matching, while its requests fail: the
+        # guessed cause must not hide the symptom.
+        alert("WhisperServerProcessDown", "warning", instance="whisper-1:10111"),
+        alert("WhisperErrorRatioHigh", "warning", instance="whisper-1:10111"),
+        # The service: a page over 1h and its own ticket over 1d.
+        alert("WhisperErrorBudgetBurn", "critical", window="1h"),
+        alert("WhisperErrorBudgetBurn", "warning", window="1d"),
+    ]
+    response = requests.post(alertmanager + "/api/v2/alerts", json=sent, timeout=10)
+    assert response.status_code == 200, response.text
+    got = requests.get(alertmanager + "/api/v2/alerts", timeout=10).json()
+    inhibited = {(a["labels"]["alertname"], a["labels"].get("instance", ""), a["labels"]["severity"]):
+                 bool(a["status"]["inhibitedBy"]) for a in got}
+    assert inhibited == {
+        ("WhisperProbeFailing", "whisper-0:10111", "critical"): False,
+        ("WhisperServerProcessDown", "whisper-0:10111", "warning"): True,
+        ("WhisperErrorRatioHigh", "whisper-0:10111", "warning"): True,
+        ("WhisperServerProcessDown", "whisper-1:10111", "warning"): False,
+        ("WhisperErrorRatioHigh", "whisper-1:10111", "warning"): False,
+        ("WhisperErrorBudgetBurn", "", "critical"): False,
+        ("WhisperErrorBudgetBurn", "", "warning"): True,
+    }
