@@ -24,7 +24,9 @@ from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.config import Duration, KeyPath, one_of, positive, warning
 from whisper_exporter.whisper.languages import language_code
 from whisper_exporter.logfiles.follow import Follower
+from whisper_exporter.whisper import hallucination
 from whisper_exporter.logfiles.parse import LineError
+from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
 from whisper_exporter.runtime.requests import Labels, RequestMetrics
 from whisper_exporter.runtime.shared import Shared
 
@@ -124,9 +126,11 @@ class _Source:
 class LogsCollector:
     name = "logs"
 
-    def __init__(self, section: LogsConfig, requests: Optional[RequestMetrics] = None, sampler: Any = None):
+    def __init__(self, section: LogsConfig, requests: Optional[RequestMetrics] = None, sampler: Any = None,
+                 hallucinations: Optional[HallucinationCounters] = None):
         self.section = section
         self.sampler = sampler  # production sampling into the review queue (sampling.ProductionSampler)
+        self.hallucinations = hallucinations  # transcripts in the log are checked for text nobody said
         # The request metrics this collector feeds (shared with the tap); its lock guards them.
         self.requests = requests or RequestMetrics(
             Labels(section.endpoints, section.status_codes, section.languages), section.max_series)
@@ -187,6 +191,9 @@ class LogsCollector:
     def _observe(self, record: logparse.Record) -> None:
         # Called with the shared metrics' lock held (feed()).
         lang = self.requests.observe_locked(record)
+        if record.transcript is not None and self.hallucinations is not None and not record.error:
+            reasons = hallucination.suspect(record.transcript, lang, record.audio_duration)
+            self.hallucinations.count(lang, "traffic", reasons, record.transcript)
         if record.transcript is not None and record.audio_path and self.sampler is not None and not record.error and (
                 record.status_code is None or str(record.status_code).lstrip().startswith("2")):
             self.sampler.offer(record.audio_path, record.transcript, lang, record.audio_duration)
@@ -277,7 +284,8 @@ class LogsCollector:
 
 
 def make(section: LogsConfig, shared: Shared) -> LogsCollector:
-    return LogsCollector(section, requests=shared.use_requests(), sampler=shared.production_sampler())
+    return LogsCollector(section, requests=shared.use_requests(), sampler=shared.production_sampler(),
+                         hallucinations=shared.use_hallucinations())
 
 
 PLUGIN = Plugin("logs", LogsConfig, make, "request metrics from the Whisper server's log files")

@@ -50,6 +50,7 @@ from whisper_exporter.config import (
     resolve_path,
 )
 from whisper_exporter.runtime.collector import Plugin
+from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
 from whisper_exporter.runtime.quality_counters import QualityCounters
 from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.whisper import audio, clients, scoring, utterance
@@ -62,15 +63,15 @@ class Canary:
     """One canary: audio with a known transcript, sent to the service as a user would."""
 
     audio: str = ""  # path; relative paths are relative to the config file's folder; required
-    reference: str = ""  # what is said in it; required
+    reference: Optional[str] = None  # what is said in it; required; "" for non-speech (a negative canary)
     language: str = "en"  # a Whisper language code; also picks the normaliser and the unit
     name: Optional[str] = None  # the `probe` label; default: the audio file's name without suffix
 
     def check(self, at: KeyPath) -> None:
         if not self.audio:
             raise at.error("audio", "the path of an audio file (WAV, FLAC, MP3, OGG)")
-        if not self.reference.strip():
-            raise at.error("reference", "the text spoken in the audio")
+        if self.reference is None:
+            raise at.error("reference", 'the text spoken in the audio ("" for non-speech: a negative canary)')
         if not re.fullmatch(r"[a-z]{2,3}", self.language):
             raise at.error("language", "a Whisper language code such as en, de, zh or yue", self.language)
         path = Path(resolve_path(self.audio, config_dir(at.source)) or "")
@@ -116,11 +117,13 @@ class ProbeConfig:
             names[name] = i
 
 WRONG_TRANSCRIPT = "wrong_transcript"
+HALLUCINATION = "hallucination"  # a negative canary (non-speech, expected "") answered with text
 RESULTS = (clients.SUCCESS, clients.HTTP_ERROR, clients.TIMEOUT, clients.CONNECTION_ERROR,
-           clients.BAD_RESPONSE, WRONG_TRANSCRIPT)
+           clients.BAD_RESPONSE, WRONG_TRANSCRIPT, HALLUCINATION)
 HISTORY = 10  # probes kept per canary for the status page
 MAX_TRANSCRIPT_CHARS = 2000  # a hallucination loop can be long
 BUNDLED_NAME = "en-short"
+BUNDLED_NEGATIVE = "silence"  # 4 s of digital silence: a server that writes text on it hallucinates
 QUALITY_SET = "canary"
 
 
@@ -135,11 +138,17 @@ def bundled_canary() -> Canary:
     )
 
 
+def bundled_negative_canary(kind: str = BUNDLED_NEGATIVE) -> Canary:
+    """A non-speech canary shipped in the package (silence, noise or tone), expected transcript ""."""
+    folder = resources.files("whisper_exporter") / "canary"
+    return Canary(name=kind, audio=str(folder / f"{kind}.wav"), reference="", language="en")
+
+
 def resolve_canaries(section: ProbeConfig, config: Optional[Config]) -> list[Canary]:
     """The configured canaries (the bundled one when none is), audio paths made absolute:
     relative paths are relative to the config file's folder."""
     if not section.canaries:
-        return [bundled_canary()]
+        return [bundled_canary(), bundled_negative_canary()]
     base = config_dir(getattr(config, "source", ""))
     resolved = []
     for c in section.canaries:
@@ -169,6 +178,7 @@ class ProbeRecord:
     transcript: Optional[str] = None
     reference: str = ""
     score: Optional[scoring.Score] = None
+    suspects: tuple[str, ...] = ()  # hallucination reasons (whisper/hallucination.py)
     max_error_rate: float = 0.5
     segments: int = 0
     avg_logprob: Optional[float] = None  # lowest of the segments
@@ -206,13 +216,23 @@ def probe_canary(client: clients.WhisperClient, canary: Canary, max_error_rate: 
     """Probe one canary now. Raises audio.AudioError when its audio cannot be read;
     everything the server does becomes the record's result."""
     u = utterance.run(client, canary.audio, canary.reference, canary.language)
+    reference = canary.reference or ""
     record = ProbeRecord(
         canary=canary.name or canary_name(canary), started=u.started, result=u.outcome, duration=u.elapsed,
         status_code=u.status_code, reason=u.reason, language=canary.language, unit=u.unit,
         audio_path=canary.audio, audio_duration=u.audio_duration or 0.0, target=client.url, api=client.api,
-        reference=canary.reference, max_error_rate=max_error_rate, exchange=u.exchange,
+        reference=reference, max_error_rate=max_error_rate, exchange=u.exchange,
     )
     if u.transcript is None or u.score is None:
+        return record
+    record.suspects = u.suspects
+    if not reference.strip():  # a negative canary: any text is text nobody said
+        record.transcript = u.transcript.strip()[:MAX_TRANSCRIPT_CHARS]
+        record.server_language, record.server_duration = u.server_language, u.server_duration
+        if record.transcript:
+            record.result = HALLUCINATION
+            why = ", ".join(u.suspects) or "text"
+            record.reason = f"non-speech answered with text ({why}): {record.transcript[:80]!r}"
         return record
     record.transcript = u.transcript.strip()[:MAX_TRANSCRIPT_CHARS]
     record.server_language, record.server_duration = u.server_language, u.server_duration
@@ -231,7 +251,8 @@ class ProbeCollector:
     name = "probe"
 
     def __init__(self, section: ProbeConfig, config: Config, url: Optional[str] = None,
-                 quality: Optional[QualityCounters] = None):
+                 quality: Optional[QualityCounters] = None,
+                 hallucinations: Optional[HallucinationCounters] = None):
         self.section = section
         self.config = config
         self.url = url or config.service.url
@@ -239,6 +260,7 @@ class ProbeCollector:
         # Shared counters are rendered by the runtime; standalone (the probe command) renders its own.
         self.owns_quality = quality is None
         self.quality = quality or QualityCounters()
+        self.hallucinations = hallucinations or HallucinationCounters()
         self.status = "no probe yet"
         self.problems: list[str] = []  # canaries that could not be probed in the last run
         self._lock = threading.Lock()  # one run at a time: probes never pile up
@@ -275,10 +297,15 @@ class ProbeCollector:
                 raise RuntimeError("; ".join(problems))
 
     def _store(self, record: ProbeRecord) -> None:
-        if record.score is not None:
+        negative = not record.reference.strip()
+        if negative:
+            pass  # no words to score against: the hallucination counters say how it went
+        elif record.score is not None:
             self.quality.record(record.score, QUALITY_SET)
         else:
             self.quality.record_failure(record.language, QUALITY_SET)
+        if record.transcript is not None:
+            self.hallucinations.count(record.language, "canary", record.suspects, record.transcript)
         with self._state_lock:
             previous = self._latest.get(record.canary)
             self._latest[record.canary] = record
@@ -340,13 +367,15 @@ class ProbeCollector:
         fallback = GaugeMetricFamily("whisper_probe_fallback_segments",
                                      "Segments decoded at temperature > 0 (Whisper's fallback after failed checks), "
                                      "last scheduled run.", labels=label)
-        info = GaugeMetricFamily("whisper_probe_info", "Always 1; the canary's language and scoring unit.",
-                                 labels=["probe", "language", "unit"])
+        info = GaugeMetricFamily("whisper_probe_info", "Always 1; the canary's language, scoring unit and kind "
+                                 "(speech, or negative: non-speech whose expected transcript is empty).",
+                                 labels=["probe", "language", "unit", "kind"])
         total = CounterMetricFamily("whisper_probe_runs_total", "Canary probes by result.",
                                     labels=["probe", "result"])
         for canary in self.canaries:
             name = canary.name
-            info.add_metric([name, canary.language, scoring.unit_for(canary.language)], 1.0)
+            kind = "speech" if (canary.reference or "").strip() else "negative"
+            info.add_metric([name, canary.language, scoring.unit_for(canary.language), kind], 1.0)
             for result, count in runs[name].items():
                 total.add_metric([name, result], float(count))
             r = latest.get(name)
@@ -369,6 +398,7 @@ class ProbeCollector:
                              fallback, total, info]
         if self.owns_quality:
             out.extend(self.quality.families())
+            out.extend(self.hallucinations.families())
         return out
 
     def stop(self) -> None:
@@ -376,7 +406,8 @@ class ProbeCollector:
 
 
 def make(section: ProbeConfig, shared: Shared) -> ProbeCollector:
-    collector = ProbeCollector(section, shared.config, quality=shared.use_quality())
+    collector = ProbeCollector(section, shared.config, quality=shared.use_quality(),
+                               hallucinations=shared.use_hallucinations())
     shared.probe_view = collector
     return collector
 

@@ -43,6 +43,7 @@ from typing import Iterable, Optional
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from whisper_exporter.whisper import clients
+from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
 from whisper_exporter.runtime.quality_counters import QualityCounters, review_queue_families
 from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.whisper import scoring
@@ -130,7 +131,8 @@ class QualityCollector:
     name = "quality"
 
     def __init__(self, section: QualityConfig, config: Config, url: Optional[str] = None,
-                 quality: Optional[QualityCounters] = None, queue: Optional[ReviewQueue] = None):
+                 quality: Optional[QualityCounters] = None, queue: Optional[ReviewQueue] = None,
+                 hallucinations: Optional[HallucinationCounters] = None):
         self.section = section
         self.config = config
         self.url = url or config.service.url
@@ -144,6 +146,7 @@ class QualityCollector:
         self.standalone = quality is None
         self.queue = queue or (ReviewQueue(queue_path, production.max_queue) if queue_path else None)
         self.quality = quality or QualityCounters()
+        self.hallucinations = hallucinations or HallucinationCounters()
         self.status = "no run yet"
         self.problems: list[str] = []
         self._stop = threading.Event()
@@ -227,6 +230,8 @@ class QualityCollector:
             results.append(result)
             if result.score is not None:
                 self.quality.record(result.score, REFERENCE)
+                if result.transcript is not None:
+                    self.hallucinations.count(item.language, REFERENCE, result.suspects, result.transcript)
             else:
                 self.quality.record_failure(item.language, REFERENCE)
                 self._once(f"{item.id}: {result.outcome}: {result.reason}", logging.INFO)
@@ -332,6 +337,7 @@ class QualityCollector:
             if self.queue is not None:
                 out.extend(review_queue_families(self.queue))
             out.extend(self.quality.families())
+            out.extend(self.hallucinations.families())
         return out
 
     # -- the landing page -------------------------------------------------------------------
@@ -355,7 +361,8 @@ class QualityCollector:
 
 
 def make(section: QualityConfig, shared: Shared) -> QualityCollector:
-    collector = QualityCollector(section, shared.config, quality=shared.use_quality(), queue=shared.review_queue)
+    collector = QualityCollector(section, shared.config, quality=shared.use_quality(), queue=shared.review_queue,
+                                 hallucinations=shared.use_hallucinations())
     shared.quality_view = collector
     return collector
 

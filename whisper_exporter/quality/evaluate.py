@@ -50,6 +50,7 @@ class ItemResult:
     audio_duration: float = 0.0
     started: float = 0.0  # unix seconds
     set: str = "reference"
+    suspects: tuple[str, ...] = ()  # hallucination reasons (whisper/hallucination.py)
 
     @property
     def error_rate(self) -> Optional[float]:
@@ -93,6 +94,7 @@ def evaluate_item(client: clients.WhisperClient, item: Item, set_: str = "refere
     if u.transcript is None or u.score is None:
         return result
     result.transcript, result.score, result.result = u.transcript, u.score, SCORED
+    result.suspects = u.suspects
     return result
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Protocol
 from prometheus_client.core import Metric
 
 from whisper_exporter.config import Config, config_dir, resolve_path
+from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
 from whisper_exporter.runtime.quality_counters import QualityCounters, review_queue_families
 from whisper_exporter.runtime.requests import Labels, RequestMetrics
 
@@ -62,6 +63,8 @@ class Shared:
     process_watch: ProcessWatch = field(default_factory=ProcessWatch)
     review_queue: Optional["ReviewQueue"] = None
     quality_in_use: bool = False
+    hallucinations: HallucinationCounters = field(default_factory=HallucinationCounters)
+    hallucinations_in_use: bool = False
     # Typed handles for the status page, set by the factories that build these collectors.
     probe_view: Optional[ProbeView] = None
     quality_view: Optional[QualityView] = None
@@ -91,6 +94,11 @@ class Shared:
         self.quality_in_use = True
         return self.quality
 
+    def use_hallucinations(self) -> HallucinationCounters:
+        """The hallucination counters, for a collector that sees transcripts."""
+        self.hallucinations_in_use = True
+        return self.hallucinations
+
     def production_sampler(self) -> Optional["ProductionSampler"]:
         """A sampler of real requests into the review queue, when `quality.production.queue` is set."""
         if self.review_queue is None:
@@ -105,5 +113,7 @@ class Shared:
             yield from self.requests.families()
         if self.quality_in_use:
             yield from self.quality.families()
+        if self.hallucinations_in_use:
+            yield from self.hallucinations.families()
         if self.review_queue is not None:
             yield from review_queue_families(self.review_queue)

@@ -181,8 +181,35 @@ def _render_quality(scheduler: Scheduler) -> str:
     return "\n".join(parts) + "\n"
 
 
+def hallucination_rows(scheduler: Scheduler) -> list[dict]:
+    """The last suspected hallucinations, newest first. Transcripts of real traffic are never shown
+    (users' words on an unauthenticated page); canary and reference ones are the exporter's own."""
+    shared = scheduler.shared
+    if shared is None or not shared.hallucinations_in_use:
+        return []
+    now = time.time()
+    return [{
+        "when": _ago(s.when, now), "source": s.source, "language": s.language, "reasons": ", ".join(s.reasons),
+        "transcript": "(real traffic: not shown)" if s.source == "traffic" else s.text,
+    } for s in shared.hallucinations.recent()]
+
+
+def _render_hallucinations(scheduler: Scheduler) -> str:
+    rows = hallucination_rows(scheduler)
+    if not rows:
+        return ""
+    parts = ["<h2>Suspected hallucinations</h2>",
+             "<p>Transcripts that look like text nobody said (docs/hallucination.md), newest first.</p>",
+             "<table><tr><th>when</th><th>source</th><th>language</th><th>reasons</th><th>transcript</th></tr>"]
+    for r in rows:
+        parts.append(f"<tr><td>{escape(r['when'])}</td><td>{escape(r['source'])}</td><td>{escape(r['language'])}</td>"
+                     f"<td>{escape(r['reasons'])}</td><td>{escape(r['transcript'])}</td></tr>")
+    parts.append("</table>")
+    return "\n".join(parts) + "\n"
+
+
 # The page's sections after the collector table, in order: a new section is a function here.
-SECTIONS: list[Callable[[Scheduler], str]] = [_render_probes, _render_quality]
+SECTIONS: list[Callable[[Scheduler], str]] = [_render_probes, _render_quality, _render_hallucinations]
 
 
 def render(config: Config, scheduler: Scheduler) -> str:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from whisper_exporter.whisper import audio, clients, scoring
+from whisper_exporter.whisper import audio, clients, hallucination, scoring
 
 MAX_TRANSCRIPT_CHARS = 20000  # kept and scored at most: alignment is quadratic, and a hostile answer can be megabytes
 
@@ -60,6 +60,7 @@ class Utterance:
     transcript: Optional[str] = None  # as the server returned it (clipped to MAX_TRANSCRIPT_CHARS)
     score: Optional[scoring.Score] = None
     signals: Signals = field(default_factory=Signals)
+    suspects: tuple[str, ...] = ()  # why the transcript looks hallucinated (whisper/hallucination.py)
     server_language: Optional[str] = None
     server_duration: Optional[float] = None
     exchange: clients.Exchange = field(default_factory=clients.Exchange)
@@ -100,4 +101,14 @@ def run(client: clients.WhisperClient, path: str, reference: str, language: str,
     u.server_language, u.server_duration = t.language, t.duration
     u.score = scoring.score(reference, u.transcript, language)
     u.signals = Signals.of(t.segments)
+    u.suspects = check(u.transcript, language, duration if duration is not None else t.duration, t.segments)
     return u
+
+
+def check(text: str, language: Optional[str], audio_seconds: Optional[float],
+          segments: tuple[clients.Segment, ...] = ()) -> tuple[str, ...]:
+    """The hallucination reasons for an answer, from its text and (verbose_json) segments."""
+    return hallucination.suspect(text, language, audio_seconds, [
+        hallucination.Segment(text=s.text or "", no_speech_prob=s.no_speech_prob, avg_logprob=s.avg_logprob,
+                              compression_ratio=s.compression_ratio, temperature=s.temperature)
+        for s in segments[:hallucination.MAX_SEGMENTS]])
