@@ -105,7 +105,13 @@ def closed_port_url():
         return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
+SPEECH_ONLY = [{"name": "en-short", "audio": bundled_canary().audio, "reference": REFERENCE, "language": "en"}]
+
+
 def make_config(url, **probe):
+    """The probe section over `url`; the English canary alone unless the test names canaries (the
+    negative one of the default set is tests/test_hallucination_wiring.py's)."""
+    probe.setdefault("canaries", SPEECH_ONLY)
     return from_dict({"service": {"url": url, "model": "tiny"}, "collectors": {"probe": probe}})
 
 
@@ -319,9 +325,10 @@ def test_missing_api_key_marks_the_collector_down(fake, monkeypatch):
 def test_default_is_the_bundled_canary_enabled():
     config = load(None)
     assert config.collectors.probe.enabled
-    (canary,) = resolve_canaries(config.collectors.probe, config)
+    canary, negative = resolve_canaries(config.collectors.probe, config)
     assert canary.name == "en-short" and canary.language == "en"
     assert canary.reference.startswith("Please call Stella")
+    assert negative.name == "silence" and negative.reference == ""  # the non-speech canary
 
 
 def test_relative_canary_paths_are_relative_to_the_config_file(tmp_path):
@@ -447,7 +454,8 @@ def test_landing_page_shows_recent_probes_escaped(fake):
 
 def write_config(tmp_path, url, **service):
     path = tmp_path / "c.yml"
-    path.write_text(json.dumps({"service": {"url": url, "model": "tiny", **service}}))
+    path.write_text(json.dumps({"service": {"url": url, "model": "tiny", **service},
+                                "collectors": {"probe": {"canaries": SPEECH_ONLY}}}))
     return str(path)
 
 
