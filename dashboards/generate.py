@@ -561,7 +561,7 @@ def resources() -> dict:
         stat("Server uptime",
              targets((f"time() - whisper_process_start_time_seconds{{{JI}}}", "{{instance}}")), "s",
              "Since the oldest server process started.", width=12),
-        stat("Server processes", targets((f"whisper_process_count{{{JI}}}", "{{instance}}")), "short",
+        stat("Server processes", targets((f"whisper_process_processes{{{JI}}}", "{{instance}}")), "short",
              "Processes watched (roots and children).", thresholds=steps((1, "green"), base="red"), width=12),
     ]
     return dashboard("whisper-resources", "Whisper / Resources",

@@ -1,4 +1,7 @@
 """The command line as a user runs it: a real process, real signals, real HTTP."""
+import json
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -66,10 +69,16 @@ def test_version():
     assert result.stdout.strip() == f"whisper-exporter {__version__}"
 
 
+def test_version_flag():
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout == f"whisper-exporter {__version__}\n"
+
+
 def test_check_config_accepts_the_example():
     result = cli("check-config", "config/example.yml")
     assert result.returncode == 0, result.stderr
-    assert "OK" in result.stdout and "gpu, process" in result.stdout
+    assert "OK" in result.stdout and "collectors: process, probe" in result.stdout
+    assert result.stderr == ""  # nothing to warn about in the example
 
 
 def test_check_config_names_file_and_key(tmp_path):
@@ -115,7 +124,6 @@ def test_run_serves_metrics_and_stops_cleanly_on_sigterm():
                 break
             time.sleep(0.2)
         assert 'whisper_exporter_collector_up{collector="process"} 1.0' in body
-        assert 'whisper_exporter_collector_up{collector="gpu"}' in body
         assert "whisper_exporter_build_info" in body
         assert "process_resident_memory_bytes" in body
         page = requests.get(url + "/", timeout=5).text
@@ -126,6 +134,8 @@ def test_run_serves_metrics_and_stops_cleanly_on_sigterm():
     assert code == 0, stderr
     assert f"listening on http://127.0.0.1:{port}/metrics" in stderr
     assert "shutting down" in stderr
+    # Log lines in logfmt, the default.
+    assert re.search(r'^ts=\S+Z level=info logger=whisper_exporter msg="shutting down"$', stderr, re.M), stderr
 
 
 def test_taken_port_is_a_clear_error():
@@ -145,7 +155,6 @@ def test_no_arguments_runs_on_built_in_defaults():
     try:
         wait_healthy(f"http://127.0.0.1:{DEFAULT_PORT}", proc)
         body = requests.get(f"http://127.0.0.1:{DEFAULT_PORT}/metrics", timeout=5).text
-        assert 'whisper_exporter_collector_up{collector="gpu"}' in body
         assert 'whisper_exporter_collector_up{collector="process"}' in body
     finally:
         code = stop(proc)
@@ -187,3 +196,92 @@ def test_web_config_protects_the_running_exporter(tmp_path):
         assert requests.get(url + "/metrics", auth=("prom", "pw"), timeout=5).status_code == 200
     finally:
         assert stop(proc) == 0
+
+
+# -- issue 14: the conventions SREs expect, and a check-config that finds everything ---------
+
+def test_every_error_at_once_then_exit_2(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("listen: 10111\ncolectors: {}\nservice: {url: ftp://x}\n"
+                   "collectors:\n  gpu: {interval: soon}\n  process: {match: '(['}\n")
+    result = cli("check-config", str(bad))
+    assert result.returncode == 2
+    keys = re.findall(r"^whisper-exporter: bad configuration: \S+: (\S+): expected", result.stderr, re.M)
+    assert keys == ["colectors", "service.url", "collectors.gpu.interval", "collectors.process.match", "listen"]
+    assert "a bare number is not an address: write ':10111'" in result.stderr
+    assert result.stderr.rstrip().endswith("5 error(s), 0 warning(s)")
+    # run says the same, and does not start.
+    assert cli("run", "--config", str(bad)).stderr.count("bad configuration") == 5
+
+
+def test_warnings_for_settings_that_cannot_work_and_strict(tmp_path):
+    config = tmp_path / "c.yml"
+    config.write_text(f"""
+service: {{url: http://127.0.0.1:8000, api_key_env: WX_TEST_UNSET_KEY}}
+collectors:
+  process: {{pid_file: {tmp_path}/server.pid}}
+  logs: {{enabled: true}}
+""")
+    result = cli("check-config", str(config))
+    assert result.returncode == 0, result.stderr
+    warned = re.findall(r"^whisper-exporter: warning: \S+: (\S+): (.*)$", result.stderr, re.M)
+    assert [k for k, _ in warned] == ["service.api_key_env", "collectors.process.pid_file", "collectors.logs.files"]
+    assert "WX_TEST_UNSET_KEY is not set" in warned[0][1] and "probe" in warned[0][1]
+    assert "no such file" in warned[1][1] and "does nothing" in warned[2][1]
+    assert result.stdout.rstrip().endswith("; 3 warning(s))")
+    strict = cli("check-config", "--strict", str(config))
+    assert strict.returncode == 2 and "3 warning(s), which fail with --strict" in strict.stderr
+    # A log path where nothing is.
+    config.write_text(f"collectors:\n  logs: {{enabled: true, files: [{{path: {tmp_path}/nope/*.log}}]}}\n")
+    result = cli("check-config", "--strict", str(config))
+    assert result.returncode == 2 and "collectors.logs.files[0].path" in result.stderr
+    assert "nothing there (yet)" in result.stderr
+    # The variable set: no warning left.
+    config.write_text("service: {api_key_env: WX_TEST_SET_KEY}\n")
+    env = subprocess.run(EXE + ["check-config", "--strict", str(config)], capture_output=True, text=True,
+                         cwd=ROOT, env={**os.environ, "WX_TEST_SET_KEY": "k"}, timeout=30)
+    assert env.returncode == 0 and env.stderr == "", env.stderr
+
+
+def test_check_config_from_the_environment_and_a_web_config(tmp_path):
+    config = tmp_path / "c.yml"
+    config.write_text("listen: 127.0.0.1:0\n")
+    env = {**os.environ, "WHISPER_EXPORTER_CONFIG": str(config)}
+    result = subprocess.run(EXE + ["check-config"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=30)
+    assert result.returncode == 0 and result.stdout.startswith(f"{config}: OK"), result.stderr
+    assert cli("check-config").returncode == 2  # neither: says which file is wanted
+    web = tmp_path / "web.yml"
+    web.write_text("basic_auth_users:\n  alice: plaintext-password\n")
+    result = cli("check-config", str(config), "--web.config.file", str(web))
+    assert result.returncode == 2 and "basic_auth_users.alice" in result.stderr
+    assert "plaintext-password" not in result.stderr
+
+
+def test_bare_port_flag_gets_a_hint():
+    result = cli("run", "--web.listen-address", "10111")
+    assert result.returncode == 2 and "write ':10111'" in result.stderr
+
+
+def test_every_flag_from_the_environment_and_json_logs(tmp_path):
+    port = free_port()
+    env = {**os.environ, "WHISPER_EXPORTER_WEB_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+           "WHISPER_EXPORTER_LOG_FORMAT": "json", "WHISPER_EXPORTER_COLLECTOR_PROBE": "false"}
+    proc = subprocess.Popen(EXE + ["run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=env)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        body = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert 'collector="probe"' not in body and 'collector="process"' in body
+    finally:
+        assert stop(proc) == 0
+    lines = [json.loads(line) for line in proc.stderr.read().splitlines()]
+    assert {"ts", "level", "logger", "msg"} <= set(lines[0])
+    assert any(line["msg"] == f"listening on http://127.0.0.1:{port}/metrics" for line in lines)
+    # A flag on the command line wins over the environment.
+    flag = subprocess.run(EXE + ["run", "--web.listen-address", "nonsense"], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=30)
+    assert flag.returncode == 2 and "'nonsense'" in flag.stderr
+    help_text = cli("run", "--help").stdout
+    for name in ("WHISPER_EXPORTER_WEB_LISTEN_ADDRESS", "WHISPER_EXPORTER_LOG_LEVEL", "WHISPER_EXPORTER_LOG_FORMAT",
+                 "WHISPER_EXPORTER_COLLECTOR_GPU", "WHISPER_EXPORTER_WEB_CONFIG_FILE"):
+        assert name in help_text

@@ -482,7 +482,13 @@ def test_self_metrics(tmp_path):
     assert sample(v, "whisper_exporter_log_read_bytes_total", path=str(log)) == 2 * (len(line) + 1)
     assert sample(v, "whisper_exporter_log_last_line_timestamp_seconds", path=str(log)) >= before - 1
     assert 0 <= sample(v, "whisper_exporter_log_seconds_since_last_line", path=str(log)) < 5
-    assert "1 file(s), 2 lines" in c.status
+    assert c.status == f"{log} (json-request preset): 1 file(s), 2 lines"  # the preset by name, not "(json)"
+
+
+def test_status_names_json_and_regex_by_format(tmp_path):
+    c = collector([{"path": str(tmp_path / "a.jsonl"), "format": "json"},
+                   {"path": str(tmp_path / "b.log"), "format": "regex", "pattern": r"took (?P<duration>\S+)"}])
+    assert c.status == f"{tmp_path}/a.jsonl (json): no file yet, 0 lines; {tmp_path}/b.log (regex): no file yet, 0 lines"
 
 
 def test_through_the_running_exporter(tmp_path):

@@ -536,3 +536,23 @@ def _views(config, probe=None):
     shared = Shared.build(config)
     shared.probe_view = probe
     return shared
+
+
+def test_probe_command_model_and_api_without_a_config(fake):
+    # A bare `probe --target` against a server whose model is not whisper-1.
+    result = CliRunner().invoke(main, ["probe", "--target", fake.url, "--model", "Systran/faster-whisper-small",
+                                       "--api", "openai"])
+    assert result.exit_code == 0, result.output
+    _, _, body = fake.requests[-1]
+    assert b'name="model"\r\n\r\nSystran/faster-whisper-small\r\n' in body
+    assert "Systran/faster-whisper-small" in result.output
+
+
+def test_probe_command_json_keeps_the_metrics(fake, tmp_path):
+    result = CliRunner().invoke(main, ["probe", "--config", write_config(tmp_path, fake.url), "--json", "--metrics"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["records"][0]["result"] == "success"
+    assert 'whisper_probe_success{probe="en-short"} 1.0' in data["metrics"]
+    assert "metrics" not in json.loads(CliRunner().invoke(
+        main, ["probe", "--config", write_config(tmp_path, fake.url), "--json"]).stdout)
