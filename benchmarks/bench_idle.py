@@ -11,14 +11,17 @@ would), resident memory, and /metrics latency p50/p99 over many scrapes.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import free_port  # noqa: E402
 
 BASELINE = """
 import time
@@ -27,12 +30,6 @@ start_http_server({port}, addr="127.0.0.1")
 while True:
     time.sleep(3600)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_up(url: str) -> None:

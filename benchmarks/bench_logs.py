@@ -25,7 +25,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers import free_port  # noqa: E402
 
 LANGS = ["en"] * 40 + ["zh"] * 15 + ["de"] * 8 + ["es"] * 8 + ["fr"] * 6 + ["ja"] * 5 + ["yue"] * 4 + \
     ["ko", "pt", "ru", "it", "nl", "ar", "hi", "tr", "pl", "sv", "uk", "vi", "th", "id"]
@@ -198,12 +199,6 @@ def _mtail_version(binary: str) -> str:
         return out.split()[2] if out.startswith("mtail version") else ""
     except (OSError, IndexError, subprocess.TimeoutExpired):
         return ""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def steady_cpu(seconds: float, rate: float, workdir: Path) -> None:

@@ -13,12 +13,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,32 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from whisper_exporter.collectors.probe import ProbeCollector, bundled_canary  # noqa: E402
 from whisper_exporter.whisper import scoring  # noqa: E402
 from whisper_exporter.config import from_dict  # noqa: E402
+from fake_whisper import FakeWhisper  # noqa: E402
 
 REFERENCE = bundled_canary().reference
-
-
-def delayed_server(delay: list[float]) -> ThreadingHTTPServer:
-    body = json.dumps({"text": REFERENCE, "duration": 4.0, "language": "en", "segments": []}).encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):
-            pass
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            time.sleep(delay[0])
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 def probes(url: str, model: str, n: int) -> list:
@@ -75,17 +49,15 @@ def main() -> None:
     parser.add_argument("--no-real-server", action="store_true")
     args = parser.parse_args()
 
-    delay = [0.0]
-    server = delayed_server(delay)
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    server = FakeWhisper(text=REFERENCE)
     for injected in (0.0, 1.0):
-        delay[0] = injected
-        records, collector = probes(url, "tiny", args.probes)
+        server.delay = injected
+        records, collector = probes(server.url, "tiny", args.probes)
         overhead = [r.duration - injected for r in records]
         worst = max(abs(o) / injected for o in overhead) if injected else None
         print(f"injected delay {injected:.1f} s: probe overhead {ms(overhead)}"
               + (f"; worst relative error {worst * 100:.2f}%" if worst is not None else ""))
-    server.shutdown()
+    server.close()
 
     started = time.perf_counter()
     for _ in range(200):

@@ -9,7 +9,6 @@ machine with no NVIDIA driver it is down, which is part of "busy" too. Loopback 
 from __future__ import annotations
 
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,13 +22,9 @@ from typing import Iterator
 import requests
 import yaml
 
+from helpers import free_port, sample
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -148,11 +143,7 @@ def scrape_storm(url: str, scrapers: int, seconds: float) -> StormResult:
 
 def metric(url: str, name: str, **labels: str) -> float:
     """One sample's value from /metrics (the first whose labels include `labels`)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = requests.get(url + "/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    raise KeyError(f"{name}{labels} not in /metrics")
+    value = sample(requests.get(url + "/metrics", timeout=10).text, name, **labels)
+    if value is None:
+        raise KeyError(f"{name}{labels} not in /metrics")
+    return value

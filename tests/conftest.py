@@ -1,6 +1,4 @@
 """Shared fixtures: a real Prometheus server (Debian's `prometheus`) on loopback."""
-import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -10,11 +8,7 @@ import pytest
 import requests
 import yaml
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port, require_tool
 
 
 @dataclass
@@ -45,9 +39,7 @@ class Prometheus:
 @pytest.fixture
 def prometheus(tmp_path):
     """Start a real Prometheus scraping the given targets every second; stopped after the test."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("the `prometheus` binary is not installed (Debian package `prometheus`; .ci/run installs it)")
+    binary = require_tool("prometheus")
     started = []
 
     def start(targets: list[str], rule_files: list[str] = (), job: str = "whisper") -> Prometheus:

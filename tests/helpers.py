@@ -11,9 +11,10 @@ import socket
 import time
 import wave
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import pytest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 # Debian packages that provide the external programs the tests use (.ci/run installs them).
@@ -52,10 +53,11 @@ def wait_for(predicate: Callable[[], object], timeout: float = 5.0, interval: fl
         time.sleep(interval)
 
 
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """An exposition as {(sample name, sorted labels): value}."""
+def samples(text: Union[str, Iterable[Metric]]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """An exposition, or a collector's metric families, as {(sample name, sorted labels): value}."""
     out = {}
-    for family in text_string_to_metric_families(text):
+    families = text_string_to_metric_families(text) if isinstance(text, str) else text
+    for family in families:
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out

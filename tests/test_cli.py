@@ -12,17 +12,12 @@ from pathlib import Path
 import pytest
 import requests
 
+from helpers import free_port
 from whisper_exporter import __version__
 from whisper_exporter.config import DEFAULT_PORT
 
 EXE = [sys.executable, "-m", "whisper_exporter"]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_is_free(port: int) -> bool:

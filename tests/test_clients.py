@@ -1,16 +1,18 @@
 """The Whisper API clients: request shapes of the three APIs, answers, failures, secrets.
 
 HTTP failure paths use `responses` (a real server will not answer garbage on
-demand); connection refused also runs for real against a closed loopback port.
+demand); connection refused also runs for real against a closed loopback port, and a
+malformed and a dripping answer against tests/fake_whisper.py.
 """
 import json
-import socket
 
 import pytest
 import requests
 import responses
 from responses import matchers
 
+from fake_whisper import FakeWhisper, verbose_answer
+from helpers import free_port
 from whisper_exporter.whisper import clients
 from whisper_exporter.whisper.clients import (
     AsrWebserviceClient, ClientSetupError, OpenAIClient, Secret, WhisperCppClient, load_api_key, make_client,
@@ -174,6 +176,35 @@ def test_malformed_answers_are_bad_responses(body, reason):
     assert reason in result.reason
 
 
+def test_malformed_answer_from_a_real_socket_is_a_bad_response():
+    with FakeWhisper(mode="malformed") as fake:
+        result = OpenAIClient(fake.url, timeout=10).transcribe(AUDIO)
+    assert result.outcome == "bad_response" and result.status_code == 200
+    assert "not JSON" in result.reason
+
+
+DRIP = {"mode": "drip", "drip_interval": 0.005}  # the ~500-byte answer takes over 2.5 s
+
+
+def test_answer_dripping_past_the_timeout_is_a_timeout():
+    """Each byte comes well within the timeout, the whole answer does not: the timeout is for
+    the whole exchange, not for each read."""
+    with FakeWhisper(**DRIP) as fake:
+        result = OpenAIClient(fake.url, timeout=0.5).transcribe(AUDIO)
+    assert result.outcome == "timeout" and result.status_code == 200
+    assert "took longer than 0.5s to arrive" in result.reason
+
+
+@pytest.mark.xfail(strict=True, reason="the client reads the body in 64 KiB chunks and urllib3 waits for a full "
+                                       "chunk or the end, so the deadline is checked only once the whole drip "
+                                       "has arrived (22 s at timeout 1 s with a 30 s drip)")
+def test_dripping_answer_is_cut_off_at_the_deadline():
+    with FakeWhisper(**DRIP) as fake:
+        result = OpenAIClient(fake.url, timeout=0.5).transcribe(AUDIO)
+        whole = len(json.dumps(verbose_answer(fake.text)).encode())
+    assert result.exchange.body_bytes < whole
+
+
 @responses.activate
 def test_oversized_answer_is_a_bad_response(monkeypatch):
     monkeypatch.setattr(clients, "MAX_BODY_BYTES", 1000)
@@ -204,9 +235,7 @@ def test_connection_refused_by_responses():
 
 
 def test_connection_refused_for_real():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again below: nothing listens there
+    port = free_port()  # closed again: nothing listens there
     result = OpenAIClient(f"http://127.0.0.1:{port}", timeout=5).transcribe(AUDIO)
     assert result.outcome == "connection_error"
     assert "refused" in result.reason

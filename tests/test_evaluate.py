@@ -2,13 +2,12 @@
 per-language table, the worst items, broken manifest lines named, and the exit status of the gate."""
 import json
 import re
-import threading
-import wave
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from click.testing import CliRunner
 
+from fake_whisper import FakeWhisper
+from helpers import wav
 from whisper_exporter.cli import main
 from whisper_exporter.quality.evaluate import DEFAULT_THRESHOLD, parse_thresholds
 
@@ -23,55 +22,9 @@ SET = [
 # en: 1/19 words; zh: 1/8 chars; yue: 3/10 chars
 
 
-class Fake:
-    def __init__(self, answers):
-        self.answers = answers
-        self.requests = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                name = re.search(rb'filename="([^"]+)"', body).group(1).decode()
-                language = re.search(rb'name="language"\r\n\r\n([a-z]+)', body).group(1).decode()
-                fake.requests.append((name, language))
-                answer = fake.answers.get(name, "")
-                if answer == 500:
-                    data, status = b'{"detail": "boom"}', 500
-                else:
-                    data, status = json.dumps({"text": answer}).encode(), 200
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def wav(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(b"\0\0" * 16000)
-
-
 @pytest.fixture
 def server():
-    fake = Fake({f"{ident}.wav": answer for ident, _, _, answer in SET})
+    fake = FakeWhisper(answers={f"{ident}.wav": answer for ident, _, _, answer in SET})
     yield fake
     fake.close()
 
@@ -104,7 +57,7 @@ def test_table_per_language_and_exit_0_within_thresholds(server, manifest):
     worst = out.split("Worst")[1]
     assert worst.index("yue-1") < worst.index("zh-1") < worst.index("en-2")
     assert "'早晨 你今日食咗飯未呀'" in worst  # normalised (punctuation -> space; spaces are not units)
-    assert sorted(server.requests) == sorted((f"{i}.wav", lang) for i, lang, *_ in SET)
+    assert sorted((r.filename, r.language) for r in server.requests) == sorted((f"{i}.wav", lang) for i, lang, *_ in SET)
 
 
 def test_exit_1_when_a_language_is_over_its_threshold(server, manifest):
@@ -163,7 +116,7 @@ def test_broken_lines_are_named_and_the_good_ones_evaluated(server, manifest, tm
 
 
 def test_utterances_without_a_transcript_fail_the_gate(manifest):
-    fake = Fake({"en-1.wav": 500, "en-2.wav": "please call stella", "zh-1.wav": "你好", "yue-1.wav": "早晨"})
+    fake = FakeWhisper(answers={"en-1.wav": 500, "en-2.wav": "please call stella", "zh-1.wav": "你好", "yue-1.wav": "早晨"})
     try:
         result = evaluate("--manifest", manifest, "--target", fake.url)
     finally:

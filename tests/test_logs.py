@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
+from helpers import samples as values
 from whisper_exporter.collectors import logs as logs_collector
 from whisper_exporter.runtime import requests as request_metrics
 from whisper_exporter.collectors.logs import LogsCollector
@@ -36,17 +36,6 @@ def logs_config(files, **options):
 
 def collector(files, **options):
     return LogsCollector(logs_config(files, **options).collectors.logs)
-
-
-def values(families):
-    """{(sample name, sorted labels): value} from metric families or exposition text."""
-    if isinstance(families, str):
-        families = text_string_to_metric_families(families)
-    out = {}
-    for family in families:
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 def requests_by(v, **match):

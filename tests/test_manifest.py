@@ -1,22 +1,12 @@
 """Manifest loading: JSON lines and CSV, relative paths, strata tags, and every bad line named."""
 import json
 import os
-import wave
 
 import pytest
 
+from helpers import wav
 from whisper_exporter.quality import manifest
 from whisper_exporter.quality.manifest import ManifestError, duration_band, language_code
-
-
-def wav(path, seconds=1.0, rate=16000):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(b"\0\0" * int(seconds * rate))
-    return path
 
 
 def jsonl(path, *records):

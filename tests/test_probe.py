@@ -8,12 +8,13 @@ import json
 import shutil
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 from click.testing import CliRunner
 
+from fake_whisper import FakeWhisper
+from helpers import free_port
 from whisper_exporter.collectors import probe
 from whisper_exporter.collectors.probe import ProbeCollector, bundled_canary, probe_canary, resolve_canaries
 from whisper_exporter.whisper import clients
@@ -26,70 +27,6 @@ from whisper_exporter.runtime.scheduler import Scheduler
 REFERENCE = bundled_canary().reference
 
 
-class FakeWhisper:
-    """An OpenAI-style endpoint whose behaviour the test sets: mode, delay, text, status."""
-
-    def __init__(self):
-        self.mode = "ok"
-        self.delay = 0.0
-        self.text = REFERENCE
-        self.requests = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length", 0))
-                body = self.rfile.read(length)
-                fake.requests.append((self.path, dict(self.headers), body))
-                if fake.delay:
-                    time.sleep(fake.delay)
-                mode = fake.mode
-                if mode == "hang":
-                    time.sleep(30)
-                    return
-                if mode == "500":
-                    return self._send(500, b"Internal Server Error", "text/plain")
-                if mode == "html":
-                    return self._send(200, b"<!DOCTYPE html><html><body>It works!</body></html>", "text/html")
-                if mode == "stall":
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", "1000")
-                    self.end_headers()
-                    self.wfile.write(b'{"text": "')
-                    self.wfile.flush()
-                    time.sleep(30)
-                    return
-                answer = {"task": "transcribe", "language": "en", "duration": 4.0, "text": fake.text,
-                          "segments": [{"text": fake.text, "temperature": 0.2, "avg_logprob": -0.5,
-                                        "compression_ratio": 1.2, "no_speech_prob": 0.05},
-                                       {"text": "", "temperature": 0.0, "avg_logprob": -0.1,
-                                        "compression_ratio": 3.1, "no_speech_prob": 0.3}]}
-                self._send(200, json.dumps(answer).encode(), "application/json")
-
-            def _send(self, status, body, content_type):
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def fake():
     server = FakeWhisper()
@@ -98,11 +35,7 @@ def fake():
 
 
 def closed_port_url():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 SPEECH_ONLY = [{"name": "en-short", "audio": bundled_canary().audio, "reference": REFERENCE, "language": "en"}]

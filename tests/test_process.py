@@ -334,7 +334,9 @@ def test_never_watches_the_exporter(spawn, marker):
                            sys.executable, "-c", "import time; time.sleep(60)", marker)
     own_child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
     try:
-        time.sleep(0.2)
+        # bash has exec'd both (until then their command lines are bash's)
+        assert wait_for(lambda: other_exporter.cmdline()[0] == "/opt/venv/bin/whisper-exporter"
+                        and in_checkout.cmdline()[0] == "/src/whisper-exporter/.venv/bin/python", timeout=15)
         c = collect(ProcessConfig(match=re.escape(marker)))
         assert c.pids == {server.pid, own_child.pid, in_checkout.pid}
         by_pid = collect(ProcessConfig(match=None, pid=os.getpid()))

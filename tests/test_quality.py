@@ -1,12 +1,12 @@
 """The quality collector with a scripted client: counts and round rates, the rate limit, the run
 budget, the shared families' single owner, production scoring from the review queue, the page."""
 import json
-import wave
 
 import jiwer
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from helpers import wait_for, wav
 from whisper_exporter.collectors.logs import LogsCollector
 from whisper_exporter.collectors.quality import QualityCollector
 from whisper_exporter.whisper import clients
@@ -19,16 +19,6 @@ from whisper_exporter.runtime.exporter import make_registry
 from whisper_exporter.runtime.quality_counters import review_queue_families
 from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.runtime.scheduler import Scheduler
-
-
-def wav(path, seconds=1.0):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(b"\0\0" * int(seconds * 16000))
-    return path
 
 
 class FakeClient:
@@ -198,17 +188,15 @@ def test_a_run_stops_at_its_budget_and_the_rest_comes_first_next_time(labeled):
 
 def test_stop_interrupts_the_pause_between_requests(labeled):
     import threading
-    import time
 
     client = FakeClient({}, elapsed=10.0)  # a 90 s pause after the first request at share 0.1
     _, collector = make(labeled, client, max_server_share=0.1)
     thread = threading.Thread(target=collector.update)
     thread.start()
-    time.sleep(0.2)
-    started = time.monotonic()
+    assert wait_for(lambda: len(client.calls) == 1)  # the first request is sent: the pause follows
     collector.stop()
-    thread.join(5)
-    assert not thread.is_alive() and time.monotonic() - started < 2
+    thread.join(30)
+    assert not thread.is_alive()  # well before the 90 s pause ends: it was interrupted
     assert len(client.calls) == 1 and "stopping" in collector.status
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,14 +36,10 @@ from typing import Iterator, Optional
 import pytest
 import requests
 
+from helpers import free_port, require_tool
+
 MODEL_NAME = "tiny"
 STARTUP_TIMEOUT = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -127,8 +122,7 @@ def start_server(workdir: Optional[Path] = None, port: Optional[int] = None) -> 
 def make_speech(text: str, path: Path, voice: str = "en", rate: int = 16000) -> Path:
     """Speech for `text` by espeak-ng, resampled by sox to `rate` Hz mono (format from the suffix)."""
     for tool in ("espeak-ng", "sox"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"`{tool}` is not installed (Debian packages espeak-ng and sox; .ci/run installs them)")
+        require_tool(tool)
     path = Path(path)
     raw = path.with_name(path.stem + ".espeak.wav")
     subprocess.run(["espeak-ng", "-v", voice, "-w", str(raw), text], check=True, capture_output=True)
