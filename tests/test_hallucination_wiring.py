@@ -145,3 +145,35 @@ def test_one_set_of_counters_rendered_once_and_shown_on_the_page(fake, tmp_path)
     assert "Suspected hallucinations" in page and "Thank you for watching!" in page  # the canary's own
     for collector, _ in scheduler.entries:
         collector.stop()
+
+
+def test_evaluate_reports_suspects_per_language_and_gates_on_them(tmp_path):
+    from click.testing import CliRunner
+    from helpers import wav
+
+    from whisper_exporter.cli import main
+
+    for name in ("a", "b", "c", "d"):
+        wav(tmp_path / f"{name}.wav", seconds=2.0)
+    manifest = tmp_path / "refs.jsonl"
+    manifest.write_text("".join(json.dumps({"id": n, "audio": f"{n}.wav", "reference": "the cat sat on the mat",
+                                            "language": "en"}) + "\n" for n in ("a", "b", "c", "d")))
+    server = FakeWhisper(answers={"a.wav": "the cat sat on the mat", "b.wav": "the cat sat on a mat",
+                                  "c.wav": "the cat sat on the mat", "d.wav": "Thanks for watching!"})
+    try:
+        base = ["evaluate", "--manifest", str(manifest), "--target", server.url, "--max-error-rate", "1.5",
+                "--no-progress"]
+        ungated = CliRunner().invoke(main, base + ["--json"])
+        report = json.loads(ungated.output)
+        assert report["languages"]["en"]["hallucination_suspects"] == 1
+        assert report["languages"]["en"]["hallucination_reasons"] == {"known_phrase": 1}
+        assert [i["id"] for i in report["items"] if i.get("suspects")] == ["d"]
+        assert ungated.exit_code == 0  # reported, not judged, without the flag
+        gated = CliRunner().invoke(main, base + ["--max-hallucination-rate", "0.2"])
+        assert gated.exit_code == 1
+        assert "Suspected hallucinations (1):" in gated.output and "d (line 4, en): known_phrase" in gated.output
+        assert "1 of 4 transcript(s) suspected of hallucination (0.250), above --max-hallucination-rate 0.2" \
+            in gated.output
+        assert CliRunner().invoke(main, base + ["--max-hallucination-rate", "0.25"]).exit_code == 0
+    finally:
+        server.close()

@@ -332,12 +332,16 @@ def probe(config_path: Optional[str], target: Optional[str], api: Optional[str],
               help="Manifest lines that may be skipped (invalid, audio missing) before the gate fails.")
 @click.option("--allow-unthresholded", "allow_unthresholded", is_flag=True,
               help="Report languages without a threshold unjudged instead of failing the gate.")
+@click.option("--max-hallucination-rate", "max_hallucination_rate", default=None, type=click.FloatRange(0, 1),
+              metavar="RATE", help="Fail when a language has a larger share of transcripts suspected of "
+                                   "hallucination (docs/hallucination.md); default: reported, not judged.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress on stderr: a bar on a terminal, a line every 10%% (or 30 s) otherwise.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (with every item's transcript).")
 def evaluate(manifest: Optional[str], target: Optional[str], config_path: Optional[str], api: Optional[str],
              model: Optional[str], timeout: Optional[float], max_error_rate: Optional[str], worst_n: int,
-             max_skipped: int, allow_unthresholded: bool, progress: bool, as_json: bool) -> None:
+             max_skipped: int, allow_unthresholded: bool, max_hallucination_rate: Optional[float], progress: bool,
+             as_json: bool) -> None:
     """Evaluate the Whisper server on a labeled set once: error rates per language, the worst items.
 
     A quality gate before rolling out a model; it cannot pass by accident. Exit status: 0 every
@@ -397,7 +401,8 @@ def evaluate(manifest: Optional[str], target: Optional[str], config_path: Option
     shown = Progress(len(loaded.items), sys.stderr, sys.stderr.isatty()) if progress else None
     try:
         report = ev.run(loaded, client, thresholds, worst_n=worst_n, progress=shown,
-                        max_skipped=max_skipped, allow_unthresholded=allow_unthresholded)
+                        max_skipped=max_skipped, allow_unthresholded=allow_unthresholded,
+                        max_hallucination_rate=max_hallucination_rate)
     finally:
         if shown is not None:
             shown.close()

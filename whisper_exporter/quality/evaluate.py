@@ -72,7 +72,7 @@ class ItemResult:
             "errors": None if s is None else s.errors,
             "error_rate": self.error_rate,
             "elapsed_seconds": round(self.elapsed, 6), "audio_seconds": self.audio_duration,
-            "started": self.started,
+            "started": self.started, "suspects": list(self.suspects),
         }
 
 
@@ -117,6 +117,13 @@ class LanguageSummary:
     deletions: int = 0
     insertions: int = 0
     threshold: Optional[float] = None
+    suspects: int = 0  # scored utterances whose transcript looks hallucinated
+    suspect_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def hallucination_rate(self) -> Optional[float]:
+        """Share of the scored utterances suspected of hallucination; None when none was scored."""
+        return self.suspects / self.scored if self.scored else None
 
     @property
     def errors(self) -> int:
@@ -148,13 +155,18 @@ class LanguageSummary:
         self.substitutions += r.score.substitutions
         self.deletions += r.score.deletions
         self.insertions += r.score.insertions
+        if r.suspects:
+            self.suspects += 1
+            for reason in r.suspects:
+                self.suspect_reasons[reason] = self.suspect_reasons.get(reason, 0) + 1
 
     def to_dict(self) -> dict[str, Any]:
         return {"language": self.language, "unit": self.unit, "utterances": self.utterances,
                 "scored": self.scored, "failed": self.failed, "reference_units": self.reference_units,
                 "substitutions": self.substitutions, "deletions": self.deletions,
                 "insertions": self.insertions, "errors": self.errors, "error_rate": self.error_rate,
-                "threshold": self.threshold, "passed": self.passed}
+                "threshold": self.threshold, "passed": self.passed, "hallucination_suspects": self.suspects,
+                "hallucination_rate": self.hallucination_rate, "hallucination_reasons": dict(self.suspect_reasons)}
 
 
 def summarize(results: Iterable[ItemResult], thresholds: Optional[dict[str, float]] = None) -> dict[str, LanguageSummary]:
@@ -221,6 +233,7 @@ class Report:
     not_sent: list[ItemResult] = field(default_factory=list)  # audio that vanished after loading
     max_skipped: Optional[int] = 0  # skipped manifest lines allowed; None: any number
     allow_unthresholded: bool = False  # languages without a threshold are reported, not failed
+    max_hallucination_rate: Optional[float] = None  # per language; None: suspects reported, not judged
 
     @property
     def languages(self) -> dict[str, LanguageSummary]:
@@ -255,6 +268,12 @@ class Report:
                 out.append(f"{lang}: no utterance could be scored (threshold {s.threshold:g})")
             elif s.error_rate > s.threshold:
                 out.append(f"{lang}: {s.unit} error rate {s.error_rate:.4f} is above {s.threshold:g}")
+        if self.max_hallucination_rate is not None:
+            for lang, s in self.languages.items():
+                rate = s.hallucination_rate
+                if rate is not None and rate > self.max_hallucination_rate:
+                    out.append(f"{lang}: {s.suspects} of {s.scored} transcript(s) suspected of hallucination "
+                               f"({rate:.3f}), above --max-hallucination-rate {self.max_hallucination_rate:g}")
         failed = self.failed
         if failed:
             out.append(f"{len(failed)} utterance(s) got no transcript ({', '.join(r.id for r in failed[:5])}"
@@ -280,17 +299,18 @@ class Report:
             "manifest_problems": [{"line": p.line, "message": p.message} for p in self.problems()],
             "unused_thresholds": self.unused_thresholds(),
             "max_skipped": self.max_skipped, "allow_unthresholded": self.allow_unthresholded,
-            "unthresholded": self.unthresholded(),
+            "unthresholded": self.unthresholded(), "max_hallucination_rate": self.max_hallucination_rate,
         }
 
 
 def run(manifest: Manifest, client: clients.WhisperClient, thresholds: Optional[dict[str, float]] = None,
         worst_n: int = 10, progress: Optional[Callable[[int, int, ItemResult], None]] = None,
-        max_skipped: Optional[int] = 0, allow_unthresholded: bool = False) -> Report:
+        max_skipped: Optional[int] = 0, allow_unthresholded: bool = False,
+        max_hallucination_rate: Optional[float] = None) -> Report:
     """Every item of the manifest once, one after another."""
     report = Report(manifest=manifest, target=client.url, api=client.api, model=client.model,
                     thresholds=dict(thresholds or {}), worst_n=worst_n, max_skipped=max_skipped,
-                    allow_unthresholded=allow_unthresholded)
+                    allow_unthresholded=allow_unthresholded, max_hallucination_rate=max_hallucination_rate)
     started = time.monotonic()
     total = len(manifest.items)
     for n, item in enumerate(manifest.items, start=1):
@@ -336,7 +356,8 @@ def text_report(report: Report) -> str:
         f"(api {report.api}, model {report.model}) in {report.seconds:.1f} s",
         "",
     ]
-    rows = [["language", "unit", "utterances", "failed", "ref units", "S", "D", "I", "error rate", "threshold", ""]]
+    rows = [["language", "unit", "utterances", "failed", "ref units", "S", "D", "I", "error rate", "threshold",
+             "suspects", ""]]
     for lang, s in report.languages.items():
         if s.threshold is None:
             verdict = "unjudged" if report.allow_unthresholded else "FAIL"
@@ -344,8 +365,13 @@ def text_report(report: Report) -> str:
             verdict = "ok" if s.passed else "FAIL"
         rows.append([lang, s.unit, str(s.utterances), str(s.failed), str(s.reference_units),
                      str(s.substitutions), str(s.deletions), str(s.insertions), _rate(s.error_rate),
-                     "-" if s.threshold is None else f"{s.threshold:g}", verdict])
-    lines += table(rows, right=range(2, 10))
+                     "-" if s.threshold is None else f"{s.threshold:g}", str(s.suspects), verdict])
+    lines += table(rows, right=range(2, 11))
+    suspected = [r for r in report.results if r.suspects]
+    if suspected:
+        lines += ["", f"Suspected hallucinations ({len(suspected)}):"]
+        for r in suspected[: report.worst_n]:
+            lines.append(f"  {r.id} (line {r.line}, {r.language}): {', '.join(r.suspects)}: {_clip(r.transcript)!r}")
     bad = worst(report.results, report.worst_n)
     if bad:
         lines += ["", f"Worst {len(bad)} item(s):"]
