@@ -193,8 +193,8 @@ class GpuCollector:
         self._reinit = False  # a basic call failed: handles may be stale, re-init before reading
         self._absent: set[str] = set()  # NVML calls the bindings or the driver turned out not to have
         self._lock = threading.Lock()  # guards the two counter dicts below
-        self._xids: dict[tuple[str, str, str, str], int] = {}  # (gpu, uuid, name, xid) -> count
-        self._read_errors: dict[tuple[str, str, str, str], int] = {}  # (gpu, uuid, name, call)
+        self._xids: dict[tuple[str, ...], int] = {}  # (gpu, uuid, name, xid) -> count
+        self._read_errors: dict[tuple[str, ...], int] = {}  # (gpu, uuid, name, call)
         self._event_set: Any = None
         self._xid_thread: Optional[threading.Thread] = None
         self._xid_stop = threading.Event()
@@ -219,7 +219,7 @@ class GpuCollector:
             if count == 0:
                 raise GpuUnavailable("NVML unavailable: no NVIDIA GPU found")
             devices = self.section.devices
-            wanted = range(count) if devices == "all" else list(dict.fromkeys(devices))
+            wanted: list[int] = list(range(count)) if isinstance(devices, str) else list(dict.fromkeys(devices))
             for index in wanted:
                 if not 0 <= index < count:
                     raise ValueError(

@@ -255,9 +255,10 @@ def _scan(section: ProcessConfig, regex: Optional[re.Pattern], listening: Option
         if section.pid is not None:
             pid, reason = section.pid, f"pid {section.pid}"
         else:
-            pid, reason = _read_pid_file(section.pid_file)
-        if pid is None:
-            return _Found({}, frozenset(), reason)
+            read, reason = _read_pid_file(section.pid_file or "")
+            if read is None:
+                return _Found({}, frozenset(), reason)
+            pid = read
         if pid <= 0:  # the config accepts any integer; psutil raises on negatives
             return _Found({}, frozenset(), f"{reason}: not a valid pid")
         try:
@@ -285,10 +286,11 @@ def _scan(section: ProcessConfig, regex: Optional[re.Pattern], listening: Option
     if by_pid:
         if pid in excluded:
             return _Found({}, frozenset(), f"{reason}: that is the exporter or its parent or child")
+        assert root is not None and root_called is not None  # checked above
         table[pid], seen[pid] = root, root_called
         matched = {pid}
     elif regex is None:  # the listeners on the port
-        matched = set(listening) - excluded
+        matched = set(listening or ()) - excluded
         if not matched:
             return _Found({}, frozenset(), f"{reason}: only the exporter")
     else:
@@ -484,7 +486,7 @@ class ProcessCollector:
             cpu_system=self._cpu_system,
             rss=sum(r.rss for r in values),
             threads=sum(r.threads for r in values),
-            open_fds=sum(fds) if fds and None not in fds else None,
+            open_fds=sum(f for f in fds if f is not None) if fds and None not in fds else None,
             start_time=min(starts) if starts else None,
         )
 

@@ -200,6 +200,7 @@ class QualityCollector:
         log.log(level, "quality: %s", message)
 
     def _reference_round(self, problems: list[str]) -> str:
+        assert self.manifest_path is not None  # update() runs this round only with a manifest
         manifest = load_manifest(self.manifest_path)
         for problem in manifest.problems:
             self._once(f"{self.manifest_path}: {problem} (skipped)")
@@ -221,6 +222,7 @@ class QualityCollector:
             if self.clock() >= deadline:
                 stopped = f"run budget of {self.section.run_budget:g}s used up"
                 break
+            assert client is not None  # made above for a non-empty batch
             result = evaluate_item(client, item, REFERENCE)
             self.sampler.done(item)
             if result.outcome == "audio_error":
@@ -264,6 +266,8 @@ class QualityCollector:
         return text
 
     def _production_round(self, problems: list[str]) -> str:
+        # update() runs this round only with both files configured (QualityConfig.check).
+        assert self.references_path is not None and self.queue is not None
         references, bad = load_references(self.references_path)
         for problem in bad:
             self._once(f"{self.references_path}: {problem} (skipped)")

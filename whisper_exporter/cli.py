@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import click
 
@@ -213,8 +213,8 @@ def check_config(path: Optional[str], web_config: Optional[str], strict: bool) -
         except ConfigError as err:
             errors += each_error(err)
     warnings = config_warnings(config) if config is not None else []
-    for err in errors:
-        click.echo(f"whisper-exporter: bad configuration: {err}", err=True)
+    for problem in errors:
+        click.echo(f"whisper-exporter: bad configuration: {problem}", err=True)
     for warning in warnings:
         click.echo(f"whisper-exporter: warning: {warning}", err=True)
     checked = path + (f" and {web_config}" if web_config else "")
@@ -224,6 +224,7 @@ def check_config(path: Optional[str], web_config: Optional[str], strict: bool) -
     if warnings and strict:
         click.echo(f"{checked}: {len(warnings)} warning(s), which fail with --strict", err=True)
         sys.exit(EXIT_CONFIG)
+    assert config is not None  # no errors: it loaded
     running = [name for name, section in config.collectors.items() if section_active(section)]
     off_here = [name for name, section in config.collectors.items() if section.enabled and name not in running]
     note = f"; {', '.join(off_here)} off here (auto)" if off_here else ""
@@ -267,9 +268,10 @@ def probe(config_path: Optional[str], target: Optional[str], api: Optional[str],
 
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)  # the report says it all
     config = _config_or_exit(config_path)
-    config.service = dataclasses.replace(config.service, **{k: v for k, v in (("api", api), ("model", model)) if v})
+    overrides: dict[str, Any] = {k: v for k, v in (("api", api), ("model", model)) if v}
+    config.service = dataclasses.replace(config.service, **overrides)
 
-    def usage(message: str) -> None:
+    def usage(message: str) -> NoReturn:
         click.echo(f"whisper-exporter probe: {message}", err=True)
         sys.exit(EXIT_CONFIG)
 
@@ -360,7 +362,7 @@ def evaluate(manifest: Optional[str], target: Optional[str], config_path: Option
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
     config = _config_or_exit(config_path)
 
-    def usage(message: str) -> None:
+    def usage(message: str) -> NoReturn:
         click.echo(f"whisper-exporter evaluate: {message}", err=True)
         sys.exit(EXIT_CONFIG)
 
@@ -370,7 +372,7 @@ def evaluate(manifest: Optional[str], target: Optional[str], config_path: Option
             usage("--manifest: which labeled set? (or collectors.quality.manifest in --config)")
         from whisper_exporter.config import config_dir, resolve_path
 
-        manifest = resolve_path(section.manifest, config_dir(config.source))
+        manifest = resolve_path(section.manifest, config_dir(config.source)) or section.manifest
     if target is not None and not re.match(r"^https?://[^/\s]+", target):
         usage(f"--target: expected an http:// or https:// URL, got {target!r}")
     if timeout is not None and not timeout > 0:
@@ -381,7 +383,8 @@ def evaluate(manifest: Optional[str], target: Optional[str], config_path: Option
             thresholds = ev.parse_thresholds(max_error_rate)
         except ValueError as err:
             usage(f"--max-error-rate: {err} (expected LANG=RATE,... such as en=0.1,zh=0.15)")
-    service = dataclasses.replace(config.service, **{k: v for k, v in (("api", api), ("model", model)) if v})
+    overrides: dict[str, Any] = {k: v for k, v in (("api", api), ("model", model)) if v}
+    service = dataclasses.replace(config.service, **overrides)
     try:
         loaded = mf.load(manifest)
     except mf.ManifestError as err:

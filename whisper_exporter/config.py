@@ -168,7 +168,7 @@ class Config:
 
     @property
     def listen_address(self) -> tuple[str, int]:
-        return parse_listen(self.listen)
+        return parse_listen(str(self.listen))
 
     def check(self, at: KeyPath) -> None:
         one_of(at, "log_level", self.log_level, ("debug", "info", "warning", "error"))
@@ -219,7 +219,7 @@ def _convert(source: str, key: str, tp: Any, value: Any) -> Any:
         if value is None:
             return None
         raise ConfigError(source, key, "null", value)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(source, key, tp, value)
     if tp is Duration:
         try:

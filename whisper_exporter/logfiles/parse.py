@@ -144,6 +144,7 @@ def field_specs(mapping: Mapping[str, Any], defaults: Mapping[str, FieldSpec]) -
         if value is None:
             specs.pop(name, None)
             continue
+        source: Optional[str]
         if isinstance(value, str):
             source, unit = value, "s"  # a bare name is in seconds; {field, unit} for others
         else:  # LogField from the config, or a mapping in tests
@@ -228,7 +229,8 @@ def _compile_json(fields: Mapping[str, FieldSpec]) -> Callable[[dict], Optional[
     lines.append(f"    return _new(Record, ({values}))")
     namespace = {"number": number, "check_label": check_label, "_new": _new, "Record": Record}
     exec(compile("\n".join(lines), "<json field mapping>", "exec"), namespace)  # noqa: S102 - see docstring
-    return namespace["extract"]
+    extract: Callable[[dict], Optional[Record]] = namespace["extract"]  # type: ignore[assignment]
+    return extract
 
 
 # ---------------------------------------------------------------------------

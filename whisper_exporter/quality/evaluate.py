@@ -100,9 +100,9 @@ def evaluate_item(client: clients.WhisperClient, item: Item, set_: str = "refere
 
 def worst(results: Iterable[ItemResult], n: int) -> list[ItemResult]:
     """The `n` scored items with the highest error rate (most errors first among equals)."""
-    scored = [r for r in results if r.score is not None]
-    scored.sort(key=lambda r: (-r.score.error_rate, -r.score.errors, r.id))
-    return scored[:n]
+    scored = [(r, r.score) for r in results if r.score is not None]
+    scored.sort(key=lambda rs: (-rs[1].error_rate, -rs[1].errors, rs[0].id))
+    return [r for r, _ in scored[:n]]
 
 
 @dataclass
@@ -376,11 +376,13 @@ def text_report(report: Report) -> str:
     if bad:
         lines += ["", f"Worst {len(bad)} item(s):"]
         for r in bad:
-            s = r.score
-            lines.append(f"  {r.id} (line {r.line}, {r.language}): {r.unit} error rate {s.error_rate:.3f} "
-                         f"({s.substitutions} S, {s.deletions} D, {s.insertions} I / {s.reference_units})")
-            lines.append(f"      reference:  {_clip(s.reference)!r}")
-            lines.append(f"      transcript: {_clip(s.hypothesis)!r}")
+            score = r.score
+            assert score is not None  # worst() returns scored items only
+            lines.append(f"  {r.id} (line {r.line}, {r.language}): {r.unit} error rate {score.error_rate:.3f} "
+                         f"({score.substitutions} S, {score.deletions} D, {score.insertions} I / "
+                         f"{score.reference_units})")
+            lines.append(f"      reference:  {_clip(score.reference)!r}")
+            lines.append(f"      transcript: {_clip(score.hypothesis)!r}")
     failed = report.failed
     if failed:
         lines += ["", f"No transcript for {len(failed)} item(s):"]

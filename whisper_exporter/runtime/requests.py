@@ -55,7 +55,8 @@ class _Hist:
         return h
 
     def buckets(self) -> list[tuple[str, float]]:
-        out, total = [], 0
+        out: list[tuple[str, float]] = []
+        total = 0
         for bound, n in zip(self.bounds, self.counts):
             total += n
             out.append((_le(bound), total))
@@ -102,10 +103,10 @@ class Labels:
         else:
             self.languages = set()
             for name in languages:
-                code = logparse.language_code(name)
-                if code is None:
+                found = logparse.language_code(name)
+                if found is None:
                     raise ValueError(f"not a Whisper language: {name!r}")
-                self.languages.add(code)
+                self.languages.add(found)
         self.folded = {"endpoint": 0, "status_code": 0, "language": 0, "series": 0}
         self._endpoint_cache: dict[str, str] = {}
         self._language_cache: dict[str, str] = {}

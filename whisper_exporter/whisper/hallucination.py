@@ -259,12 +259,14 @@ def suspect(text: str, language: Optional[str], audio_seconds: Optional[float],
 
     units = _units(clipped) if key else []
     if repeated_run(units) or _compresses_like_a_loop(clipped) or any(
-            _finite(s.compression_ratio) and s.compression_ratio > COMPRESSION_RATIO_THRESHOLD
+            s.compression_ratio is not None and _finite(s.compression_ratio)
+            and s.compression_ratio > COMPRESSION_RATIO_THRESHOLD
             and isinstance(s.text, str) and s.text.strip() for s in seg_list):
         found.add("repetition")
     if key and (bag or default_bag()).matches(key):
         found.add("known_phrase")
-    if not key or any(_finite(s.no_speech_prob) and s.no_speech_prob > NO_SPEECH_THRESHOLD
+    if not key or any(s.no_speech_prob is not None and _finite(s.no_speech_prob)
+                      and s.no_speech_prob > NO_SPEECH_THRESHOLD
                       and isinstance(s.text, str) and s.text.strip() for s in seg_list):
         found.add("no_speech")
     if too_much_text(stripped, language, audio_seconds):
