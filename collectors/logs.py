@@ -191,6 +191,8 @@ class LogsCollector:
     def _observe(self, record: logparse.Record) -> None:
         # Called with the shared metrics' lock held (feed()).
         lang = self.requests.observe_locked(record)
+        if lang is None:  # the exporter's own probe or quality request: not user traffic
+            return
         if record.transcript is not None and self.hallucinations is not None and not record.error:
             reasons = hallucination.suspect(record.transcript, lang, record.audio_duration)
             self.hallucinations.count(lang, "traffic", reasons, record.transcript)

@@ -157,6 +157,25 @@ def test_uvicorn_lines_with_colours_and_gunicorn_prefix():
     assert p.parse(b"INFO:     Application startup complete.") is None
 
 
+def test_the_exporters_own_requests_are_kept_out_of_user_traffic(tmp_path):
+    """uvicorn prints the path with its query: the probe's marker keeps its requests apart."""
+    from whisper_exporter.whisper import marker
+
+    log = tmp_path / "access.log"
+    log.write_text("")
+    c = collector([{"path": str(log), "format": "uvicorn-access"}], start_at="beginning")
+    append(log,
+           'INFO:     127.0.0.1:1 - "POST /v1/audio/transcriptions HTTP/1.1" 200 OK',
+           f'INFO:     127.0.0.1:2 - "POST /v1/audio/transcriptions?{marker.QUERY_STRING} HTTP/1.1" 200 OK',
+           f'INFO:     127.0.0.1:3 - "POST /asr?task=transcribe&{marker.QUERY_STRING} HTTP/1.1" 500 Internal',
+           'INFO:     127.0.0.1:4 - "POST /v1/audio/transcriptions HTTP/1.1" 500 Internal Server Error')
+    c.update()
+    v = values(c.families())
+    assert requests_by(v) == 2  # the users' two
+    assert requests_by(v, status_code="500") == 1
+    assert sample(v, "whisper_canary_requests_seen_total", source="log") == 2
+
+
 # ---------------------------------------------------------------------------
 # Parsers: mapping, units, types
 

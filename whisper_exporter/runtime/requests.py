@@ -24,6 +24,9 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 
 from whisper_exporter.logfiles import parse as logparse
 from whisper_exporter.logfiles.parse import OTHER, UNKNOWN
+from whisper_exporter.whisper import marker
+
+CANARY_MARK = marker.QUERY + "="
 
 # Buckets, in seconds: ASR latency runs from tens of milliseconds to minutes. 1.5 s and
 # 3 s are the write-up's thresholds (10 s clip end to end; p95 alert).
@@ -184,9 +187,16 @@ class RequestMetrics:
         with self.lock:
             self.canaries[source] = self.canaries.get(source, 0) + n
 
-    def observe_locked(self, record: logparse.Record) -> str:
-        """Count one record; the caller holds `lock`. Returns the record's language label."""
+    def observe_locked(self, record: logparse.Record, source: str = "log") -> Optional[str]:
+        """Count one record; the caller holds `lock`. Returns the record's language label, or None
+        for the exporter's own request.
+
+        A record of the exporter's own marked request (its path carries the canary query marker,
+        as uvicorn's access log prints it) is counted in whisper_canary_requests_seen_total only."""
         endpoint, status, language, duration, queue, inference, audio = record[:7]
+        if endpoint is not None and CANARY_MARK in endpoint:
+            self.canaries[source] = self.canaries.get(source, 0) + 1
+            return None
         error = record.error
         labels = self.labels
         lang = labels.language(language)

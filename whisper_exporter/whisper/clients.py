@@ -45,7 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 from urllib3.exceptions import ReadTimeoutError
 
-from whisper_exporter.whisper import languages
+from whisper_exporter.whisper import languages, marker
 
 SUCCESS = "success"
 HTTP_ERROR = "http_error"
@@ -328,7 +328,9 @@ class WhisperClient:
 
     def transcribe(self, audio: bytes, filename: str = "audio.wav", language: Optional[str] = None) -> TranscribeResult:
         params, fields = self._form(language)
-        headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **self._headers}
+        # Marked as the exporter's own: the tap reads the header, access logs print the query.
+        params = {**params, marker.QUERY: marker.VALUE}
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **self._headers, marker.HEADER: marker.VALUE}
         if self._api_key is not None:
             headers["Authorization"] = "Bearer " + self._api_key.reveal()
         url = self.endpoint_url()
