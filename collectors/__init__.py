@@ -1,2 +1,2 @@
 """Bundled collectors: importing this package registers each one by name."""
-from collectors import gpu, logs, probe, process, quality  # noqa: F401
+from collectors import gpu, logs, probe, process, quality, tap  # noqa: F401

@@ -16,6 +16,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from whisper_exporter.tap.config import TapConfig
+
 DEFAULT_PORT = 10111  # see README "Why port 10111"
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
 
@@ -200,6 +202,7 @@ class CollectorsConfig:
     logs: LogsConfig = field(default_factory=LogsConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    tap: TapConfig = field(default_factory=TapConfig)
 
 
 @dataclass
@@ -250,6 +253,12 @@ def _check_value(source: str, key: str, value: Any) -> None:
         _check_probe(source, key, value)
     if key == "collectors.quality" or key.startswith("collectors.quality."):
         _check_quality(source, key, value)
+    if key == "collectors.tap":
+        try:
+            value.check()
+        except ValueError as err:  # "field: expected ..., got ..."
+            name, _, expected = str(err).partition(": ")
+            raise ConfigError(source, f"{key}.{name}", expected.removeprefix("expected "))
 
 
 def config_dir(source: str) -> Path:
