@@ -26,9 +26,12 @@ REQUEST_FAMILIES = ("whisper_requests_total", "whisper_request_duration_seconds"
 
 
 def to_log_record(record: TapRecord) -> Record:
-    """The tap's record in the shape the request metrics take (logparse.Record)."""
+    """The tap's record in the shape the request metrics take (logparse.Record). Audio counts
+    (seconds processed, real-time factor) only for answered requests: a failed one processed none."""
+    answered = record.status is not None and 200 <= record.status < 300 and record.error is None
     return Record(record.endpoint, record.status, record.language, record.duration, None, None,
-                  record.audio_duration, record.model, record.error, record.audio_path, record.transcript)
+                  record.audio_duration if answered else None, record.model, record.error,
+                  record.audio_path, record.transcript)
 
 
 class TapCollector:

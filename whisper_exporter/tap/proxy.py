@@ -369,7 +369,7 @@ class Tap:
                 _fields_to_record(record, analyzer.fields)
                 if analyzer.error is not None:
                     record.analysis_error = analyzer.error
-                elif spool is not None:
+                elif spool is not None and analyzer.complete:
                     try:
                         record.audio_duration = duration_seconds(
                             spool.path if spool.path is not None else spool.bytes(), name="upload")

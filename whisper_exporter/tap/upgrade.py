@@ -3,7 +3,8 @@
 The upload is held back only until its audio part begins (its form fields come first
 from the OpenAI clients and most others; at most `limit` bytes). By then python-multipart
 has read the fields before the file. The `response_format` part, when there and `json`,
-is replaced; when not there, a `verbose_json` one is put in front. Every other byte is
+is replaced; when not there, a `verbose_json` one is put in front (a json one after the
+file then wins on last-value servers such as FastAPI: the answer is json and goes back as is). Every other byte is
 forwarded as sent. The body's length changes, so it goes upstream chunked. The answer
 (JSON with segments) is rendered back to the `json` shape: {"text": ...} as FastAPI
 servers write it. Anything unexpected: the request goes on as sent, unchanged.
@@ -18,11 +19,6 @@ import orjson
 from whisper_exporter.tap.analysis import UploadAnalyzer
 
 FIELD = "response_format"
-
-
-def _part(boundary: bytes, value: bytes) -> bytes:
-    # One form-data part, without its leading delimiter: what follows "--boundary".
-    return b'\r\nContent-Disposition: form-data; name="' + FIELD.encode() + b'"\r\n\r\n' + value + b"\r\n"
 
 
 class Upgrade:
@@ -72,18 +68,19 @@ class Upgrade:
         asked = fields.get(FIELD)
         if asked is not None and asked.strip() != "json":
             return None
-        # The parts before the audio, split at the delimiter (the boundary never occurs in
-        # content; python-multipart has already checked the structure): part i is order[i].
-        start = held.rfind(self.delimiter)
-        parts = held[:start].split(self.delimiter)
-        order = analyzer.order[:-1]  # the last name is the audio part's
-        if start < 0 or parts[0] != b"" or len(parts) - 1 != len(order):
-            return None  # a preamble, or parts we cannot match up: leave the request alone
+        if not held.startswith(self.delimiter):
+            return None  # a preamble: leave the request alone
+        replacement = b'\r\nContent-Disposition: form-data; name="' + FIELD.encode() + b'"\r\n\r\nverbose_json'
         if asked is None:
-            return self.delimiter + _part(b"", b"verbose_json") + held
-        index = order.index(FIELD) + 1
-        parts[index] = _part(b"", b"verbose_json")
-        return self.delimiter.join(parts) + held[start:]
+            return self.delimiter + replacement + b"\r\n" + held
+        # Split at the delimiters (which never occur in content; python-multipart has checked
+        # the structure): part i of the held bytes is analyzer.order[i].
+        parts = held[len(self.delimiter):].split(b"\r\n" + self.delimiter)
+        index = analyzer.order.index(FIELD)
+        if index >= len(parts) - 1 or analyzer.order.count(FIELD) != 1:
+            return None
+        parts[index] = replacement
+        return self.delimiter + (b"\r\n" + self.delimiter).join(parts)
 
 
 def plan_upgrade(boundary: bytes, headers: Any, limit: int) -> Optional[Upgrade]:
