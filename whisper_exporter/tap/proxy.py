@@ -90,8 +90,9 @@ class Tap:
         self._thread: Optional[threading.Thread] = None
         self._runner: Optional[web.ServerRunner] = None
         self._session: Optional[aiohttp.ClientSession] = None
-        # Reading audio headers and answers, and the callback, run off the loop.
-        self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="tap-record")
+        # Reading audio headers and answers, and the callback, run off the loop; one thread,
+        # so records come in the order their requests ended.
+        self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tap-record")
         self._logged: dict[str, float] = {}
 
     # -- life cycle -----------------------------------------------------------
@@ -138,7 +139,9 @@ class Tap:
         timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout, sock_read=cfg.read_timeout)
         self._session = aiohttp.ClientSession(
             timeout=timeout, auto_decompress=False,
-            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+            # Idle upstream connections are dropped after 4 s, before uvicorn's 5 s keep-alive
+            # closes them from its side (a request sent on a connection closing under it fails).
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0),
             cookie_jar=aiohttp.DummyCookieJar())
         # auto_decompress=False: a compressed upload is forwarded as sent (and not analysed);
         # handler_cancellation: a client that goes away cancels its upstream request.
@@ -214,7 +217,12 @@ class Tap:
                 return _client_gone_response(record)
             return self._fail(record, "protocol", 502, f"upstream error ({type(err).__name__})")
         async with upstream:
-            return await self._answer(request, upstream, flight)
+            response = await self._answer(request, upstream, flight)
+            if upstream.status >= 500:
+                # uvicorn closes the connection after a 500 from an exception, without saying
+                # so: never reuse a connection that answered 5xx.
+                upstream.close()
+            return response
 
     def _start_analysis(self, request: web.BaseRequest, flight: _Flight) -> None:
         cfg = self.config
