@@ -311,6 +311,36 @@ def test_client_gone_mid_upload_cancels_the_upstream_request(tap, seen, records)
     assert r.json()["size"] == 3  # still serving
 
 
+def test_a_silent_client_gets_408_and_the_upstream_request_is_cut(upstream, seen):
+    records = Records()
+    tap = start_tap(upstream.url, records, client_timeout=0.5)
+    try:
+        s = _raw_upload(tap.port, "/v1/audio/translations", 10 ** 6, b"--B\r\n" + b"x" * 70000)
+        s.settimeout(30)
+        answer = s.recv(65536)
+        s.close()
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert seen.aborted.wait(30)
+        (rec,) = records.wait(1)
+        assert (rec.status, rec.error) == (408, "client_timeout")
+    finally:
+        tap.stop()
+
+
+def test_leftover_spool_files_are_removed_at_start(upstream, tmp_path):
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    (folder / "whisper-tap-old.wav").write_bytes(b"RIFF")
+    (folder / "keep.txt").write_text("not ours")
+    tap = start_tap(upstream.url, Records(), spool_dir=str(folder))
+    tap.stop()
+    assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
+    fresh = tmp_path / "new" / "spool"
+    tap = start_tap(upstream.url, Records(), spool_dir=str(fresh))
+    tap.stop()
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+
+
 def test_a_slow_client_does_not_stall_others(tap, records):
     slow = _raw_upload(tap.port, "/v1/audio/translations", 10 ** 6, b"--B\r\n")
     try:

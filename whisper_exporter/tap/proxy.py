@@ -11,6 +11,7 @@ background thread, so nothing it does waits on, or delays, the exporter's scrape
 from __future__ import annotations
 
 import asyncio
+import os
 import concurrent.futures
 import logging
 import threading
@@ -44,6 +45,8 @@ API_PATHS = {
 }
 TRUE = frozenset({"true", "1", "yes", "on"})
 LOG_EVERY = 60.0  # seconds between two warnings of one kind
+GRACE = 10.0  # seconds requests in flight may take to finish when the tap stops
+UPGRADE_MAX = 64 << 20  # bytes of a verbose_json answer the upgrade reads to render it as json
 
 
 def _forward_headers(headers: Any) -> CIMultiDict:
@@ -136,6 +139,9 @@ class Tap:
 
     async def _open(self) -> None:
         cfg = self.config
+        if cfg.spool_dir is not None:
+            os.makedirs(cfg.spool_dir, mode=0o700, exist_ok=True)  # a directory of its own
+            _clean_spool(cfg.spool_dir)
         timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout, sock_read=cfg.read_timeout)
         self._session = aiohttp.ClientSession(
             timeout=timeout, auto_decompress=False,
@@ -147,7 +153,8 @@ class Tap:
         # handler_cancellation: a client that goes away cancels its upstream request.
         server = web.Server(self._handle, auto_decompress=False, handler_cancellation=True,
                             access_log=None)
-        self._runner = web.ServerRunner(server, handle_signals=False)
+        # On stop, requests in flight get GRACE seconds to finish, then are cut.
+        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=GRACE)
         await self._runner.setup()
         host, port = cfg.listen_address
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
@@ -313,7 +320,9 @@ class Tap:
         record = flight.record
         record.upgraded = True
         try:
-            body = await upstream.content.read()
+            body = await upstream.content.read(UPGRADE_MAX + 1)
+            if len(body) > UPGRADE_MAX or not upstream.content.at_eof():
+                return self._fail(record, "protocol", 502, "verbose_json answer too large to render as json")
         except asyncio.TimeoutError:
             return self._fail(record, "timeout", 504, "upstream timed out")
         except aiohttp.ClientError:
@@ -418,14 +427,28 @@ class Tap:
                 spool.discard()  # after the callback: sampling may have moved the file away
 
 
+def _clean_spool(folder: str) -> None:
+    """Remove uploads a previous run left in its own spool directory (a crash, a kill)."""
+    import glob
+
+    for path in glob.glob(os.path.join(glob.escape(folder), "whisper-tap-*")):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 class _ClientGone(Exception):
     """The client's upload stopped (connection lost, or silent for client_timeout)."""
 
 
 def _client_gone_response(record: TapRecord) -> web.Response:
-    # The client is gone: nobody reads this answer; the record keeps the error.
+    """The client's upload stopped: a silent client gets 408; a gone one nothing (no status)."""
+    if record.error == "client_timeout":
+        record.status = 408
+        return web.Response(status=408, text="request body timed out\n")
     record.status = None
-    return web.Response(status=499, text="client closed request\n")
+    return web.Response(status=499, text="client closed request\n")  # nobody reads it
 
 
 def _fields_to_record(record: TapRecord, fields: dict[str, str]) -> None:
