@@ -320,9 +320,13 @@ class Tap:
         record = flight.record
         record.upgraded = True
         try:
-            body = await upstream.content.read(UPGRADE_MAX + 1)
-            if len(body) > UPGRADE_MAX or not upstream.content.at_eof():
-                return self._fail(record, "protocol", 502, "verbose_json answer too large to render as json")
+            chunks, size = [], 0
+            while chunk := await upstream.content.readany():
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > UPGRADE_MAX:
+                    return self._fail(record, "protocol", 502, "verbose_json answer too large to render as json")
+            body = b"".join(chunks)
         except asyncio.TimeoutError:
             return self._fail(record, "timeout", 504, "upstream timed out")
         except aiohttp.ClientError:
