@@ -487,3 +487,55 @@ def test_config_check_names_the_field():
             TapConfig(**bad).check()
     TapConfig().check()
     assert TapConfig().enabled is False and TapConfig().upgrade_response_format is False
+
+
+def test_marker_helpers():
+    assert marker.marked_url("http://h/v1/audio/transcriptions") == \
+        "http://h/v1/audio/transcriptions?whisper_exporter_canary=1"
+    assert marker.marked_url("http://h/asr?output=json") == "http://h/asr?output=json&whisper_exporter_canary=1"
+    assert marker.is_canary({marker.HEADER: "1"}) and marker.is_canary(None, {marker.QUERY: "1"})
+    assert not marker.is_canary({}, {}) and not marker.is_canary({marker.HEADER: "0"}, {marker.QUERY: "yes"})
+    source = open(marker.__file__).read()
+    assert "import aiohttp" not in source and "prometheus_client" not in source
+
+
+def test_read_answer_formats():
+    from whisper_exporter.tap.analysis import read_answer
+
+    verbose = read_answer(b'{"task":"transcribe","language":"german","duration":2.5,"text":" Hallo",'
+                          b'"segments":[{"id":0,"text":" Hallo","no_speech_prob":0.1}]}', "application/json")
+    assert (verbose.text, verbose.language, verbose.duration) == (" Hallo", "german", 2.5)
+    assert verbose.segments == [{"id": 0, "text": " Hallo", "no_speech_prob": 0.1}]
+    assert read_answer(b"Hallo\n", "text/plain; charset=utf-8").text == "Hallo\n"
+    assert read_answer(b"1\n00:00:00,000 --> 00:00:01,000\nHallo\n", "application/x-subrip").text is None
+    # A stream of JSON segments (speaches), with its language.
+    stream = read_answer(b'data: {"text":" One.","language":"en"}\n\ndata: {"text":" Two."}\n\n', "text/event-stream")
+    assert (stream.text, stream.language) == (" One. Two.", "en")
+    with pytest.raises(ValueError):
+        read_answer(b"{not json", "application/json")
+
+
+def test_the_upload_analyzer_never_raises_on_any_bytes():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from whisper_exporter.tap.analysis import UploadAnalyzer
+
+    head = b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=2000), st.lists(st.integers(1, 300), max_size=10), st.booleans())
+    def check(data, cuts, prefixed):
+        body = (head if prefixed else b"") + data
+        analyzer = UploadAnalyzer(b"B", 100, 1000, None)
+        pos = 0
+        for cut in cuts + [len(body)]:
+            analyzer.feed(body[pos:pos + cut])
+            pos += cut
+        analyzer.finish()
+        assert analyzer.error in (None, "multipart", "too_large")
+        if analyzer.spool is not None:
+            analyzer.spool.discard()
+            assert analyzer.spool.path is None
+
+    check()
