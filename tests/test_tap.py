@@ -165,6 +165,33 @@ def test_bytes_untouched_both_ways_and_the_record(tap, seen, records):
     assert list(tap.spool_path.iterdir()) == []  # 96 KB of audio went to disk and was removed
 
 
+def test_compressed_bodies_pass_as_they_are():
+    import gzip
+
+    answer = gzip.compress(b'{"text": "squeezed"}')
+    got = []
+
+    async def zipped(request):
+        got.append((await request.read(), request.headers.get("Content-Encoding")))
+        return web.Response(body=answer, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+
+    server = Upstream({TRANSCRIPTIONS: zipped})
+    records = Records()
+    tap = start_tap(server.url, records)
+    try:
+        upload = gzip.compress(b"--B\r\n...")
+        r = requests.post(f"http://127.0.0.1:{tap.port}{TRANSCRIPTIONS}", data=upload, stream=True,
+                          headers={"Content-Encoding": "gzip", "Content-Type": "multipart/form-data; boundary=B"})
+        raw = r.raw.read(decode_content=False)
+        (rec,) = records.wait(1)
+    finally:
+        tap.stop()
+        server.stop()
+    assert got == [(upload, "gzip")]
+    assert raw == answer and r.headers["Content-Encoding"] == "gzip"
+    assert rec.transcript is None and rec.analysis_error is None  # compressed: not analysed
+
+
 def test_language_from_the_answer_when_the_request_has_none(tap, records):
     r = requests.post(url(tap, TRANSCRIPTIONS), files={"file": ("a.wav", wav_bytes(0.5))})
     assert r.status_code == 201
