@@ -379,6 +379,18 @@ def test_a_slow_client_does_not_stall_others(tap, records):
     records.wait(4)
 
 
+def test_a_slow_server_answer_does_not_stall_others(tap, upstream, seen, records):
+    with requests.post(url(tap, "/sse"), data=b"x", stream=True, timeout=30) as slow:
+        lines = slow.iter_lines()
+        next(lines)  # the upstream now holds this answer open
+        for _ in range(3):
+            assert requests.get(url(tap, "/health")).status_code == 201
+        assert tap.stats.snapshot()["in_flight"] == 1
+        upstream.loop.call_soon_threadsafe(seen.release.set)
+        assert [line for line in lines if line][-1].startswith(b'data: {"type": "transcript.text.done"')
+    records.wait(4)
+
+
 def rss():
     return psutil.Process().memory_info().rss
 
