@@ -578,3 +578,16 @@ def test_the_upload_analyzer_never_raises_on_any_bytes():
             assert analyzer.spool.path is None
 
     check()
+
+
+def test_a_taken_port_fails_start_with_oserror(upstream):
+    first = start_tap(upstream.url, Records())
+    try:
+        from whisper_exporter.tap.proxy import Tap
+
+        second = Tap(TapConfig(enabled=True, listen=f"127.0.0.1:{first.port}"), upstream.url, Records())
+        with pytest.raises(OSError):
+            second.start()
+        assert requests.get(url(first, "/health")).status_code == 201  # the first one serves on
+    finally:
+        first.stop()

@@ -254,3 +254,24 @@ def test_server_killed_mid_answer_and_down(speech, tmp_path):
     finally:
         col.stop()
         server.stop()
+
+
+def test_response_format_upgrade_with_the_real_server(whisper_server, speech):
+    """faster-whisper-server is FastAPI: a json request asked as verbose_json comes back as
+    exactly the server's own json answer, and the record has the language and segments."""
+    from tap_helpers import start_tap
+
+    records = Records()
+    tap = start_tap(whisper_server.url, records, upgrade_response_format=True)
+    try:
+        tap_url = f"http://127.0.0.1:{tap.port}"
+        for lang in ("en", "de"):
+            direct = openai_call(whisper_server.url, speech[lang], None, "json", False, whisper_server.model)
+            through = openai_call(tap_url, speech[lang], None, "json", False, whisper_server.model)
+            assert through[:2] == direct[:2] and direct[0] == 200
+        recs = records.wait(2)
+    finally:
+        tap.stop()
+    for rec in recs:
+        assert rec.upgraded and rec.response_format == "json" and rec.language == "en"
+        assert rec.segments and {"avg_logprob", "compression_ratio", "no_speech_prob"} <= set(rec.segments[0])
