@@ -6,7 +6,9 @@ tap (TapCollector: proxy, multipart analysis, audio header, metrics) and nginx (
 front of the same upstream, measured in the same run:
 
 1. Added latency: sequential multipart WAV uploads of 1 MB and 25 MB over a kept-alive
-   connection, round-robin direct / tap / nginx; p50 and p99 of each minus direct's.
+   connection, round-robin direct / tap / nginx; p50 and p99 of each minus direct's, and
+   each proxy's CPU time (user + system, all its processes) per request: steadier than
+   wall time on a busy machine.
    Goals: at 1 MB, the tap's added p50 within 2 ms of nginx's and added p99 <= 10 ms;
    at 25 MB, the tap's added p50 no worse than nginx's.
 2. Throughput: requests/s for 10 s of 16 concurrent clients uploading a 32 KB WAV.
@@ -221,8 +223,19 @@ def main() -> None:
             wait_port(port)
         print(f"bench_tap: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
         goals = []
+        import psutil
+
+        nginx_procs = [psutil.Process(procs[2].pid)] + psutil.Process(procs[2].pid).children()
+        tap_proc = psutil.Process(procs[1].pid)
+
+        def cpu(ps: list) -> float:
+            return sum(sum(p.cpu_times()[:2]) for p in ps)
+
         for label, size, n in (("1 MB", 1_000_000, args.n1), ("25 MB", 25_000_000, args.n25)):
+            cpu0 = (cpu([tap_proc]), cpu(nginx_procs))
             got = latencies(ports, upload(size), n)
+            cpu1 = (cpu([tap_proc]), cpu(nginx_procs))
+            per = [(b - a) / (n + 3) * 1e3 for a, b in zip(cpu0, cpu1)]
             base50, base99 = pct(got["direct"], 0.5), pct(got["direct"], 0.99)
             print(f"\n{label} WAV upload, {n} requests each: direct p50 {base50 * 1e3:.2f} ms, "
                   f"p99 {base99 * 1e3:.2f} ms")
@@ -231,7 +244,9 @@ def main() -> None:
                 a50 = (pct(got[name], 0.5) - base50) * 1e3
                 a99 = (pct(got[name], 0.99) - base99) * 1e3
                 added[name] = (a50, a99)
-                print(f"  {name:5}  added p50 {a50:7.2f} ms   added p99 {a99:7.2f} ms")
+                spent = per[0] if name == "tap" else per[1]
+                print(f"  {name:5}  added p50 {a50:7.2f} ms   added p99 {a99:7.2f} ms   "
+                      f"CPU {spent:6.2f} ms per request")
             if size == 1_000_000:
                 goals.append(("1 MB: tap added p50 within 2 ms of nginx's", added["tap"][0] <= added["nginx"][0] + 2))
                 goals.append(("1 MB: tap added p99 <= 10 ms", added["tap"][1] <= 10))
