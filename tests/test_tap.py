@@ -230,25 +230,33 @@ def test_server_sent_events_reach_the_client_event_by_event(tap, upstream, seen,
     assert rec.status == 200
 
 
-def test_streamed_transcript_and_stream_flag(tap, upstream, seen, records):
-    # The same event stream on a transcription path: the record has the text and the flag.
-    upstream.routes["/sse"]  # noqa: B018 (the route exists)
-    body = multipart("b0", {"stream": "true"}, "file", "a.wav", wav_bytes(1.0))
+def test_streamed_transcript_and_stream_flag():
+    """An OpenAI-style event stream on the transcription path: the record has the stream flag,
+    the done event's text, and a first byte before the last."""
+    async def events(request):
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for delta in ("Hello", " world"):
+            await resp.write(b'data: {"type": "transcript.text.delta", "delta": "%s"}\n\n' % delta.encode())
+            await asyncio.sleep(0.05)
+        await resp.write(b'data: {"type": "transcript.text.done", "text": "Hello world"}\n\n')
+        return resp
 
-    def release_soon():
-        while seen.release is None:
-            threading.Event().wait(0.01)
-        upstream.loop.call_soon_threadsafe(seen.release.set)
-
-    threading.Thread(target=release_soon, daemon=True).start()
-    r = requests.post(url(tap, "/sse"), data=body, headers={"Content-Type": "multipart/form-data; boundary=b0"})
-    assert r.status_code == 200
-    (rec,) = records.wait(1)
-    assert rec.api is None  # /sse is not an API path: passed through, not analysed
-    from whisper_exporter.tap.analysis import read_answer
-
-    answer = read_answer(r.content, "text/event-stream")
-    assert answer.text == "Hello world"
+    server = Upstream({TRANSCRIPTIONS: events})
+    records = Records()
+    tap = start_tap(server.url, records)
+    try:
+        body = multipart("b0", {"stream": "true", "language": "en"}, "file", "a.wav", wav_bytes(1.0))
+        r = requests.post(f"http://127.0.0.1:{tap.port}{TRANSCRIPTIONS}", data=body,
+                          headers={"Content-Type": "multipart/form-data; boundary=b0"})
+        (rec,) = records.wait(1)
+    finally:
+        tap.stop()
+        server.stop()
+    assert r.status_code == 200 and r.content.endswith(b'"text": "Hello world"}\n\n')
+    assert (rec.stream, rec.transcript, rec.language, rec.audio_duration) == (True, "Hello world", "en", 1.0)
+    assert rec.ttfb < rec.duration
 
 
 def test_canary_marks(tap, records):

@@ -113,8 +113,9 @@ class Tap:
                 loop.run_until_complete(self._open())
             except BaseException as err:  # reported to start()'s caller
                 failure.append(err)
-                ready.set()
+                loop.run_until_complete(self._close())
                 loop.close()
+                ready.set()
                 return
             ready.set()
             try:
