@@ -599,3 +599,34 @@ def test_a_taken_port_fails_start_with_oserror(upstream):
         assert requests.get(url(first, "/health")).status_code == 201  # the first one serves on
     finally:
         first.stop()
+
+
+def test_repeated_faults_keep_memory_flat(tap, seen, records):
+    audio = wav_bytes(5.0)  # 160 KB: spooled to disk at this tap's 64 KB threshold
+    bad = b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n" + audio
+
+    def faults():
+        try:
+            requests.post(url(tap, "/cut"), data=audio).content
+        except requests.exceptions.RequestException:
+            pass
+        assert requests.post(url(tap, "/die"), data=audio).status_code == 502
+        s = _raw_upload(tap.port, "/v1/audio/translations", 10 ** 6, bad[:100000])
+        s.close()
+        assert requests.post(url(tap, TRANSCRIPTIONS), data=bad,
+                             headers={"Content-Type": "multipart/form-data; boundary=B"}).status_code == 201
+        assert requests.post(url(tap, TRANSCRIPTIONS), files={"file": ("a.txt", b"text" * 40000)}).status_code == 201
+
+    for _ in range(5):  # warm up
+        faults()
+    before = rss()
+    for _ in range(40):
+        faults()
+    records.wait(45 * 4)  # (a client-gone upload may end before the tap's handler starts)
+    growth = rss() - before
+    assert growth < 20e6, f"RSS grew by {growth / 1e6:.0f} MB over 200 faulty requests"
+    errors = tap.stats.snapshot()["errors"]
+    assert errors["closed"] == 90 and errors["client_gone"] >= 1
+    assert requests.get(url(tap, "/health")).status_code == 201
+    tap.stop()
+    assert list(tap.spool_path.iterdir()) == []
