@@ -178,6 +178,11 @@ class Config:
             raise at.error("listen", "an address HOST:PORT with a port from 0 (any free port) to 65535"
                            + listen_hint(self.listen), self.listen)
         self.listen = str(self.listen)
+        # The one rule across sections: the tap's samples go to the quality collector's review queue.
+        tap, quality = getattr(self.collectors, "tap", None), getattr(self.collectors, "quality", None)
+        if tap is not None and tap.sample_dir and not (quality is not None and quality.production.queue):
+            raise at.error("collectors.quality.production.queue",
+                           "the review queue that collectors.tap.sample_dir's samples are listed in")
 
 
 def listen_hint(value: Any) -> str:

@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -327,13 +328,11 @@ class ProductionSampler:
         self._drawn: dict[tuple[str, str], int] = {}
         self.offered_total = 0
 
-    def offer(self, audio: str, transcript: str, language: Optional[str], duration: Optional[float]) -> bool:
-        """One logged request with its audio path and transcript; True when it was queued.
-
-        `language` is the log collector's bounded label (a code, "other" or "unknown"). On the
-        log hot path: a few dict operations per request, file I/O only for the drawn ones."""
-        if not audio or transcript is None or not self._num:
-            return False
+    def draw(self, language: Optional[str], duration: Optional[float]) -> Optional[tuple[str, str]]:
+        """Count one eligible request in its (language, duration band) cell; the cell when this one
+        is drawn (so the sample stays systematic: drawn = ceil(seen x fraction) per cell), else None."""
+        if not self._num:
+            return None
         band = duration_band(duration)
         cell = (language or "unknown", band)
         seen = self._seen.get(cell)
@@ -348,13 +347,26 @@ class ProductionSampler:
         self.offered_total += 1
         drawn = self._drawn.get(cell, 0)
         if drawn * self._den >= seen * self._num:  # drawn >= ceil(seen * fraction): not this one
-            return False
-        language = cell[0]
+            return None
         self._drawn[cell] = drawn + 1  # a draw the queue drops still counts as drawn: the sample stays systematic
+        return cell
+
+    def queue_item(self, cell: tuple[str, str], audio: str, transcript: str, duration: Optional[float]) -> bool:
+        """Add a drawn request to the review queue; False when the queue dropped it (counted there)."""
         return self.queue.add(QueueItem(
-            id=item_id(audio, transcript), audio=audio, transcript=transcript, language=language,
+            id=item_id(audio, transcript), audio=audio, transcript=transcript, language=cell[0],
             duration=duration if duration is not None and math.isfinite(duration) else None,
-            duration_band=band, sampled_at=self._clock()))
+            duration_band=cell[1], sampled_at=self._clock()))
+
+    def offer(self, audio: str, transcript: str, language: Optional[str], duration: Optional[float]) -> bool:
+        """One logged request with its audio path and transcript; True when it was queued.
+
+        `language` is the log collector's bounded label (a code, "other" or "unknown"). On the
+        log hot path: a few dict operations per request, file I/O only for the drawn ones."""
+        if not audio or transcript is None:
+            return False
+        cell = self.draw(language, duration)
+        return cell is not None and self.queue_item(cell, audio, transcript, duration)
 
 
 
@@ -405,3 +417,67 @@ def load_references(path: str) -> tuple[dict[str, VerifiedReference], list[Probl
                 continue
         refs[ident.strip()] = VerifiedReference(ident.strip(), reference, language, number)
     return refs, problems
+
+
+# -- audio kept by the tap -------------------------------------------------------------------
+
+
+class AudioKeeper:
+    """Production audio the tap keeps for review, under privacy bounds: a directory of its own
+    (mode 0700, files 0600: the exporter's user alone reads them), at most `max_files` files and
+    `max_bytes` bytes, none older than `retention` seconds. Drops are counted by reason."""
+
+    def __init__(self, folder: str, max_files: int, max_bytes: int, retention: float, clock=time.time):
+        self.folder = folder
+        self.max_files, self.max_bytes, self.retention = max_files, max_bytes, retention
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.kept_total = 0
+        self.dropped: dict[str, int] = {"full": 0, "write_error": 0}
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)  # an existing folder too: review audio is users' speech
+
+    def _files(self) -> list[tuple[float, int, str]]:
+        out = []
+        with os.scandir(self.folder) as entries:
+            for e in entries:
+                if e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    out.append((st.st_mtime, st.st_size, e.path))
+        return sorted(out)
+
+    def expire(self) -> int:
+        """Delete files past the retention limit; how many went."""
+        cutoff = self._clock() - self.retention
+        gone = 0
+        with self._lock:
+            for mtime, _size, path in self._files():
+                if mtime < cutoff:
+                    try:
+                        os.unlink(path)
+                        gone += 1
+                    except OSError:
+                        pass
+        return gone
+
+    def keep(self, source: str, name: str) -> Optional[str]:
+        """Move the spooled upload at `source` into the folder as `name`; its new path, or None
+        when a bound is reached or it cannot be written (counted)."""
+        self.expire()
+        with self._lock:
+            try:
+                files = self._files()
+                size = os.stat(source).st_size
+                if len(files) >= self.max_files or sum(f[1] for f in files) + size > self.max_bytes:
+                    self.dropped["full"] += 1
+                    return None
+                target = os.path.join(self.folder, name)
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            except OSError as err:
+                self.dropped["write_error"] += 1
+                log.warning("tap sampling: cannot keep an upload in %s (%s)", self.folder, err.strerror or err)
+                return None
+            self.kept_total += 1
+            return target

@@ -164,6 +164,9 @@ class RequestMetrics:
         self.max_series = max_series
         self.lock = threading.Lock()
         self.in_use = False  # set by the wiring when a source feeds it; unused metrics are not rendered
+        # With the tap on, it alone feeds counts, durations and audio (a request that passed it is in
+        # the server's log too); the log still feeds what only the server knows: queue wait, inference.
+        self.tap_on = False
         self.requests: dict[tuple[str, str, str], int] = {}
         self.durations: dict[str, _Hist] = {}  # by endpoint
         self.queue = _Hist(QUEUE_BUCKETS)
@@ -197,6 +200,8 @@ class RequestMetrics:
         if endpoint is not None and CANARY_MARK in endpoint:
             self.canaries[source] = self.canaries.get(source, 0) + 1
             return None
+        if self.tap_on and source == "log":
+            endpoint = status = duration = audio = None  # counted by the tap (docs/tap.md)
         error = record.error
         labels = self.labels
         lang = labels.language(language)

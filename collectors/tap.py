@@ -1,0 +1,199 @@
+"""Request metrics from the tap (whisper_exporter/tap): real traffic through a reverse proxy.
+
+The tap hands one TapRecord per request to `observe()`, which folds it into the
+exporter's shared request metrics (runtime/requests.py: the names, labels and
+buckets the log collector feeds) and renders the tap-only ones itself. Real-time
+factor here is end-to-end time / audio duration. Canary requests (marked by the
+probe and quality collectors) go only to whisper_canary_requests_seen_total{source="tap"}.
+Every transcript is checked for hallucination (source="traffic"); with
+`sample_dir` set, a fraction of requests is kept for review (docs/tap.md).
+
+With the tap on, it is the one source of the request counts and durations: the
+log collector then feeds only what the tap cannot see (queue wait, inference time).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Iterable, Optional
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from whisper_exporter.config import config_dir, resolve_path
+from whisper_exporter.logfiles.parse import Record
+from whisper_exporter.quality.sampling import AudioKeeper, ProductionSampler
+from whisper_exporter.runtime.collector import Plugin
+from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
+from whisper_exporter.runtime.requests import LATENCY_BUCKETS, Labels, RequestMetrics, _Hist
+from whisper_exporter.runtime.shared import Shared
+from whisper_exporter.tap import TapConfig, TapRecord
+from whisper_exporter.tap.record import ANALYSIS_REASONS, CLIENT_REASONS, UPSTREAM_REASONS
+from whisper_exporter.whisper import hallucination
+
+
+def to_log_record(record: TapRecord) -> Record:
+    """The tap's record in the shape the request metrics take. Audio counts (seconds processed,
+    real-time factor) only for answered requests: a failed one processed none."""
+    answered = record.status is not None and 200 <= record.status < 300 and record.error is None
+    return Record(record.endpoint, record.status, record.language, record.duration, None, None,
+                  record.audio_duration if answered else None, record.model, record.error,
+                  record.audio_path, record.transcript)
+
+
+def segments(record: TapRecord) -> list[hallucination.Segment]:
+    """The answer's verbose_json segments, for the hallucination check (never raises)."""
+    out = []
+    for s in (record.segments or [])[: hallucination.MAX_SEGMENTS]:
+        if isinstance(s, dict):
+            out.append(hallucination.Segment(
+                text=s.get("text") if isinstance(s.get("text"), str) else "",
+                no_speech_prob=_float(s.get("no_speech_prob")), avg_logprob=_float(s.get("avg_logprob")),
+                compression_ratio=_float(s.get("compression_ratio")), temperature=_float(s.get("temperature"))))
+    return out
+
+
+def _float(value: object) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+class TapCollector:
+    name = "tap"
+
+    def __init__(self, section: TapConfig, upstream: str, requests: Optional[RequestMetrics] = None,
+                 hallucinations: Optional[HallucinationCounters] = None,
+                 sampler: Optional[ProductionSampler] = None, keeper: Optional[AudioKeeper] = None):
+        from whisper_exporter.tap import Tap
+
+        self.section = section
+        # Shared with the log collector in the exporter; standalone (tests) it renders its own.
+        self.owns_requests = requests is None
+        self.requests = requests or RequestMetrics(Labels(None, None, None))
+        self.hallucinations = hallucinations
+        self.sampler, self.keeper = sampler, keeper
+        self._lock = threading.Lock()
+        self.ttfb: dict[str, _Hist] = {}  # by endpoint label
+        self._cells: dict[int, tuple[str, str]] = {}  # id(record) -> its sampling cell, drawn in wants_audio
+        self.tap = Tap(section, upstream, on_record=self.observe,
+                       wants_audio=self.wants_audio if sampler is not None and keeper is not None else None)
+        self.status = f"proxying {section.listen} -> {upstream}"
+
+    def start(self) -> None:
+        self.tap.start()
+
+    def update(self) -> None:
+        if self.keeper is not None:
+            self.keeper.expire()  # the retention limit holds even while no sample is drawn
+
+    def stop(self) -> None:
+        self.tap.stop()
+
+    @staticmethod
+    def _eligible(record: TapRecord) -> bool:
+        return (not record.canary and record.error is None and record.transcript is not None
+                and record.status is not None and 200 <= record.status < 300)
+
+    def wants_audio(self, record: TapRecord) -> bool:
+        """The sampling draw, on the tap's loop before the spooled upload is discarded."""
+        if self.sampler is None or not self._eligible(record):
+            return False
+        language = self.requests.labels.language(record.language)
+        cell = self.sampler.draw(language, record.audio_duration)
+        if cell is None:
+            return False
+        with self._lock:
+            self._cells[id(record)] = cell
+        return True
+
+    def observe(self, record: TapRecord) -> None:
+        if record.canary:
+            self.requests.canary_seen("tap")
+            return
+        with self.requests.lock:
+            lang = self.requests.observe_locked(to_log_record(record), "tap")
+            endpoint = self.requests.labels.endpoint(record.endpoint)
+        if record.ttfb is not None:
+            with self._lock:
+                hist = self.ttfb.get(endpoint)
+                if hist is None:
+                    hist = self.ttfb[endpoint] = _Hist(LATENCY_BUCKETS)
+                hist.observe(record.ttfb)
+        if self.hallucinations is not None and self._eligible(record) and record.transcript is not None:
+            reasons = hallucination.suspect(record.transcript, record.language, record.audio_duration,
+                                            segments(record))
+            self.hallucinations.count(lang or record.language, "traffic", reasons, record.transcript)
+        with self._lock:
+            cell = self._cells.pop(id(record), None)
+        if cell is not None and record.audio_path and self.keeper is not None and self.sampler is not None:
+            suffix = os.path.splitext(record.audio_path)[1] or ".audio"
+            kept = self.keeper.keep(record.audio_path, f"tap-{int(record.started)}-{id(record):x}{suffix}")
+            if kept is not None and record.transcript is not None:
+                self.sampler.queue_item(cell, kept, record.transcript, record.audio_duration)
+
+    def families(self) -> Iterable[Metric]:
+        if self.owns_requests:
+            yield from self.requests.families()
+        with self._lock:
+            ttfb = {k: h.copy() for k, h in self.ttfb.items()}
+        stats = self.tap.stats.snapshot()
+        yield GaugeMetricFamily("whisper_tap_requests_in_flight", "Requests passing through the tap now.",
+                                value=stats["in_flight"])
+        hist = HistogramMetricFamily(
+            "whisper_tap_time_to_first_byte_seconds",
+            "Time from a request's arrival at the tap to the first byte of the server's answer body.",
+            labels=["endpoint"])
+        for endpoint, h in sorted(ttfb.items()):
+            hist.add_metric([endpoint], h.buckets(), h.sum)
+        yield hist
+        errors = CounterMetricFamily(
+            "whisper_tap_upstream_errors_total",
+            "Requests the Whisper server failed at the transport level, by reason (connect, timeout, "
+            "closed, protocol); the client got 502/504 or a cut answer.", labels=["reason"])
+        for reason in UPSTREAM_REASONS:
+            errors.add_metric([reason], stats["errors"].get(reason, 0))
+        yield errors
+        client = CounterMetricFamily(
+            "whisper_tap_client_errors_total",
+            "Requests the client abandoned (client_gone) or stalled mid-upload (client_timeout).",
+            labels=["reason"])
+        for reason in CLIENT_REASONS:
+            client.add_metric([reason], stats["errors"].get(reason, 0))
+        yield client
+        analysis = CounterMetricFamily(
+            "whisper_tap_analysis_errors_total",
+            "Requests the tap proxied but could not analyse, by reason (multipart: malformed upload, "
+            "audio: no readable audio header, too_large, answer, internal, callback).", labels=["reason"])
+        for reason in ANALYSIS_REASONS:
+            analysis.add_metric([reason], stats["analysis_errors"].get(reason, 0))
+        yield analysis
+        yield CounterMetricFamily("whisper_tap_request_bytes_total", "Request body bytes passed to the server.",
+                                  value=stats["request_bytes"])
+        yield CounterMetricFamily("whisper_tap_response_bytes_total", "Answer body bytes passed to clients.",
+                                  value=stats["response_bytes"])
+        if self.keeper is not None:
+            kept = CounterMetricFamily("whisper_tap_samples_kept_total",
+                                       "Uploads kept for review (production sampling from the tap).")
+            kept.add_metric([], self.keeper.kept_total)
+            yield kept
+            dropped = CounterMetricFamily(
+                "whisper_tap_samples_dropped_total",
+                "Drawn uploads not kept: full (sample_max_files or sample_max_bytes reached), write_error.",
+                labels=["reason"])
+            for reason, n in sorted(self.keeper.dropped.items()):
+                dropped.add_metric([reason], n)
+            yield dropped
+
+
+def make(section: TapConfig, shared: Shared) -> TapCollector:
+    config = shared.config
+    sampler, keeper = None, None
+    folder = resolve_path(section.sample_dir, config_dir(config.source))
+    if folder:
+        sampler = shared.production_sampler()  # TapConfig.check: the review queue is configured
+        keeper = AudioKeeper(folder, section.sample_max_files, section.sample_max_bytes, section.sample_retention)
+    requests = shared.use_requests()
+    requests.tap_on = True  # the tap is the one source of request counts (docs/tap.md)
+    return TapCollector(section, section.upstream or config.service.url, requests=requests,
+                        hallucinations=shared.use_hallucinations(), sampler=sampler, keeper=keeper)
+
+
+PLUGIN = Plugin("tap", TapConfig, make, "a reverse proxy in front of the server: real traffic's latency, RTF, language")

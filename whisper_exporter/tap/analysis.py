@@ -1,0 +1,305 @@
+"""What the tap learns from a copy of the traffic: upload fields, the audio file, the answer.
+
+The upload is parsed as it streams by python-multipart's incremental parser; small
+form fields are kept (bounded), the audio file part is spooled: in memory up to
+`max_in_memory` bytes, then in a file of its own (mode 0600) in the spool directory.
+Nothing here touches the bytes that are forwarded; any failure only ends the analysis.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Optional
+
+import orjson
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+# Form fields that carry the audio: OpenAI API and whisper.cpp use `file`,
+# whisper-asr-webservice `audio_file`.
+AUDIO_FIELDS = frozenset({"file", "audio_file"})
+MAX_FIELD_BYTES = 4096  # a form field's value kept (language, model, prompt ...); longer ones are cut
+MAX_FIELDS = 64  # form fields kept per request
+MAX_HEADER_BYTES = 8192  # of one part's headers
+MAX_SEGMENTS = 2000  # verbose_json segments kept on a record
+
+
+class Spool:
+    """The uploaded file: chunks in memory up to a threshold, then a private file on disk.
+
+    In memory it keeps the received chunks themselves (a list of references: no copy;
+    a growing BytesIO cost 20 ms per MB in reallocations and page faults)."""
+
+    def __init__(self, max_in_memory: int, max_bytes: int, spool_dir: Optional[str], suffix: str = ""):
+        self.max_in_memory = max_in_memory
+        self.max_bytes = max_bytes
+        self.spool_dir = spool_dir
+        self.suffix = suffix
+        self.size = 0
+        self.chunks: Optional[list[bytes]] = []
+        self.file: Any = None  # the open spool file once on disk
+        self.path: Optional[str] = None
+        self.too_large = False
+
+    def write(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        self.size += len(data)
+        if self.size > self.max_bytes:
+            self.too_large = True
+            self.discard()
+            return
+        if self.file is not None:
+            self.file.write(data)
+            return
+        self.chunks.append(data)
+        if self.size > self.max_in_memory:
+            # NamedTemporaryFile creates the file 0600: only the exporter's user reads uploads.
+            self.file = tempfile.NamedTemporaryFile(
+                prefix="whisper-tap-", suffix=self.suffix, dir=self.spool_dir, delete=False)
+            self.path = self.file.name
+            self.file.writelines(self.chunks)
+            self.chunks = None
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    def bytes(self) -> Optional[bytes]:
+        return None if self.chunks is None else b"".join(self.chunks)
+
+    def to_disk(self) -> Optional[str]:
+        """The spool as a file (written out now if it was in memory); None when discarded."""
+        if self.path is None and self.chunks is not None:
+            fd, self.path = tempfile.mkstemp(prefix="whisper-tap-", suffix=self.suffix, dir=self.spool_dir)
+            with os.fdopen(fd, "wb") as handle:
+                handle.writelines(self.chunks)
+        return self.path
+
+    def discard(self) -> None:
+        """Free the memory and delete the spool file."""
+        self.chunks = None
+        if self.file is not None:
+            self.file.close()
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:  # FileNotFoundError: moved away by the record's consumer (sampling)
+                pass
+            self.path = None
+
+
+def boundary_of(content_type: str) -> Optional[bytes]:
+    """The multipart boundary from a Content-Type header, or None when not multipart/form-data."""
+    kind, options = parse_options_header(content_type)
+    if kind != b"multipart/form-data":
+        return None
+    return options.get(b"boundary") or None
+
+
+class UploadAnalyzer:
+    """Feeds a copy of a multipart upload to python-multipart; keeps fields and spools the audio."""
+
+    def __init__(self, boundary: bytes, max_in_memory: int, max_bytes: int, spool_dir: Optional[str]):
+        self.fields: dict[str, str] = {}  # the first value of each form field (not files)
+        self.order: list[str] = []  # every part's name, in order (bounded)
+        self.spool: Optional[Spool] = None
+        self.filename: Optional[str] = None
+        self.error: Optional[str] = None  # why the analysis stopped (multipart, too_large ...)
+        self.complete = False
+        self._limits = (max_in_memory, max_bytes, spool_dir)
+        self._headers: dict[str, str] = {}
+        self._header_size = 0
+        self._name = b""
+        self._value = b""
+        self._target: Optional[str] = None  # "field" | "file" | None (skipped part)
+        self._field = bytearray()
+        callbacks = {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+        self.parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+
+    def feed(self, chunk: bytes) -> None:
+        if self.error is not None or self.complete:
+            return
+        try:
+            self.parser.write(chunk)
+        except FormParserError:
+            self.fail("multipart")
+        except Exception:  # a bug of ours: the request goes on all the same
+            self.fail("internal")
+
+    def finish(self) -> None:
+        """The body ended: an upload without its closing boundary is malformed."""
+        if self.error is None and not self.complete:
+            self.fail("multipart")
+        if self.spool is not None:
+            self.spool.close()
+
+    def fail(self, reason: str) -> None:
+        self.error = reason
+        if self.spool is not None:
+            self.spool.discard()
+
+    # python-multipart callbacks
+
+    def _part_begin(self) -> None:
+        self._headers = {}
+        self._header_size = 0
+        self._name = self._value = b""
+        self._target = None
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._name += data[start:end]
+        self._header_size += end - start
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+        self._header_size += end - start
+
+    def _header_end(self) -> None:
+        if self._header_size <= MAX_HEADER_BYTES:
+            self._headers[self._name.decode("latin-1").lower()] = self._value.decode("latin-1")
+        self._name = self._value = b""
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get("content-disposition", ""))
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        filename = options.get(b"filename")
+        if len(self.order) < MAX_FIELDS:
+            self.order.append(name)
+        if filename is not None and name in AUDIO_FIELDS and self.spool is None:
+            self.filename = filename.decode("utf-8", "replace")
+            suffix = os.path.splitext(os.path.basename(self.filename))[1][:10]
+            self.spool = Spool(*self._limits, suffix=suffix if suffix.isascii() else "")
+            self._target = "file"
+        elif filename is None and len(self.fields) < MAX_FIELDS:
+            self._target = "field"
+            self._name = name.encode()
+            self._field = bytearray()
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._target == "file":
+            self.spool.write(data[start:end])
+            if self.spool.too_large:
+                self.error = "too_large"
+                self._target = None
+        elif self._target == "field" and len(self._field) < MAX_FIELD_BYTES:
+            self._field += data[start:min(end, start + MAX_FIELD_BYTES - len(self._field))]
+
+    def _part_end(self) -> None:
+        if self._target == "field":
+            self.fields.setdefault(self._name.decode(), self._field.decode("utf-8", "replace"))
+        self._target = None
+
+    def _end(self) -> None:
+        self.complete = True
+
+
+class Capture:
+    """The first `limit` bytes of an answer, for its transcript; beyond, the capture is dropped."""
+
+    __slots__ = ("limit", "chunks", "size", "overflow")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.overflow = False
+
+    def add(self, chunk: bytes) -> None:
+        if self.overflow:
+            return
+        self.size += len(chunk)
+        if self.size > self.limit:
+            self.overflow = True
+            self.chunks = []
+        else:
+            self.chunks.append(chunk)
+
+    def value(self) -> Optional[bytes]:
+        return None if self.overflow else b"".join(self.chunks)
+
+
+class Answer:
+    """What an answer says: its transcript, language, audio duration and segments."""
+
+    __slots__ = ("text", "language", "duration", "segments")
+
+    def __init__(self) -> None:
+        self.text: Optional[str] = None
+        self.language: Optional[str] = None
+        self.duration: Optional[float] = None
+        self.segments: Optional[list[dict[str, Any]]] = None
+
+
+def read_answer(body: bytes, content_type: str) -> Answer:
+    """Parse an answer body: JSON (json, verbose_json), plain text, or server-sent events.
+    Raises ValueError when the body is not what its type says."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    answer = Answer()
+    if kind == "application/json":
+        _from_json(answer, orjson.loads(body))
+    elif kind == "text/event-stream":
+        _from_events(answer, body)
+    elif kind == "text/plain":
+        answer.text = body.decode("utf-8", "replace")
+    return answer
+
+
+def _from_json(answer: Answer, obj: Any) -> None:
+    if not isinstance(obj, dict):
+        return
+    text = obj.get("text")
+    if isinstance(text, str):
+        answer.text = text
+    language = obj.get("language")
+    if isinstance(language, str):
+        answer.language = language
+    duration = obj.get("duration")
+    if isinstance(duration, (int, float)) and not isinstance(duration, bool) and duration > 0:
+        answer.duration = float(duration)
+    segments = obj.get("segments")
+    if isinstance(segments, list):
+        answer.segments = [s for s in segments[:MAX_SEGMENTS] if isinstance(s, dict)]
+
+
+def _from_events(answer: Answer, body: bytes) -> None:
+    """OpenAI streaming (transcript.text.delta / .done events) or a stream of JSON segments
+    (speaches: each event a json/verbose_json body); the text is the done event's, else the
+    deltas or segments joined."""
+    pieces: list[str] = []
+    done: Optional[str] = None
+    for line in body.decode("utf-8", "replace").splitlines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if not data or data == "[DONE]":
+            continue
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(event, dict):
+            continue
+        kind = event.get("type")
+        if kind == "transcript.text.delta" and isinstance(event.get("delta"), str):
+            pieces.append(event["delta"])
+        elif kind == "transcript.text.done" and isinstance(event.get("text"), str):
+            done = event["text"]
+        elif kind is None:
+            part = Answer()
+            _from_json(part, event)
+            if part.text is not None:
+                pieces.append(part.text)
+            answer.language = part.language or answer.language
+            if part.segments:
+                answer.segments = (answer.segments or []) + part.segments
+    answer.text = done if done is not None else ("".join(pieces) if pieces else None)

@@ -1,0 +1,63 @@
+"""The tap's configuration section (`collectors.tap`), with its own checks."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from whisper_exporter.config import Duration, KeyPath, parse_listen, positive
+
+# 10111 is the exporter's metrics port; the tap takes the next one so the two are
+# found together (firewall rules, Service ports). Loopback by default: the tap is in
+# the request path, so exposing it to other hosts is a deliberate choice.
+DEFAULT_TAP_PORT = 10112
+DEFAULT_TAP_LISTEN = f"127.0.0.1:{DEFAULT_TAP_PORT}"
+
+
+@dataclass
+class TapConfig:
+    enabled: bool = False
+    listen: str = DEFAULT_TAP_LISTEN  # HOST:PORT the tap accepts clients on
+    upstream: Optional[str] = None  # the Whisper server; null: service.url
+    connect_timeout: Duration = Duration(10)  # to connect to the upstream
+    # No answer (or no next byte) from the upstream for this long ends the request with 504.
+    # Long files take minutes to transcribe, so the default is generous.
+    read_timeout: Duration = Duration(600)
+    # A client that sends nothing for this long mid-upload is dropped.
+    client_timeout: Duration = Duration(600)
+    max_in_memory: int = 1048576  # bytes of an uploaded file kept in memory; beyond, spooled to disk
+    max_spool_bytes: int = 2147483648  # bytes of one upload copied for analysis; beyond, analysis gives up
+    max_response_capture: int = 1048576  # bytes of an answer kept to read transcript and language
+    max_transcript_chars: int = 10000  # of the transcript kept on the record
+    spool_dir: Optional[str] = None  # where uploads are spooled; null: the system's temp dir
+    upgrade_response_format: bool = False  # ask json requests as verbose_json (docs/tap.md)
+    # Production sampling from the tap (opt-in, docs/tap.md): with a folder here and the review queue
+    # (collectors.quality.production.queue), production.fraction of real requests, stratified by
+    # language and duration band, are kept with their transcript for review.
+    sample_dir: Optional[str] = None  # a folder of the exporter's own (made 0700); null: no sampling
+    sample_max_files: int = 1000
+    sample_max_bytes: int = 1073741824  # 1 GiB
+    sample_retention: Duration = Duration(7 * 86400)  # kept audio older than this is deleted
+    interval: Duration = Duration(1)  # the collector's update interval (it only reads counters)
+    timeout: Duration = Duration(5)
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+    def check(self, at: KeyPath) -> None:
+        try:
+            self.listen_address
+        except ValueError:
+            raise at.error("listen", "an address HOST:PORT for the tap's clients", self.listen) from None
+        if self.upstream is not None and not re.match(r"^https?://[^/\s]+", self.upstream):
+            raise at.error("upstream", "an http:// or https:// URL", self.upstream)
+        for name in ("connect_timeout", "read_timeout", "client_timeout"):
+            positive(at, name, getattr(self, name))
+        for name in ("max_in_memory", "max_spool_bytes", "max_response_capture", "max_transcript_chars"):
+            positive(at, name, getattr(self, name), "a number greater than 0")
+        positive(at, "sample_max_files", self.sample_max_files, "a number greater than 0")
+        positive(at, "sample_max_bytes", self.sample_max_bytes, "a number greater than 0")
+        positive(at, "sample_retention", self.sample_retention)
+        if self.spool_dir is not None and not self.spool_dir.strip():
+            raise at.error("spool_dir", "a directory path or null", self.spool_dir)

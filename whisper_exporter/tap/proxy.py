@@ -1,0 +1,473 @@
+"""The tap: a streaming reverse proxy (aiohttp server + client) in front of a Whisper server.
+
+Bytes pass untouched both ways: the request body is forwarded chunk by chunk as it
+arrives, the answer likewise (server-sent events reach the client event by event);
+only hop-by-hop headers (and Expect, which the tap answers itself) are dropped. A copy
+of the upload goes to UploadAnalyzer, a bounded copy of the answer to Capture. When
+the answer is complete, a worker thread reads the audio duration and the transcript,
+builds a TapRecord and hands it to `on_record`. The tap runs its own event loop in a
+background thread, so nothing it does waits on, or delays, the exporter's scrapes.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import concurrent.futures
+import logging
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from whisper_exporter.whisper import marker
+from whisper_exporter.tap.analysis import Capture, UploadAnalyzer, boundary_of, read_answer
+from whisper_exporter.config import KeyPath
+from whisper_exporter.tap.config import TapConfig
+from whisper_exporter.tap.record import TapRecord, TapStats
+from whisper_exporter.tap.upgrade import Upgrade, plan_upgrade, render_json
+
+log = logging.getLogger("whisper_exporter.tap")
+
+# RFC 9110 7.6.1 hop-by-hop headers, plus Expect: the tap's server side answers
+# 100-continue itself, and the upstream request is sent without waiting for one.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade", "expect",
+})
+# Path -> (api, task). Anything else is passed through and counted by path and status.
+API_PATHS = {
+    "/v1/audio/transcriptions": ("openai", "transcribe"),
+    "/v1/audio/translations": ("openai", "translate"),
+    "/asr": ("asr-webservice", None),
+    "/inference": ("whispercpp", "transcribe"),
+}
+TRUE = frozenset({"true", "1", "yes", "on"})
+LOG_EVERY = 60.0  # seconds between two warnings of one kind
+GRACE = 10.0  # seconds requests in flight may take to finish when the tap stops
+UPGRADE_MAX = 64 << 20  # bytes of a verbose_json answer the upgrade reads to render it as json
+
+
+def _forward_headers(headers: Any) -> CIMultiDict:
+    """Headers minus hop-by-hop ones and those the Connection header names; order and repeats kept."""
+    named = set()
+    for value in headers.getall("Connection", ()):
+        named.update(v.strip().lower() for v in value.split(","))
+    out: CIMultiDict = CIMultiDict()
+    for name, value in headers.items():
+        low = name.lower()
+        if low not in HOP_BY_HOP and low not in named:
+            out.add(name, value)
+    return out
+
+
+class _Flight:
+    """One request's state while it passes through."""
+
+    __slots__ = ("record", "analyzer", "capture", "answer_type", "answer_encoded", "t0", "upgrade")
+
+    def __init__(self, record: TapRecord, t0: float):
+        self.record = record
+        self.analyzer: Optional[UploadAnalyzer] = None
+        self.capture: Optional[Capture] = None
+        self.answer_type = ""
+        self.answer_encoded = False
+        self.t0 = t0
+        self.upgrade: Optional[Upgrade] = None
+
+
+class Tap:
+    """The reverse proxy. start() binds and serves in a background thread; stop() ends it."""
+
+    def __init__(self, config: TapConfig, upstream: str, on_record: Callable[[TapRecord], None],
+                 wants_audio: Optional[Callable[[TapRecord], bool]] = None):
+        config.check(KeyPath("<tap>", "whisper_exporter.collectors.tap"))  # raises ConfigError naming the field
+        self.config = config
+        self.upstream = upstream.rstrip("/")
+        self.on_record = on_record
+        self.wants_audio = wants_audio  # sampling's hook: keep the upload on disk for this record?
+        self.stats = TapStats()
+        self.port: Optional[int] = None  # the bound port, once started (listen may say 0)
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+        self._runner: Optional[web.ServerRunner] = None
+        self._session: Optional[aiohttp.ClientSession] = None
+        # Reading audio headers and answers, and the callback, run off the loop; one thread,
+        # so records come in the order their requests ended.
+        self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tap-record")
+        self._logged: dict[str, float] = {}
+
+    # -- life cycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind the listening socket and serve in a background thread. Raises OSError when
+        the address cannot be bound."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._open())
+            except BaseException as err:  # reported to start()'s caller
+                failure.append(err)
+                loop.run_until_complete(self._close())
+                loop.close()
+                ready.set()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.run_until_complete(self._close())
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="tap", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._thread.join()
+            raise failure[0]
+
+    def stop(self) -> None:
+        """Stop accepting, close connections and the loop. Does not raise."""
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=15)
+        self._workers.shutdown(wait=True)
+
+    async def _open(self) -> None:
+        cfg = self.config
+        if cfg.spool_dir is not None:
+            os.makedirs(cfg.spool_dir, mode=0o700, exist_ok=True)  # a directory of its own
+            _clean_spool(cfg.spool_dir)
+        timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout, sock_read=cfg.read_timeout)
+        self._session = aiohttp.ClientSession(
+            timeout=timeout, auto_decompress=False,
+            # Idle upstream connections are dropped after 4 s, before uvicorn's 5 s keep-alive
+            # closes them from its side (a request sent on a connection closing under it fails).
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0),
+            cookie_jar=aiohttp.DummyCookieJar())
+        # auto_decompress=False: a compressed upload is forwarded as sent (and not analysed);
+        # handler_cancellation: a client that goes away cancels its upstream request.
+        server = web.Server(self._handle, auto_decompress=False, handler_cancellation=True,
+                            access_log=None)
+        # On stop, requests in flight get GRACE seconds to finish, then are cut.
+        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=GRACE)
+        await self._runner.setup()
+        host, port = cfg.listen_address
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def _close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    # -- one request ----------------------------------------------------------
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        path = request.path
+        api, task = API_PATHS.get(path.rstrip("/") or "/", (None, None))
+        record = TapRecord(endpoint=path, method=request.method, status=None, duration=0.0, api=api,
+                           task=task, started=time.time(),
+                           canary=marker.is_canary(request.headers, request.query))
+        if api == "asr-webservice":  # whisper-asr-webservice takes its options in the query
+            query = request.query
+            record.language = query.get("language") or None
+            record.task = query.get("task") or "transcribe"
+            record.response_format = query.get("output") or "txt"
+        flight = _Flight(record, t0)
+        stats = self.stats
+        stats.in_flight += 1
+        try:
+            return await self._proxy(request, flight)
+        except asyncio.CancelledError:
+            # handler_cancellation: the client went away while we waited on the upstream.
+            if record.error is None:
+                record.error = "client_gone"
+            raise
+        finally:
+            stats.in_flight -= 1
+            record.duration = time.perf_counter() - t0
+            self._finish(flight)
+
+    async def _proxy(self, request: web.BaseRequest, flight: _Flight) -> web.StreamResponse:
+        record = flight.record
+        headers = _forward_headers(request.headers)
+        body = None
+        if request.body_exists:
+            if record.api is not None:
+                self._start_analysis(request, flight)
+            if flight.upgrade is not None:
+                headers = flight.upgrade.headers(headers)
+            body = self._upload(request, flight)
+        try:
+            upstream = await self._session.request(
+                request.method, self.upstream + request.raw_path, headers=headers, data=body,
+                allow_redirects=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding",
+                                                          "Content-Type"))
+        except asyncio.TimeoutError:
+            return self._fail(record, "timeout", 504, "upstream timed out")
+        except aiohttp.ClientConnectorError:
+            return self._fail(record, "connect", 502, "upstream unreachable")
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            if record.error is not None:  # the client's side failed first
+                return _client_gone_response(record)
+            return self._fail(record, "closed", 502, "upstream closed the connection")
+        except aiohttp.ClientError as err:
+            if record.error is not None:
+                return _client_gone_response(record)
+            return self._fail(record, "protocol", 502, f"upstream error ({type(err).__name__})")
+        async with upstream:
+            response = await self._answer(request, upstream, flight)
+            if upstream.status >= 500:
+                # uvicorn closes the connection after a 500 from an exception, without saying
+                # so: never reuse a connection that answered 5xx.
+                upstream.close()
+            return response
+
+    def _start_analysis(self, request: web.BaseRequest, flight: _Flight) -> None:
+        cfg = self.config
+        boundary = boundary_of(request.headers.get("Content-Type", ""))
+        if boundary is None or "Content-Encoding" in request.headers:
+            return
+        flight.analyzer = UploadAnalyzer(boundary, cfg.max_in_memory, cfg.max_spool_bytes, cfg.spool_dir)
+        if cfg.upgrade_response_format and flight.record.api == "openai":
+            flight.upgrade = plan_upgrade(boundary, request.headers, cfg.max_in_memory)
+
+    async def _upload(self, request: web.BaseRequest, flight: _Flight):
+        """The request body, chunk by chunk as it arrives; a copy to the analyzer."""
+        record, analyzer, upgrade = flight.record, flight.analyzer, flight.upgrade
+        content = request.content
+        timeout = self.config.client_timeout
+        while True:
+            try:
+                async with asyncio.timeout(timeout):
+                    chunk = await content.readany()
+            except asyncio.TimeoutError:
+                record.error = "client_timeout"
+                raise _ClientGone() from None
+            except (ConnectionError, aiohttp.ClientPayloadError, aiohttp.web.HTTPException):
+                record.error = "client_gone"
+                raise _ClientGone() from None
+            if not chunk:
+                break
+            record.request_bytes += len(chunk)
+            if analyzer is not None:
+                analyzer.feed(chunk)
+            if upgrade is not None:
+                for piece in upgrade.feed(chunk, analyzer):
+                    yield piece
+            else:
+                yield chunk
+        if analyzer is not None:
+            analyzer.finish()
+        if upgrade is not None:
+            for piece in upgrade.flush(analyzer):
+                yield piece
+        if content.exception() is not None:
+            record.error = "client_gone"
+            raise _ClientGone()
+
+    async def _answer(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse,
+                      flight: _Flight) -> web.StreamResponse:
+        record = flight.record
+        headers = _forward_headers(upstream.headers)
+        if record.api is not None and 200 <= upstream.status < 300:
+            flight.answer_type = upstream.headers.get("Content-Type", "")
+            flight.answer_encoded = "Content-Encoding" in upstream.headers
+            if not flight.answer_encoded:
+                flight.capture = Capture(self.config.max_response_capture)
+        if flight.upgrade is not None and flight.upgrade.active and 200 <= upstream.status < 300 \
+                and flight.answer_type.startswith("application/json"):
+            return await self._answer_upgraded(request, upstream, flight, headers)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        record.status = upstream.status
+        content = upstream.content
+        capture = flight.capture
+        first = True
+        try:
+            await response.prepare(request)
+            while True:
+                chunk = await content.readany()
+                if first:
+                    record.ttfb = time.perf_counter() - flight.t0
+                    first = False
+                if not chunk:
+                    break
+                record.response_bytes += len(chunk)
+                if capture is not None:
+                    capture.add(chunk)
+                await response.write(chunk)
+        except asyncio.TimeoutError:
+            return self._cut(request, record, "timeout")
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            return self._cut(request, record, "closed")
+        except ConnectionError:
+            record.error = "client_gone"
+            raise
+        await response.write_eof()
+        return response
+
+    async def _answer_upgraded(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse,
+                               flight: _Flight, headers: CIMultiDict) -> web.StreamResponse:
+        """A json request asked as verbose_json: read the whole answer, render it as json."""
+        record = flight.record
+        record.upgraded = True
+        try:
+            chunks, size = [], 0
+            while chunk := await upstream.content.readany():
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > UPGRADE_MAX:
+                    return self._fail(record, "protocol", 502, "verbose_json answer too large to render as json")
+            body = b"".join(chunks)
+        except asyncio.TimeoutError:
+            return self._fail(record, "timeout", 504, "upstream timed out")
+        except aiohttp.ClientError:
+            return self._fail(record, "closed", 502, "upstream closed the connection")
+        record.ttfb = time.perf_counter() - flight.t0
+        rendered = render_json(body) if 200 <= upstream.status < 300 else None
+        if flight.capture is not None:
+            flight.capture.add(body)
+        out = body if rendered is None else rendered
+        headers.popall("Content-Length", None)
+        record.status = upstream.status
+        record.response_bytes = len(out)
+        return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=out)
+
+    def _fail(self, record: TapRecord, reason: str, status: int, text: str) -> web.Response:
+        record.error = reason
+        record.status = status
+        self._warn(reason, f"tap: {record.method} {record.endpoint}: {text}")
+        body = (text + "\n").encode()
+        record.response_bytes = len(body)
+        return web.Response(status=status, body=body, content_type="text/plain")
+
+    def _cut(self, request: web.BaseRequest, record: TapRecord, reason: str) -> web.StreamResponse:
+        """The upstream failed mid-answer after the status went out: cut the client's connection
+        too, so it sees a broken answer rather than a short one that looks whole."""
+        record.error = reason
+        self._warn(reason, f"tap: {record.method} {record.endpoint}: upstream failed mid-answer ({reason})")
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError()
+
+    def _warn(self, kind: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._logged.get(kind, -LOG_EVERY) >= LOG_EVERY:
+            self._logged[kind] = now
+            log.warning("%s", message)
+
+    # -- after the request ----------------------------------------------------
+
+    def _finish(self, flight: _Flight) -> None:
+        record = flight.record
+        stats = self.stats
+        stats.requests += 1
+        stats.request_bytes += record.request_bytes
+        stats.response_bytes += record.response_bytes
+        if record.error is not None:
+            stats.count(stats.errors, record.error)
+        try:
+            self._workers.submit(self._complete, flight)
+        except RuntimeError:  # shutting down
+            pass
+
+    def _complete(self, flight: _Flight) -> None:
+        """In a worker thread: audio duration, transcript; then the callback; then the spool goes."""
+        from whisper_exporter.whisper.audio import AudioError, duration_seconds
+
+        record, analyzer = flight.record, flight.analyzer
+        spool = analyzer.spool if analyzer is not None else None
+        try:
+            if analyzer is not None:
+                _fields_to_record(record, analyzer.fields)
+                if analyzer.error is not None:
+                    record.analysis_error = analyzer.error
+                elif spool is not None and analyzer.complete:
+                    try:
+                        record.audio_duration = duration_seconds(
+                            spool.path if spool.path is not None else spool.bytes(), name="upload")
+                    except AudioError:
+                        record.analysis_error = "audio"
+            if flight.capture is not None and record.status is not None and 200 <= record.status < 300 \
+                    and record.error is None:
+                body = flight.capture.value()
+                if body is not None:
+                    try:
+                        answer = read_answer(body, flight.answer_type)
+                    except ValueError:
+                        record.analysis_error = record.analysis_error or "answer"
+                    else:
+                        limit = self.config.max_transcript_chars
+                        record.transcript = answer.text[:limit] if answer.text is not None else None
+                        record.segments = answer.segments
+                        if not record.language or record.language.strip().lower() in ("auto", ""):
+                            record.language = answer.language
+                        if record.audio_duration is None and answer.duration is not None \
+                                and record.analysis_error is None:
+                            record.audio_duration = answer.duration
+            if record.analysis_error is None and spool is not None and self.wants_audio is not None \
+                    and self.wants_audio(record):
+                record.audio_path = spool.to_disk()
+        except Exception:  # a bug of ours must not lose the record
+            log.exception("tap: analysing a request failed")
+            record.analysis_error = "internal"
+        if record.analysis_error is not None:
+            self.stats.count(self.stats.analysis_errors, record.analysis_error)
+        try:
+            self.on_record(record)
+        except Exception:
+            log.exception("tap: the record callback failed")
+            self.stats.count(self.stats.analysis_errors, "callback")
+        finally:
+            if spool is not None:
+                spool.discard()  # after the callback: sampling may have moved the file away
+
+
+def _clean_spool(folder: str) -> None:
+    """Remove uploads a previous run left in its own spool directory (a crash, a kill)."""
+    import glob
+
+    for path in glob.glob(os.path.join(glob.escape(folder), "whisper-tap-*")):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+class _ClientGone(Exception):
+    """The client's upload stopped (connection lost, or silent for client_timeout)."""
+
+
+def _client_gone_response(record: TapRecord) -> web.Response:
+    """The client's upload stopped: a silent client gets 408; a gone one nothing (no status)."""
+    if record.error == "client_timeout":
+        record.status = 408
+        return web.Response(status=408, text="request body timed out\n")
+    record.status = None
+    return web.Response(status=499, text="client closed request\n")  # nobody reads it
+
+
+def _fields_to_record(record: TapRecord, fields: dict[str, str]) -> None:
+    """Language, model, response format and streaming from the upload's form fields."""
+    def field(name: str) -> Optional[str]:
+        value = fields.get(name)
+        return value.strip() if value is not None and value.strip() else None
+
+    if record.language is None:
+        record.language = field("language")
+    if record.model is None:
+        record.model = field("model") or field("model_name")
+    if record.response_format is None:
+        record.response_format = field("response_format") or ("json" if record.api != "asr-webservice" else None)
+    if not record.stream:
+        record.stream = (field("stream") or "").lower() in TRUE

@@ -1,0 +1,66 @@
+"""What the tap hands on per request (TapRecord) and its live counters (TapStats)."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+# Upstream failures, by reason (the client got 502 or 504, or a cut answer).
+UPSTREAM_REASONS = ("connect", "timeout", "closed", "protocol")
+# The client's side: gone before the answer was complete, or silent mid-upload too long.
+CLIENT_REASONS = ("client_gone", "client_timeout")
+# The tap's own analysis failed or gave up; the request was proxied all the same.
+ANALYSIS_REASONS = ("multipart", "too_large", "audio", "answer", "internal", "callback")
+
+
+@dataclass
+class TapRecord:
+    """One request that passed through the tap."""
+
+    endpoint: str  # the path, without the query string
+    method: str
+    status: Optional[int]  # the status the client got; None when it got none (client gone)
+    duration: float  # seconds, request headers in to the last answer byte out
+    ttfb: Optional[float] = None  # seconds to the answer's first body byte (its headers when empty)
+    request_bytes: int = 0  # body bytes received from the client
+    response_bytes: int = 0  # body bytes sent to the client
+    error: Optional[str] = None  # an UPSTREAM_REASONS or CLIENT_REASONS value
+    api: Optional[str] = None  # openai | asr-webservice | whispercpp; None: another path
+    task: Optional[str] = None  # transcribe | translate
+    audio_duration: Optional[float] = None  # seconds, from the uploaded file's header
+    language: Optional[str] = None  # the request's language field, else the answer's (as written)
+    model: Optional[str] = None
+    response_format: Optional[str] = None  # as asked by the client
+    stream: bool = False
+    canary: bool = False  # marked by the exporter's probe or quality collector
+    transcript: Optional[str] = None  # from a json, verbose_json, text or streamed answer (bounded)
+    segments: Optional[list[dict[str, Any]]] = None  # verbose_json segments (bounded)
+    audio_path: Optional[str] = None  # the spooled upload, when wants_audio asked for it
+    analysis_error: Optional[str] = None  # an ANALYSIS_REASONS value
+    started: float = 0.0  # Unix time the request arrived
+    upgraded: bool = False  # asked of the server as verbose_json (upgrade_response_format)
+
+
+@dataclass
+class TapStats:
+    """Live counters, updated on the tap's loop and read by the collector under a short lock."""
+
+    in_flight: int = 0
+    requests: int = 0
+    request_bytes: int = 0
+    response_bytes: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # upstream and client reasons
+    analysis_errors: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, table: dict[str, int], reason: str) -> None:
+        with self.lock:
+            table[reason] = table.get(reason, 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "in_flight": self.in_flight, "requests": self.requests,
+                "request_bytes": self.request_bytes, "response_bytes": self.response_bytes,
+                "errors": dict(self.errors), "analysis_errors": dict(self.analysis_errors),
+            }
