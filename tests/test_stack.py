@@ -388,6 +388,14 @@ def test_kubernetes_example_runs_the_exporter_as_a_sidecar():
     assert any(a.startswith(config_mounts[0]) for a in exporter["args"])
     # the job name Prometheus gives a PodMonitor target (namespace/name) matches WhisperExporterDown
     assert "whisper" in monitor["metadata"]["name"]
+    # clients go through the exporter's request tap: the Service targets its port, which forwards
+    # to the server in the pod
+    (tap_port,) = [p for p in exporter["ports"] if p["name"] == "tap"]
+    assert config.collectors.tap.enabled
+    assert config.collectors.tap.listen_address[1] == tap_port["containerPort"]
+    assert config.collectors.tap.upstream == f"http://127.0.0.1:{server_port}"
+    (service_port,) = kinds["Service"]["spec"]["ports"]
+    assert service_port["targetPort"] == "tap"
 
 
 def test_systemd_unit(tmp_path):
