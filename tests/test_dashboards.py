@@ -404,6 +404,11 @@ def exposition(whisper_server, tmp_path_factory) -> set[str]:
     started = subprocess.run(["bash", "-c", f"(exec -a {marker} sleep 300) >/dev/null 2>&1 & echo $!"],
                              capture_output=True, text=True, check=True)
     pid = int(started.stdout.strip())
+    # The quality collector with thresholds, so that whisper_quality_max_error_rate (which the
+    # per-language quality alerts read) is exposed; its one manifest line has no audio, so no
+    # evaluation runs.
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text('{"audio": "missing.wav", "reference": "hello", "language": "en"}\n')
     config = from_dict({
         "listen": "127.0.0.1:0",
         "service": {"url": whisper_server.url, "model": whisper_server.model},
@@ -411,6 +416,8 @@ def exposition(whisper_server, tmp_path_factory) -> set[str]:
             "gpu": {"interval": "200ms"},
             "process": {"interval": "200ms", "match": marker},
             "probe": {"interval": "1s"},
+            "quality": {"enabled": True, "interval": "1h", "manifest": str(manifest),
+                        "thresholds": {"en": 0.1, "default": 0.2}},
             "logs": {"enabled": True, "interval": "200ms", "start_at": "beginning", "files": [
                 {"path": str(log), "format": "json-request"},
                 {"path": str(whisper_server.log_path), "format": "uvicorn-access"},
@@ -433,7 +440,8 @@ def exposition(whisper_server, tmp_path_factory) -> set[str]:
     try:
         fake.inject_xid(0, 79)
         wanted = {"whisper_probe_word_error_rate", "whisper_gpu_xid_errors_total", "whisper_process_open_fds",
-                  "whisper_request_duration_seconds_bucket", "whisper_quality_errors_total"}
+                  "whisper_request_duration_seconds_bucket", "whisper_quality_errors_total",
+                  "whisper_quality_max_error_rate"}
         deadline = time.monotonic() + 60
         while True:
             text = requests.get(running.url + "/metrics", timeout=10).text
