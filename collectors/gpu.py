@@ -89,6 +89,12 @@ GPU_IS_LOST = 15
 UNKNOWN = 999
 
 XID_EVENT = 0x8  # nvmlEventTypeXidCriticalError
+# XIDs whose counters start at 0 on every GPU with XID events, so that increase() sees their first
+# event (a series born with the value 1 looks to Prometheus like no change). Those the alert
+# rules and docs/runbook.md#whispergpuxiderror name: application faults (13, 31, 43, 45, 68, 69),
+# micro-controller (61, 62), ECC and row remapping (48, 63, 64, 92, 94, 95), NVLink (74), off
+# the bus (79), GSP (119, 120). Others are still counted, from their first event.
+TRACKED_XIDS = (13, 31, 43, 45, 48, 61, 62, 63, 64, 68, 69, 74, 79, 92, 94, 95, 119, 120)
 
 # nvmlClocksEventReason* bits, in the order of NVML's header; one series each.
 CLOCK_EVENT_REASONS = (
@@ -288,6 +294,10 @@ class GpuCollector:
         if not by_handle:
             self._quietly("nvmlEventSetFree", event_set)
             return
+        with self._lock:
+            for dev in by_handle.values():
+                for xid in TRACKED_XIDS:
+                    self._xids.setdefault((*dev.labels, str(xid)), 0)
         self._event_set = event_set
         self._xid_stop = threading.Event()
         self._xid_thread = threading.Thread(

@@ -337,6 +337,8 @@ class ProbeCollector:
         with self._state_lock:
             latest = dict(self._latest)
             runs = {name: dict(counts) for name, counts in self._runs.items()}
+        now = time.time()
+        stale_after = float(self.section.interval) + self.section.run_timeout  # a run may take that long
         label = ["probe"]
         success = GaugeMetricFamily("whisper_probe_success",
                                     "1 when the last scheduled canary probe succeeded, else 0.", labels=label)
@@ -381,10 +383,14 @@ class ProbeCollector:
             r = latest.get(name)
             if r is None:
                 continue
+            last.add_metric([name], r.started)
+            if now - r.started > stale_after:
+                # Not current: the collector stopped probing (an unreadable API key file, say).
+                # The timestamp stays, so that WhisperProbeStale sees a canary with no result.
+                continue
             success.add_metric([name], 1.0 if r.success else 0.0)
             duration.add_metric([name], r.duration)
             status.add_metric([name], float(r.status_code or 0))
-            last.add_metric([name], r.started)
             audio_len.add_metric([name], r.audio_duration)
             if r.realtime_factor is not None:
                 rtf.add_metric([name], r.realtime_factor)

@@ -16,6 +16,7 @@ Conventions (design.md, "Ecosystem conventions to follow"):
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -44,9 +45,45 @@ MANDARIN_TARGET = 0.08  # accuracy > 92% for Mandarin
 ERROR_RATIO_ALERT = 0.05  # rules/service.yml WhisperErrorRatioHigh
 GPU_TEMPERATURE = 85
 LOG_STALLED = 600
+# rules/slo.yml: burn rates that page (1h and 6h windows) and open a ticket (1d).
+BURN_PAGE_FAST = 14.4
+BURN_PAGE_SLOW = 6
+BURN_TICKET = 3
+SET = 'set=~"$set"'
 
 
 # -- building blocks ----------------------------------------------------------------------------
+
+# What a panel says when its query returns nothing, by the first metric family it reads: absent
+# data has a reason, and the reason says what to check.
+NO_DATA_BY_PREFIX = (
+    ("ALERTS", "No Whisper alert pending or firing"),
+    ("slo:", "No SLO records: load rules/slo.yml into Prometheus"),
+    ("job:whisper_realtime_factor", "No transcriptions with durations in this range (needs a log with durations)"),
+    ("job:", "No requests in this range, or rules/recording.yml and rules/slo.yml are not loaded"),
+    ("job_instance", "No requests in this range, or rules/recording.yml is not loaded"),
+    ("language:", "No quality evaluation in this range (collectors.quality off, or no reference set)"),
+    ("instance_gpu", "No GPU readings (no NVIDIA driver, or the gpu collector is off)"),
+    ("whisper_gpu", "No GPU readings (no NVIDIA driver, or the gpu collector is off)"),
+    ("whisper_probe", "No canary result (probe off, not run yet, or stale: see WhisperProbeStale)"),
+    ("whisper_quality", "No quality evaluation in this range (collectors.quality off, or no reference set)"),
+    ("whisper_process", "No server process watched (process collector off, or nothing matched)"),
+    ("whisper_exporter_log", "No log followed (logs collector off, or no files)"),
+    ("whisper_", "No data from the exporter in this range"),
+)
+
+
+def no_data(tgts: list[dict]) -> str:
+    """The noValue text for a panel whose first query is tgts[0]."""
+    expr = tgts[0]["expr"] if tgts else ""
+    names = re.findall(r"\b(ALERTS|[a-z_]+:[a-z_0-9]+:[a-z_0-9]+|whisper_[a-z_0-9]+|up|process_[a-z_]+|scrape_[a-z_]+)\b",
+                       expr)
+    first = names[0] if names else ""
+    for prefix, text in NO_DATA_BY_PREFIX:
+        if first.startswith(prefix):
+            return text
+    return "No data: is Prometheus scraping the exporter?"
+
 
 def target(expr: str, legend: str = "", ref: str = "A", **extra: Any) -> dict:
     t = {"datasource": DS, "editorMode": "code", "expr": expr, "legendFormat": legend or "__auto",
@@ -67,7 +104,7 @@ def steps(*levels: tuple[float, str], base: str = "green") -> dict:
 def timeseries(title: str, tgts: list[dict], unit: str, description: str = "", *,
                thresholds: Optional[dict] = None, min_: Optional[float] = None,
                max_: Optional[float] = None, stack: bool = False, bars: bool = False,
-               width: int = 12, height: int = 8) -> dict:
+               width: int = 12, height: int = 8, no_value: str = "") -> dict:
     custom: dict[str, Any] = {
         "drawStyle": "bars" if bars else "line",
         "fillOpacity": 60 if bars else (25 if stack else 10),
@@ -77,7 +114,7 @@ def timeseries(title: str, tgts: list[dict], unit: str, description: str = "", *
         "stacking": {"group": "A", "mode": "normal" if stack else "none"},
         "thresholdsStyle": {"mode": "line+area" if thresholds else "off"},
     }
-    defaults: dict[str, Any] = {"custom": custom, "unit": unit,
+    defaults: dict[str, Any] = {"custom": custom, "unit": unit, "noValue": no_value or no_data(tgts),
                                 "thresholds": thresholds or steps(), "color": {"mode": "palette-classic"}}
     if min_ is not None:
         defaults["min"] = min_
@@ -95,8 +132,9 @@ def timeseries(title: str, tgts: list[dict], unit: str, description: str = "", *
 
 def stat(title: str, tgts: list[dict], unit: str, description: str = "", *,
          thresholds: Optional[dict] = None, mappings: Optional[list] = None,
-         decimals: Optional[int] = None, width: int = 3, height: int = 4) -> dict:
-    defaults: dict[str, Any] = {"unit": unit, "thresholds": thresholds or steps(),
+         decimals: Optional[int] = None, width: int = 3, height: int = 4, no_value: str = "",
+         text_mode: str = "auto") -> dict:
+    defaults: dict[str, Any] = {"unit": unit, "noValue": no_value or no_data(tgts), "thresholds": thresholds or steps(),
                                 "mappings": mappings or [], "color": {"mode": "thresholds"}}
     if decimals is not None:
         defaults["decimals"] = decimals
@@ -104,7 +142,7 @@ def stat(title: str, tgts: list[dict], unit: str, description: str = "", *,
         "type": "stat", "title": title, "description": description, "datasource": DS,
         "fieldConfig": {"defaults": defaults, "overrides": []},
         "options": {"colorMode": "background", "graphMode": "area", "justifyMode": "auto",
-                    "orientation": "auto", "textMode": "auto",
+                    "orientation": "auto", "textMode": text_mode,
                     "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}},
         "targets": tgts, "_size": (width, height),
     }
@@ -112,8 +150,9 @@ def stat(title: str, tgts: list[dict], unit: str, description: str = "", *,
 
 def bargauge(title: str, tgts: list[dict], unit: str, description: str = "", *,
              thresholds: Optional[dict] = None, max_: Optional[float] = None,
-             width: int = 12, height: int = 8) -> dict:
-    defaults: dict[str, Any] = {"unit": unit, "thresholds": thresholds or steps(), "min": 0,
+             width: int = 12, height: int = 8, no_value: str = "") -> dict:
+    defaults: dict[str, Any] = {"unit": unit, "noValue": no_value or no_data(tgts),
+                                "thresholds": thresholds or steps(), "min": 0,
                                 "color": {"mode": "thresholds"}}
     if max_ is not None:
         defaults["max"] = max_
@@ -132,7 +171,9 @@ def heatmap(title: str, metric: str, selector: str, unit: str, description: str 
     expr = f"sum by (le) (rate({metric}_bucket{{{selector}}}[{RI}]))"
     return {
         "type": "heatmap", "title": title, "description": description, "datasource": DS,
-        "fieldConfig": {"defaults": {"unit": unit, "custom": {"hideFrom": {"legend": False,
+        "fieldConfig": {"defaults": {"unit": unit, "noValue": "No requests in this range (the log has none of "
+                                                            "these, or the logs collector is off)",
+                                     "custom": {"hideFrom": {"legend": False,
                                                                            "tooltip": False, "viz": False},
                                                               "scaleDistribution": {"type": "linear"}}},
                         "overrides": []},
@@ -154,12 +195,21 @@ def heatmap(title: str, metric: str, selector: str, unit: str, description: str 
 
 
 def table(title: str, tgts: list[dict], unit: str, description: str = "", *,
-          width: int = 12, height: int = 8, hide: tuple[str, ...] = ("Time",)) -> dict:
+          width: int = 12, height: int = 8, hide: tuple[str, ...] = ("Time",), no_value: str = "",
+          rename: Optional[dict[str, str]] = None, sort: Optional[str] = None) -> dict:
+    transformations: list[dict] = []
+    if len(tgts) > 1:
+        transformations.append({"id": "merge", "options": {}})
+    transformations.append({"id": "organize", "options": {"excludeByName": {h: True for h in hide},
+                                                          "renameByName": rename or {}}})
+    if sort:
+        transformations.append({"id": "sortBy", "options": {"sort": [{"field": sort, "desc": True}]}})
     return {
         "type": "table", "title": title, "description": description, "datasource": DS,
-        "fieldConfig": {"defaults": {"unit": unit, "custom": {"align": "auto"}}, "overrides": []},
+        "fieldConfig": {"defaults": {"unit": unit, "noValue": no_value or no_data(tgts),
+                                     "custom": {"align": "auto"}}, "overrides": []},
         "options": {"showHeader": True, "cellHeight": "sm", "footer": {"show": False}},
-        "transformations": [{"id": "organize", "options": {"excludeByName": {h: True for h in hide}}}],
+        "transformations": transformations,
         "targets": tgts, "_size": (width, height),
     }
 
@@ -220,6 +270,8 @@ REQUEST_LANGUAGE_VAR = query_variable("language", "Language",
                                       f"label_values(whisper_requests_total{{{JI}}}, language)")
 QUALITY_LANGUAGE_VAR = query_variable("language", "Language",
                                       f"label_values(whisper_quality_reference_units_total{{{JI}}}, language)")
+# WER, CER and the canary's single utterance on one scale mislead: pick the set.
+SET_VAR = query_variable("set", "Set", f"label_values(whisper_quality_reference_units_total{{{JI}}}, set)")
 
 
 def dashboard(uid: str, title: str, description: str, panels: list[dict], variables: list[dict],
@@ -263,39 +315,82 @@ def dashboard(uid: str, title: str, description: str, panels: list[dict], variab
 
 # -- the dashboards ----------------------------------------------------------------------------
 
+def burn(sli: str, objective: str, window: str) -> str:
+    """The burn rate of a job-level SLI over a window (rules/slo.yml)."""
+    return (f"job:{sli}:ratio_rate{window}{{job=~\"$job\"}} / on () group_left () "
+            f"(1 - slo:{objective}:objective)")
+
+
+BURN_STEPS = steps((1, "yellow"), (BURN_TICKET, "orange"), (BURN_PAGE_FAST, "red"))
+J = 'job=~"$job"'
+
+
 def overview() -> dict:
+    q6 = f'{J},set!="canary"'
     panels = [
         row("Health"),
         stat("Exporter", targets((f"min(up{{{JI}}})", "")), "none",
-             "Whether Prometheus can scrape the exporter (alert: WhisperExporterDown).",
-             mappings=UP_DOWN, thresholds=steps((1, "green"), base="red")),
+             "Whether Prometheus can scrape every exporter (alerts: WhisperExporterDown, WhisperTargetAbsent).",
+             mappings=UP_DOWN, thresholds=steps((1, "green"), base="red"),
+             no_value="No target: the pod is gone or discovery lost it (WhisperTargetAbsent)"),
         stat("Server process", targets((f"min(whisper_process_up{{{JI}}})", "")), "none",
-             "Whether the Whisper server's process is running (alert: WhisperServerProcessDown).",
+             "Whether the Whisper server's process is found (alert: WhisperServerProcessDown, a ticket).",
              mappings=UP_DOWN, thresholds=steps((1, "green"), base="red")),
         stat("Canary probe", targets((f"min(whisper_probe_success{{{JI}}})", "")), "none",
              "Whether the last canary probe got the right transcript back (alerts: WhisperProbeFailing, "
-             "WhisperCanaryTranscriptWrong).",
+             "WhisperCanaryTranscriptWrong). No value: the probe has no current result (WhisperProbeStale).",
              mappings=OK_FAILING, thresholds=steps((1, "green"), base="red")),
         stat("Success ratio (5m)",
-             targets((f"1 - max(job_instance:whisper_requests_errors:ratio_rate5m{{{JI}}})", "")),
-             "percentunit", "Requests that did not fail (5xx) over 5 minutes, from the server's log; "
-             "the worst instance. Alert below 95%.",
-             thresholds=steps((1 - ERROR_RATIO_ALERT, "yellow"), (0.99, "green"), base="red"), decimals=2),
-        stat("Requests/s", targets((f"sum(job_instance:whisper_requests:rate5m{{{JI}}})", "")), "reqps",
-             "Transcription requests per second over 5 minutes, from the server's log."),
+             targets((f"1 - sum(job:whisper_requests_errors:rate5m{{{J}}}) / sum(job:whisper_requests:rate5m{{{J}}})",
+                      "")),
+             "percentunit", "The service's requests that did not fail (5xx) over 5 minutes, all replicas "
+             "together, from the servers' logs (not one minus the worst replica: see the fleet dashboard). "
+             "The availability objective is 99.5%.",
+             thresholds=steps((1 - ERROR_RATIO_ALERT, "yellow"), (0.995, "green"), base="red"), decimals=2),
+        stat("Error budget burn (1h)",
+             targets((f"max({burn('whisper_requests_errors', 'whisper_availability', '1h')})", "")), "x",
+             f"How fast the last hour spent the availability error budget (1 = it lasts 30 days). "
+             f"Pages above {BURN_PAGE_FAST} (with the 5-minute window), ticket above {BURN_TICKET} over a day "
+             "(WhisperErrorBudgetBurn).", thresholds=BURN_STEPS, decimals=1),
+        stat("Requests/s", targets((f"sum(job:whisper_requests:rate5m{{{J}}})", "")), "reqps",
+             "Transcription requests per second over 5 minutes, all replicas, from the servers' logs."),
         stat("p95 latency (5m)",
-             targets((f"max(job_instance:whisper_request_duration_seconds:p95_5m{{{JI}}})", "")), "s",
-             f"End-to-end p95 from the server's log. Target {LATENCY_TARGET} s for a 10 s clip; "
-             f"alert above {LATENCY_ALERT} s for 5 minutes.",
+             targets((f"max(job:whisper_request_duration_seconds:p95_5m{{{J}}})", "")), "s",
+             f"End-to-end p95 of the service (all replicas' buckets together). Target {LATENCY_TARGET} s for "
+             f"a 10 s clip; per-replica ticket above {LATENCY_ALERT} s with a real-time factor above {RTF_LIMIT}.",
              thresholds=steps((LATENCY_TARGET, "yellow"), (LATENCY_ALERT, "red")), decimals=2),
         stat("Canary RTF", targets((f"max(whisper_probe_realtime_factor{{{JI}}})", "")), "none",
              f"Canary processing time / audio duration. Alert above {RTF_LIMIT}.",
              thresholds=steps((RTF_LIMIT, "yellow"), (1, "red")), decimals=2),
         stat("GPU memory",
              targets((f"max(instance_gpu:whisper_gpu_memory_used_bytes:ratio{{{JI},{GPU}}})", "")),
-             "percentunit", f"Most used GPU's memory. Healthy below {GPU_MEMORY_WARN:.0%} (5 min); "
-             f"critical above {GPU_MEMORY_CRIT:.0%} for 10 minutes.",
+             "percentunit", f"Most used GPU's memory. Servers that pre-allocate sit at {GPU_MEMORY_WARN:.0%}; "
+             f"above {GPU_MEMORY_CRIT:.0%} for 15 minutes is information (WhisperGpuMemoryHigh), never a page.",
              thresholds=steps((GPU_MEMORY_WARN, "orange"), (GPU_MEMORY_CRIT, "red")), decimals=1),
+        table("Whisper alerts",
+              [instant(target('sum by (alertname, severity, alertstate, instance, window, language, set, '
+                              'probe, gpu, xid) (ALERTS{alertname=~"Whisper.*",job=~"$job"})', ""))],
+              "none", "Whisper alerts pending or firing now (all severities, info included), with the "
+              "labels that say what: replica, burn-rate window, language and set, canary, GPU and XID.",
+              width=24, height=6, hide=("Time", "Value")),
+        row("Quality"),
+        stat("Worst language against its threshold",
+             targets((f"topk(1, language:whisper_quality_error_rate:ratio_rate6h{{{q6}}} "
+                      f"/ on (job, language) group_left () language:whisper_quality_max_error_rate:threshold)",
+                      "{{language}} {{unit}} ({{set}})")),
+             "percentunit", "The language whose 6-hour error rate is closest to (or most over) its own "
+             "threshold, as a share of it: 100% is at the threshold (WhisperQualityErrorRateHigh). The "
+             "canary set is left out.", thresholds=steps((0.8, "yellow"), (1, "red")), decimals=0,
+             width=6, height=8, text_mode="value_and_name"),
+        table("Change against 7 days ago",
+              [instant(target(f"language:whisper_quality_error_rate:ratio_rate6h{{{q6}}}", "", "A")),
+               instant(target(f"language:whisper_quality_error_rate:ratio_rate6h_offset1w{{{q6}}}", "", "B")),
+               instant(target(f"language:whisper_quality_error_rate:ratio_rate6h{{{q6}}} "
+                              f"- language:whisper_quality_error_rate:ratio_rate6h_offset1w", "", "C"))],
+              "percentunit", "Each language's error rate over the last 6 hours, the same 6 hours a week "
+              "ago, and the change (WhisperQualityRegressed: 1.5 times and 2 points more).",
+              width=18, height=8, hide=("Time", "job"),
+              rename={"Value #A": "last 6h", "Value #B": "a week ago", "Value #C": "change"}, sort="change"),
         row("Requests and latency"),
         timeseries("Requests by status code",
                    targets((f"sum by (status_code) (rate(whisper_requests_total{{{JI},{WORK}}}[{RI}]))",
@@ -303,33 +398,135 @@ def overview() -> dict:
                    "reqps", "Transcription requests per second by HTTP status, from the server's log.",
                    stack=True),
         timeseries("Success ratio",
-                   targets((f"1 - job_instance:whisper_requests_errors:ratio_rate5m{{{JI}}}", "{{instance}}")),
-                   "percentunit", "1 - the 5-minute error ratio (5xx and failed lines) per instance. "
-                   "The red band is the WhisperErrorRatioHigh alert (below 95%).",
+                   targets((f"1 - job:whisper_requests_errors:ratio_rate5m{{{J}}}", "service {{job}}"),
+                           (f"1 - job_instance:whisper_requests_errors:ratio_rate5m{{{JI}}}", "{{instance}}")),
+                   "percentunit", "1 - the 5-minute error ratio (5xx and failed lines), of the service and "
+                   "of each replica. The red band is a replica's WhisperErrorRatioHigh ticket (below 95%).",
                    thresholds=steps((1 - ERROR_RATIO_ALERT, "transparent"), base="red"), max_=1),
         timeseries("p95 latency",
-                   targets((f"histogram_quantile(0.95, sum by (le, instance) "
-                            f"(rate(whisper_request_duration_seconds_bucket{{{JI},{WORK}}}[{RI}])))",
-                            "p95 {{instance}}"),
+                   targets((f"job:whisper_request_duration_seconds:p95_5m{{{J}}}", "service {{job}}"),
+                           (f"job_instance:whisper_request_duration_seconds:p95_5m{{{JI}}}", "p95 {{instance}}"),
                            (f"whisper_probe_duration_seconds{{{JI}}}", "canary {{probe}} {{instance}}")),
-                   "s", f"End-to-end p95 from the server's log, and the canary's duration. Lines: "
-                   f"{LATENCY_TARGET} s target (10 s clip), {LATENCY_ALERT} s alert.",
+                   "s", f"End-to-end p95 from the servers' logs, of the service and of each replica, and the "
+                   f"canary's duration. Lines: {LATENCY_TARGET} s target (10 s clip), {LATENCY_ALERT} s alert.",
                    thresholds=steps((LATENCY_TARGET, "yellow"), (LATENCY_ALERT, "red")), min_=0),
+        timeseries("Error budget burn rate",
+                   targets((burn("whisper_requests_errors", "whisper_availability", "1h"), "errors 1h"),
+                           (burn("whisper_requests_errors", "whisper_availability", "6h"), "errors 6h"),
+                           (burn("whisper_realtime_factor_slow", "whisper_latency", "1h"), "latency 1h"),
+                           (burn("whisper_realtime_factor_slow", "whisper_latency", "6h"), "latency 6h")),
+                   "x", f"Burn rates of the availability (99.5%) and latency (99% at RTF 0.8) objectives. "
+                   f"Lines: {BURN_TICKET} (ticket over a day), {BURN_PAGE_SLOW} (page over 6 h), "
+                   f"{BURN_PAGE_FAST} (page over 1 h). docs/runbook.md#slo.",
+                   thresholds=steps((BURN_TICKET, "yellow"), (BURN_PAGE_SLOW, "orange"), (BURN_PAGE_FAST, "red")),
+                   min_=0),
         timeseries("GPU memory used",
                    targets((f"instance_gpu:whisper_gpu_memory_used_bytes:ratio{{{JI},{GPU}}}",
                             "GPU {{gpu}} {{instance}}")),
-                   "percentunit", f"Used / total per GPU. Lines: {GPU_MEMORY_WARN:.0%} (warning after 5 min), "
-                   f"{GPU_MEMORY_CRIT:.0%} (critical after 10 min).",
-                   thresholds=steps((GPU_MEMORY_WARN, "orange"), (GPU_MEMORY_CRIT, "red")), min_=0, max_=1),
-        table("Whisper alerts",
-              [instant(target('sum by (alertname, severity, alertstate, instance) '
-                              '(ALERTS{alertname=~"Whisper.*",job=~"$job"})', ""))],
-              "none", "Whisper alerts pending or firing now (all severities, info included).",
-              width=24, height=6, hide=("Time", "Value")),
+                   "percentunit", f"Used / total per GPU. Lines: {GPU_MEMORY_WARN:.0%} (where pre-allocating "
+                   f"servers sit), {GPU_MEMORY_CRIT:.0%} (information after 15 minutes).",
+                   thresholds=steps((GPU_MEMORY_WARN, "orange"), (GPU_MEMORY_CRIT, "red")), min_=0, max_=1,
+                   width=24),
     ]
     return dashboard("whisper-overview", "Whisper / Overview",
-                     "Health, requests, success ratio, p95 latency and GPU memory of a Whisper service.",
+                     "The service's health, SLO burn rates, requests, latency, quality against each "
+                     "language's threshold, and what is alerting.",
                      panels, [JOB_VAR, INSTANCE_VAR, GPU_VAR])
+
+
+def fleet() -> dict:
+    """Replicas side by side, and which one is the outlier."""
+    by_instance = "{{instance}}"
+    panels = [
+        row("Service (all replicas)"),
+        stat("Replicas up", targets((f"sum(up{{{J}}})", "")), "short",
+             "Replicas Prometheus scrapes now (WhisperTargetAbsent pages at none).",
+             thresholds=steps((1, "green"), base="red"), width=4,
+             no_value="No target: the pods are gone or discovery lost them (WhisperTargetAbsent)"),
+        stat("Requests/s", targets((f"sum(job:whisper_requests:rate5m{{{J}}})", "")), "reqps",
+             "All replicas' work requests per second, the sum of the parts.", width=4),
+        stat("Success ratio (5m)",
+             targets((f"1 - sum(job:whisper_requests_errors:rate5m{{{J}}}) / sum(job:whisper_requests:rate5m{{{J}}})",
+                      "")),
+             "percentunit", "The service's ratio: failed requests of all replicas over all their requests.",
+             thresholds=steps((1 - ERROR_RATIO_ALERT, "yellow"), (0.995, "green"), base="red"), decimals=2,
+             width=4),
+        stat("Error budget burn (1h)",
+             targets((f"max({burn('whisper_requests_errors', 'whisper_availability', '1h')})", "")), "x",
+             f"Availability budget burn over the last hour; pages above {BURN_PAGE_FAST}.",
+             thresholds=BURN_STEPS, decimals=1, width=4),
+        stat("Latency budget burn (1h)",
+             targets((f"max({burn('whisper_realtime_factor_slow', 'whisper_latency', '1h')})", "")), "x",
+             f"Latency budget burn (transcriptions slower than RTF {RTF_LIMIT}) over the last hour.",
+             thresholds=BURN_STEPS, decimals=1, width=4),
+        stat("p95 latency (5m)", targets((f"max(job:whisper_request_duration_seconds:p95_5m{{{J}}})", "")), "s",
+             "The service's end-to-end p95, from all replicas' buckets together.",
+             thresholds=steps((LATENCY_TARGET, "yellow"), (LATENCY_ALERT, "red")), decimals=2, width=4),
+        row("The outlier"),
+        stat("Worst replica: errors above the fleet",
+             targets((f"topk(1, job_instance:whisper_requests_errors:ratio_rate5m{{{JI}}} "
+                      f"- on (job) group_left () job:whisper_requests_errors:ratio_rate5m)", by_instance)),
+             "percentunit", "The replica whose 5-minute error ratio is furthest above the service's, "
+             "and by how much (percentage points).",
+             thresholds=steps((0.01, "yellow"), (ERROR_RATIO_ALERT, "red")), decimals=1, width=6, height=6,
+             text_mode="value_and_name"),
+        stat("Slowest replica against the fleet",
+             targets((f"topk(1, job_instance:whisper_realtime_factor:p95_5m{{{JI}}} "
+                      f"/ on (job) group_left () quantile by (job) (0.5, job_instance:whisper_realtime_factor:p95_5m{{{JI}}}))",
+                      by_instance)),
+             "percentunit", "The replica with the highest p95 real-time factor, as a share of the median "
+             "replica's (100%: like the others).", thresholds=steps((1.2, "yellow"), (1.5, "red")),
+             decimals=0, width=6, height=6, text_mode="value_and_name"),
+        table("Replicas side by side",
+              [instant(target(f"job_instance:whisper_requests:rate5m{{{JI}}} "
+                              f"/ on (job) group_left () job:whisper_requests:rate5m", "", "A")),
+               instant(target(f"job_instance:whisper_requests_errors:ratio_rate5m{{{JI}}}", "", "B")),
+               instant(target(f"job_instance:whisper_request_duration_seconds:p95_5m{{{JI}}}", "", "C")),
+               instant(target(f"job_instance:whisper_realtime_factor:p95_5m{{{JI}}}", "", "D")),
+               instant(target(f"min by (job, instance) (whisper_probe_success{{{JI}}})", "", "E")),
+               instant(target(f"max by (job, instance) (instance_gpu:whisper_gpu_memory_used_bytes:ratio{{{JI}}})",
+                              "", "F"))],
+              "none", "One row per replica, worst error ratio first: its share of the traffic, error "
+              "ratio, p95 latency, p95 real-time factor, canary (1 ok, 0 failing) and GPU memory. A replica "
+              "with little traffic and many errors is being failed over by the load balancer.",
+              width=12, height=6, hide=("Time",),
+              rename={"Value #A": "traffic share", "Value #B": "error ratio", "Value #C": "p95 latency s",
+                      "Value #D": "p95 RTF", "Value #E": "canary", "Value #F": "GPU memory"},
+              sort="error ratio"),
+        row("Replicas over time"),
+        timeseries("Traffic share",
+                   targets((f"job_instance:whisper_requests:rate5m{{{JI}}} "
+                            f"/ on (job) group_left () job:whisper_requests:rate5m", by_instance)),
+                   "percentunit", "Each replica's share of the service's requests: the load balancer's view.",
+                   min_=0, max_=1, width=8),
+        timeseries("Error ratio",
+                   targets((f"job:whisper_requests_errors:ratio_rate5m{{{J}}}", "service {{job}}"),
+                           (f"job_instance:whisper_requests_errors:ratio_rate5m{{{JI}}}", by_instance)),
+                   "percentunit", f"Each replica's 5-minute error ratio beside the service's. Line: "
+                   f"{ERROR_RATIO_ALERT:.0%} (WhisperErrorRatioHigh, a ticket per replica).",
+                   thresholds=steps((ERROR_RATIO_ALERT, "red")), min_=0, width=8),
+        timeseries("p95 latency",
+                   targets((f"job:whisper_request_duration_seconds:p95_5m{{{J}}}", "service {{job}}"),
+                           (f"job_instance:whisper_request_duration_seconds:p95_5m{{{JI}}}", by_instance)),
+                   "s", f"End to end, per replica and for the service. Lines: {LATENCY_TARGET} s, {LATENCY_ALERT} s.",
+                   thresholds=steps((LATENCY_TARGET, "yellow"), (LATENCY_ALERT, "red")), min_=0, width=8),
+        timeseries("Real-time factor p95",
+                   targets((f"job_instance:whisper_realtime_factor:p95_5m{{{JI}}}", by_instance)),
+                   "none", f"Processing time / audio duration, all languages of a replica. Line: {RTF_LIMIT}.",
+                   thresholds=steps((RTF_LIMIT, "orange"), (1, "red")), min_=0, width=8),
+        timeseries("Queue wait p95",
+                   targets((f"job_instance:whisper_queue_wait_seconds:p95_5m{{{JI}}}", by_instance)),
+                   "s", f"Time requests waited for a worker. Line: {QUEUE_LIMIT * 1000:.0f} ms.",
+                   thresholds=steps((QUEUE_LIMIT, "red")), min_=0, width=8),
+        timeseries("Canary",
+                   targets((f"min by (instance) (whisper_probe_success{{{JI}}})", by_instance)),
+                   "short", "1 when the replica's last canary succeeded, 0 when it failed; a gap is a stale "
+                   "canary (WhisperProbeStale).", min_=0, max_=1, width=8),
+    ]
+    return dashboard("whisper-fleet", "Whisper / Fleet",
+                     "The replicas of a Whisper service side by side: the service's totals, the outlier, "
+                     "and each replica's traffic, errors, latency and canary.",
+                     panels, [JOB_VAR, INSTANCE_VAR])
 
 
 def performance() -> dict:
@@ -386,15 +583,26 @@ def performance() -> dict:
                             "{{language}}")),
                    "reqps", "Transcription requests per second by language (unknown: the log does not say).",
                    stack=True),
-        timeseries("Error ratio by language",
-                   targets((f"job_instance_language:whisper_requests_errors:ratio_rate5m{{{JI},{LANG}}}",
-                            "{{language}} {{instance}}")),
-                   "percentunit", f"5xx and failed requests over 5 minutes. Line: {ERROR_RATIO_ALERT:.0%}.",
+        timeseries("Error ratio by replica",
+                   targets((f"job:whisper_requests_errors:ratio_rate5m{{job=~\"$job\"}}", "service {{job}}"),
+                           (f"job_instance:whisper_requests_errors:ratio_rate5m{{{JI}}}", "{{instance}}")),
+                   "percentunit", f"5xx and failed requests over 5 minutes, of the service and per replica. Line: "
+                   f"{ERROR_RATIO_ALERT:.0%}. Not by language: a request that fails is logged before its language "
+                   "is known, so failures land in language=\"unknown\".",
                    thresholds=steps((ERROR_RATIO_ALERT, "red")), min_=0),
+        timeseries("Failed requests by endpoint and status",
+                   targets((f"sum by (endpoint, status_code) (rate(whisper_requests_total{{{JI},{WORK},"
+                            f"status_code=~\"5..|error\"}}[{RI}]))", "{{status_code}} {{endpoint}}")),
+                   "reqps", "Failed requests per second: which endpoint, which status.", stack=True, min_=0,
+                   no_value="No failed request in this range"),
         timeseries("429 rejections",
                    targets((f"job_instance:whisper_requests_rejected:rate1m{{{JI}}}", "{{instance}}")),
-                   "reqps", "Requests answered 429 Too Many Requests. Line: 0.1/s (alert WhisperRequestsRejected).",
+                   "reqps", "Requests answered 429 Too Many Requests per second. Line: 0.1/s.",
                    thresholds=steps((0.1, "red")), min_=0),
+        timeseries("429 share of requests",
+                   targets((f"job_instance:whisper_requests_rejected:ratio_rate5m{{{JI}}}", "{{instance}}")),
+                   "percentunit", "Share of a replica's requests answered 429 over 5 minutes. Line: 5% "
+                   "(WhisperRequestsRejected).", thresholds=steps((0.05, "red")), min_=0),
         heatmap("Audio duration distribution", "whisper_audio_duration_seconds", f"{JI},{LANG}", "s",
                 "Requests per second in each audio-length bucket: longer audio, longer requests."),
     ]
@@ -404,10 +612,34 @@ def performance() -> dict:
 
 
 def quality() -> dict:
-    ql = f'job=~"$job",{LANG}'  # recorded corpus rates are per job (summed over instances)
-    qsel = f"{JI},{LANG}"
+    ql = f'job=~"$job",{LANG},{SET}'  # recorded corpus rates are per job (summed over instances)
+    qsel = f"{JI},{LANG},{SET}"
     wer_steps = steps((MANDARIN_TARGET, "yellow"), (ERROR_RATE_ALERT, "red"))
     panels = [
+        row("Each language against its own threshold"),
+        bargauge("Error rate against its threshold (6h)",
+                 [instant(target(f"language:whisper_quality_error_rate:ratio_rate6h{{{ql}}} "
+                                 f"/ on (job, language) group_left () language:whisper_quality_max_error_rate:threshold",
+                                 "{{language}} {{unit}} ({{set}})"))],
+                 "percentunit", "Each language's error rate over 6 hours as a share of its own threshold "
+                 "(collectors.quality.thresholds, 15% where none): 100% is the threshold "
+                 "(WhisperQualityErrorRateHigh, with at least 500 reference units).",
+                 thresholds=steps((0.8, "yellow"), (1, "red")), max_=2, width=8),
+        timeseries("Error rate and threshold (6h window)",
+                   targets((f"language:whisper_quality_error_rate:ratio_rate6h{{{ql}}}",
+                            "{{language}} {{unit}} ({{set}})"),
+                           (f"language:whisper_quality_max_error_rate:threshold{{job=~\"$job\",{LANG}}}",
+                            "threshold {{language}}")),
+                   "percentunit", "The 6-hour corpus error rate the alert judges, beside each language's "
+                   "threshold.", min_=0, width=8),
+        table("Change against 7 days ago",
+              [instant(target(f"language:whisper_quality_error_rate:ratio_rate6h{{{ql}}}", "", "A")),
+               instant(target(f"language:whisper_quality_error_rate:ratio_rate6h_offset1w{{{ql}}}", "", "B")),
+               instant(target(f"language:whisper_quality_error_rate:ratio_rate6h{{{ql}}} "
+                              f"- language:whisper_quality_error_rate:ratio_rate6h_offset1w", "", "C"))],
+              "percentunit", "The last 6 hours against the same 6 hours a week ago (WhisperQualityRegressed: "
+              "1.5 times and 2 points more).", width=8, hide=("Time", "job"),
+              rename={"Value #A": "last 6h", "Value #B": "a week ago", "Value #C": "change"}, sort="change"),
         row("Error rate by language"),
         bargauge("Error rate by language, last hour",
                  [instant(target(f"language:whisper_quality_error_rate:ratio_rate1h{{{ql}}}",
@@ -490,7 +722,7 @@ def quality() -> dict:
     ]
     return dashboard("whisper-quality", "Whisper / Quality",
                      "Transcription error rate (WER/CER) by language and its trend, and the canary's results.",
-                     panels, [JOB_VAR, INSTANCE_VAR, QUALITY_LANGUAGE_VAR], time_from="now-24h")
+                     panels, [JOB_VAR, INSTANCE_VAR, QUALITY_LANGUAGE_VAR, SET_VAR], time_from="now-24h")
 
 
 def resources() -> dict:
@@ -653,6 +885,7 @@ def exporter() -> dict:
 
 DASHBOARDS = {
     "whisper-overview.json": overview,
+    "whisper-fleet.json": fleet,
     "whisper-performance.json": performance,
     "whisper-quality.json": quality,
     "whisper-resources.json": resources,

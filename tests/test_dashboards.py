@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_DIR = ROOT / "dashboards"
 RULES = ROOT / "rules"
 DS = {"type": "prometheus", "uid": "${datasource}"}
-EXPECTED = {"whisper-overview.json", "whisper-performance.json", "whisper-quality.json",
+EXPECTED = {"whisper-overview.json", "whisper-fleet.json", "whisper-performance.json", "whisper-quality.json",
             "whisper-resources.json", "whisper-exporter.json"}
 # Series that Prometheus makes itself, not the exporter.
 PROMETHEUS_NAMES = {"up", "ALERTS", "ALERTS_FOR_STATE", "scrape_duration_seconds", "scrape_samples_scraped",
@@ -185,7 +185,8 @@ def test_variables():
     wanted = {
         "whisper-overview": {"datasource", "job", "instance", "gpu"},
         "whisper-performance": {"datasource", "job", "instance", "language"},
-        "whisper-quality": {"datasource", "job", "instance", "language"},
+        "whisper-quality": {"datasource", "job", "instance", "language", "set"},
+        "whisper-fleet": {"datasource", "job", "instance"},
         "whisper-resources": {"datasource", "job", "instance", "gpu"},
         "whisper-exporter": {"datasource", "job", "instance"},
     }
@@ -289,6 +290,48 @@ def test_design_thresholds_are_drawn():
             assert panel["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] != "off", key
 
 
+def test_every_panel_says_something_when_data_is_absent():
+    """Issue 15: a panel with no data says why (the collector off, no requests, rules not loaded)."""
+    for d in load_dashboards().values():
+        for panel in panels(d):
+            if panel["type"] == "row":
+                continue
+            text = panel["fieldConfig"]["defaults"].get("noValue")
+            assert text and len(text) > 10, f"{d['uid']} / {panel['title']}: no noValue text"
+
+
+def panel_by_title(uid: str, title: str) -> dict:
+    (d,) = [d for d in load_dashboards().values() if d["uid"] == uid]
+    found = [p for p in panels(d) if p["title"] == title]
+    assert len(found) == 1, f"{uid}: {len(found)} panels titled {title!r}"
+    return found[0]
+
+
+def test_overview_names_what_is_wrong():
+    """The alert table keeps the labels that say what; the success ratio is the service's (its
+    failed requests over all its requests), not one minus the worst replica; quality is there."""
+    alerts = panel_by_title("whisper-overview", "Whisper alerts")["targets"][0]["expr"]
+    by = set(re.search(r"sum by \(([^)]*)\)", alerts).group(1).replace(" ", "").split(","))
+    assert by >= {"alertname", "severity", "instance", "language", "set", "probe", "gpu", "xid", "window"}
+    success = panel_by_title("whisper-overview", "Success ratio (5m)")["targets"][0]["expr"]
+    assert "job:whisper_requests_errors:rate5m" in success and "max(" not in success
+    worst = panel_by_title("whisper-overview", "Worst language against its threshold")["targets"][0]["expr"]
+    assert "language:whisper_quality_max_error_rate:threshold" in worst and 'set!="canary"' in worst
+    change = panel_by_title("whisper-overview", "Change against 7 days ago")
+    assert any("ratio_rate6h_offset1w" in t["expr"] for t in change["targets"])
+
+
+def test_fleet_dashboard_shows_replicas_side_by_side_and_the_outlier():
+    table = panel_by_title("whisper-fleet", "Replicas side by side")
+    assert len(table["targets"]) >= 5 and all(t["instant"] for t in table["targets"])
+    assert any(t["id"] == "merge" for t in table["transformations"])
+    outlier = panel_by_title("whisper-fleet", "Worst replica: errors above the fleet")["targets"][0]
+    assert outlier["expr"].startswith("topk(1,") and outlier["legendFormat"] == "{{instance}}"
+    for title in ("Error ratio", "p95 latency"):
+        exprs = [t["expr"] for t in panel_by_title("whisper-fleet", title)["targets"]]
+        assert any(e.startswith("job:") for e in exprs) and any(e.startswith("job_instance:") for e in exprs), title
+
+
 def test_grid_has_no_overlaps():
     for d in load_dashboards().values():
         taken = set()
@@ -362,6 +405,11 @@ def exposition(whisper_server, tmp_path_factory) -> set[str]:
     started = subprocess.run(["bash", "-c", f"(exec -a {marker} sleep 300) >/dev/null 2>&1 & echo $!"],
                              capture_output=True, text=True, check=True)
     pid = int(started.stdout.strip())
+    # The quality collector with thresholds, so that whisper_quality_max_error_rate (which the
+    # per-language quality alerts read) is exposed; its one manifest line has no audio, so no
+    # evaluation runs.
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text('{"audio": "missing.wav", "reference": "hello", "language": "en"}\n')
     config = from_dict({
         "listen": "127.0.0.1:0",
         "service": {"url": whisper_server.url, "model": whisper_server.model},
@@ -369,6 +417,8 @@ def exposition(whisper_server, tmp_path_factory) -> set[str]:
             "gpu": {"interval": "200ms"},
             "process": {"interval": "200ms", "match": marker},
             "probe": {"interval": "1s"},
+            "quality": {"enabled": True, "interval": "1h", "manifest": str(manifest),
+                        "thresholds": {"en": 0.1, "default": 0.2}},
             "logs": {"enabled": True, "interval": "200ms", "start_at": "beginning", "files": [
                 {"path": str(log), "format": "json-request"},
                 {"path": str(whisper_server.log_path), "format": "uvicorn-access"},
@@ -392,7 +442,8 @@ def exposition(whisper_server, tmp_path_factory) -> set[str]:
     try:
         fake.inject_xid(0, 79)
         wanted = {"whisper_probe_word_error_rate", "whisper_gpu_xid_errors_total", "whisper_process_open_fds",
-                  "whisper_request_duration_seconds_bucket", "whisper_quality_errors_total"}
+                  "whisper_request_duration_seconds_bucket", "whisper_quality_errors_total",
+                  "whisper_quality_max_error_rate"}
         deadline = time.monotonic() + 60
         while True:
             text = requests.get(running.url + "/metrics", timeout=10).text

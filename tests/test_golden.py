@@ -27,7 +27,9 @@ def exposition() -> str:
     scheduler.run_once(entry, state)
     nvml.inject_xid(0, 79)
     deadline = time.monotonic() + 5
-    while "79" not in str(collector._xids) and time.monotonic() < deadline:
+    # XID 79 starts at 0 (gpu.TRACKED_XIDS): wait for the event's count, not for the key.
+    while not any(key[3] == "79" and count for key, count in dict(collector._xids).items()) \
+            and time.monotonic() < deadline:
         time.sleep(0.02)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ExporterCollector(scheduler))

@@ -444,7 +444,7 @@ def test_xid_events_counted_per_xid_and_surviving_update_failures(make):
     assert wait_for(lambda: fake.calls["nvmlEventSetWait_v2"] >= 3)  # idle: the waits time out, and loop
     for device, xid in ((0, 79), (0, 79), (0, 13), (1, 79)):
         fake.inject_xid(device, xid)
-    assert wait_for(lambda: len(samples(c)["whisper_gpu_xid_errors_total"]) == 3)
+    assert wait_for(lambda: len([v for _, v in samples(c)["whisper_gpu_xid_errors_total"] if v]) == 3)
     assert value(c, "whisper_gpu_xid_errors_total", gpu=0, xid=79) == 2
     assert value(c, "whisper_gpu_xid_errors_total", gpu=0, xid=13) == 1
     assert value(c, "whisper_gpu_xid_errors_total", gpu=1, xid=79) == 1
@@ -462,6 +462,19 @@ def test_xid_events_counted_per_xid_and_surviving_update_failures(make):
     assert value(c, "whisper_gpu_xid_errors_total", gpu=1, xid=79) == 1
 
 
+def test_tracked_xids_start_at_zero_so_increase_sees_the_first(make):
+    """Issue 15: a counter born with the value 1 looks like no change to increase(); the XIDs
+    the alerts page on exist at 0 from the start on every GPU with XID events."""
+    fake = FakeNVML("under_load", devices=2)
+    c = make(fake)
+    c.update()
+    xids = samples(c)["whisper_gpu_xid_errors_total"]
+    assert {(l["gpu"], int(l["xid"])) for l, _ in xids} == {
+        (str(g), x) for g in (0, 1) for x in gpu.TRACKED_XIDS}
+    assert all(v == 0 for _, v in xids)
+    assert {48, 79, 95, 119} <= set(gpu.TRACKED_XIDS)
+
+
 def test_xid_thread_survives_unexpected_errors_and_logs_once(make, caplog):
     fake = FakeNVML("under_load")
     c = make(fake)
@@ -469,7 +482,7 @@ def test_xid_thread_survives_unexpected_errors_and_logs_once(make, caplog):
         fake.inject_event_error(pynvml.NVML_ERROR_UNKNOWN)
         fake.inject_event_error(pynvml.NVML_ERROR_UNKNOWN)
         fake.inject_xid(0, 48)
-        assert wait_for(lambda: samples(c)["whisper_gpu_xid_errors_total"] != [])
+        assert wait_for(lambda: any(v for _, v in samples(c)["whisper_gpu_xid_errors_total"]))
     assert value(c, "whisper_gpu_xid_errors_total", xid=48) == 1
     assert len([r for r in caplog.records if "XID event thread" in r.getMessage()]) == 1
 

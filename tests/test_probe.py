@@ -489,3 +489,32 @@ def test_probe_command_json_keeps_the_metrics(fake, tmp_path):
     assert 'whisper_probe_success{probe="en-short"} 1.0' in data["metrics"]
     assert "metrics" not in json.loads(CliRunner().invoke(
         main, ["probe", "--config", write_config(tmp_path, fake.url), "--json"]).stdout)
+
+
+def test_results_older_than_the_interval_and_run_timeout_are_not_served(fake, monkeypatch):
+    """Issue 15: a probe collector that fails before probing (here: its API key gone) must not
+    keep serving its last success as current. Once a result is older than the interval plus the
+    run timeout, only its timestamp stays (WhisperProbeStale alerts on that)."""
+    import dataclasses
+
+    monkeypatch.setenv("PROBE_TEST_KEY", "k")
+    config = from_dict({"service": {"url": fake.url, "model": "tiny", "api_key_env": "PROBE_TEST_KEY"}})
+    collector = ProbeCollector(config.collectors.probe, config)
+    collector.update()
+    name = collector.canaries[0].name
+    assert value(families(collector), "whisper_probe_success", probe=name) == 1.0
+    monkeypatch.delenv("PROBE_TEST_KEY")
+    with pytest.raises(clients.ClientSetupError):
+        collector.update()
+    # Still within interval + run timeout: the last result is current.
+    assert value(families(collector), "whisper_probe_success", probe=name) == 1.0
+    section = config.collectors.probe
+    age = float(section.interval) + section.run_timeout + 1
+    record = collector._latest[name]
+    collector._latest[name] = dataclasses.replace(record, started=record.started - age)
+    fams = families(collector)
+    for family in ("whisper_probe_success", "whisper_probe_duration_seconds", "whisper_probe_http_status_code",
+                   "whisper_probe_word_error_rate", "whisper_probe_realtime_factor"):
+        assert value(fams, family, probe=name) is None, family
+    assert value(fams, "whisper_probe_last_run_timestamp_seconds", probe=name) == record.started - age
+    assert value(fams, "whisper_probe_runs", probe=name, result="success") == 1.0

@@ -340,7 +340,8 @@ def test_changing_the_objective_changes_the_pages(tmp_path):
     shipped = run_promtool_tests([RULES / "tests" / "slo_test.yml"])[0]
     assert shipped.returncode == 0, shipped.stdout + shipped.stderr
     changed = run_promtool_tests([test_file])[0]
-    assert changed.returncode != 0 and "alertname: WhisperErrorBudgetBurn" in changed.stdout, changed.stdout
+    output = changed.stdout + changed.stderr
+    assert changed.returncode != 0 and "alertname: WhisperErrorBudgetBurn" in output, output
 
 
 def test_records_of_slower_groups_are_read_through_a_window():

@@ -46,6 +46,11 @@ EMPTY_HERE = {
     "whisper-quality / Character error rate (zh, yue, ja, ko, th, ...) / A":
         "no canary here is scored in characters (tiny.en is English only)",
     "annotation Whisper server restarts": "the server does not restart during the test",
+    "whisper-overview / Worst language against its threshold / A":
+        "only the canary set is evaluated here, and the overview's quality row leaves it out",
+    "whisper-overview / Change against 7 days ago / A":
+        "only the canary set is evaluated here, and the overview's quality row leaves it out",
+    "whisper-performance / Failed requests by endpoint and status / A": "nothing fails before the faults",
 }
 
 
@@ -219,7 +224,8 @@ def test_the_stack(stack):
     records = {rule["name"] for rule in loaded if rule["type"] == "recording"}
     for where, expr in rule_queries():
         result = api(prom, "/api/v1/query", query=expr)["result"]
-        if where.split(" / ")[1] in records and metric_names(expr) <= present:
+        # (a record that looks a week back has no data in a Prometheus minutes old)
+        if where.split(" / ")[1] in records and metric_names(expr) <= present and "offset 1w" not in expr:
             assert result, f"{where}: no data although {sorted(metric_names(expr))} exist"
 
     # -- healthy: only the alerts this setup calls for -------------------------------------------
