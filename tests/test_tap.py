@@ -154,6 +154,8 @@ def test_bytes_untouched_both_ways_and_the_record(tap, seen, records):
     assert r.raw.headers.getlist("Set-Cookie") == ["a=1", "b=2"]
     assert seen.bodies == [body]
     assert seen.headers[0]["X-Client"] == "c1"
+    assert seen.headers[0]["Host"] == f"127.0.0.1:{tap.port}"  # as the client sent it
+    assert "X-Forwarded-For" not in seen.headers[0]
     assert seen.headers[0]["Content-Length"] == str(len(body))
     (rec,) = records.wait(1)
     assert (rec.endpoint, rec.method, rec.status, rec.api, rec.task) == (TRANSCRIPTIONS, "POST", 201, "openai",
