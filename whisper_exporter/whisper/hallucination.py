@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import Counter
 import re
 import time
 import unicodedata
@@ -75,9 +76,26 @@ class Segment:
     temperature: Optional[float] = None
 
 
+# ASCII text (most English) is lower-cased and its punctuation turned into spaces by one
+# str.translate, which CPython runs from a cache for ASCII; other text takes NFKC + casefold + a regex.
+_ASCII_WORDS = {i: (chr(i).lower() if chr(i).isalnum() else " ") for i in range(128)}
+# Windows whose share of distinct words is above this never compressed beyond 2.4 in our
+# tests (tests/test_hallucination.py pins it on adversarial loops): zlib is skipped for them.
+COMPRESSION_SCREEN = 0.85
+
+
+def _words(text: str) -> tuple[list[str], bool]:
+    """The text's words, case-folded, without punctuation; and whether it was all ASCII."""
+    if text.isascii():
+        return text.translate(_ASCII_WORDS).split(), True
+    return _NOT_WORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).split(), False
+
+
 def normalize(text: str) -> str:
     """Matching form: NFKC, case-folded, without anything but letters and digits."""
-    return _NOT_WORD.sub("", unicodedata.normalize("NFKC", text).casefold()).translate(_ARABIC_FOLD)
+    words, ascii_only = _words(text)
+    key = "".join(words)
+    return key if ascii_only else key.translate(_ARABIC_FOLD)
 
 
 def compression_ratio(text: str) -> float:
@@ -93,7 +111,8 @@ def _window_ratio(data: bytes) -> float:
     return len(data) / len(c.compress(data) + c.flush())
 
 
-def _compresses_like_a_loop(text: str) -> bool:
+def _compresses_like_a_loop(text: str, screen: bool = True) -> bool:
+    """Some ~30 s window of the text has a zlib compression ratio above 2.4."""
     data = text.encode("utf-8", "replace")
     if len(data) < COMPRESSION_MIN_BYTES:
         return False
@@ -101,19 +120,33 @@ def _compresses_like_a_loop(text: str) -> bool:
         window = data[start:start + COMPRESSION_WINDOW]
         if start and len(window) < COMPRESSION_WINDOW // 2:
             window = data[max(0, len(data) - COMPRESSION_WINDOW):]  # a short tail joins the one before
-        if len(window) >= COMPRESSION_MIN_BYTES and _window_ratio(window) > COMPRESSION_RATIO_THRESHOLD:
+        if len(window) < COMPRESSION_MIN_BYTES:
+            continue
+        if screen and window.isascii():
+            words = window.split()
+            if len(words) >= 4 and len(set(words)) > COMPRESSION_SCREEN * len(words):
+                continue  # too few repeated words to compress that well
+        if _window_ratio(window) > COMPRESSION_RATIO_THRESHOLD:
             return True
     return False
 
 
 def _units(text: str) -> list[str]:
-    return _UNIT.findall(unicodedata.normalize("NFKC", text).casefold(), 0, MAX_TEXT)[:MAX_UNITS]
+    """Units for loop search: words, and each character of scripts written without spaces."""
+    words, ascii_only = _words(text[:MAX_TEXT])
+    if ascii_only or not _CJK_CHAR.search(text, 0, MAX_TEXT):
+        return words[:MAX_UNITS]
+    return _UNIT.findall(" ".join(words))[:MAX_UNITS]
 
 
 def repeated_run(units: Sequence[str]) -> bool:
     """True when one n-gram (n <= MAX_NGRAM) repeats back to back often enough to be a loop."""
     count = len(units)
-    if count - len(set(units)) < 3:  # 4 occurrences of anything need 3 repeated units
+    if count < 5:
+        return False
+    # Every unit of a looping n-gram occurs at least 4 times (5 for a single word): a
+    # cheap C-level count rules out most real transcripts before the scan.
+    if max(Counter(units).values()) < 4:
         return False
     for n in range(1, MAX_NGRAM + 1):
         needed = 4 if n == 1 else 3 * n  # units equal to the one n before: 5 words, or 4 n-grams
@@ -253,14 +286,20 @@ def suspect(text: str, language: Optional[str], audio_seconds: Optional[float],
     if not stripped:
         return ()
     clipped = stripped[:MAX_TEXT]
-    key = normalize(clipped)
-    seg_list = [s for s in list(segments)[:MAX_SEGMENTS] if isinstance(s, Segment)] if segments else []
+    words, ascii_only = _words(clipped)
+    key = "".join(words) if ascii_only else "".join(words).translate(_ARABIC_FOLD)
+    seg_list = [s for s in list(segments)[:MAX_SEGMENTS] if isinstance(s, Segment)] if segments else ()
     found = set()
 
-    units = _units(clipped) if key else []
-    if repeated_run(units) or _compresses_like_a_loop(clipped) or any(
-            _finite(s.compression_ratio) and s.compression_ratio > COMPRESSION_RATIO_THRESHOLD
-            and isinstance(s.text, str) and s.text.strip() for s in seg_list):
+    if key:
+        if ascii_only or not _CJK_CHAR.search(clipped):
+            units = words[:MAX_UNITS]
+        else:
+            units = _UNIT.findall(" ".join(words))[:MAX_UNITS]
+        if repeated_run(units) or _compresses_like_a_loop(clipped):
+            found.add("repetition")
+    if any(_finite(s.compression_ratio) and s.compression_ratio > COMPRESSION_RATIO_THRESHOLD
+           and isinstance(s.text, str) and s.text.strip() for s in seg_list):
         found.add("repetition")
     if key and (bag or default_bag()).matches(key):
         found.add("known_phrase")
@@ -310,33 +349,37 @@ def segments_from_answer(answer: Any) -> list[Segment]:
 
 
 class CpuBudget:
-    """Lets a hot path run the detector while its CPU stays under `share` of one core.
+    """Lets a hot path run the detector within a CPU budget, and skips it beyond.
 
-    At real request rates every transcript is checked (a check is tens of
-    microseconds; a Whisper server answers tens of requests a second). Replaying
-    a backlog (a log read from the beginning) checks as many as fit; callers count
+    The detector may use `share` of the CPU the process itself uses, plus `floor` of
+    one core: a few hundred checks a second whatever the rest of the process does.
+    At real request rates (a Whisper server answers tens of requests a second, a
+    check takes tens of microseconds) every transcript is checked; replaying a
+    backlog (a log read from the beginning) checks as many as fit. Callers count
     what was checked, so a ratio over checked transcripts stays exact.
     """
 
-    SKIP = 64  # lines let through unchecked, without reading the clock, once over budget
+    SKIP = 64  # calls skipped without reading a clock, once over budget
 
-    def __init__(self, share: float = 0.02, clock=time.perf_counter):
-        self.share = share
-        self._clock = clock
-        self._start = clock()
+    def __init__(self, share: float = 0.02, floor: float = 0.005,
+                 cpu=time.process_time, wall=time.monotonic):
+        self.share, self.floor = share, floor
+        self._cpu, self._wall = cpu, wall
+        self._cpu0, self._wall0 = cpu(), wall()
         self._spent = 0.0
         self._skip = 0
 
-    def run(self, check, *args, **kwargs):
-        """check(*args, **kwargs) when within budget, else None."""
+    def run(self, check, *args):
+        """check(*args) when within budget, else None."""
         if self._skip:
             self._skip -= 1
             return None
-        begin = self._clock()
-        if self._spent > (begin - self._start) * self.share + 0.001:
+        begin = self._cpu()
+        allowed = (begin - self._cpu0) * self.share + (self._wall() - self._wall0) * self.floor + 0.001
+        if self._spent > allowed:
             self._skip = self.SKIP
             return None
         try:
-            return check(*args, **kwargs)
+            return check(*args)
         finally:
-            self._spent += self._clock() - begin
+            self._spent += self._cpu() - begin
