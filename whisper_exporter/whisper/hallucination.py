@@ -140,38 +140,51 @@ def _units(text: str) -> list[str]:
 
 
 def repeated_run(units: Sequence[str]) -> bool:
-    """True when one n-gram (n <= MAX_NGRAM) repeats back to back often enough to be a loop."""
-    count = len(units)
-    if count < 5:
+    """True when one n-gram (n <= MAX_NGRAM) repeats back to back often enough to be a loop.
+
+    5 times for one word, 8 for one CJK character ("哈哈哈哈" is laughter), 4 for longer n-grams.
+    """
+    if len(units) < 5:
         return False
-    # Every unit of a looping n-gram occurs at least 4 times (5 for a single word): a
-    # cheap C-level count rules out most real transcripts before the scan.
-    if max(Counter(units).values()) < 4:
+    # Every unit of a looping n-gram occurs at least 4 times, and one of its occurrences is
+    # followed by more at n, 2n and 3n units: only those few starts are verified.
+    frequent = {u for u, c in Counter(units).items() if c >= 4}
+    if not frequent:
         return False
-    for n in range(1, MAX_NGRAM + 1):
-        needed = 4 if n == 1 else 3 * n  # units equal to the one n before: 5 words, or 4 n-grams
-        if count < needed + n:
-            break
-        streak = 0
-        for i in range(count - n):
-            if units[i] == units[i + n]:
-                streak += 1
-                if streak >= needed and (n > 1 or streak >= 7 or not _CJK_CHAR.match(units[i])):
-                    return True  # one CJK character needs 8 in a row: "哈哈哈哈" is laughter
-            else:
-                streak = 0
+    where: dict[str, list[int]] = {u: [] for u in frequent}
+    for i, u in enumerate(units):
+        if u in frequent:
+            where[u].append(i)
+    for u, positions in where.items():
+        at = set(positions)
+        for p in positions:
+            for n in range(1, MAX_NGRAM + 1):
+                if p + n in at and p + 2 * n in at and p + 3 * n in at and _loops(units, p, n):
+                    return True
     return False
+
+
+def _loops(units: Sequence[str], p: int, n: int) -> bool:
+    gram = units[p:p + n]
+    reps = 4 if n > 1 else 8 if _CJK_CHAR.match(gram[0]) else 5
+    return all(units[p + k * n:p + (k + 1) * n] == gram for k in range(1, reps))
+
+
+@functools.lru_cache(maxsize=256)
+def chars_per_second(language: Optional[str]) -> float:
+    """The bound for a language code or locale ("zh", "zh-TW", "ja_JP"); the default for others."""
+    base = (language or "").strip().lower().replace("_", "-").split("-", 1)[0]
+    return CHARS_PER_SECOND.get(base, DEFAULT_CHARS_PER_SECOND)
 
 
 def too_much_text(text: str, language: Optional[str], audio_seconds: Optional[float]) -> bool:
     """More characters than `audio_seconds` of speech can hold in this language."""
-    if audio_seconds is None or not isinstance(audio_seconds, (int, float)) or isinstance(audio_seconds, bool):
-        return False
-    if not math.isfinite(audio_seconds) or audio_seconds < 0:
-        return False
-    base = (language or "").strip().lower().replace("_", "-").split("-", 1)[0]
-    bound = CHARS_PER_SECOND.get(base, DEFAULT_CHARS_PER_SECOND)
+    if type(audio_seconds) not in (float, int) or not 0 <= audio_seconds < math.inf:
+        return False  # unknown, NaN, negative, infinite, or a bool: no judgement
     chars = len(text) - text.count(" ") - text.count("\n")
+    if chars <= CHARS_SLACK:
+        return False
+    bound = chars_per_second(language if isinstance(language, str) else None)
     return chars > bound * audio_seconds + CHARS_SLACK
 
 
