@@ -271,6 +271,8 @@ def test_hostile_segments_become_harmless():
 def test_hostile_input_never_raises():
     assert suspect(None, None, None) == ()  # type: ignore[arg-type]
     assert suspect("hi", 5, "x", ["junk", None, 3]) == ()  # type: ignore[arg-type]
+    assert suspect("hi", None, None, 3) == ()  # type: ignore[arg-type]
+    assert suspect("hi", None, None, iter([Segment("hi", no_speech_prob=0.9)])) == ("no_speech",)
     huge = "a " * 5_000_000  # 10 MB: examined up to MAX_TEXT
     assert suspect(huge, "en", 1.0) == ("repetition", "too_much_text")
     assert "known_phrase" in suspect("you " * 2_000_000, "en", None)

@@ -26,12 +26,13 @@ metrics; the callers count (docs/hallucination.md).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from collections import Counter
 import re
 import time
 import unicodedata
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -179,7 +180,8 @@ def chars_per_second(language: Optional[str]) -> float:
 
 def too_much_text(text: str, language: Optional[str], audio_seconds: Optional[float]) -> bool:
     """More characters than `audio_seconds` of speech can hold in this language."""
-    if type(audio_seconds) not in (float, int) or not 0 <= audio_seconds < math.inf:
+    if not isinstance(audio_seconds, (float, int)) or isinstance(audio_seconds, bool) \
+            or not 0 <= audio_seconds < math.inf:
         return False  # unknown, NaN, negative, infinite, or a bool: no judgement
     chars = len(text) - text.count(" ") - text.count("\n")
     if chars <= CHARS_SLACK:
@@ -301,7 +303,10 @@ def suspect(text: str, language: Optional[str], audio_seconds: Optional[float],
     clipped = stripped[:MAX_TEXT]
     words, ascii_only = _words(clipped)
     key = "".join(words) if ascii_only else "".join(words).translate(_ARABIC_FOLD)
-    seg_list = [s for s in list(segments)[:MAX_SEGMENTS] if isinstance(s, Segment)] if segments else ()
+    try:
+        seg_list = [s for s in itertools.islice(segments, MAX_SEGMENTS) if isinstance(s, Segment)]
+    except TypeError:  # not iterable
+        seg_list = []
     found = set()
 
     if key:
