@@ -356,3 +356,14 @@ def test_the_compression_screen_never_hides_a_window_above_the_threshold():
         positives += full
         assert h._compresses_like_a_loop(text) == full, text
     assert positives > 500  # the generator does make windows above 2.4
+
+
+@pytest.mark.parametrize("text,flagged", [
+    ("Thank you very much for watching and I'll see you in the next video.", True),
+    ("Thanks for watching, guys. See you in the next video!", True),
+    ("and so", False),  # connectors alone
+    ("Thank you and goodbye, Maria.", False),  # a name is not a connector
+    ("See you in the next video and the one after it.", False),
+])
+def test_connectors_between_bag_phrases(text, flagged):
+    assert ("known_phrase" in suspect(text, "en", None)) is flagged

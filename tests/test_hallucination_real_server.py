@@ -10,7 +10,7 @@ wrong but it is a transcription of what it heard, and the detector must leave it
 alone. For some foreign clips, though, tiny.en does hallucinate in the sense of
 issue 13: it loops ("I'm going to say that I'm going to say that ...") or writes
 YouTube outros ("Thanks for watching, see you in the next video, ...") that nobody
-said. Those are true positives. A simple independent judge (a phrase three times,
+said. Those are true positives. A simple independent judge (a phrase four times,
 or an outro) tells them apart: a plain hallucination must be flagged, anything else
 must not be. The speech clips were chosen, from a first run of candidates, among
 those tiny.en transcribes plainly; the test requires 15 of the 20 to still be plain,
@@ -169,10 +169,10 @@ SPEECH = [
 
 
 def obvious_hallucination(text: str) -> bool:
-    """An independent, simple judge: a phrase said 3 times or more, or a YouTube outro."""
+    """An independent, simple judge: a phrase said 4 times or more, or a YouTube outro."""
     lowered = text.lower()
     fragments = [f.strip() for f in re.split(r"[,.!?;]", lowered) if len(f.split()) >= 2]
-    return any(fragments.count(f) >= 3 for f in set(fragments)) or any(
+    return any(fragments.count(f) >= 4 for f in set(fragments)) or any(
         k in lowered for k in ("for watching", "next video", "subscribe"))
 
 

@@ -13,7 +13,7 @@ metrics; the callers count (docs/hallucination.md).
   short for the compression ratio to say anything.
 - known_phrase: the normalised transcript (case, punctuation, spacing and
   width do not matter) is made up of phrases from the bag, repeated or not,
-  the last repetition possibly cut off ("Thanks for watching! Thanks for wat");
+  joined or not by a few CONNECTORS, the last repetition possibly cut off ("Thanks for watching! Thanks for wat");
   or it contains a phrase marked `match: anywhere` (subtitle credits such as
   "Subtitles by the Amara.org community", which real speech never contains).
   Everyday phrases ("Thank you.") only count when they are the whole
@@ -193,6 +193,11 @@ def too_much_text(text: str, language: Optional[str], audio_seconds: Optional[fl
 # ---------------------------------------------------------------------------
 # The phrase bag
 
+# Words Whisper strings its sign-offs together with ("Thank you for watching and I'll see
+# you in the next video"): allowed between bag phrases, never a phrase on their own.
+CONNECTORS = ("and", "so", "but", "then", "also", "again", "oh", "okay", "ok", "guys", "everyone",
+              "und", "et", "y", "e", "и")
+
 
 @dataclass(frozen=True)
 class Phrase:
@@ -217,6 +222,9 @@ class PhraseBag:
                 keys[key] = keys.get(key, False) or phrase.anywhere
         for key, anywhere in keys.items():
             self._automaton.add_word(key, (len(key), anywhere, key))
+        for word in CONNECTORS:
+            if word not in keys:
+                self._automaton.add_word(word, (len(word), False, ""))  # no phrase key: a connector
         self._empty = not keys
         if keys:
             self._automaton.make_automaton()
@@ -269,16 +277,18 @@ class PhraseBag:
             best, best_key = reach, last
             while i < len(spans) and spans[i][0] <= reach:
                 if spans[i][1] > best:
-                    best, best_key = spans[i][1], spans[i][2]
+                    best, best_key = spans[i][1], spans[i][2] or last
                 i += 1
             if best == reach:
                 break
             reach, last = best, best_key
+        if not last:
+            return False  # connectors alone ("and so") are no phrase
         if reach >= len(key):
             return True
         # A loop cut off mid-phrase by the token limit: the rest starts the last phrase again.
         rest = key[reach:]
-        return bool(last) and any(s[2].startswith(rest) for s in spans)
+        return any(s[2].startswith(rest) for s in spans if s[2])
 
 
 @functools.lru_cache(maxsize=1)
