@@ -83,7 +83,9 @@ def test_dashboards_have_data_from_tap_traffic_alone(prometheus, tmp_path):
             # real clients, real speech, several languages and formats
             for language, path in speech.items():
                 with open(path, "rb") as f:
-                    client.audio.transcriptions.create(model=server.model, file=f, language=language)
+                    # faster-whisper-server reads the model from `model_name`, not `model`
+                    client.audio.transcriptions.create(model="whisper-1", file=f, language=language,
+                                                       extra_body={"model_name": server.model})
             out = subprocess.run([curl, "-sS", "-F", f"file=@{speech['en']}", "-F", f"model_name={server.model}",
                                   "-F", "response_format=verbose_json",
                                   f"http://127.0.0.1:{tap_port}/v1/audio/transcriptions"],

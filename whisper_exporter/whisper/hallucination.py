@@ -13,7 +13,7 @@ metrics; the callers count (docs/hallucination.md).
   short for the compression ratio to say anything.
 - known_phrase: the normalised transcript (case, punctuation, spacing and
   width do not matter) is made up of phrases from the bag, repeated or not,
-  the last repetition possibly cut off ("Thanks for watching! Thanks for wat");
+  joined or not by a few CONNECTORS, the last repetition possibly cut off ("Thanks for watching! Thanks for wat");
   or it contains a phrase marked `match: anywhere` (subtitle credits such as
   "Subtitles by the Amara.org community", which real speech never contains).
   Everyday phrases ("Thank you.") only count when they are the whole
@@ -26,11 +26,13 @@ metrics; the callers count (docs/hallucination.md).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 import time
 import unicodedata
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -75,9 +77,26 @@ class Segment:
     temperature: Optional[float] = None
 
 
+# ASCII text (most English) is lower-cased and its punctuation turned into spaces by one
+# str.translate, which CPython runs from a cache for ASCII; other text takes NFKC + casefold + a regex.
+_ASCII_WORDS = {i: (chr(i).lower() if chr(i).isalnum() else " ") for i in range(128)}
+# Windows whose share of distinct words is above this never compressed beyond 2.4 in our
+# tests (tests/test_hallucination.py pins it on adversarial loops): zlib is skipped for them.
+COMPRESSION_SCREEN = 0.85
+
+
+def _words(text: str) -> tuple[list[str], bool]:
+    """The text's words, case-folded, without punctuation; and whether it was all ASCII."""
+    if text.isascii():
+        return text.translate(_ASCII_WORDS).split(), True
+    return _NOT_WORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).split(), False
+
+
 def normalize(text: str) -> str:
     """Matching form: NFKC, case-folded, without anything but letters and digits."""
-    return _NOT_WORD.sub("", unicodedata.normalize("NFKC", text).casefold()).translate(_ARABIC_FOLD)
+    words, ascii_only = _words(text)
+    key = "".join(words)
+    return key if ascii_only else key.translate(_ARABIC_FOLD)
 
 
 def compression_ratio(text: str) -> float:
@@ -93,7 +112,8 @@ def _window_ratio(data: bytes) -> float:
     return len(data) / len(c.compress(data) + c.flush())
 
 
-def _compresses_like_a_loop(text: str) -> bool:
+def _compresses_like_a_loop(text: str, screen: bool = True) -> bool:
+    """Some ~30 s window of the text has a zlib compression ratio above 2.4."""
     data = text.encode("utf-8", "replace")
     if len(data) < COMPRESSION_MIN_BYTES:
         return False
@@ -101,49 +121,82 @@ def _compresses_like_a_loop(text: str) -> bool:
         window = data[start:start + COMPRESSION_WINDOW]
         if start and len(window) < COMPRESSION_WINDOW // 2:
             window = data[max(0, len(data) - COMPRESSION_WINDOW):]  # a short tail joins the one before
-        if len(window) >= COMPRESSION_MIN_BYTES and _window_ratio(window) > COMPRESSION_RATIO_THRESHOLD:
+        if len(window) < COMPRESSION_MIN_BYTES:
+            continue
+        if screen and window.isascii():
+            words = window.split()
+            if len(words) >= 4 and len(set(words)) > COMPRESSION_SCREEN * len(words):
+                continue  # too few repeated words to compress that well
+        if _window_ratio(window) > COMPRESSION_RATIO_THRESHOLD:
             return True
     return False
 
 
 def _units(text: str) -> list[str]:
-    return _UNIT.findall(unicodedata.normalize("NFKC", text).casefold(), 0, MAX_TEXT)[:MAX_UNITS]
+    """Units for loop search: words, and each character of scripts written without spaces."""
+    words, ascii_only = _words(text[:MAX_TEXT])
+    if ascii_only or not _CJK_CHAR.search(text, 0, MAX_TEXT):
+        return words[:MAX_UNITS]
+    return _UNIT.findall(" ".join(words))[:MAX_UNITS]
 
 
 def repeated_run(units: Sequence[str]) -> bool:
-    """True when one n-gram (n <= MAX_NGRAM) repeats back to back often enough to be a loop."""
-    count = len(units)
-    if count - len(set(units)) < 3:  # 4 occurrences of anything need 3 repeated units
+    """True when one n-gram (n <= MAX_NGRAM) repeats back to back often enough to be a loop.
+
+    5 times for one word, 8 for one CJK character ("哈哈哈哈" is laughter), 4 for longer n-grams.
+    """
+    if len(units) < 5:
         return False
-    for n in range(1, MAX_NGRAM + 1):
-        needed = 4 if n == 1 else 3 * n  # units equal to the one n before: 5 words, or 4 n-grams
-        if count < needed + n:
-            break
-        streak = 0
-        for i in range(count - n):
-            if units[i] == units[i + n]:
-                streak += 1
-                if streak >= needed and (n > 1 or streak >= 7 or not _CJK_CHAR.match(units[i])):
-                    return True  # one CJK character needs 8 in a row: "哈哈哈哈" is laughter
-            else:
-                streak = 0
+    # Every unit of a looping n-gram occurs at least 4 times, and one of its occurrences is
+    # followed by more at n, 2n and 3n units: only those few starts are verified.
+    frequent = {u for u, c in Counter(units).items() if c >= 4}
+    if not frequent:
+        return False
+    where: dict[str, list[int]] = {u: [] for u in frequent}
+    for i, u in enumerate(units):
+        if u in frequent:
+            where[u].append(i)
+    for u, positions in where.items():
+        at = set(positions)
+        for p in positions:
+            for n in range(1, MAX_NGRAM + 1):
+                if p + n in at and p + 2 * n in at and p + 3 * n in at and _loops(units, p, n):
+                    return True
     return False
+
+
+def _loops(units: Sequence[str], p: int, n: int) -> bool:
+    gram = units[p:p + n]
+    reps = 4 if n > 1 else 8 if _CJK_CHAR.match(gram[0]) else 5
+    return all(units[p + k * n:p + (k + 1) * n] == gram for k in range(1, reps))
+
+
+@functools.lru_cache(maxsize=256)
+def chars_per_second(language: Optional[str]) -> float:
+    """The bound for a language code or locale ("zh", "zh-TW", "ja_JP"); the default for others."""
+    base = (language or "").strip().lower().replace("_", "-").split("-", 1)[0]
+    return CHARS_PER_SECOND.get(base, DEFAULT_CHARS_PER_SECOND)
 
 
 def too_much_text(text: str, language: Optional[str], audio_seconds: Optional[float]) -> bool:
     """More characters than `audio_seconds` of speech can hold in this language."""
-    if audio_seconds is None or not isinstance(audio_seconds, (int, float)) or isinstance(audio_seconds, bool):
-        return False
-    if not math.isfinite(audio_seconds) or audio_seconds < 0:
-        return False
-    base = (language or "").strip().lower().replace("_", "-").split("-", 1)[0]
-    bound = CHARS_PER_SECOND.get(base, DEFAULT_CHARS_PER_SECOND)
+    if not isinstance(audio_seconds, (float, int)) or isinstance(audio_seconds, bool) \
+            or not 0 <= audio_seconds < math.inf:
+        return False  # unknown, NaN, negative, infinite, or a bool: no judgement
     chars = len(text) - text.count(" ") - text.count("\n")
+    if chars <= CHARS_SLACK:
+        return False
+    bound = chars_per_second(language if isinstance(language, str) else None)
     return chars > bound * audio_seconds + CHARS_SLACK
 
 
 # ---------------------------------------------------------------------------
 # The phrase bag
+
+# Words Whisper strings its sign-offs together with ("Thank you for watching and I'll see
+# you in the next video"): allowed between bag phrases, never a phrase on their own.
+CONNECTORS = ("and", "so", "but", "then", "also", "again", "oh", "okay", "ok", "guys", "everyone",
+              "und", "et", "y", "e", "и")
 
 
 @dataclass(frozen=True)
@@ -169,6 +222,9 @@ class PhraseBag:
                 keys[key] = keys.get(key, False) or phrase.anywhere
         for key, anywhere in keys.items():
             self._automaton.add_word(key, (len(key), anywhere, key))
+        for word in CONNECTORS:
+            if word not in keys:
+                self._automaton.add_word(word, (len(word), False, ""))  # no phrase key: a connector
         self._empty = not keys
         if keys:
             self._automaton.make_automaton()
@@ -221,16 +277,18 @@ class PhraseBag:
             best, best_key = reach, last
             while i < len(spans) and spans[i][0] <= reach:
                 if spans[i][1] > best:
-                    best, best_key = spans[i][1], spans[i][2]
+                    best, best_key = spans[i][1], spans[i][2] or last
                 i += 1
             if best == reach:
                 break
             reach, last = best, best_key
+        if not last:
+            return False  # connectors alone ("and so") are no phrase
         if reach >= len(key):
             return True
         # A loop cut off mid-phrase by the token limit: the rest starts the last phrase again.
         rest = key[reach:]
-        return bool(last) and any(s[2].startswith(rest) for s in spans)
+        return any(s[2].startswith(rest) for s in spans if s[2])
 
 
 @functools.lru_cache(maxsize=1)
@@ -253,20 +311,27 @@ def suspect(text: str, language: Optional[str], audio_seconds: Optional[float],
     if not stripped:
         return ()
     clipped = stripped[:MAX_TEXT]
-    key = normalize(clipped)
-    seg_list = [s for s in list(segments)[:MAX_SEGMENTS] if isinstance(s, Segment)] if segments else []
+    words, ascii_only = _words(clipped)
+    key = "".join(words) if ascii_only else "".join(words).translate(_ARABIC_FOLD)
+    try:
+        seg_list = [s for s in itertools.islice(segments, MAX_SEGMENTS) if isinstance(s, Segment)]
+    except TypeError:  # not iterable
+        seg_list = []
     found = set()
 
-    units = _units(clipped) if key else []
-    if repeated_run(units) or _compresses_like_a_loop(clipped) or any(
-            s.compression_ratio is not None and _finite(s.compression_ratio)
-            and s.compression_ratio > COMPRESSION_RATIO_THRESHOLD
-            and isinstance(s.text, str) and s.text.strip() for s in seg_list):
+    if key:
+        if ascii_only or not _CJK_CHAR.search(clipped):
+            units = words[:MAX_UNITS]
+        else:
+            units = _UNIT.findall(" ".join(words))[:MAX_UNITS]
+        if repeated_run(units) or _compresses_like_a_loop(clipped):
+            found.add("repetition")
+    if any(_finite(s.compression_ratio) and s.compression_ratio > COMPRESSION_RATIO_THRESHOLD
+           and isinstance(s.text, str) and s.text.strip() for s in seg_list):
         found.add("repetition")
     if key and (bag or default_bag()).matches(key):
         found.add("known_phrase")
-    if not key or any(s.no_speech_prob is not None and _finite(s.no_speech_prob)
-                      and s.no_speech_prob > NO_SPEECH_THRESHOLD
+    if not key or any(_finite(s.no_speech_prob) and s.no_speech_prob > NO_SPEECH_THRESHOLD
                       and isinstance(s.text, str) and s.text.strip() for s in seg_list):
         found.add("no_speech")
     if too_much_text(stripped, language, audio_seconds):
@@ -312,33 +377,37 @@ def segments_from_answer(answer: Any) -> list[Segment]:
 
 
 class CpuBudget:
-    """Lets a hot path run the detector while its CPU stays under `share` of one core.
+    """Lets a hot path run the detector within a CPU budget, and skips it beyond.
 
-    At real request rates every transcript is checked (a check is tens of
-    microseconds; a Whisper server answers tens of requests a second). Replaying
-    a backlog (a log read from the beginning) checks as many as fit; callers count
+    The detector may use `share` of the CPU the process itself uses, plus `floor` of
+    one core: a few hundred checks a second whatever the rest of the process does.
+    At real request rates (a Whisper server answers tens of requests a second, a
+    check takes tens of microseconds) every transcript is checked; replaying a
+    backlog (a log read from the beginning) checks as many as fit. Callers count
     what was checked, so a ratio over checked transcripts stays exact.
     """
 
-    SKIP = 64  # lines let through unchecked, without reading the clock, once over budget
+    SKIP = 64  # calls skipped without reading a clock, once over budget
 
-    def __init__(self, share: float = 0.02, clock=time.perf_counter):
-        self.share = share
-        self._clock = clock
-        self._start = clock()
+    def __init__(self, share: float = 0.02, floor: float = 0.005,
+                 cpu=time.process_time, wall=time.monotonic):
+        self.share, self.floor = share, floor
+        self._cpu, self._wall = cpu, wall
+        self._cpu0, self._wall0 = cpu(), wall()
         self._spent = 0.0
         self._skip = 0
 
-    def run(self, check, *args, **kwargs):
-        """check(*args, **kwargs) when within budget, else None."""
+    def run(self, check, *args):
+        """check(*args) when within budget, else None."""
         if self._skip:
             self._skip -= 1
             return None
-        begin = self._clock()
-        if self._spent > (begin - self._start) * self.share + 0.001:
+        begin = self._cpu()
+        allowed = (begin - self._cpu0) * self.share + (self._wall() - self._wall0) * self.floor + 0.001
+        if self._spent > allowed:
             self._skip = self.SKIP
             return None
         try:
-            return check(*args, **kwargs)
+            return check(*args)
         finally:
-            self._spent += self._clock() - begin
+            self._spent += self._cpu() - begin
