@@ -34,7 +34,7 @@ except ModuleNotFoundError as err:  # collectors/__init__ also imports gpu.py
 from whisper_exporter.config import Config  # noqa: E402
 from whisper_exporter.collectors.process import ProcessConfig  # noqa: E402
 
-ROUNDS = 300
+ROUNDS = int(__import__("os").environ.get("ROUNDS", "300"))
 FAMILY_ROUNDS = 20000
 
 # A stand-in server the default pattern matches: "faster-whisper" in its command
