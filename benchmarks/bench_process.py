@@ -2,11 +2,15 @@
 
 Baseline, measured in the same run and interleaved with the collector: one bare
 psutil.process_iter(['name', 'cmdline']) walk of the process table, the least any
-pattern search has to do. Run: .venv/bin/python benchmarks/bench_process.py
+pattern search has to do. Three ways of finding the server: the fallback pattern,
+the listener on the server's port (the default; its pid is asked first, so the
+whole socket table is walked only when it stops listening), and that cold walk
+alone. Run: .venv/bin/python benchmarks/bench_process.py
 """
 from __future__ import annotations
 
 import importlib
+import socket
 import statistics
 import subprocess
 import sys
@@ -30,12 +34,13 @@ except ModuleNotFoundError as err:  # collectors/__init__ also imports gpu.py
 from whisper_exporter.config import Config  # noqa: E402
 from whisper_exporter.collectors.process import ProcessConfig  # noqa: E402
 
-ROUNDS = 300
+ROUNDS = int(__import__("os").environ.get("ROUNDS", "300"))
 FAMILY_ROUNDS = 20000
 
 # A stand-in server the default pattern matches: "faster-whisper" in its command
 # line, three sleeping children. Started detached, so it is not the exporter's kin.
-FAKE = ("import subprocess, sys, time; kids = [subprocess.Popen([sys.executable, '-c', "
+FAKE = ("import socket, subprocess, sys, time; s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[2]))); "
+        "s.listen(); kids = [subprocess.Popen([sys.executable, '-c', "
         "'import time; time.sleep(120)']) for _ in range(3)]; time.sleep(120)")
 LAUNCH = ("import subprocess, sys; D = subprocess.DEVNULL; print(subprocess.Popen(sys.argv[1:], "
           "start_new_session=True, stdin=D, stdout=D, stderr=D).pid)")
@@ -57,13 +62,14 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def measure(label: str, collector) -> None:
+def measure(label: str, collector, update=None) -> None:
+    update = update or collector.update
     base, upd = [], []
     for _ in range(10):  # warm psutil's Process cache and the page cache
-        baseline(), collector.update()
+        baseline(), update()
     for _ in range(ROUNDS):
         base.append(timed(baseline))
-        upd.append(timed(collector.update))
+        upd.append(timed(update))
     fam = []
     for _ in range(FAMILY_ROUNDS):
         t = time.perf_counter()
@@ -80,10 +86,14 @@ def measure(label: str, collector) -> None:
 def main() -> None:
     print(f"{len(psutil.pids())} processes on this machine, {psutil.cpu_count()} CPUs, "
           f"psutil {psutil.__version__}, Python {sys.version.split()[0]}; {ROUNDS} rounds each")
-    collector = process.ProcessCollector(ProcessConfig())
-    measure("default pattern, this machine as it is", collector)
+    pattern = ProcessConfig(match=process.FALLBACK_PATTERN)
+    collector = process.ProcessCollector(pattern)
+    measure("fallback pattern, this machine as it is", collector)
 
-    out = subprocess.run([sys.executable, "-c", LAUNCH, sys.executable, "-c", FAKE, "faster-whisper"],
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run([sys.executable, "-c", LAUNCH, sys.executable, "-c", FAKE, "faster-whisper", str(port)],
                          capture_output=True, text=True, check=True)
     fake = psutil.Process(int(out.stdout))
     try:
@@ -91,7 +101,11 @@ def main() -> None:
         while len(fake.children()) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)  # let the children finish starting Python
-        measure("default pattern, plus a 4-process fake server", process.ProcessCollector(ProcessConfig()))
+        measure("fallback pattern, plus a 4-process fake server", process.ProcessCollector(pattern))
+        by_port = process.ProcessCollector(ProcessConfig(), port=port)
+        measure(f"by port {port} (the default), the same server", by_port)
+        measure("  cold: the whole socket table walked (first update, or after a restart)", by_port,
+                update=lambda: process._listeners(port, frozenset()))
     finally:
         procs = [fake, *fake.children(recursive=True)]
         for p in procs:

@@ -280,3 +280,17 @@ def test_every_flag_from_the_environment_and_json_logs(tmp_path):
     for name in ("WHISPER_EXPORTER_WEB_LISTEN_ADDRESS", "WHISPER_EXPORTER_LOG_LEVEL", "WHISPER_EXPORTER_LOG_FORMAT",
                  "WHISPER_EXPORTER_COLLECTOR_GPU", "WHISPER_EXPORTER_WEB_CONFIG_FILE"):
         assert name in help_text
+
+
+def test_run_logs_the_check_config_warnings_at_start(tmp_path):
+    config = tmp_path / "c.yml"
+    port = free_port()
+    config.write_text(f"listen: 127.0.0.1:{port}\ncollectors:\n  logs: {{enabled: true}}\n  probe: {{enabled: false}}\n")
+    proc = start("run", "--config", str(config))
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+    finally:
+        assert stop(proc) == 0
+    stderr = proc.stderr.read()
+    assert re.search(r'^ts=\S+ level=warning logger=whisper_exporter msg=".*collectors\.logs\.files: the logs '
+                     r'collector is enabled with no files: it does nothing', stderr, re.M), stderr

@@ -37,9 +37,9 @@ def labeled_set(tmp_path_factory):
 def full_report(whisper_server, labeled_set):
     """One `evaluate --json` pass over the whole set (16 clips)."""
     result = CliRunner().invoke(main, ["evaluate", "--manifest", str(labeled_set), "--target", whisper_server.url,
-                                       "--model", whisper_server.model, "--json"])
+                                       "--model", whisper_server.model, "--json", "--allow-unthresholded"])
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    return json.loads(result.stdout)
 
 
 def normalise(text, language):
@@ -113,15 +113,18 @@ def test_broken_lines_are_named_and_the_gate_exits_1_above_and_0_at_the_threshol
     rate = sum(i["errors"] for i in items) / sum(i["reference_units"] for i in items)
     assert rate > 0
     args = ["evaluate", "--manifest", str(manifest), "--target", whisper_server.url, "--model", whisper_server.model]
-    above = CliRunner().invoke(main, args + ["--max-error-rate", f"en={rate * 0.99}"])
+    above = CliRunner().invoke(main, args + ["--max-error-rate", f"en={rate * 0.99}", "--max-skipped", "4"])
     assert above.exit_code == 1, above.output
     assert "Evaluated 2 utterance(s)" in above.output and "Result: FAIL: en: word error rate" in above.output
     for line, text in ((2, "nope.wav: no such file"), (3, "not valid JSON"), (5, "empty reference"),
                        (6, "unknown column 'speaker'")):
         assert f"line {line}: " in above.output and text in above.output, (line, above.output)
     at = CliRunner().invoke(main, args + ["--max-error-rate", f"en={rate!r}", "--json"])
+    assert at.exit_code == 1 and json.loads(at.stdout)["breaches"] == [
+        "4 of 6 manifest line(s) skipped, more than --max-skipped 0"], at.output  # skipped lines fail the gate
+    at = CliRunner().invoke(main, args + ["--max-error-rate", f"en={rate!r}", "--json", "--max-skipped", "4"])
     assert at.exit_code == 0, at.output
-    report = json.loads(at.output)
+    report = json.loads(at.stdout)
     assert [p["line"] for p in report["manifest_problems"]] == [2, 3, 5, 6]
     assert report["languages"]["en"]["error_rate"] == rate  # the same transcripts at temperature 0
 
