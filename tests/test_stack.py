@@ -243,8 +243,12 @@ def test_the_stack(stack):
         # a loaded machine transcribes the canary slower than 0.8 times real time: true, then
         "WhisperProbeRealtimeFactorHigh",
     }
-    healthy = alerts_by_name()
-    assert set(healthy) <= allowed, {k: [a["labels"] for a in v] for k, v in healthy.items() if k not in allowed}
+    # A scrape that missed its 1 s timeout on a loaded machine makes WhisperExporterDown pending
+    # until the next one: wait for the alerts to settle, and fail on any that stays.
+    (healthy,) = wait_until(lambda: (lambda f: (f,) if set(f) <= allowed else None)(alerts_by_name()), 60,
+                            "only the alerts this setup calls for",
+                            lambda: str({k: [a["labels"] for a in v] for k, v in alerts_by_name().items()
+                                         if k not in allowed}))
     for alert in healthy.get("WhisperExporterCollectorDown", []):
         assert alert["labels"]["collector"] == "gpu" and not gpu_here
     for alert in healthy.get("WhisperProbeRealtimeFactorHigh", []):
