@@ -4,11 +4,11 @@ WAV, FLAC and Ogg Vorbis come from sox; sox here has no MP3 writer, so MP3 and
 Ogg Opus are encoded with PyAV (libmp3lame, libopus), which faster-whisper
 brings in with the test extras.
 """
-import shutil
 import subprocess
 
 import pytest
 
+from helpers import require_tool
 from whisper_exporter.whisper import audio
 from whisper_exporter.whisper.audio import AudioError, duration_seconds
 
@@ -17,8 +17,7 @@ SECONDS = 2.5
 
 @pytest.fixture(scope="module")
 def tone(tmp_path_factory):
-    if shutil.which("sox") is None:
-        pytest.fail("`sox` is not installed (Debian package sox; .ci/run installs it)")
+    require_tool("sox")
     folder = tmp_path_factory.mktemp("audio")
     wav = folder / "tone.wav"
     subprocess.run(["sox", "-n", "-r", "16000", "-c", "1", "-b", "16", str(wav), "synth", str(SECONDS), "sine", "440"],
@@ -32,7 +31,7 @@ def _sox(src, dst):
 
 
 def _pyav(src, dst, codec, container, rate):
-    av = pytest.importorskip("av")
+    import av  # PyAV, installed with faster-whisper (pip install -e '.[test]'): missing, the test fails
     inp, out = av.open(str(src)), av.open(str(dst), "w", format=container)
     stream = out.add_stream(codec, rate=rate, layout="mono")
     resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=rate)

@@ -236,10 +236,10 @@ def test_connection_refused_by_responses():
 
 def test_connection_refused_for_real():
     port = free_port()  # closed again: nothing listens there
-    result = OpenAIClient(f"http://127.0.0.1:{port}", timeout=5).transcribe(AUDIO)
+    result = OpenAIClient(f"http://127.0.0.1:{port}", timeout=30).transcribe(AUDIO)
     assert result.outcome == "connection_error"
     assert "refused" in result.reason
-    assert result.elapsed < 1.0
+    assert result.elapsed < 10  # at once, not after the timeout (a wide margin for a loaded machine)
 
 
 # -- secrets --------------------------------------------------------------------------

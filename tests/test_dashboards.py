@@ -21,6 +21,8 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from helpers import require_tool, samples
+
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_DIR = ROOT / "dashboards"
 RULES = ROOT / "rules"
@@ -345,9 +347,7 @@ def test_grid_has_no_overlaps():
 
 def test_every_query_parses(tmp_path):
     """promtool parses each query (Grafana variables substituted) as a recording rule."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.fail("`promtool` is not installed (Debian package `prometheus`; .ci/run installs it)")
+    promtool = require_tool("promtool")
     rules = [{"record": f"dashboard:query_{i}:check", "expr": substitute(expr)}
              for i, (_, expr) in enumerate(all_dashboard_queries())]
     path = tmp_path / "dashboards.yml"
@@ -447,7 +447,7 @@ def exposition(whisper_server, tmp_path_factory) -> set[str]:
         deadline = time.monotonic() + 60
         while True:
             text = requests.get(running.url + "/metrics", timeout=10).text
-            names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+            names = {name for name, _ in samples(text)}
             if wanted <= names or time.monotonic() > deadline:
                 break
             time.sleep(0.3)

@@ -8,7 +8,6 @@ must report a failure for every alert."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import require_tool
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "rules"
 RULE_FILES = sorted(RULES.glob("*.yml"))
@@ -29,10 +29,7 @@ COLON_NAME = re.compile(r"\b[a-z][a-z0-9_]*:[a-z][a-z0-9_]*:[a-z0-9_]+\b")
 
 
 def promtool() -> str:
-    binary = shutil.which("promtool")
-    if binary is None:
-        pytest.fail("`promtool` is not installed (Debian package `prometheus`; .ci/run installs it)")
-    return binary
+    return require_tool("promtool")
 
 
 def load(path: Path) -> dict:

@@ -133,7 +133,8 @@ def stack(prometheus, tmp_path):
             "gpu": {"interval": "1s"},  # no GPU in CI: down, and nothing else breaks
             # the server's own config file path is unique to this test run
             "process": {"interval": "1s", "match": re.escape(str(server.workdir))},
-            "probe": {"interval": "2s", "timeout": "20s", "canaries": [
+            # a generous timeout: on a loaded machine tiny.en may take many seconds per canary
+            "probe": {"interval": "2s", "timeout": "60s", "canaries": [
                 {"name": "en-short", "audio": str(CANARY_WAV), "reference": CANARY_TEXT, "language": "en"},
                 {"name": "wrong-reference", "audio": str(CANARY_WAV), "language": "en",
                  "reference": "The quick brown fox jumps over the lazy dog near the river bank."},
@@ -159,7 +160,7 @@ def stack(prometheus, tmp_path):
             except requests.ConnectionError:
                 return False
 
-        wait_until(probed, 90, "the exporter's first probe", lambda: (tmp_path / "exporter.log").read_text())
+        wait_until(probed, 180, "the exporter's first probe", lambda: (tmp_path / "exporter.log").read_text())
         prom = prometheus([f"127.0.0.1:{port}"], rule_files=[str(p) for p in RULE_FILES])
         yield {"prom": prom, "server": server, "traffic": traffic, "exporter_url": url,
                "exporter_log": tmp_path / "exporter.log"}
@@ -178,11 +179,17 @@ def test_the_stack(stack):
     prom, server, traffic = stack["prom"], stack["server"], stack["traffic"]
 
     # -- data flows: raw series, recording rules, both canaries probed -------------------------
-    wait_until(lambda: len(prom.query("whisper_probe_word_error_rate")) == 2, 60, "both canaries scored")
+    def probe_runs():
+        return "; ".join(f"{r['metric']['probe']} {r['metric']['result']}: {r['value'][1]}"
+                         for r in prom.query("whisper_probe_runs_total > 0"))
+
+    # Limits for a loaded machine; each wait ends as soon as its event happens.
+    wait_until(lambda: len(prom.query("whisper_probe_word_error_rate")) == 2, 180, "both canaries scored",
+               lambda: f"probe runs: {probe_runs()}")
     wait_until(lambda: prom.query("job_instance:whisper_request_duration_seconds:p95_5m")
                and prom.query("language:whisper_quality_error_rate:ratio_rate1h")
                and prom.query("job_instance_probe:whisper_probe_runs_success:ratio_rate1h"),
-               60, "recording rules evaluated")
+               120, "recording rules evaluated")
 
     # -- every dashboard query parses, and has data wherever its metrics exist ------------------
     def dashboard_gaps() -> list[str]:
@@ -246,11 +253,19 @@ def test_the_stack(stack):
         "WhisperQualityErrorRateHigh",
         # no GPU on this machine
         "WhisperExporterCollectorDown",
+        # a loaded machine transcribes the canary slower than 0.8 times real time: true, then
+        "WhisperProbeRealtimeFactorHigh",
     }
-    healthy = alerts_by_name()
-    assert set(healthy) <= allowed, {k: [a["labels"] for a in v] for k, v in healthy.items() if k not in allowed}
+    # A scrape that missed its 1 s timeout on a loaded machine makes WhisperExporterDown pending
+    # until the next one: wait for the alerts to settle, and fail on any that stays.
+    (healthy,) = wait_until(lambda: (lambda f: (f,) if set(f) <= allowed else None)(alerts_by_name()), 60,
+                            "only the alerts this setup calls for",
+                            lambda: str({k: [a["labels"] for a in v] for k, v in alerts_by_name().items()
+                                         if k not in allowed}))
     for alert in healthy.get("WhisperExporterCollectorDown", []):
         assert alert["labels"]["collector"] == "gpu" and not gpu_here
+    for alert in healthy.get("WhisperProbeRealtimeFactorHigh", []):
+        assert float(alert["value"]) > 0.8  # only when the probe was that slow
     for alert in healthy.get("WhisperQualityErrorRateHigh", []):
         assert alert["labels"]["set"] == "canary"
     assert float(prom.query("whisper_process_up")[0]["value"][1]) == 1

@@ -1,11 +1,11 @@
 """The status page in a real headless Chromium (Debian `chromium` + `chromium-driver`, driven by Selenium):
 it loads, shows a failing probe's reason, and never shows the API key."""
-import shutil
 import time
 
 import pytest
 import requests
 
+from helpers import require_tool
 from whisper_exporter.runtime import wiring as daemon
 from whisper_exporter.config import from_dict
 
@@ -18,9 +18,7 @@ def browser():
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.fail("Debian packages chromium and chromium-driver are needed (.ci/run installs them)")
+    chromium, driver = require_tool("chromium"), require_tool("chromedriver")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",

