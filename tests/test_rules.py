@@ -1,6 +1,8 @@
 """The shipped Prometheus rules: promtool accepts them and their unit tests pass, every alert
 follows the conventions (severity, summary, description with the value, a runbook section that
-exists), and the unit tests make every alert fire and not fire.
+exists), and the unit tests make every alert fire and not fire. Also (issue 15): the SLO objectives
+live in one place, slower groups' records are read through a window, and the shipped
+Alertmanager configuration inhibits as documented, asked of a real Alertmanager.
 
 The unit tests themselves are rules/tests/*.yml (`promtool test rules`). Here they are also
 checked to be able to fail: with every alert made impossible, or made to always fire, promtool
@@ -9,13 +11,16 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
-from helpers import require_tool
+from helpers import free_port, require_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "rules"
 RULE_FILES = sorted(RULES.glob("*.yml"))
@@ -373,9 +378,6 @@ def test_records_of_slower_groups_are_read_through_a_window():
 @pytest.fixture
 def alertmanager(tmp_path):
     """The shipped deploy/alertmanager.yml in a real Alertmanager on loopback."""
-    import requests  # noqa: PLC0415  (only this test needs it)
-    from conftest import free_port  # noqa: PLC0415
-
     binary = shutil.which("alertmanager") or shutil.which("prometheus-alertmanager")
     if binary is None:
         pytest.fail("Alertmanager is not installed (Debian package `prometheus-alertmanager`)")
@@ -385,7 +387,6 @@ def alertmanager(tmp_path):
                              f"--storage.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
                              "--cluster.listen-address="], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    import time  # noqa: PLC0415
     try:
         for _ in range(100):
             assert proc.poll() is None, (tmp_path / "alertmanager.log").read_text()
