@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 # Debian packages that provide the external programs the tests use (.ci/run installs them).
 PACKAGES = {
-    "prometheus": "prometheus", "promtool": "prometheus", "amtool": "prometheus-alertmanager",
+    "prometheus": "prometheus", "promtool": "prometheus", "amtool": "prometheus-alertmanager", "prometheus-alertmanager": "prometheus-alertmanager",
     "espeak-ng": "espeak-ng", "sox": "sox", "chromium": "chromium", "chromedriver": "chromium-driver",
     "nginx": "nginx", "curl": "curl", "stress-ng": "stress-ng", "systemd-analyze": "systemd",
 }

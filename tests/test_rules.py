@@ -378,9 +378,7 @@ def test_records_of_slower_groups_are_read_through_a_window():
 @pytest.fixture
 def alertmanager(tmp_path):
     """The shipped deploy/alertmanager.yml in a real Alertmanager on loopback."""
-    binary = shutil.which("alertmanager") or shutil.which("prometheus-alertmanager")
-    if binary is None:
-        pytest.fail("Alertmanager is not installed (Debian package `prometheus-alertmanager`)")
+    binary = require_tool("prometheus-alertmanager")
     port = free_port()
     log = open(tmp_path / "alertmanager.log", "w")
     proc = subprocess.Popen([binary, f"--config.file={ROOT / 'deploy' / 'alertmanager.yml'}",
