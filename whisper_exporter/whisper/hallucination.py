@@ -35,7 +35,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence, TypeGuard
 
 REASONS = ("repetition", "known_phrase", "no_speech", "too_much_text")
 
@@ -339,7 +339,7 @@ def suspect(text: str, language: Optional[str], audio_seconds: Optional[float],
     return tuple(r for r in REASONS if r in found)
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
