@@ -46,7 +46,7 @@ def segments(record: TapRecord) -> list[hallucination.Segment]:
     for s in (record.segments or [])[: hallucination.MAX_SEGMENTS]:
         if isinstance(s, dict):
             out.append(hallucination.Segment(
-                text=s.get("text") if isinstance(s.get("text"), str) else "",
+                text=str(s["text"]) if isinstance(s.get("text"), str) else "",
                 no_speech_prob=_float(s.get("no_speech_prob")), avg_logprob=_float(s.get("avg_logprob")),
                 compression_ratio=_float(s.get("compression_ratio")), temperature=_float(s.get("temperature"))))
     return out

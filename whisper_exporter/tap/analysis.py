@@ -52,6 +52,8 @@ class Spool:
         if self.file is not None:
             self.file.write(data)
             return
+        if self.chunks is None:  # discarded
+            return
         self.chunks.append(data)
         if self.size > self.max_in_memory:
             # NamedTemporaryFile creates the file 0600: only the exporter's user reads uploads.
@@ -186,7 +188,7 @@ class UploadAnalyzer:
             self._field = bytearray()
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._target == "file":
+        if self._target == "file" and self.spool is not None:
             self.spool.write(data[start:end])
             if self.spool.too_large:
                 self.error = "too_large"

@@ -52,7 +52,7 @@ UPGRADE_MAX = 64 << 20  # bytes of a verbose_json answer the upgrade reads to re
 
 def _forward_headers(headers: Any) -> CIMultiDict:
     """Headers minus hop-by-hop ones and those the Connection header names; order and repeats kept."""
-    named = set()
+    named: set[str] = set()
     for value in headers.getall("Connection", ()):
         named.update(v.strip().lower() for v in value.split(","))
     out: CIMultiDict = CIMultiDict()
@@ -208,6 +208,7 @@ class Tap:
             if flight.upgrade is not None:
                 headers = flight.upgrade.headers(headers)
             body = self._upload(request, flight)
+        assert self._session is not None  # made in start(), before the first request
         try:
             upstream = await self._session.request(
                 request.method, self.upstream + request.raw_path, headers=headers, data=body,
@@ -249,8 +250,8 @@ class Tap:
         timeout = self.config.client_timeout
         while True:
             try:
-                async with asyncio.timeout(timeout):
-                    chunk = await content.readany()
+                # wait_for, not asyncio.timeout(): Python 3.10 is supported (pyproject)
+                chunk = await asyncio.wait_for(content.readany(), timeout)
             except asyncio.TimeoutError:
                 record.error = "client_timeout"
                 raise _ClientGone() from None
@@ -394,8 +395,10 @@ class Tap:
                     record.analysis_error = analyzer.error
                 elif spool is not None and analyzer.complete:
                     try:
-                        record.audio_duration = duration_seconds(
-                            spool.path if spool.path is not None else spool.bytes(), name="upload")
+                        source = spool.path if spool.path is not None else spool.bytes()
+                        if source is None:
+                            raise AudioError("nothing spooled")
+                        record.audio_duration = duration_seconds(source, name="upload")
                     except AudioError:
                         record.analysis_error = "audio"
             if flight.capture is not None and record.status is not None and 200 <= record.status < 300 \
