@@ -127,10 +127,14 @@ class LogsCollector:
     name = "logs"
 
     def __init__(self, section: LogsConfig, requests: Optional[RequestMetrics] = None, sampler: Any = None,
-                 hallucinations: Optional[HallucinationCounters] = None):
+                 hallucinations: Optional[HallucinationCounters] = None,
+                 budget: Optional[hallucination.CpuBudget] = None):
         self.section = section
         self.sampler = sampler  # production sampling into the review queue (sampling.ProductionSampler)
         self.hallucinations = hallucinations  # transcripts in the log are checked for text nobody said
+        self.budget = budget or hallucination.CpuBudget()
+        if hallucinations is not None:
+            hallucination.default_bag()  # built now, not charged to the first line's budget
         # The request metrics this collector feeds (shared with the tap); its lock guards them.
         self.requests = requests or RequestMetrics(
             Labels(section.endpoints, section.status_codes, section.languages), section.max_series)
@@ -194,8 +198,10 @@ class LogsCollector:
         if lang is None:  # the exporter's own probe or quality request: not user traffic
             return
         if record.transcript is not None and self.hallucinations is not None and not record.error:
-            reasons = hallucination.suspect(record.transcript, lang, record.audio_duration)
-            self.hallucinations.count(lang, "traffic", reasons, record.transcript)
+            # Within a CPU budget: a replayed backlog must not cost the log path 5x (docs/hallucination.md).
+            reasons = self.budget.run(hallucination.suspect, record.transcript, lang, record.audio_duration)
+            if reasons is not None:  # None: skipped over budget, and not counted as checked
+                self.hallucinations.count(lang, "traffic", reasons, record.transcript)
         if record.transcript is not None and record.audio_path and self.sampler is not None and not record.error and (
                 record.status_code is None or str(record.status_code).lstrip().startswith("2")):
             self.sampler.offer(record.audio_path, record.transcript, lang, record.audio_duration)

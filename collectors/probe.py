@@ -32,6 +32,7 @@ import dataclasses
 import logging
 import re
 import threading
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from dataclasses import field as dataclass_field

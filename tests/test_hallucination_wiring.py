@@ -18,6 +18,7 @@ from whisper_exporter.runtime import wiring
 from whisper_exporter.runtime.exporter import make_registry
 from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
 from whisper_exporter.web import status
+from whisper_exporter.whisper import hallucination
 
 
 @pytest.fixture
@@ -108,7 +109,9 @@ def test_log_transcripts_are_checked_as_traffic(tmp_path):
             "endpoint": "path", "status_code": "status", "language": "language",
             "audio_duration": "audio_s", "transcript": "text"}}]}}})
     counters = HallucinationCounters()
-    collector = LogsCollector(config.collectors.logs, hallucinations=counters)
+    # an unbounded budget: every transcript checked (the default skips a replayed backlog beyond 2% CPU)
+    collector = LogsCollector(config.collectors.logs, hallucinations=counters,
+                              budget=hallucination.CpuBudget(share=1.0, floor=1.0))
     collector.update()
     values = exposition(counters)
     assert values[("whisper_hallucination_checked_total", (("language", "en"), ("source", "traffic")))] == 2
