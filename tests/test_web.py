@@ -180,3 +180,104 @@ def test_concurrent_authenticated_scrapes(tmp_path, serve):
     for t in threads:
         t.join()
     assert failures == []
+
+
+def plain(start):
+    return start(write_plain())
+
+
+def write_plain():
+    import tempfile
+
+    path = tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False)
+    path.write("{}\n")
+    path.close()
+    return path.name
+
+
+def raw(running, request: bytes) -> bytes:
+    """What the server sends back to one raw request (it closes the connection after HTTP/1.0)."""
+    import socket
+
+    host, port = running.server.server_address[:2]
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize("method", ["DELETE", "POST", "PUT", "PATCH"])
+def test_only_get_and_head_on_pages(serve, method):
+    running = plain(serve)
+    for path in ("/", "/metrics", "/-/healthy"):
+        response = requests.request(method, running.url + path, timeout=5)
+        assert response.status_code == 405, (method, path)
+        assert response.headers["Allow"] == "GET, HEAD"
+    assert requests.request(method, running.url + "/nope", timeout=5).status_code == 404
+
+
+def test_unknown_method_is_an_error(serve):
+    running = plain(serve)
+    answer = raw(running, b"FOO / HTTP/1.0\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400") or answer.startswith(b"HTTP/1.0 400"), answer[:80]
+
+
+@pytest.mark.parametrize("path", ["/", "/metrics", "/-/healthy"])
+def test_head_answers_like_get_without_a_body(serve, path):
+    running = plain(serve)
+    answer = raw(running, f"HEAD {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") or head.startswith(b"HTTP/1.0 200"), head
+    assert body == b""
+    length = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    assert length and int(length[0].split(b":")[1]) > 0  # the length a GET's body has
+
+
+def test_name_filter_never_gives_an_empty_scrape(serve):
+    running = plain(serve)
+    only = requests.get(running.url + "/metrics?name[]=whisper_exporter_build_info", timeout=5)
+    assert only.status_code == 200
+    assert "whisper_exporter_build_info{" in only.text and "process_cpu_seconds_total" not in only.text
+    nothing = requests.get(running.url + "/metrics?name[]=x", timeout=5)
+    assert nothing.status_code == 400 and "x" in nothing.text
+    gzipped = requests.get(running.url + "/metrics", headers={"Accept-Encoding": "gzip"}, timeout=5)
+    assert gzipped.headers["Content-Encoding"] == "gzip" and "whisper_exporter_build_info" in gzipped.text
+
+
+def test_password_longer_than_bcrypt_reads_is_refused_not_a_crash(tmp_path, serve):
+    long = "p" * 100
+    running = serve(write(tmp_path, f"basic_auth_users:\n  prom: '{HASH}'\n"))
+    for user in ("prom", "mallory"):
+        response = requests.get(running.url + "/metrics", auth=(user, long), timeout=10)
+        assert response.status_code == 401, (user, response.status_code)
+    # bcrypt reads 72 bytes: a password whose first 72 bytes are right is still wrong.
+    hashed = bcrypt.hashpw(b"q" * 72, bcrypt.gensalt(4)).decode()
+    running = serve(write(tmp_path, f"basic_auth_users:\n  prom: '{hashed}'\n"))
+    assert requests.get(running.url + "/metrics", auth=("prom", "q" * 72), timeout=10).status_code == 200
+    assert requests.get(running.url + "/metrics", auth=("prom", "q" * 80), timeout=10).status_code == 401
+
+
+def test_unknown_users_cost_what_configured_users_cost():
+    """No timing in a test: the bcrypt cost an unknown user's check pays is read off the hash it
+    is checked against, which must be one of the configured users' costs."""
+    from whisper_exporter.web.webconfig import BasicAuth
+
+    users = {"a": bcrypt.hashpw(b"x", bcrypt.gensalt(5)), "b": bcrypt.hashpw(b"y", bcrypt.gensalt(6))}
+    auth = BasicAuth(lambda e, s: [b""], users)
+    seen = []
+
+    class Spy:  # the real bcrypt, recording the hash each check runs against
+        def checkpw(self, password, hashed):
+            seen.append(hashed[:7])
+            return bcrypt.checkpw(password, hashed)
+
+    auth._bcrypt = Spy()
+    import base64
+
+    for name in ("mallory", "eve", "trudy", "oscar", "zed", "walter"):
+        header = "Basic " + base64.b64encode(f"{name}:pw".encode()).decode()
+        assert not auth._authorized(header)
+    assert {h[4:6] for h in seen} <= {b"05", b"06"}
+    assert {h[4:6] for h in seen} == {b"05", b"06"}  # both costs are used, as the users have both
