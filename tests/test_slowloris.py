@@ -1,0 +1,71 @@
+"""Issue 12, defect 1: slowloris must not take /metrics down.
+
+The exporter runs as a subprocess under `ulimit -n 1024`, as under systemd. 1,100 connections
+that never finish their request head, reopened as the server closes them, plus one that drips
+a byte a second: Prometheus-style scrapes (a new connection each, 10 s timeout) are all
+answered, and the exporter's threads and descriptors stay bounded. The figures (latency under
+attack against without, threads, RSS) are benchmarks/bench_slowloris.py's.
+"""
+import threading
+
+import pytest
+import requests
+
+from helpers import sample
+from slowloris import FD_LIMIT, Drip, Slowloris, exporter_under_fd_limit, raise_own_fd_limit, scrape_like_prometheus
+
+pytestmark = pytest.mark.integration
+
+ATTACK_SECONDS = 15
+
+
+def test_scrapes_answered_under_slowloris_at_a_1024_fd_limit(tmp_path):
+    raise_own_fd_limit(4096)
+    with exporter_under_fd_limit(tmp_path) as exporter:
+        attack = Slowloris(exporter.port, count=1100).start()
+        drip = Drip(exporter.port, every=1.0, nbytes=40).start()
+        peak = {"threads": 0, "fds": 0}
+        stop = threading.Event()
+
+        def watch():
+            while not stop.wait(0.5):
+                peak["threads"] = max(peak["threads"], exporter.ps.num_threads())
+                peak["fds"] = max(peak["fds"], exporter.ps.num_fds())
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            scrapes = scrape_like_prometheus(exporter.url, seconds=ATTACK_SECONDS)
+        finally:
+            stop.set()
+            watcher.join()
+            attack.stop()
+        drip.join(timeout=60)
+        print(f"\nunder attack: {len(scrapes.latencies)} scrapes answered, failures {scrapes.failures}; "
+              f"attacker opened {attack.opened}; peak threads {peak['threads']}, fds {peak['fds']}")
+        assert scrapes.failures == []
+        assert len(scrapes.latencies) >= ATTACK_SECONDS // 2
+        assert attack.opened >= 1100  # the attack did hold that many, and more as they were closed
+        # Bounded: no thread per connection, and descriptors under the limit with room to spare.
+        assert peak["threads"] < 40, peak
+        assert peak["fds"] < FD_LIMIT - 100, peak
+        # The slow drip was cut before it finished its head (it would take 40 s).
+        assert drip.closed_after is not None and drip.sent < 40, (drip.sent, drip.closed_after)
+        text = requests.get(exporter.url + "/metrics", timeout=10).text
+        # The collectors never ran out of descriptors.
+        assert sample(text, "whisper_exporter_collector_up", collector="process") == 1
+        assert sample(text, "whisper_exporter_collector_errors_total", collector="process") == 0
+        assert sample(text, "whisper_exporter_http_connections_limit") == FD_LIMIT // 2
+        assert sample(text, "whisper_exporter_http_connections_closed_total", reason="evicted") > 0
+
+
+def test_a_dripping_request_head_is_cut_at_its_deadline(tmp_path):
+    """The old server's 30 s timeout applied per recv(): a byte every 10 s lived for ever.
+    Here the head has 10 s in all, however it drips."""
+    with exporter_under_fd_limit(tmp_path) as exporter:
+        drip = Drip(exporter.port, every=1.0, nbytes=30).start()
+        drip.join(timeout=60)
+        assert drip.closed_after is not None, "the server never closed the dripping connection"
+        assert drip.sent < 30
+        text = requests.get(exporter.url + "/metrics", timeout=10).text
+        assert sample(text, "whisper_exporter_http_connections_closed_total", reason="head_timeout") >= 1
