@@ -186,3 +186,12 @@ def test_user_signals_do_not_kill(exporter, sig):
     assert wait_for(lambda: "ignored" in e.errors(), timeout=10)
     assert e.proc.poll() is None
     assert requests.get(e.url + "/metrics", timeout=5).status_code == 200
+
+
+def test_systemd_unit_reloads_and_restarts_after_any_death():
+    unit = (ROOT / "deploy" / "systemd" / "whisper-exporter.service").read_text()
+    settings = [line for line in unit.splitlines() if line and not line.startswith("#")]
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in settings
+    # on-failure leaves it down after a death by SIGHUP/SIGTERM (clean signals to systemd)
+    assert "Restart=always" in settings
+    assert "RestartPreventExitStatus=2" in settings

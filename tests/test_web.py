@@ -11,6 +11,8 @@ from whisper_exporter.config import ConfigError, from_dict
 from whisper_exporter.runtime.scheduler import Scheduler
 from whisper_exporter.web.webconfig import load_web_config
 
+from helpers import sample
+
 
 def openssl(*args, cwd):
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
@@ -281,3 +283,30 @@ def test_unknown_users_cost_what_configured_users_cost():
         assert not auth._authorized(header)
     assert {h[4:6] for h in seen} <= {b"05", b"06"}
     assert {h[4:6] for h in seen} == {b"05", b"06"}  # both costs are used, as the users have both
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_at_the_connection_limit_idle_connections_make_room(tmp_path, serve, pki, monkeypatch, tls):
+    """Silent connections (no request; with TLS, not even a hello) beyond the limit: the longest
+    idle are closed so that a scrape still gets in, and the count never passes the limit."""
+    import socket
+
+    from whisper_exporter.web import connections
+
+    monkeypatch.setattr(connections, "MAX_CONNECTIONS", 16)
+    text = f"tls_server_config:\n  cert_file: {pki}/server.crt\n  key_file: {pki}/server.key\n" if tls else "{}\n"
+    running = serve(write(tmp_path, text))
+    verify = str(pki / "ca.crt") if tls else True
+    host, port = running.server.server_address[:2]
+    silent = [socket.create_connection((host, port)) for _ in range(50)]
+    try:
+        for _ in range(5):
+            response = requests.get(running.url + "/metrics", verify=verify, timeout=5)
+            assert response.status_code == 200
+        open_now = sample(response.text, "whisper_exporter_http_connections")
+        assert open_now is not None and open_now <= 16
+        assert sample(response.text, "whisper_exporter_http_connections_limit") == 16
+        assert sample(response.text, "whisper_exporter_http_connections_closed_total", reason="evicted") >= 34
+    finally:
+        for s in silent:
+            s.close()
