@@ -310,3 +310,36 @@ def test_at_the_connection_limit_idle_connections_make_room(tmp_path, serve, pki
     finally:
         for s in silent:
             s.close()
+
+
+@pytest.mark.parametrize("kept_alive", [False, True])
+def test_a_request_head_has_one_deadline_however_it_drips(serve, monkeypatch, kept_alive):
+    """The head of a request (the first on a connection, or the next on a kept-alive one) must
+    arrive within HEAD_TIMEOUT in all: a byte every 0.3 s does not reset it, as recv() timeouts did."""
+    import socket
+
+    from whisper_exporter.web import connections
+
+    monkeypatch.setattr(connections, "HEAD_TIMEOUT", 1.0)
+    running = plain(serve)
+    host, port = running.server.server_address[:2]
+    with socket.create_connection((host, port), timeout=5) as s:
+        if kept_alive:
+            s.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b"Healthy." in s.recv(65536)
+        sent = 0
+        for byte in b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * 20:
+            try:
+                s.sendall(bytes([byte]))
+                sent += 1
+                s.settimeout(0.3)
+                if s.recv(1) == b"":
+                    break  # closed by the server
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+        else:
+            pytest.fail("the server never closed a connection dripping its request head")
+    text = requests.get(running.url + "/metrics", timeout=5).text
+    assert sample(text, "whisper_exporter_http_connections_closed_total", reason="head_timeout") == 1
