@@ -69,3 +69,28 @@ def test_a_dripping_request_head_is_cut_at_its_deadline(tmp_path):
         assert drip.sent < 30
         text = requests.get(exporter.url + "/metrics", timeout=10).text
         assert sample(text, "whisper_exporter_http_connections_closed_total", reason="head_timeout") >= 1
+
+
+def test_a_real_prometheus_keeps_scraping_through_the_attack(tmp_path, prometheus):
+    """Prometheus itself (1 s interval, so a 1 s scrape timeout, kept-alive connection) scrapes
+    the exporter while 1,100 half-open connections are held: no scrape fails (`up` stays 1)."""
+    import time
+
+    raise_own_fd_limit(4096)
+    with exporter_under_fd_limit(tmp_path) as exporter:
+        prom = prometheus([f"127.0.0.1:{exporter.port}"])
+        prom.wait_for('up{job="whisper"} == 1')
+        attack = Slowloris(exporter.port, count=1100).start()
+        try:
+            time.sleep(ATTACK_SECONDS)
+        finally:
+            attack.stop()
+        window = f"[{ATTACK_SECONDS - 1}s]"
+        scrapes = float(prom.query(f'count_over_time(up{{job="whisper"}}{window})')[0]["value"][1])
+        answered = float(prom.query(f'sum_over_time(up{{job="whisper"}}{window})')[0]["value"][1])
+        slowest = float(prom.query(f'max_over_time(scrape_duration_seconds{{job="whisper"}}{window})')[0]["value"][1])
+        print(f"\nPrometheus under attack: {answered:.0f}/{scrapes:.0f} scrapes up, slowest {slowest * 1000:.0f} ms; "
+              f"attacker opened {attack.opened}")
+        assert attack.opened >= 1100
+        assert scrapes >= ATTACK_SECONDS // 2
+        assert answered == scrapes, prom.targets()
