@@ -100,10 +100,17 @@ class Running:
                 old_section = getattr(old.collectors, name, None)
                 if name in running and section.enabled and section == old_section and new.service == old.service:
                     reuse[name] = running[name]
+            # Factories read the new configuration through the shared state; put back if one fails.
+            before = (shared.config, shared.probe_view, shared.quality_view)
             shared.config = new
+            try:
+                scheduler = build_scheduler(new, shared, reuse)
+            except BaseException:
+                shared.config, shared.probe_view, shared.quality_view = before
+                raise
         else:
             shared = Shared.build(new)
-        scheduler = build_scheduler(new, shared, reuse)
+            scheduler = build_scheduler(new, shared)
         kept = scheduler.adopt(old_scheduler)
         for view in ("probe_view", "quality_view"):  # a collector that is gone leaves no view behind
             if getattr(shared, view, None) is not None and all(getattr(shared, view) is not c
