@@ -94,3 +94,59 @@ def test_a_real_prometheus_keeps_scraping_through_the_attack(tmp_path, prometheu
         assert attack.opened >= 1100
         assert scrapes >= ATTACK_SECONDS // 2
         assert answered == scrapes, prom.targets()
+
+
+EMFILE_SERVER = r"""
+import os, resource, sys, time
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+from whisper_exporter.web.connections import serve
+
+def app(environ, start_response):
+    body = str(server.stats.accept_errors).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+server = serve("127.0.0.1", 0, app)
+# Hold descriptors as busy collectors would, leaving 6 free: accept() meets EMFILE long
+# before the connection limit (32 here).
+hold = [open(os.devnull) for _ in range(64 - len(os.listdir("/proc/self/fd")) - 6)]
+print(server.server_address[1], flush=True)
+time.sleep(60)
+"""
+
+
+def test_accept_backs_off_when_descriptors_run_out(tmp_path):
+    """The old server retried accept() on EMFILE in a tight loop (190% CPU). Here accepting
+    pauses after it: 4 s of descriptor starvation cost a small fraction of a core, the
+    failures are counted and logged once, and it serves again once descriptors are free."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from slowloris import ROOT
+
+    stderr = open(tmp_path / "stderr", "w+")
+    proc = subprocess.Popen([sys.executable, "-c", EMFILE_SERVER], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=stderr, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        ps = psutil.Process(proc.pid)
+        attackers = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(30)]
+        before = sum(ps.cpu_times()[:2])
+        time.sleep(4)
+        cpu = sum(ps.cpu_times()[:2]) - before
+        for s in attackers:
+            s.close()
+        answer = requests.get(f"http://127.0.0.1:{port}/", timeout=10)
+        assert answer.status_code == 200
+        assert int(answer.text) >= 1  # accept() did run out of descriptors
+        assert cpu < 1.0, f"{cpu:.2f} CPU-seconds in 4 s: accept() is spinning"
+    finally:
+        proc.kill()
+        proc.wait()
+    stderr.seek(0)
+    logged = [line for line in stderr.read().splitlines() if "Too many open files" in line]
+    assert len(logged) == 1, logged  # one line per 10 s, however many attempts

@@ -8,8 +8,9 @@ with the connection policy aiohttp does not have.
 - A total deadline for a request's head: 10 s from connecting (TLS handshake included) or
   from the first byte of a request on a kept-alive connection, however slowly it drips.
   Idle kept-alive connections close after 75 s, longer than common scrape intervals.
-- accept() backs off for a second on EMFILE/ENFILE (asyncio's own behaviour) instead of
-  spinning; the limit keeps connections from using more than half the descriptors.
+- accept() backs off for a second on EMFILE/ENFILE (asyncio's own behaviour: one burst of
+  at most BACKLOG attempts, then a pause) instead of spinning, with one log line per 10 s;
+  the limit keeps connections from using more than half the descriptors.
 - TLS handshakes run on the loop (loop.start_tls), so a silent client stalls nobody.
 - The WSGI app runs in a pool of 8 threads: rendering and bcrypt never block the loop.
 """
@@ -41,6 +42,7 @@ WORKERS = 8  # threads that run the WSGI app
 BACKLOG = 128  # socketserver's 5 dropped connections from concurrent scrapers (SYN retries: 1, 3, 7 s)
 MAX_HEAD_LINE = 8190  # request line and each header, aiohttp's defaults
 MAX_HEADERS = 100
+ACCEPT_LOG_EVERY = 10.0  # seconds between two log lines about accept() running out of descriptors
 
 
 def connection_limit() -> int:
@@ -74,8 +76,8 @@ class _Stats:
             closed.add_metric([reason], count)
         yield closed
         yield CounterMetricFamily("whisper_exporter_http_accept_errors_total",
-                                  "accept() failures (EMFILE: out of file descriptors), each followed by a "
-                                  "one-second pause in accepting.", value=self.accept_errors)
+                                  "accept() failures for lack of file descriptors (EMFILE, ENFILE); accepting "
+                                  "pauses for a second after them.", value=self.accept_errors)
 
 
 class _Gate(asyncio.Protocol):
@@ -268,6 +270,7 @@ class HttpServer:
         self.executor = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="http-worker")
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
+        self._accept_logged = -ACCEPT_LOG_EVERY
         self._stopped: Optional[asyncio.Event] = None
         self.thread = threading.Thread(target=self._run, name="http", daemon=True)
 
@@ -287,8 +290,14 @@ class HttpServer:
 
     def _exception_handler(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         if context.get("message", "").startswith("socket.accept() out of system resource"):
+            # asyncio stops accepting for a second after this (it tries its whole accept batch
+            # first, so this comes in bursts): count each, log one line per ACCEPT_LOG_EVERY.
             self.stats.accept_errors += 1
-            log.warning("accept(): %s; accepting again in 1 s", context.get("exception"))
+            now = time.monotonic()
+            if now - self._accept_logged >= ACCEPT_LOG_EVERY:
+                self._accept_logged = now
+                log.warning("accept(): %s (%d times so far); accepting pauses for 1 s each time",
+                            context.get("exception"), self.stats.accept_errors)
             return
         loop.default_exception_handler(context)
 
