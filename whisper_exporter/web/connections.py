@@ -92,6 +92,7 @@ class _Gate(asyncio.Protocol):
         self.deadline = time.monotonic() + HEAD_TIMEOUT
         self.reason = "head_timeout"
         self.closing = False
+        self.handshake: Optional[asyncio.Future] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.raw = transport  # type: ignore[assignment]
@@ -101,14 +102,14 @@ class _Gate(asyncio.Protocol):
             self._attach(self.raw)
         else:
             self.raw.pause_reading()
-            asyncio.ensure_future(self._handshake())
+            self.handshake = asyncio.ensure_future(self._handshake())  # a reference keeps the task alive
 
     async def _handshake(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             tls = await loop.start_tls(self.raw, self, self.pool.ssl_context, server_side=True,
                                        ssl_handshake_timeout=HEAD_TIMEOUT)
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as err:
+        except Exception as err:  # a bad hello, a timeout, a reset: the connection ends here
             log.debug("TLS handshake failed: %s", err)
             self.close("tls_failed")
             self.pool.discard(self)
@@ -304,8 +305,14 @@ class HttpServer:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.set_exception_handler(self._exception_handler)
-        self.loop.run_until_complete(self._serve())
-        self.loop.close()
+        try:
+            self.loop.run_until_complete(self._serve())
+        except Exception:  # never silently: the exporter would run on without its port
+            log.exception("the HTTP server stopped")
+            raise
+        finally:
+            self._ready.set()
+            self.loop.close()
 
     async def _serve(self) -> None:
         web_server = web.Server(self._handle, handler_cancellation=True, access_log=None,
