@@ -343,3 +343,25 @@ def test_a_request_head_has_one_deadline_however_it_drips(serve, monkeypatch, ke
             pytest.fail("the server never closed a connection dripping its request head")
     text = requests.get(running.url + "/metrics", timeout=5).text
     assert sample(text, "whisper_exporter_http_connections_closed_total", reason="head_timeout") == 1
+
+
+def test_tls_min_version_is_enforced(tmp_path, serve, pki):
+    import socket
+    import ssl
+
+    running = serve(write(tmp_path, (
+        f"tls_server_config:\n  cert_file: {pki}/server.crt\n  key_file: {pki}/server.key\n  min_version: TLS13\n")))
+    host, port = running.server.server_address[:2]
+
+    def handshake(max_version):
+        context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        context.maximum_version = max_version
+        with socket.create_connection((host, port), timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                return tls.version()
+
+    assert handshake(ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
+    with pytest.raises(ssl.SSLError):
+        handshake(ssl.TLSVersion.TLSv1_2)
+    text = requests.get(running.url + "/metrics", verify=str(pki / "ca.crt"), timeout=5).text
+    assert sample(text, "whisper_exporter_http_connections_closed_total", reason="tls_failed") >= 1
