@@ -44,7 +44,7 @@ class Exporter:
                                      stdout=subprocess.DEVNULL, stderr=self.stderr)
         assert wait_for(self.healthy, timeout=30), self.errors()
 
-    def write(self, process_interval="1h", logs=True, probe=False, extra=""):
+    def write(self, process_interval="1h", logs=True, probe=False, extra="", logs_interval="0.2s"):
         data = {
             "listen": f"127.0.0.1:{self.port}",
             "collectors": {
@@ -52,7 +52,7 @@ class Exporter:
                 "quality": {"enabled": False},
                 "probe": {"enabled": probe, "interval": "1h"},
                 "process": {"enabled": True, "interval": process_interval, "match": "no-such-program-xyz"},
-                "logs": {"enabled": logs, "interval": "0.2s", "start_at": "beginning",
+                "logs": {"enabled": logs, "interval": logs_interval, "start_at": "beginning",
                          "files": [{"path": str(self.log), "format": "json-request"}]},
             },
         }
@@ -134,6 +134,25 @@ def test_sighup_applies_a_changed_config_and_unchanged_collectors_keep_counting(
     time.sleep(0.5)
     assert e.requests_seen() == 5
     assert "configuration reloaded" in e.errors() and "kept logs" in e.errors()
+
+
+def test_a_rebuilt_log_collector_does_not_count_old_lines_again(exporter):
+    """start_at: beginning is for start-up: a logs section changed on reload must not read the
+    files from the beginning again into request counters that carry on."""
+    e = exporter()
+    with open(e.log, "a") as f:
+        f.write(line() * 3)
+    assert wait_for(lambda: e.requests_seen() == 3, timeout=10)
+    e.write(logs_interval="0.3s")
+    e.signal(signal.SIGHUP)
+    assert wait_for(lambda: "configuration reloaded" in e.errors(), timeout=10)
+    reloaded = time.time()
+    assert wait_for(lambda: (last_run(e, "logs") or 0) > reloaded, timeout=10)
+    with open(e.log, "a") as f:
+        f.write(line())
+    assert wait_for(lambda: e.requests_seen() >= 4, timeout=10)
+    time.sleep(1)
+    assert e.requests_seen() == 4
 
 
 def test_a_bad_config_is_refused_and_the_old_one_keeps_running(exporter):

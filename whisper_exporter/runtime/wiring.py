@@ -6,6 +6,7 @@ a reload (SIGHUP, POST /-/reload) swaps in a new configuration.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import signal
@@ -27,7 +28,8 @@ log = logging.getLogger("whisper_exporter")
 def build_scheduler(config: Config, shared: Optional[Shared] = None,
                     reuse: Optional[dict[str, Collector]] = None) -> Scheduler:
     """One scheduled entry per enabled collector section, in config order, over one shared state.
-    `reuse` maps a section name to a running collector to keep instead of building a new one."""
+    `reuse` (on reload) maps a section name to a running collector to keep instead of building a
+    new one."""
     shared = shared or Shared.build(config)
     available = plugins()
     entries = []
@@ -35,6 +37,10 @@ def build_scheduler(config: Config, shared: Optional[Shared] = None,
         if not section.enabled:
             continue
         plugin = available[name]
+        if reuse is not None and getattr(section, "start_at", None) == "beginning":
+            # A reload is not a start-up: reading present files from the beginning again would
+            # count their lines twice into counters that carry on.
+            section = dataclasses.replace(section, start_at="end")
         collector = (reuse or {}).get(name) or plugin.factory(section, shared)
         entries.append((collector, section.interval, plugin.run_timeout(section)))
     return Scheduler(entries, shared=shared)
