@@ -213,3 +213,34 @@ def test_systemd_unit_reloads_and_restarts_after_any_death():
     # on-failure leaves it down after a death by SIGHUP/SIGTERM (clean signals to systemd)
     assert "Restart=always" in settings
     assert "RestartPreventExitStatus=2" in settings
+
+
+def test_sighup_reloads_the_web_config_too(exporter, tmp_path):
+    """Users (and certificates, headers) of --web.config.file are read again on reload, as
+    exporter-toolkit re-reads its file; a bad one is refused with the rest of the reload."""
+    import bcrypt
+
+    web = tmp_path / "web.yml"
+
+    def users(password):
+        hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
+        web.write_text(f"basic_auth_users:\n  prom: '{hashed}'\n")
+
+    users("first")
+    e = exporter("--web.config.file", str(web), "--web.health-open")
+
+    def status(password):
+        return requests.get(e.url + "/metrics", auth=("prom", password), timeout=10).status_code
+
+    assert status("first") == 200 and status("second") == 401
+    users("second")
+    e.signal(signal.SIGHUP)
+    assert wait_for(lambda: status("second") == 200, timeout=10), e.errors()
+    assert status("first") == 401
+    web.write_text("basic_auth_users:\n  prom: plain-text\n")
+    e.signal(signal.SIGHUP)
+    assert wait_for(lambda: "reload refused" in e.errors(), timeout=10)
+    assert "plain-text" not in e.errors()
+    assert status("second") == 200  # the users that were running stay
+    text = requests.get(e.url + "/metrics", auth=("prom", "second"), timeout=10).text
+    assert sample(text, "whisper_exporter_config_last_reload_successful") == 0

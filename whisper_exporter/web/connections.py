@@ -339,6 +339,12 @@ class HttpServer:
         self.thread.start()
         self._ready.wait(10)
 
+    def set_ssl_context(self, context: ssl.SSLContext) -> None:
+        """TLS settings for the connections that come next (a reload of --web.config.file)."""
+        self.ssl_context = context
+        if self.pool is not None:
+            self.loop.call_soon_threadsafe(setattr, self.pool, "ssl_context", context)
+
     def collect(self) -> Iterable[Metric]:
         """The connection metrics, for the exporter's registry."""
         return self.stats.collect()
