@@ -44,7 +44,7 @@ class Exporter:
                                      stdout=subprocess.DEVNULL, stderr=self.stderr)
         assert wait_for(self.healthy, timeout=30), self.errors()
 
-    def write(self, process_interval="1h", logs=True, probe=False, extra=""):
+    def write(self, process_interval="1h", logs=True, probe=False, extra="", logs_interval="0.2s"):
         data = {
             "listen": f"127.0.0.1:{self.port}",
             "collectors": {
@@ -52,7 +52,7 @@ class Exporter:
                 "quality": {"enabled": False},
                 "probe": {"enabled": probe, "interval": "1h"},
                 "process": {"enabled": True, "interval": process_interval, "match": "no-such-program-xyz"},
-                "logs": {"enabled": logs, "interval": "0.2s", "start_at": "beginning",
+                "logs": {"enabled": logs, "interval": logs_interval, "start_at": "beginning",
                          "files": [{"path": str(self.log), "format": "json-request"}]},
             },
         }
@@ -117,14 +117,13 @@ def test_sighup_applies_a_changed_config_and_unchanged_collectors_keep_counting(
     assert wait_for(lambda: e.requests_seen() == 3, timeout=10)
     first_success = e.value("whisper_exporter_config_last_reload_success_timestamp_seconds")
     assert e.value("whisper_exporter_config_last_reload_successful") == 1
-    before = last_run(e, "process")
     assert wait_for(lambda: last_run(e, "process") is not None, timeout=10)
     before = last_run(e, "process")
 
     e.write(process_interval="0.3s")  # the process section changes, the logs section does not
     e.signal(signal.SIGHUP)
     # The new interval takes effect: the process collector now runs several times a second.
-    assert wait_for(lambda: last_run(e, "process") > before + 0.5, timeout=10), e.errors()
+    assert wait_for(lambda: (last_run(e, "process") or 0) > before + 0.5, timeout=10), e.errors()
     assert e.proc.poll() is None
     assert e.value("whisper_exporter_config_last_reload_successful") == 1
     assert e.value("whisper_exporter_config_last_reload_success_timestamp_seconds") > first_success
@@ -135,6 +134,25 @@ def test_sighup_applies_a_changed_config_and_unchanged_collectors_keep_counting(
     time.sleep(0.5)
     assert e.requests_seen() == 5
     assert "configuration reloaded" in e.errors() and "kept logs" in e.errors()
+
+
+def test_a_rebuilt_log_collector_does_not_count_old_lines_again(exporter):
+    """start_at: beginning is for start-up: a logs section changed on reload must not read the
+    files from the beginning again into request counters that carry on."""
+    e = exporter()
+    with open(e.log, "a") as f:
+        f.write(line() * 3)
+    assert wait_for(lambda: e.requests_seen() == 3, timeout=10)
+    e.write(logs_interval="0.3s")
+    e.signal(signal.SIGHUP)
+    assert wait_for(lambda: "configuration reloaded" in e.errors(), timeout=10)
+    reloaded = time.time()
+    assert wait_for(lambda: (last_run(e, "logs") or 0) > reloaded, timeout=10)
+    with open(e.log, "a") as f:
+        f.write(line())
+    assert wait_for(lambda: e.requests_seen() >= 4, timeout=10)
+    time.sleep(1)
+    assert e.requests_seen() == 4
 
 
 def test_a_bad_config_is_refused_and_the_old_one_keeps_running(exporter):
@@ -186,3 +204,43 @@ def test_user_signals_do_not_kill(exporter, sig):
     assert wait_for(lambda: "ignored" in e.errors(), timeout=10)
     assert e.proc.poll() is None
     assert requests.get(e.url + "/metrics", timeout=5).status_code == 200
+
+
+def test_systemd_unit_reloads_and_restarts_after_any_death():
+    unit = (ROOT / "deploy" / "systemd" / "whisper-exporter.service").read_text()
+    settings = [line for line in unit.splitlines() if line and not line.startswith("#")]
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in settings
+    # on-failure leaves it down after a death by SIGHUP/SIGTERM (clean signals to systemd)
+    assert "Restart=always" in settings
+    assert "RestartPreventExitStatus=2" in settings
+
+
+def test_sighup_reloads_the_web_config_too(exporter, tmp_path):
+    """Users (and certificates, headers) of --web.config.file are read again on reload, as
+    exporter-toolkit re-reads its file; a bad one is refused with the rest of the reload."""
+    import bcrypt
+
+    web = tmp_path / "web.yml"
+
+    def users(password):
+        hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
+        web.write_text(f"basic_auth_users:\n  prom: '{hashed}'\n")
+
+    users("first")
+    e = exporter("--web.config.file", str(web), "--web.health-open")
+
+    def status(password):
+        return requests.get(e.url + "/metrics", auth=("prom", password), timeout=10).status_code
+
+    assert status("first") == 200 and status("second") == 401
+    users("second")
+    e.signal(signal.SIGHUP)
+    assert wait_for(lambda: status("second") == 200, timeout=10), e.errors()
+    assert status("first") == 401
+    web.write_text("basic_auth_users:\n  prom: plain-text\n")
+    e.signal(signal.SIGHUP)
+    assert wait_for(lambda: "reload refused" in e.errors(), timeout=10)
+    assert "plain-text" not in e.errors()
+    assert status("second") == 200  # the users that were running stay
+    text = requests.get(e.url + "/metrics", auth=("prom", "second"), timeout=10).text
+    assert sample(text, "whisper_exporter_config_last_reload_successful") == 0

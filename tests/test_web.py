@@ -11,6 +11,8 @@ from whisper_exporter.config import ConfigError, from_dict
 from whisper_exporter.runtime.scheduler import Scheduler
 from whisper_exporter.web.webconfig import load_web_config
 
+from helpers import sample
+
 
 def openssl(*args, cwd):
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
@@ -180,3 +182,186 @@ def test_concurrent_authenticated_scrapes(tmp_path, serve):
     for t in threads:
         t.join()
     assert failures == []
+
+
+def plain(start):
+    return start(write_plain())
+
+
+def write_plain():
+    import tempfile
+
+    path = tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False)
+    path.write("{}\n")
+    path.close()
+    return path.name
+
+
+def raw(running, request: bytes) -> bytes:
+    """What the server sends back to one raw request (it closes the connection after HTTP/1.0)."""
+    import socket
+
+    host, port = running.server.server_address[:2]
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize("method", ["DELETE", "POST", "PUT", "PATCH"])
+def test_only_get_and_head_on_pages(serve, method):
+    running = plain(serve)
+    for path in ("/", "/metrics", "/-/healthy"):
+        response = requests.request(method, running.url + path, timeout=5)
+        assert response.status_code == 405, (method, path)
+        assert response.headers["Allow"] == "GET, HEAD"
+    assert requests.request(method, running.url + "/nope", timeout=5).status_code == 404
+
+
+def test_unknown_method_is_an_error(serve):
+    running = plain(serve)
+    answer = raw(running, b"FOO / HTTP/1.0\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400") or answer.startswith(b"HTTP/1.0 400"), answer[:80]
+
+
+@pytest.mark.parametrize("path", ["/", "/metrics", "/-/healthy"])
+def test_head_answers_like_get_without_a_body(serve, path):
+    running = plain(serve)
+    answer = raw(running, f"HEAD {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") or head.startswith(b"HTTP/1.0 200"), head
+    assert body == b""
+    length = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    assert length and int(length[0].split(b":")[1]) > 0  # the length a GET's body has
+
+
+def test_name_filter_never_gives_an_empty_scrape(serve):
+    running = plain(serve)
+    only = requests.get(running.url + "/metrics?name[]=whisper_exporter_build_info", timeout=5)
+    assert only.status_code == 200
+    assert "whisper_exporter_build_info{" in only.text and "process_cpu_seconds_total" not in only.text
+    nothing = requests.get(running.url + "/metrics?name[]=x", timeout=5)
+    assert nothing.status_code == 400 and "x" in nothing.text
+    gzipped = requests.get(running.url + "/metrics", headers={"Accept-Encoding": "gzip"}, timeout=5)
+    assert gzipped.headers["Content-Encoding"] == "gzip" and "whisper_exporter_build_info" in gzipped.text
+
+
+def test_password_longer_than_bcrypt_reads_is_refused_not_a_crash(tmp_path, serve):
+    long = "p" * 100
+    running = serve(write(tmp_path, f"basic_auth_users:\n  prom: '{HASH}'\n"))
+    for user in ("prom", "mallory"):
+        response = requests.get(running.url + "/metrics", auth=(user, long), timeout=10)
+        assert response.status_code == 401, (user, response.status_code)
+    # bcrypt reads 72 bytes: a password whose first 72 bytes are right is still wrong.
+    hashed = bcrypt.hashpw(b"q" * 72, bcrypt.gensalt(4)).decode()
+    running = serve(write(tmp_path, f"basic_auth_users:\n  prom: '{hashed}'\n"))
+    assert requests.get(running.url + "/metrics", auth=("prom", "q" * 72), timeout=10).status_code == 200
+    assert requests.get(running.url + "/metrics", auth=("prom", "q" * 80), timeout=10).status_code == 401
+
+
+def test_unknown_users_cost_what_configured_users_cost():
+    """No timing in a test: the bcrypt cost an unknown user's check pays is read off the hash it
+    is checked against, which must be one of the configured users' costs."""
+    from whisper_exporter.web.webconfig import BasicAuth
+
+    users = {"a": bcrypt.hashpw(b"x", bcrypt.gensalt(5)), "b": bcrypt.hashpw(b"y", bcrypt.gensalt(6))}
+    auth = BasicAuth(lambda e, s: [b""], users)
+    seen = []
+
+    class Spy:  # the real bcrypt, recording the hash each check runs against
+        def checkpw(self, password, hashed):
+            seen.append(hashed[:7])
+            return bcrypt.checkpw(password, hashed)
+
+    auth._bcrypt = Spy()
+    import base64
+
+    for name in ("mallory", "eve", "trudy", "oscar", "zed", "walter"):
+        header = "Basic " + base64.b64encode(f"{name}:pw".encode()).decode()
+        assert not auth._authorized(header)
+    assert {h[4:6] for h in seen} <= {b"05", b"06"}
+    assert {h[4:6] for h in seen} == {b"05", b"06"}  # both costs are used, as the users have both
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_at_the_connection_limit_idle_connections_make_room(tmp_path, serve, pki, monkeypatch, tls):
+    """Silent connections (no request; with TLS, not even a hello) beyond the limit: the longest
+    idle are closed so that a scrape still gets in, and the count never passes the limit."""
+    import socket
+
+    from whisper_exporter.web import connections
+
+    monkeypatch.setattr(connections, "MAX_CONNECTIONS", 16)
+    text = f"tls_server_config:\n  cert_file: {pki}/server.crt\n  key_file: {pki}/server.key\n" if tls else "{}\n"
+    running = serve(write(tmp_path, text))
+    verify = str(pki / "ca.crt") if tls else True
+    host, port = running.server.server_address[:2]
+    silent = [socket.create_connection((host, port)) for _ in range(50)]
+    try:
+        for _ in range(5):
+            response = requests.get(running.url + "/metrics", verify=verify, timeout=5)
+            assert response.status_code == 200
+        open_now = sample(response.text, "whisper_exporter_http_connections")
+        assert open_now is not None and open_now <= 16
+        assert sample(response.text, "whisper_exporter_http_connections_limit") == 16
+        assert sample(response.text, "whisper_exporter_http_connections_closed_total", reason="evicted") >= 34
+    finally:
+        for s in silent:
+            s.close()
+
+
+@pytest.mark.parametrize("kept_alive", [False, True])
+def test_a_request_head_has_one_deadline_however_it_drips(serve, monkeypatch, kept_alive):
+    """The head of a request (the first on a connection, or the next on a kept-alive one) must
+    arrive within HEAD_TIMEOUT in all: a byte every 0.3 s does not reset it, as recv() timeouts did."""
+    import socket
+
+    from whisper_exporter.web import connections
+
+    monkeypatch.setattr(connections, "HEAD_TIMEOUT", 1.0)
+    running = plain(serve)
+    host, port = running.server.server_address[:2]
+    with socket.create_connection((host, port), timeout=5) as s:
+        if kept_alive:
+            s.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b"Healthy." in s.recv(65536)
+        sent = 0
+        for byte in b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * 20:
+            try:
+                s.sendall(bytes([byte]))
+                sent += 1
+                s.settimeout(0.3)
+                if s.recv(1) == b"":
+                    break  # closed by the server
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+        else:
+            pytest.fail("the server never closed a connection dripping its request head")
+    text = requests.get(running.url + "/metrics", timeout=5).text
+    assert sample(text, "whisper_exporter_http_connections_closed_total", reason="head_timeout") == 1
+
+
+def test_tls_min_version_is_enforced(tmp_path, serve, pki):
+    import socket
+    import ssl
+
+    running = serve(write(tmp_path, (
+        f"tls_server_config:\n  cert_file: {pki}/server.crt\n  key_file: {pki}/server.key\n  min_version: TLS13\n")))
+    host, port = running.server.server_address[:2]
+
+    def handshake(max_version):
+        context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        context.maximum_version = max_version
+        with socket.create_connection((host, port), timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                return tls.version()
+
+    assert handshake(ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
+    with pytest.raises(ssl.SSLError):
+        handshake(ssl.TLSVersion.TLSv1_2)
+    text = requests.get(running.url + "/metrics", verify=str(pki / "ca.crt"), timeout=5).text
+    assert sample(text, "whisper_exporter_http_connections_closed_total", reason="tls_failed") >= 1

@@ -150,7 +150,8 @@ def _run(config_path: Optional[str], listen: Optional[str], log_level: Optional[
     try:
         daemon.run_until_signalled(config, web, health_open,
                                    load_config=_reloader(config_path, listen, log_level, collectors),
-                                   enable_lifecycle=enable_lifecycle)
+                                   enable_lifecycle=enable_lifecycle,
+                                   load_web=(lambda: load_web_config(web_config)) if web_config else None)
     except OSError as err:
         click.echo(f"whisper-exporter: cannot listen on {config.listen}: {err.strerror or err}", err=True)
         sys.exit(1)

@@ -8,8 +8,9 @@ with the connection policy aiohttp does not have.
 - A total deadline for a request's head: 10 s from connecting (TLS handshake included) or
   from the first byte of a request on a kept-alive connection, however slowly it drips.
   Idle kept-alive connections close after 75 s, longer than common scrape intervals.
-- accept() backs off for a second on EMFILE/ENFILE (asyncio's own behaviour) instead of
-  spinning; the limit keeps connections from using more than half the descriptors.
+- accept() backs off for a second on EMFILE/ENFILE (asyncio's own behaviour: one burst of
+  at most BACKLOG attempts, then a pause) instead of spinning, with one log line per 10 s;
+  the limit keeps connections from using more than half the descriptors.
 - TLS handshakes run on the loop (loop.start_tls), so a silent client stalls nobody.
 - The WSGI app runs in a pool of 8 threads: rendering and bcrypt never block the loop.
 """
@@ -41,6 +42,7 @@ WORKERS = 8  # threads that run the WSGI app
 BACKLOG = 128  # socketserver's 5 dropped connections from concurrent scrapers (SYN retries: 1, 3, 7 s)
 MAX_HEAD_LINE = 8190  # request line and each header, aiohttp's defaults
 MAX_HEADERS = 100
+ACCEPT_LOG_EVERY = 10.0  # seconds between two log lines about accept() running out of descriptors
 
 
 def connection_limit() -> int:
@@ -74,8 +76,8 @@ class _Stats:
             closed.add_metric([reason], count)
         yield closed
         yield CounterMetricFamily("whisper_exporter_http_accept_errors_total",
-                                  "accept() failures (EMFILE: out of file descriptors), each followed by a "
-                                  "one-second pause in accepting.", value=self.accept_errors)
+                                  "accept() failures for lack of file descriptors (EMFILE, ENFILE); accepting "
+                                  "pauses for a second after them.", value=self.accept_errors)
 
 
 class _Gate(asyncio.Protocol):
@@ -90,6 +92,7 @@ class _Gate(asyncio.Protocol):
         self.deadline = time.monotonic() + HEAD_TIMEOUT
         self.reason = "head_timeout"
         self.closing = False
+        self.handshake: Optional[asyncio.Future] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.raw = transport  # type: ignore[assignment]
@@ -99,14 +102,14 @@ class _Gate(asyncio.Protocol):
             self._attach(self.raw)
         else:
             self.raw.pause_reading()
-            asyncio.ensure_future(self._handshake())
+            self.handshake = asyncio.ensure_future(self._handshake())  # a reference keeps the task alive
 
     async def _handshake(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             tls = await loop.start_tls(self.raw, self, self.pool.ssl_context, server_side=True,
                                        ssl_handshake_timeout=HEAD_TIMEOUT)
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as err:
+        except Exception as err:  # a bad hello, a timeout, a reset: the connection ends here
             log.debug("TLS handshake failed: %s", err)
             self.close("tls_failed")
             self.pool.discard(self)
@@ -268,6 +271,7 @@ class HttpServer:
         self.executor = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="http-worker")
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
+        self._accept_logged = -ACCEPT_LOG_EVERY
         self._stopped: Optional[asyncio.Event] = None
         self.thread = threading.Thread(target=self._run, name="http", daemon=True)
 
@@ -287,16 +291,28 @@ class HttpServer:
 
     def _exception_handler(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         if context.get("message", "").startswith("socket.accept() out of system resource"):
+            # asyncio stops accepting for a second after this (it tries its whole accept batch
+            # first, so this comes in bursts): count each, log one line per ACCEPT_LOG_EVERY.
             self.stats.accept_errors += 1
-            log.warning("accept(): %s; accepting again in 1 s", context.get("exception"))
+            now = time.monotonic()
+            if now - self._accept_logged >= ACCEPT_LOG_EVERY:
+                self._accept_logged = now
+                log.warning("accept(): %s (%d times so far); accepting pauses for 1 s each time",
+                            context.get("exception"), self.stats.accept_errors)
             return
         loop.default_exception_handler(context)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.set_exception_handler(self._exception_handler)
-        self.loop.run_until_complete(self._serve())
-        self.loop.close()
+        try:
+            self.loop.run_until_complete(self._serve())
+        except Exception:  # never silently: the exporter would run on without its port
+            log.exception("the HTTP server stopped")
+            raise
+        finally:
+            self._ready.set()
+            self.loop.close()
 
     async def _serve(self) -> None:
         web_server = web.Server(self._handle, handler_cancellation=True, access_log=None,
@@ -322,6 +338,12 @@ class HttpServer:
     def start(self) -> None:
         self.thread.start()
         self._ready.wait(10)
+
+    def set_ssl_context(self, context: ssl.SSLContext) -> None:
+        """TLS settings for the connections that come next (a reload of --web.config.file)."""
+        self.ssl_context = context
+        if self.pool is not None:
+            self.loop.call_soon_threadsafe(setattr, self.pool, "ssl_context", context)
 
     def collect(self) -> Iterable[Metric]:
         """The connection metrics, for the exporter's registry."""

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 from typing import Callable, Iterable, Optional, Protocol
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import Metric
 
 from whisper_exporter.config import Config
 from whisper_exporter.runtime.scheduler import Scheduler
@@ -67,7 +68,7 @@ def make_app(current: Current, registry: CollectorRegistry,
                          [("Allow", ", ".join(READ_METHODS))])
         # HEAD is answered as GET; the server sends the headers only.
         if path == "/metrics":
-            return _metrics(metrics_app, environ, start_response)
+            return _metrics(metrics_app, registry, environ, start_response)
         if path == "/-/healthy":
             return _text(start_response, "200 OK", "Healthy.\n")
         if path == "/-/ready":
@@ -81,26 +82,50 @@ def make_app(current: Current, registry: CollectorRegistry,
     return app
 
 
-def _metrics(metrics_app: Callable, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+class _Only:
+    """The registry's families cut down to the samples named (by sample or family name), as
+    prometheus_client's name[] filter means to; its own finds only collectors that describe()
+    themselves, and the exporter's collector does not (describing would mean collecting)."""
+
+    def __init__(self, registry: CollectorRegistry, names: Iterable[str]):
+        self.registry = registry
+        self.names = set(names)
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.registry.collect():
+            if family.name in self.names:
+                yield family
+                continue
+            kept = [s for s in family.samples if s.name in self.names]
+            if kept:
+                cut = Metric(family.name, family.documentation, family.type, family.unit)
+                cut.samples = kept
+                yield cut
+
+
+class _Collected:
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+def _metrics(metrics_app: Callable, registry: CollectorRegistry, environ: dict,
+             start_response: StartResponse) -> Iterable[bytes]:
     """prometheus_client's exposition; a name[] filter that matches nothing is an error, not an
     empty scrape (which Prometheus would take as a healthy target without series)."""
     environ = dict(environ, REQUEST_METHOD="GET")
-    names = parse_qs(environ.get("QUERY_STRING", "")).get("name[]")
+    query = parse_qs(environ.get("QUERY_STRING", ""))
+    names = query.pop("name[]", None)
     if not names:
         return metrics_app(environ, start_response)
-    answer: dict = {}
-
-    def keep(status: str, headers: list, exc_info: object = None) -> None:
-        answer.update(status=status, headers=headers)
-
-    # Uncompressed, so emptiness can be seen; a filtered answer is small.
-    environ.pop("HTTP_ACCEPT_ENCODING", None)
-    body = b"".join(metrics_app(environ, keep))
-    if body.strip() in (b"", b"# EOF"):
+    families = list(_Only(registry, names).collect())
+    if not families:
         shown = ", ".join(n[:100] for n in names[:10])
         return _text(start_response, "400 Bad Request", f"No metric matches name[]: {shown}\n")
-    start_response(answer["status"], answer["headers"])
-    return [body]
+    environ["QUERY_STRING"] = urlencode(query, doseq=True)
+    return make_wsgi_app(_Collected(families))(environ, start_response)
 
 
 def _text(start_response: StartResponse, status: str, text: str,
