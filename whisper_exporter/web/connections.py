@@ -95,17 +95,20 @@ class _Gate(asyncio.Protocol):
         self.handshake: Optional[asyncio.Future] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.raw = transport  # type: ignore[assignment]
+        raw = transport
+        assert isinstance(raw, asyncio.Transport)  # a TCP server's transports are
+        self.raw = raw
         if not self.pool.admit(self):
             return
         if self.pool.ssl_context is None:
-            self._attach(self.raw)
+            self._attach(raw)
         else:
-            self.raw.pause_reading()
+            raw.pause_reading()
             self.handshake = asyncio.ensure_future(self._handshake())  # a reference keeps the task alive
 
     async def _handshake(self) -> None:
         loop = asyncio.get_running_loop()
+        assert self.raw is not None and self.pool.ssl_context is not None  # set before the handshake starts
         try:
             tls = await loop.start_tls(self.raw, self, self.pool.ssl_context, server_side=True,
                                        ssl_handshake_timeout=HEAD_TIMEOUT)
@@ -151,7 +154,7 @@ class _Gate(asyncio.Protocol):
         self.pool.discard(self)
         if self.handler is not None:
             self.pool.by_handler.pop(self.handler, None)
-            self.handler.connection_lost(exc)
+            self.handler.connection_lost(exc if isinstance(exc, Exception) or exc is None else None)
 
     def started(self) -> None:
         """A complete request head arrived and the app is on it."""
@@ -318,8 +321,8 @@ class HttpServer:
         web_server = web.Server(self._handle, handler_cancellation=True, access_log=None,
                                 keepalive_timeout=IDLE_TIMEOUT, max_line_size=MAX_HEAD_LINE,
                                 max_field_size=MAX_HEAD_LINE, max_headers=MAX_HEADERS)
-        self.pool = _Pool(self.stats, web_server, self.ssl_context)
-        server = await self.loop.create_server(lambda: _Gate(self.pool), sock=self.socket, backlog=BACKLOG)
+        pool = self.pool = _Pool(self.stats, web_server, self.ssl_context)
+        server = await self.loop.create_server(lambda: _Gate(pool), sock=self.socket, backlog=BACKLOG)
         self._stopped = asyncio.Event()
         self._ready.set()
         try:
