@@ -1,0 +1,200 @@
+"""Hostile servers, files and configurations (issue 12): each case here took the exporter down,
+wedged a collector, exhausted its memory or leaked a secret before its fix."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from whisper_exporter import config
+from whisper_exporter.config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# -- configuration files (item 10) ---------------------------------------------------------------
+
+# 9 levels of 9 aliases: 9**9 (387 million) strings once expanded, in 344 bytes.
+ALIAS_BOMB = """\
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+listen: [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+"""
+
+
+def check_config(path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "whisper_exporter", "check-config", str(path)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def test_an_alias_bomb_is_refused_before_it_expands(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(ALIAS_BOMB)
+    with pytest.raises(ConfigError, match="more than 100000 values once aliases are expanded"):
+        config.read_yaml(str(path))
+
+
+def test_an_alias_bomb_in_check_config_exits_2_with_a_short_message(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(ALIAS_BOMB)
+    done = check_config(path)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr) < 300 and "lol" not in done.stderr
+
+
+def test_aliases_within_bounds_still_work(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("service:\n  headers: &h {X-Team: asr}\ncollectors:\n  probe:\n    enabled: false\n"
+                    "  logs: &off {enabled: false}\n  gpu: *off\n")
+    loaded = config.load(str(path))
+    assert loaded.service.headers == {"X-Team": "asr"} and not loaded.collectors.gpu.enabled
+
+
+def test_a_recursive_alias_is_refused(tmp_path):
+    path = tmp_path / "loop.yaml"
+    path.write_text("listen: &a [*a]\n")
+    with pytest.raises(ConfigError, match="refers to itself"):
+        config.read_yaml(str(path))
+
+
+def test_deep_nesting_exits_2_not_a_traceback(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("listen: " + "[" * 5000 + "]" * 5000 + "\n")
+    done = check_config(path)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "nesting deeper than 100" in done.stderr
+
+
+def test_error_messages_render_a_bounded_value():
+    huge = [["x" * 1000] * 1000] * 1000  # shared, like an expanded alias: a billion characters
+    err = ConfigError("c.yaml", "listen", "a string", huge)
+    assert len(str(err)) < 200
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "fifo"])
+def test_a_device_or_fifo_as_config_is_refused(tmp_path, path):
+    if path == "fifo":
+        path = str(tmp_path / "fifo.yaml")
+        os.mkfifo(path)  # no writer: a blocking open would hang here
+    with pytest.raises(ConfigError, match="a regular file"):
+        config.read_yaml(path)
+
+
+def test_an_oversized_config_is_refused(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(ConfigError, match="at most 1048576 bytes"):
+        config.read_yaml(str(path))
+
+
+@pytest.mark.parametrize("url", ["ftp://asr:hunter2@whisper:8000", "asr:hunter2@whisper:8000",
+                                 "https//asr:hunter2@whisper"])
+def test_a_malformed_url_error_does_not_repeat_its_password(url):
+    with pytest.raises(ConfigError) as err:
+        config.from_dict({"service": {"url": url}})
+    assert "hunter2" not in str(err.value) and "service.url" in str(err.value)
+
+
+def test_header_values_are_not_repeated_in_errors():
+    with pytest.raises(ConfigError) as err:
+        config.from_dict({"service": {"headers": {"X-Auth-Token": ["tok-hunter2"]}}})
+    assert "hunter2" not in str(err.value)
+    assert "service.headers.X-Auth-Token: expected a string" in str(err.value)
+
+
+# -- masking (item 2) -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["Authorization", "Proxy-Authorization", "X-Auth-Token", "X-Goog-Api-Key",
+                                  "X-Api-Key", "Api-Key", "Cookie", "X-Session-Id", "X-Client-Secret",
+                                  "X-Amz-Signature", "X-Password", "Token"])
+def test_credential_like_headers_are_masked_everywhere(name):
+    c = config.from_dict({"service": {"headers": {name: "hunter2-value", "X-Team": "asr"}}})
+    assert config.masked(c)["service"]["headers"] == {name: "<masked>", "X-Team": "asr"}
+    from whisper_exporter.whisper.clients import OpenAIClient
+
+    client = OpenAIClient("http://whisper.test", headers={name: "hunter2-value"})
+    assert client.redact("echo hunter2-value") == "echo <masked>"
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("http://TOKEN123@whisper:8000/x", "http://<masked>@whisper:8000/x"),
+    ("http://u:p@ss@whisper:8000", "http://u:<masked>@whisper:8000"),
+    ("https://asr:hunter2@whisper.internal:8443/base", "https://asr:<masked>@whisper.internal:8443/base"),
+    ("http://:pw@whisper", "http://<masked>@whisper"),
+    ("http://127.0.0.1:8000", "http://127.0.0.1:8000"),
+])
+def test_masked_url(url, shown):
+    assert config.masked_url(url) == shown
+
+
+# -- a Whisper server that drips its answer (item 3) ------------------------------------------------
+
+class DripServer:
+    """A loopback HTTP server that reads the request, then sends its answer a few bytes at a time:
+    `headers` drips the header lines, `body` sends headers at once and drips the body. `cut_off`
+    tells whether the client hung up before the drip was done."""
+
+    def __init__(self, mode: str, drips: int = 80, every: float = 0.25):
+        import socket
+        import threading
+
+        self.mode, self.drips, self.every = mode, drips, every
+        self.cut_off = False
+        self.finished = threading.Event()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import time
+
+        conn, _ = self.sock.accept()
+        try:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int([line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")][0])
+            while len(body) < length:
+                body += conn.recv(65536)
+            answer = b'{"text": "' + b"x" * self.drips + b'"}'
+            if self.mode == "headers":
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                for i in range(self.drips):
+                    conn.sendall(b"X-Drip-%d: 1\r\n" % i)
+                    time.sleep(self.every)
+                conn.sendall(b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(answer) + answer)
+            else:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                             % len(answer))
+                for i in range(len(answer)):
+                    conn.sendall(answer[i:i + 1])
+                    time.sleep(self.every * self.drips / len(answer))
+        except OSError:  # the client gave up: what the fix is about
+            self.cut_off = True
+        finally:
+            conn.close()
+            self.sock.close()
+            self.finished.set()
+
+
+@pytest.mark.parametrize("mode", ["headers", "body"])
+def test_the_timeout_is_a_total_deadline_against_a_dripping_server(mode):
+    from whisper_exporter.whisper.clients import OpenAIClient
+
+    server = DripServer(mode)  # drips for 20 s; the client's timeout is 1.5 s
+    result = OpenAIClient(server.url, timeout=1.5).transcribe(b"RIFF" + b"\0" * 100_000)
+    assert result.outcome == "timeout", result
+    assert server.finished.wait(30)
+    assert server.cut_off, "the client waited for the whole drip"
