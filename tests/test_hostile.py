@@ -74,7 +74,7 @@ def test_deep_nesting_exits_2_not_a_traceback(tmp_path):
 
 
 def test_error_messages_render_a_bounded_value():
-    huge = [["x" * 1000] * 1000] * 1000  # shared, like an expanded alias: a billion characters
+    huge = [[["x" * 1000] * 1000] * 1000] * 1000  # shared, like an expanded alias: 10**12 characters
     err = ConfigError("c.yaml", "listen", "a string", huge)
     assert len(str(err)) < 200
 
@@ -198,3 +198,135 @@ def test_the_timeout_is_a_total_deadline_against_a_dripping_server(mode):
     assert result.outcome == "timeout", result
     assert server.finished.wait(30)
     assert server.cut_off, "the client waited for the whole drip"
+
+
+# -- malicious answers under the 8 MiB cap (item 4) ---------------------------------------------------
+
+class AnswerServer:
+    """A loopback Whisper server that answers every request with one fixed body."""
+
+    def __init__(self, body: bytes, content_type: str = "application/json"):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def answering():
+    servers = []
+
+    def start(body: bytes, content_type: str = "application/json") -> AnswerServer:
+        servers.append(AnswerServer(body, content_type))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+EMPTY_SEGMENTS = b'{"text": "hi", "segments": [' + b",".join([b"{}"] * 2_790_000) + b"]}"  # 8.37 MB
+DEEP = b'{"text": "hi", "segments": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+HUGE_TEXT = b'{"text": "' + b"hello " * 1_300_000 + b'"}'  # 7.8 MB
+
+
+def test_millions_of_empty_segments_are_a_bad_response(answering):
+    from whisper_exporter.whisper.clients import OpenAIClient
+
+    assert len(EMPTY_SEGMENTS) <= 8 * 1024 * 1024  # under the body cap
+    server = answering(EMPTY_SEGMENTS)
+    result = OpenAIClient(server.url, timeout=30).transcribe(b"RIFF")
+    assert result.outcome == "bad_response" and "JSON objects and arrays" in result.reason
+
+
+def test_json_nested_200k_deep_is_a_bad_response_not_a_crash(answering):
+    from whisper_exporter.whisper import clients
+
+    server = answering(DEEP)
+    result = clients.OpenAIClient(server.url, timeout=30).transcribe(b"RIFF")
+    assert result.outcome == "bad_response"
+    # Under the container bound, Python's recursion limit is what stops it: still a bad response.
+    nested = b'{"text": "hi", "segments": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with pytest.raises(clients._BadResponse, match="nested too deep"):
+        clients.OpenAIClient(server.url)._parse(nested, "application/json")
+
+
+def test_a_huge_transcript_is_clipped_before_scoring(answering):
+    from whisper_exporter.whisper.clients import MAX_TEXT_CHARS, OpenAIClient
+
+    server = answering(HUGE_TEXT)
+    result = OpenAIClient(server.url, timeout=30).transcribe(b"RIFF")
+    assert result.outcome == "success" and len(result.transcription.text) == MAX_TEXT_CHARS
+
+
+def test_a_lone_surrogate_is_made_safe_to_render(answering):
+    from whisper_exporter.whisper.clients import OpenAIClient
+
+    server = answering(b'{"text": "bad \\ud800 text", "segments": [{"text": "\\udfff"}]}')
+    result = OpenAIClient(server.url, timeout=30).transcribe(b"RIFF")
+    assert result.outcome == "success"
+    result.transcription.text.encode("utf-8")  # raised UnicodeEncodeError: the status page's 500
+    result.transcription.segments[0].text.encode("utf-8")
+    assert result.transcription.text == "bad ? text"
+
+
+def test_probe_of_a_deeply_nested_answer_counts_bad_response(answering):
+    from whisper_exporter.collectors.probe import ProbeCollector, ProbeConfig
+
+    server = answering(DEEP)
+    collector = ProbeCollector(ProbeConfig(timeout=30), config.Config(), url=server.url)
+    collector.update()  # raised RecursionError, taking the collector down
+    assert collector._runs["en-short"]["bad_response"] == 1
+
+
+def test_user_info_and_an_api_key_are_refused_not_silently_replaced(monkeypatch):
+    from whisper_exporter.whisper.clients import ClientSetupError, make_client
+
+    monkeypatch.setenv("HOSTILE_KEY", "sk-hunter2")
+    service = config.ServiceConfig(url="http://asr:pw@whisper.test:8000", api_key_env="HOSTILE_KEY")
+    with pytest.raises(ClientSetupError, match="both would be sent as the Authorization header") as err:
+        make_client(service)
+    assert "pw" not in str(err.value).replace("password", "") and "sk-hunter2" not in str(err.value)
+    with pytest.raises(ClientSetupError):
+        make_client(config.ServiceConfig(url="http://tok@whisper.test", headers={"Authorization": "Bearer x"}))
+    assert make_client(config.ServiceConfig(url="http://asr:pw@whisper.test:8000")).url == \
+        "http://asr:<masked>@whisper.test:8000"
+
+
+def test_production_transcripts_stay_off_a_page_without_auth():
+    from types import SimpleNamespace
+
+    from whisper_exporter.runtime.scheduler import Scheduler
+    from whisper_exporter.runtime.shared import Shared
+    from whisper_exporter.web import status as landing
+
+    said = SimpleNamespace(id="p1", language="en", unit="word", error_rate=0.5, score=object(), result="scored",
+                           outcome="success", reference="my card number is 4111", transcript="my card number is 4111",
+                           started=0.0, reason="")
+    canary = SimpleNamespace(**{**vars(said), "id": "r1", "reference": "the quick fox", "transcript": "the quick fax"})
+    view = SimpleNamespace(worst_items=lambda: {"production": [said], "reference": [canary]})
+    shared = Shared.build(config.Config())
+    shared.quality_view = view
+    scheduler = Scheduler([], shared=shared)
+    page = landing.render(config.Config(), scheduler)
+    assert "4111" not in page and "p1" in page and "quick fax" in page
+    shared.page_authenticated = True
+    assert "4111" in landing.render(config.Config(), scheduler)

@@ -78,6 +78,10 @@ def start(
     host, port = config.listen_address
     web = web or WebConfig()
     app = make_app(config, scheduler, registry)
+    if scheduler.shared is not None:
+        # Basic auth, or mutual TLS that requires a client certificate.
+        scheduler.shared.page_authenticated = bool(web.users) or (
+            web.ssl_context is not None and web.ssl_context.verify_mode == ssl.CERT_REQUIRED)
     if web.users:
         app = BasicAuth(app, web.users, open_paths=HEALTH_PATHS if health_open else ())
     app = with_headers(app, web.headers)

@@ -50,7 +50,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ReadTimeoutError
 
-from whisper_exporter.config import MASK, secret_name
+from whisper_exporter.config import MASK, masked_url, secret_name
 from whisper_exporter.whisper import languages
 
 SUCCESS = "success"
@@ -359,7 +359,7 @@ class WhisperClient:
         parts = urlsplit(url.rstrip("/"))
         if parts.password:
             self._secrets.append(parts.password)
-        if parts.username:  # a user name alone (http://TOKEN@host) is a token
+        if parts.username and parts.password is None:  # a user name alone (http://TOKEN@host) is a token
             self._secrets.append(parts.username)
         self._url = urlunsplit(parts)
         for name, value in self._headers.items():
@@ -379,7 +379,7 @@ class WhisperClient:
     @property
     def url(self) -> str:
         """The base URL, user info masked."""
-        return self.redact(self._url)
+        return self.redact(masked_url(self._url))
 
     def redact(self, text: str) -> str:
         for secret in self._secrets:
@@ -457,7 +457,7 @@ class WhisperClient:
             headers["Authorization"] = "Bearer " + self._api_key.reveal()
         url = self.endpoint_url()
         exchange = Exchange(
-            url=self.redact(requests.Request("GET", url, params=params).prepare().url or url),
+            url=self.redact(masked_url(requests.Request("GET", url, params=params).prepare().url or url)),
             fields={k: self.redact(v) for k, v in fields.items()},
             file_field=self.file_field,
             file_name=os.path.basename(filename),
