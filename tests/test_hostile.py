@@ -330,3 +330,87 @@ def test_production_transcripts_stay_off_a_page_without_auth():
     assert "4111" not in page and "p1" in page and "quick fax" in page
     shared.page_authenticated = True
     assert "4111" in landing.render(config.Config(), scheduler)
+
+
+# -- log files: FIFOs and links (items 5 and 6) ------------------------------------------------------
+
+def _follower(path, **options):
+    from whisper_exporter.logfiles.follow import Follower
+
+    lines: list[bytes] = []
+    return Follower(str(path), on_lines=lines.extend, **options), lines
+
+
+def test_a_fifo_next_to_the_log_does_not_wedge_copytruncate_recovery(tmp_path):
+    import threading
+
+    log = tmp_path / "app.log"
+    log.write_text("")
+    f, lines = _follower(log)
+    f.poll()
+    log.write_text("one\ntwo\n")
+    f.poll()
+    fifo = tmp_path / "app.log.pipe"
+    os.mkfifo(fifo)
+    log.write_text("")  # truncated: the recovery looks for copytruncate's copy next to it
+    done = threading.Event()
+    threading.Thread(target=lambda: (f.poll(), done.set()), daemon=True).start()
+    wedged = not done.wait(10)
+    if wedged:  # let the blocked open() go, so the test ends
+        os.close(os.open(fifo, os.O_WRONLY))
+    assert not wedged, "the follower blocked opening a FIFO"
+    assert lines == [b"one", b"two"]
+
+
+def _secret_and_link(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    secret = tmp_path / "shadow"
+    secret.write_text("API_KEY=sk-hunter2-secret\n")
+    (logs / "app.log").write_text("")
+    (logs / "evil.log").symlink_to(secret)
+    return logs
+
+
+def test_a_symlink_is_refused_when_links_are_not_followed(tmp_path):
+    logs = _secret_and_link(tmp_path)
+    f, lines = _follower(logs / "*.log", start_at_end=False, follow_symlinks=False)
+    f.poll()
+    assert lines == [] and f.read_errors == {"symlink_refused": 1} and f.open_files == 1
+
+
+def test_files_outside_the_allowed_dirs_are_refused(tmp_path):
+    logs = _secret_and_link(tmp_path)
+    f, lines = _follower(logs / "*.log", start_at_end=False, allowed_dirs=[str(logs)])
+    f.poll()
+    assert lines == [] and f.read_errors == {"outside_allowed_dirs": 1}
+    # a link that stays inside is fine
+    (logs / "evil.log").unlink()
+    (logs / "alias.log").symlink_to(logs / "app.log")
+    (logs / "app.log").write_text("inside\n")
+    f.poll()
+    assert lines == [b"inside"]
+
+
+def test_a_bad_line_of_a_file_that_is_not_a_log_is_never_quoted(tmp_path, caplog):
+    import logging
+
+    from whisper_exporter.collectors.logs import LogsCollector
+
+    logs = _secret_and_link(tmp_path)
+    section = config.from_dict({"collectors": {"logs": {"enabled": True, "start_at": "beginning", "files": [
+        {"path": str(logs / "*.log"), "format": "json"}]}}}).collectors.logs
+    with caplog.at_level(logging.WARNING):
+        LogsCollector(section).update()
+    assert "invalid_json" in caplog.text and "sk-hunter2" not in caplog.text
+
+
+def test_logs_allowed_dirs_are_checked(tmp_path):
+    def load(**logs):
+        return config.from_dict({"collectors": {"logs": {"enabled": True, **logs}}})
+
+    with pytest.raises(ConfigError, match="allowed_dirs\\[0\\]: expected an absolute directory path"):
+        load(allowed_dirs=["logs"], files=[{"path": "/var/log/app.log"}])
+    with pytest.raises(ConfigError, match="files\\[0\\].path: expected a path inside one of allowed_dirs"):
+        load(allowed_dirs=[str(tmp_path / "logs")], files=[{"path": str(tmp_path / "other" / "*.log")}])
+    assert load(allowed_dirs=[str(tmp_path)], files=[{"path": str(tmp_path / "*.log")}]).collectors.logs.allowed_dirs
