@@ -414,3 +414,63 @@ def test_logs_allowed_dirs_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="files\\[0\\].path: expected a path inside one of allowed_dirs"):
         load(allowed_dirs=[str(tmp_path / "logs")], files=[{"path": str(tmp_path / "other" / "*.log")}])
     assert load(allowed_dirs=[str(tmp_path)], files=[{"path": str(tmp_path / "*.log")}]).collectors.logs.allowed_dirs
+
+
+# -- the review queue (item 9) -------------------------------------------------------------------------
+
+def _queue_item(n: int, text: str = "a transcript"):
+    from whisper_exporter.quality.sampling import QueueItem
+
+    return QueueItem(id=f"id-{n}", audio=f"/srv/{n}.wav", transcript=text, language="en", duration=3.0,
+                     duration_band="0-5s", sampled_at=0.0)
+
+
+def test_a_full_disk_leaves_no_partial_record_in_the_review_queue(tmp_path):
+    import resource
+    import signal
+
+    from whisper_exporter.quality.sampling import ReviewQueue
+
+    path = tmp_path / "queue.jsonl"
+    queue = ReviewQueue(str(path), max_items=100)
+    assert queue.add(_queue_item(1))
+    size = path.stat().st_size
+    # The file-size limit stands in for a full disk: a write across it is cut short, then fails.
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 50, old_limit[1]))
+    try:
+        assert not queue.add(_queue_item(2, "x" * 500))  # the disk fills up in the middle of it
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert queue.add(_queue_item(3))
+    lines = path.read_text().splitlines()
+    import json
+
+    assert [json.loads(line)["id"] for line in lines] == ["id-1", "id-3"]
+    assert queue.stats() == (2, 2, {"full": 0, "duplicate": 0, "write_error": 1})
+
+
+def test_an_append_after_a_torn_line_starts_a_new_line(tmp_path):
+    from whisper_exporter.quality.sampling import ReviewQueue
+
+    path = tmp_path / "queue.jsonl"
+    path.write_text('{"id": "torn", "aud')  # a crash in the middle of a write
+    queue = ReviewQueue(str(path), max_items=100)
+    assert queue.add(_queue_item(1))
+    assert [i.id for i in queue.items()] == ["id-1"]
+
+
+def test_the_review_queue_keeps_its_mode_when_rewritten(tmp_path):
+    import stat as stat_mod
+
+    from whisper_exporter.quality.sampling import ReviewQueue
+
+    path = tmp_path / "queue.jsonl"
+    queue = ReviewQueue(str(path), max_items=100)
+    queue.add(_queue_item(1))
+    queue.add(_queue_item(2))
+    os.chmod(path, 0o664)  # readable by the reviewers' group
+    assert queue.remove(["id-1"]) == 1
+    assert stat_mod.S_IMODE(path.stat().st_mode) == 0o664  # was 0o600 after the rewrite
