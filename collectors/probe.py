@@ -203,13 +203,7 @@ def probe_canary(client: clients.WhisperClient, canary: Canary, max_error_rate: 
     """Probe one canary now. Raises audio.AudioError when its audio cannot be read;
     everything the server does becomes the record's result."""
     path = canary.audio
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise audio.AudioError(f"{path}: no such file") from None
-    except OSError as err:
-        raise audio.AudioError(f"{path}: cannot read ({err.strerror or err})") from None
+    data = audio.read_audio(path)  # a regular file of bounded size, never a FIFO or /dev/zero
     audio_duration = audio.duration_seconds(data, name=path)
     name = canary.name or canary_name(canary)
     started = time.time()

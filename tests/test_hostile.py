@@ -474,3 +474,77 @@ def test_the_review_queue_keeps_its_mode_when_rewritten(tmp_path):
     os.chmod(path, 0o664)  # readable by the reviewers' group
     assert queue.remove(["id-1"]) == 1
     assert stat_mod.S_IMODE(path.stat().st_mode) == 0o664  # was 0o600 after the rewrite
+
+
+# -- audio and manifest files (item 11) ---------------------------------------------------------------
+
+def test_dev_zero_as_audio_is_refused_not_read():
+    from whisper_exporter.whisper import audio
+
+    with pytest.raises(audio.AudioError, match="not a regular file"):
+        audio.read_audio("/dev/zero")  # read until MemoryError at 2.4 GB
+    with pytest.raises(audio.AudioError, match="not a regular file"):
+        audio.duration_seconds("/dev/zero")
+
+
+def test_a_fifo_as_audio_does_not_hang_evaluate(tmp_path):
+    import threading
+
+    from whisper_exporter.quality.evaluate import evaluate_item
+    from whisper_exporter.quality.manifest import Item
+    from whisper_exporter.whisper.clients import OpenAIClient
+
+    fifo = tmp_path / "a.wav"
+    os.mkfifo(fifo)
+    item = Item(id="f", line=1, audio=str(fifo), reference="hello", language="en", duration=1.0)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(
+        evaluate_item(OpenAIClient("http://127.0.0.1:9"), item)), daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():  # let the blocked open() go, so the test ends
+        os.close(os.open(fifo, os.O_WRONLY))
+    assert results and results[0].outcome == "audio_error" and "not a regular file" in results[0].reason
+
+
+def test_a_3_gb_sparse_wav_is_not_read_whole(tmp_path):
+    from whisper_exporter.whisper import audio
+
+    from helpers import wav
+
+    path = tmp_path / "big.wav"
+    wav(path, seconds=1.0)
+    with open(path, "r+b") as f:
+        f.truncate(3 * 1024 ** 3)  # sparse: no disk used
+    with pytest.raises(audio.AudioError, match="larger than 256 MiB"):
+        audio.read_audio(path)
+
+
+def test_a_deeply_nested_manifest_line_is_skipped(tmp_path):
+    from whisper_exporter.quality import manifest
+
+    from helpers import wav
+
+    wav(tmp_path / "a.wav", seconds=1.0)
+    good = '{"id": "a", "audio": "a.wav", "reference": "hello there", "language": "en"}'
+    path = tmp_path / "m.jsonl"
+    path.write_text(good + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    loaded = manifest.load(path)
+    assert [i.id for i in loaded.items] == ["a"]
+    assert [str(p) for p in loaded.problems] == ["line 2: JSON nested too deep"]
+
+
+def test_manifest_errors_do_not_quote_a_file_that_is_no_manifest(tmp_path):
+    from whisper_exporter.quality import manifest
+
+    shadow = tmp_path / "shadow"
+    shadow.write_text("root:$6$saltsalt$hashhashhash:19000:0:99999:7:::\n")
+    with pytest.raises(manifest.ManifestError) as err:
+        manifest.load(shadow)
+    assert "hashhash" not in str(err.value) and "unknown column" in str(err.value)
+    with pytest.raises(manifest.ManifestError, match="not a regular file"):
+        manifest.load("/dev/zero")
+    csv = tmp_path / "m.csv"
+    csv.write_text("audio,reference,language,speaker\n")
+    with pytest.raises(manifest.ManifestError, match="unknown column 'speaker'"):  # a real header still says
+        manifest.load(csv)

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
-from whisper_exporter.whisper import clients
+from whisper_exporter.whisper import audio, clients
 from whisper_exporter.whisper import scoring
 from whisper_exporter.quality.manifest import Item, Manifest, Problem
 
@@ -82,11 +82,10 @@ def evaluate_item(client: clients.WhisperClient, item: Item, set_: str = "refere
         started=time.time(), set=set_,
     )
     try:
-        with open(item.audio, "rb") as f:
-            data = f.read()
-    except OSError as err:
+        data = audio.read_audio(item.audio)  # a regular file of bounded size, never a FIFO
+    except audio.AudioError as err:
         result.outcome = "audio_error"
-        result.reason = f"cannot read {item.audio} ({err.strerror or err})"
+        result.reason = f"cannot read {err}"
         return result
     outcome = client.transcribe(data, os.path.basename(item.audio), item.language)
     result.outcome, result.elapsed, result.reason = outcome.outcome, outcome.elapsed, outcome.reason

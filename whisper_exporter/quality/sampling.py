@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Iterable, Optional, Sequence
 
-from whisper_exporter.quality.manifest import Item, Problem, duration_band, jsonl_records
+from whisper_exporter.quality.manifest import Item, Problem, duration_band, jsonl_records, read_regular
 from whisper_exporter.whisper.languages import language_code
 
 log = logging.getLogger("whisper_exporter.quality.sampling")
@@ -235,8 +235,7 @@ class ReviewQueue:
 
     def _read(self) -> tuple[list[QueueItem], list[Problem]]:
         try:
-            with open(self.path, "rb") as f:
-                data = f.read()
+            data = read_regular(self.path)
         except FileNotFoundError:
             return [], []
         items, problems = [], []
@@ -416,8 +415,7 @@ def load_references(path: str) -> tuple[dict[str, VerifiedReference], list[Probl
     """The reviewers' file: id -> verified reference, and the lines skipped (a later line for
     the same id wins). A missing file is no references yet."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular(path)
     except FileNotFoundError:
         return {}, []
     refs: dict[str, VerifiedReference] = {}
