@@ -50,6 +50,15 @@ def test_an_alias_bomb_in_check_config_exits_2_with_a_short_message(tmp_path):
     assert len(done.stderr) < 300 and "lol" not in done.stderr
 
 
+def test_an_alias_bomb_as_web_config_is_refused(tmp_path):
+    from whisper_exporter.web.webconfig import load_web_config
+
+    path = tmp_path / "web.yml"
+    path.write_text(ALIAS_BOMB.replace("listen:", "basic_auth_users:"))
+    with pytest.raises(ConfigError, match="once aliases are expanded"):
+        load_web_config(str(path))
+
+
 def test_aliases_within_bounds_still_work(tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text("service:\n  headers: &h {X-Team: asr}\ncollectors:\n  probe:\n    enabled: false\n"

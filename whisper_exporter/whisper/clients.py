@@ -494,13 +494,13 @@ class WhisperClient:
             return failed(TIMEOUT, f"no answer within {self.timeout:g}s")
         except requests.ConnectionError as err:
             if dog.expired:
-                return failed(TIMEOUT, f"no complete answer headers within {self.timeout:g}s")
+                return failed(TIMEOUT, f"the answer did not arrive in full within {self.timeout:g}s")
             if _is_read_timeout(err):
                 return failed(TIMEOUT, f"no answer within {self.timeout:g}s")
             return failed(CONNECTION_ERROR, f"cannot connect: {_connection_reason(err)}")
         except requests.RequestException as err:
             if dog.expired:
-                return failed(TIMEOUT, f"no complete answer headers within {self.timeout:g}s")
+                return failed(TIMEOUT, f"the answer did not arrive in full within {self.timeout:g}s")
             return failed(CONNECTION_ERROR, f"request failed: {type(err).__name__}")
         with response:
             status = response.status_code
@@ -517,13 +517,13 @@ class WhisperClient:
             except (requests.RequestException, OSError) as err:
                 exchange.body_bytes = size
                 if dog.expired:
-                    return failed(TIMEOUT, f"the answer took longer than {self.timeout:g}s to arrive", status)
+                    return failed(TIMEOUT, f"the answer did not arrive in full within {self.timeout:g}s", status)
                 if _is_read_timeout(err):
                     return failed(TIMEOUT, f"the answer stopped arriving for {self.timeout:g}s", status)
                 return failed(CONNECTION_ERROR, f"the connection broke while reading the answer: {_connection_reason(err)}", status)
             if dog.expired:  # the shutdown may read as a short body
                 exchange.body_bytes = size
-                return failed(TIMEOUT, f"the answer took longer than {self.timeout:g}s to arrive", status)
+                return failed(TIMEOUT, f"the answer did not arrive in full within {self.timeout:g}s", status)
         elapsed = time.perf_counter() - started
         body = b"".join(chunks)
         exchange.body_bytes = len(body)
