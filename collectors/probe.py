@@ -410,6 +410,7 @@ def debug_text(record: ProbeRecord) -> str:
         f"Probing canary {record.canary!r} against {record.target} (api {record.api})",
         f"  audio: {record.audio_path} ({record.audio_duration:.2f} s, language {record.language})",
         f"Request: {ex.method} {ex.url}",
+        "  headers: " + (", ".join(f"{k}: {v}" for k, v in ex.headers.items()) or "-"),
         "  form: " + ", ".join(f"{k}={v}" for k, v in ex.fields.items())
         + f"{', ' if ex.fields else ''}{ex.file_field}=@{ex.file_name} ({ex.file_bytes} bytes)",
     ]

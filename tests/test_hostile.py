@@ -557,3 +557,19 @@ def test_manifest_errors_do_not_quote_a_file_that_is_no_manifest(tmp_path):
     csv.write_text("audio,reference,language,speaker\n")
     with pytest.raises(manifest.ManifestError, match="unknown column 'speaker'"):  # a real header still says
         manifest.load(csv)
+
+
+def test_probe_debug_output_masks_credential_headers(answering, monkeypatch):
+    from whisper_exporter.collectors.probe import ProbeCollector, ProbeConfig, debug_text
+
+    monkeypatch.setenv("HOSTILE_KEY", "sk-hunter2-key")
+    server = answering(b'{"text": "hi"}')
+    service = {"url": server.url, "api_key_env": "HOSTILE_KEY",
+               "headers": {"X-Goog-Api-Key": "goog-hunter2", "Proxy-Authorization": "Basic aHVudGVyMg==",
+                           "X-Team": "asr"}}
+    c = config.from_dict({"service": service})
+    collector = ProbeCollector(ProbeConfig(timeout=30), c)
+    collector.update()
+    text = debug_text(collector._latest["en-short"])
+    assert "X-Goog-Api-Key: <masked>" in text and "X-Team: asr" in text and "Authorization: <masked>" in text
+    assert "hunter2" not in text and "aHVudGVyMg" not in text

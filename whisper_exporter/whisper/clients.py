@@ -50,7 +50,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ReadTimeoutError
 
-from whisper_exporter.config import MASK, masked_url, secret_name
+from whisper_exporter.config import MASK, masked_headers, masked_url, secret_name
 from whisper_exporter.whisper import languages
 
 SUCCESS = "success"
@@ -169,6 +169,7 @@ class Exchange:
     file_field: str = "file"
     file_name: str = ""
     file_bytes: int = 0
+    headers: dict[str, str] = field(default_factory=dict)  # sent, credential-like ones masked
     status_code: Optional[int] = None
     content_type: Optional[str] = None
     body_bytes: int = 0
@@ -462,6 +463,7 @@ class WhisperClient:
             file_field=self.file_field,
             file_name=os.path.basename(filename),
             file_bytes=len(audio),
+            headers={k: self.redact(v) for k, v in masked_headers(headers).items()},
         )
         session = requests.Session()
         session.trust_env = False  # no proxies or .netrc credentials from the environment
