@@ -95,8 +95,8 @@ class ProbeConfig:
     def run_timeout(self) -> float:
         """The scheduler's watchdog for one run of every canary, one after another.
 
-        A request may take up to three timeouts in the worst case (connecting, waiting for
-        the answer, a body that stops arriving), plus reading the audio and scoring."""
+        A request ends by its timeout (a total deadline, clients.py); the watchdog keeps the
+        margin of three, plus reading the audio and scoring, for a machine that is slow."""
         return max(1, len(self.canaries)) * (3 * self.timeout + 1.0) + 5.0
 
     def check(self, at: KeyPath) -> None:

@@ -23,8 +23,15 @@ It raises `ClientSetupError` for what is wrong on our side (an API key that
 cannot be read).
 
 Timing covers sending the request and reading the whole answer (the multipart
-body is built before the clock starts). `timeout` bounds the connection, the
-wait for the answer's headers, and the reading of its body.
+body is built before the clock starts). `timeout` is a total deadline for the
+connection, the answer's headers and its body together: a server that drips a
+byte at a time is cut off when it passes (requests' own timeout bounds each
+read, not the request).
+
+A hostile answer under MAX_BODY_BYTES is bounded too: too many JSON objects or
+values, or nesting too deep, is `bad_response`; the text is clipped to
+MAX_TEXT_CHARS and the segments to MAX_SEGMENTS before anyone scores them, and
+made safe to encode (a lone surrogate becomes "?").
 
 Secrets: the API key (from `service.api_key_env` or `service.api_key_file`,
 sent as `Authorization: Bearer ...`), the values of credential-like headers and
