@@ -117,6 +117,9 @@ def test_header_values_are_not_repeated_in_errors():
         config.from_dict({"service": {"headers": {"X-Auth-Token": ["tok-hunter2"]}}})
     assert "hunter2" not in str(err.value)
     assert "service.headers.X-Auth-Token: expected a string" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        config.from_dict({"service": {"headers": "X-Auth-Token: tok-hunter2"}})
+    assert "hunter2" not in str(err.value) and "service.headers: expected a mapping" in str(err.value)
 
 
 # -- masking (item 2) -----------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def _show(value: Any, key: str = "") -> str:
     """A value for an error message: short whatever its size (an expanded alias bomb is not
     rendered), credentials never (a header value, a key named like a secret, a URL's user info)."""
     parts = re.split(r"[.\[]", key)
-    if any(secret_name(p) for p in parts[-1:]) or "headers" in parts[:-1]:
+    if any(secret_name(p) for p in parts[-1:]) or "headers" in parts:
         return MASK
     if isinstance(value, str):
         if "@" in value:  # user info of a URL, well-formed or not

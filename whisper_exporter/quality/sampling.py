@@ -139,11 +139,10 @@ class StratifiedSampler:
 
     def _load(self) -> None:
         try:
-            with open(self.state_path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = json.loads(read_regular(self.state_path).decode("utf-8"))
         except FileNotFoundError:
             return
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RecursionError) as err:
             log.warning("quality: cannot read the sampling state %s (%s); starting a new pass", self.state_path, err)
             return
         if isinstance(data, dict) and data.get("version") == STATE_VERSION:
