@@ -576,3 +576,23 @@ def test_probe_debug_output_masks_credential_headers(answering, monkeypatch):
     text = debug_text(collector._latest["en-short"])
     assert "X-Goog-Api-Key: <masked>" in text and "X-Team: asr" in text and "Authorization: <masked>" in text
     assert "hunter2" not in text and "aHVudGVyMg" not in text
+
+
+def test_masked_url_never_shows_a_password_fuzz():
+    from hypothesis import assume, given, settings
+    from hypothesis import strategies as st
+
+    # Secrets long enough not to occur by chance in the rest of the URL.
+    secret = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789@:%!$&'()*+,;=-._~", min_size=8, max_size=30)
+
+    @settings(max_examples=300, deadline=None)
+    @given(user=st.text(alphabet="abcdefghij", max_size=8), password=secret,
+           host=st.sampled_from(["whisper", "10.0.0.1", "[::1]", "whisper:8000"]),
+           path=st.sampled_from(["", "/v1", "/a@b", "?q=1"]))
+    def check(user, password, host, path):
+        assume(password not in user + host + path)
+        url = f"http://{user}:{password}@{host}{path}"
+        shown = config.masked_url(url)
+        assert password not in shown and shown.endswith(f"@{host}{path}"), (url, shown)
+
+    check()
