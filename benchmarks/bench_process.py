@@ -31,7 +31,6 @@ except ModuleNotFoundError as err:  # collectors/__init__ also imports gpu.py
     package.__path__ = [str(ROOT / "collectors")]
     sys.modules["collectors"] = package
     process = importlib.import_module("whisper_exporter.collectors.process")
-from whisper_exporter.config import Config  # noqa: E402
 from whisper_exporter.collectors.process import ProcessConfig  # noqa: E402
 
 ROUNDS = int(__import__("os").environ.get("ROUNDS", "300"))

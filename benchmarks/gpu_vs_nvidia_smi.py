@@ -178,8 +178,8 @@ def main() -> int:
         t_b = time.monotonic()
         power_now = number(smi_gpu()["power.draw"])
         print(f"GPU: {gpu['name']} ({gpu['uuid']}), {args.rounds} rounds, exporter GPU interval 250 ms\n")
-        print(f"| reading | exporter (median) | nvidia-smi (median) | median abs. difference |")
-        print(f"|---|---|---|---|")
+        print("| reading | exporter (median) | nvidia-smi (median) | median abs. difference |")
+        print("|---|---|---|---|")
         for key, values in rows.items():
             a = statistics.median(v[0] for v in values)
             b = statistics.median(v[1] for v in values)

@@ -81,6 +81,11 @@ class LogsConfig:
     languages: Optional[list[str]] = None
     max_series: int = 5000  # endpoint x status x language combinations of whisper_requests_total
     max_line_bytes: int = 1048576  # longer lines are skipped and counted
+    # A file matched by a glob may be a link anywhere (/etc/shadow): refuse links, or confine the
+    # files read (their real paths, links resolved) to these directories. Kubernetes'
+    # /var/log/containers/*.log are links into /var/log/pods: allowed_dirs [/var/log/pods].
+    follow_symlinks: bool = True
+    allowed_dirs: Optional[list[str]] = None
 
     def warnings(self, at: KeyPath, config: Any) -> list[str]:
         """Settings that do nothing: no files, or paths where nothing is (yet)."""
@@ -93,6 +98,15 @@ class LogsConfig:
 
     def check(self, at: KeyPath) -> None:
         one_of(at, "start_at", self.start_at, ("end", "beginning"))
+        for i, folder in enumerate(self.allowed_dirs or ()):
+            if not os.path.isabs(os.path.expanduser(folder)):
+                raise at.error(f"allowed_dirs[{i}]", "an absolute directory path", folder)
+        if self.allowed_dirs is not None:
+            roots = [os.path.join(os.path.realpath(os.path.expanduser(d)), "") for d in self.allowed_dirs]
+            for i, entry in enumerate(self.files):
+                where = os.path.realpath(os.path.dirname(os.path.abspath(os.path.expanduser(entry.path))))
+                if not any(os.path.join(where, "").startswith(r) for r in roots):
+                    raise at.error(f"files[{i}].path", "a path inside one of allowed_dirs", entry.path)
         positive(at, "max_series", self.max_series, "a number greater than 0")
         positive(at, "max_line_bytes", self.max_line_bytes, "a number greater than 0")
         for i, path in enumerate(self.endpoints or ()):
@@ -106,7 +120,6 @@ class LogsConfig:
                 raise at.error(f"languages[{i}]", "a Whisper language code or name (en, english, yue)", name)
 
 LOG_EVERY = 60.0  # seconds between two warnings about bad lines of one kind in one file
-SAMPLE_CHARS = 120  # of a bad line, in the warning
 
 
 class _Source:
@@ -151,6 +164,8 @@ class LogsCollector:
                 on_error=lambda reason, sample, s=source: self._bad_line(s, reason, sample, locked=False),
                 start_at_end=start_at_end,
                 max_line_bytes=section.max_line_bytes,
+                follow_symlinks=section.follow_symlinks,
+                allowed_dirs=section.allowed_dirs,
             )
             self.sources.append(source)
         # Files present now are "present at start": they begin at their end. Files that
@@ -220,8 +235,9 @@ class LogsCollector:
         source.logged_at[reason] = now
         more = source.unlogged.pop(reason, 0)
         also = f" ({more} more since the last report)" if more else ""
-        sample = line[:SAMPLE_CHARS].decode("utf-8", "backslashreplace")
-        log.warning("log %s: skipped a bad line (%s)%s, e.g. %r", source.label, reason, also, sample)
+        # The line itself is never quoted: a glob can match a file that is not a log (a key file,
+        # /etc/shadow), and its first bad line would be a secret copied into our own log.
+        log.warning("log %s: skipped a bad line (%s, %d bytes)%s", source.label, reason, len(line), also)
 
     # -- exposition -----------------------------------------------------------
 

@@ -100,8 +100,8 @@ class ProbeConfig:
     def run_timeout(self) -> float:
         """The scheduler's watchdog for one run of every canary, one after another.
 
-        A request may take up to three timeouts in the worst case (connecting, waiting for
-        the answer, a body that stops arriving), plus reading the audio and scoring."""
+        A request ends by its timeout (a total deadline, clients.py); the watchdog keeps the
+        margin of three, plus reading the audio and scoring, for a machine that is slow."""
         return max(1, len(self.canaries)) * (3 * self.timeout + 1.0) + 5.0
 
     def check(self, at: KeyPath) -> None:
@@ -436,6 +436,7 @@ def debug_text(record: ProbeRecord) -> str:
         f"Probing canary {record.canary!r} against {record.target} (api {record.api})",
         f"  audio: {record.audio_path} ({record.audio_duration:.2f} s, language {record.language})",
         f"Request: {ex.method} {ex.url}",
+        "  headers: " + (", ".join(f"{k}: {v}" for k, v in ex.headers.items()) or "-"),
         "  form: " + ", ".join(f"{k}={v}" for k, v in ex.fields.items())
         + f"{', ' if ex.fields else ''}{ex.file_field}=@{ex.file_name} ({ex.file_bytes} bytes)",
     ]

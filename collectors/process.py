@@ -18,7 +18,6 @@ import os
 import re
 import socket
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 from urllib.parse import urlsplit

@@ -584,7 +584,7 @@ def performance() -> dict:
                    "reqps", "Transcription requests per second by language (unknown: the log does not say).",
                    stack=True),
         timeseries("Error ratio by replica",
-                   targets((f"job:whisper_requests_errors:ratio_rate5m{{job=~\"$job\"}}", "service {{job}}"),
+                   targets(("job:whisper_requests_errors:ratio_rate5m{job=~\"$job\"}", "service {{job}}"),
                            (f"job_instance:whisper_requests_errors:ratio_rate5m{{{JI}}}", "{{instance}}")),
                    "percentunit", f"5xx and failed requests over 5 minutes, of the service and per replica. Line: "
                    f"{ERROR_RATIO_ALERT:.0%}. Not by language: a request that fails is logged before its language "

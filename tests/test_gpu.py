@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-import sys
 import threading
 import time
-import types
 from collections import defaultdict
 
 import pynvml

@@ -16,7 +16,6 @@ from whisper_exporter.logfiles import parse as logparse
 from whisper_exporter.config import ConfigError, from_dict
 from whisper_exporter.quality.sampling import item_id
 from whisper_exporter.runtime.exporter import make_registry
-from whisper_exporter.runtime.quality_counters import review_queue_families
 from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.runtime.scheduler import Scheduler
 

@@ -2,7 +2,6 @@
 production sampling into the bounded review queue."""
 import json
 import math
-import os
 from collections import Counter
 
 import pytest

@@ -33,8 +33,10 @@ def failing_exporter(monkeypatch, tmp_path):
     config = from_dict({
         "listen": "127.0.0.1:0",
         # Nothing listens on port 9 (discard): every probe fails with connection refused.
-        "service": {"url": f"http://asr:{SECRET}@127.0.0.1:9", "api_key_env": "WHISPER_TEST_API_KEY",
-                    "headers": {"Authorization": f"Bearer {SECRET}", "X-Team": "speech"}},
+        # (User info in the URL together with an API key is refused: both are Authorization.)
+        "service": {"url": "http://127.0.0.1:9", "api_key_env": "WHISPER_TEST_API_KEY",
+                    "headers": {"Authorization": f"Bearer {SECRET}", "X-Auth-Token": SECRET,
+                                "X-Team": "speech"}},
         "collectors": {"gpu": {"enabled": False}, "probe": {"interval": "1s", "timeout": "2s"},
                        "process": {"match": "no-such-process-anywhere"}},
     }, source=str(tmp_path / "config.yml"))

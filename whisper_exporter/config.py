@@ -9,11 +9,14 @@ import dataclasses
 import ipaddress
 import os
 import re
+import reprlib
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -21,10 +24,23 @@ DEFAULT_PORT = 10111  # see README "Why port 10111"
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
 
 
+MASK = "<masked>"
+# A header or key whose name suggests a credential: its value is never shown (status page,
+# probe debug output, error messages). Over-masking a harmless header costs nothing.
+SECRET_NAME = re.compile(
+    r"auth|token|key|secret|cookie|session|pass(word|wd|phrase)?\b|passwd|signature|credential|"
+    r"bearer|private|csrf|xsrf|jwt|sig\b", re.I)
+# Key names whose values are names of secrets (a file, a variable), not secrets.
+_NAMES_A_SECRET = re.compile(r"_(file|env|path|type)$")
+MAX_CONFIG_BYTES = 1 << 20  # a configuration is a few KiB; /dev/zero is not one
+MAX_YAML_NODES = 100_000  # values after aliases are expanded (an alias bomb expands to billions)
+MAX_YAML_DEPTH = 100  # nesting of mappings and lists
+
+
 class ConfigError(Exception):
     def __init__(self, source: str, key: str, expected: str, got: Any = dataclasses.MISSING):
         self.source, self.key, self.expected = source, key, expected
-        shown = "" if got is dataclasses.MISSING else f", got {_show(got)}"
+        shown = "" if got is dataclasses.MISSING else f", got {_show(got, key)}"
         super().__init__(f"{source}: {key or '<top>'}: expected {expected}{shown}")
 
 
@@ -49,8 +65,28 @@ def _raise_all(errors: list[ConfigError]) -> None:
         raise ConfigErrors(errors)
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 6, 6, 6, 6
+_REPR.maxstring, _REPR.maxother = 80, 80
+
+
+def secret_name(name: Any) -> bool:
+    """Whether a header or key called `name` holds a credential (X-Auth-Token, Proxy-Authorization ...)."""
+    return bool(SECRET_NAME.search(str(name))) and not _NAMES_A_SECRET.search(str(name))
+
+
+def _show(value: Any, key: str = "") -> str:
+    """A value for an error message: short whatever its size (an expanded alias bomb is not
+    rendered), credentials never (a header value, a key named like a secret, a URL's user info)."""
+    parts = re.split(r"[.\[]", key)
+    if any(secret_name(p) for p in parts[-1:]) or "headers" in parts:
+        return MASK
+    if isinstance(value, str):
+        if "@" in value:  # user info of a URL, well-formed or not
+            value = masked_url(value) if "://" in value else f"{MASK}@{value.rpartition('@')[2]}"
+        text = repr(value[:80])
+    else:
+        text = _REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -359,20 +395,90 @@ def config_warnings(config: Config) -> list[str]:
     return out
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, refusing documents that expand (through aliases) or nest beyond bounds."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        # Counted here, before yaml's own recursion could reach Python's limit.
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.YAMLError(f"nesting deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        _check_bounds(node)
+        return node
+
+
+def _check_bounds(root: Any) -> None:
+    """Raise yaml.YAMLError when the node graph, aliases expanded, has more than MAX_YAML_NODES
+    values, nests deeper than MAX_YAML_DEPTH, or refers to itself. Linear in the graph, not
+    in its expansion: each node's expanded size is computed once."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any, depth: int) -> int:
+        if depth > MAX_YAML_DEPTH:
+            raise yaml.YAMLError(f"nesting deeper than {MAX_YAML_DEPTH} levels")
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        total = 1
+        if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)):
+            if id(node) in active:
+                raise yaml.YAMLError("an alias that refers to itself")
+            active.add(id(node))
+            children = node.value if isinstance(node, yaml.SequenceNode) else [n for kv in node.value for n in kv]
+            for child in children:
+                total += size(child, depth + 1)
+                if total > MAX_YAML_NODES:
+                    raise yaml.YAMLError(f"more than {MAX_YAML_NODES} values once aliases are expanded")
+            active.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    if root is not None:
+        size(root, 0)
+
+
 def read_yaml(path: str) -> Any:
-    """The YAML document in the file at `path`. Raises ConfigError naming the file."""
+    """The YAML document in the file at `path`. Raises ConfigError naming the file.
+
+    Hostile files are refused, never read to exhaustion: only a regular file of at most
+    MAX_CONFIG_BYTES (not /dev/zero, not a FIFO that never ends), and no document that
+    expands through aliases to more than MAX_YAML_NODES values or nests deeper than
+    MAX_YAML_DEPTH."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as err:
         raise ConfigError(path, "", f"a readable file ({err.strerror})")
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(path, "", "a regular file (not a device, FIFO or directory)")
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(path, "", f"a readable file ({err.strerror})")
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(path, "", f"a file of at most {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(path, "", "UTF-8 text")
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader
+    except RecursionError:
+        raise ConfigError(path, "", f"YAML nested at most {MAX_YAML_DEPTH} levels deep")
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(path, "", f"valid YAML{where} ({getattr(err, 'problem', err)})")
+        raise ConfigError(path, "", f"valid YAML{where} ({getattr(err, 'problem', None) or err})")
 
 
 def load(path: Optional[str]) -> Config:
@@ -388,16 +494,29 @@ def masked(config: Config) -> dict[str, Any]:
     data.pop("source", None)
     data["collectors"] = {name: _plain(dataclasses.asdict(section)) for name, section in config.collectors.items()}
     data["service"]["url"] = masked_url(config.service.url)
-    headers = data["service"]["headers"]
-    for name in headers:
-        if name.lower() in ("authorization", "x-api-key", "api-key", "cookie"):
-            headers[name] = "<masked>"
+    data["service"]["headers"] = masked_headers(config.service.headers)
     return data
 
 
+def masked_headers(headers: dict[str, str]) -> dict[str, str]:
+    """The headers with the value of every credential-like one (see SECRET_NAME) replaced."""
+    return {name: MASK if secret_name(name) else value for name, value in headers.items()}
+
+
 def masked_url(url: str) -> str:
-    """The URL with the password of its user info (http://user:pw@host) replaced."""
-    return re.sub(r"^([a-z]+://[^/@:\s]*):[^/@\s]*@", r"\1:<masked>@", url, flags=re.I)
+    """The URL with its user info masked: http://user:<masked>@host, or http://<masked>@host for
+    user info without a password (a token used as the user name)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unusable URL (a broken IPv6 literal): show none of it past the scheme
+        scheme = url.partition("://")[0] if "://" in url else ""
+        return f"{scheme}://{MASK}" if "@" in url else url
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at:
+        return url
+    user, colon, _password = userinfo.partition(":")
+    shown = f"{user}:{MASK}" if colon and user else MASK
+    return urlunsplit(parts._replace(netloc=f"{shown}@{hostport}"))
 
 
 def _plain(value: Any) -> Any:

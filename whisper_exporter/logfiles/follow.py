@@ -22,6 +22,13 @@ One `Follower` per configured path (a file or a glob). Each `poll()`:
    the same first bytes and the same bytes before our offset. A copy that is not followed by a truncation (a
    plain `cp`) is never read: its lines were read from the original.
 
+Only regular files are read. Every open is non-blocking and checked with fstat, so a FIFO
+or device that matches the glob (or appears next to the log, where copytruncate's copy is
+looked for) is skipped, never waited on. `follow_symlinks=False` refuses a file that is a
+symbolic link; `allowed_dirs` refuses any file whose real path (symlinks resolved) is not
+inside one of those directories, so a link to /etc/shadow is never read. Refusals are
+counted as read errors (symlink_refused, outside_allowed_dirs).
+
 Only complete lines are delivered; a partial last line waits for its newline.
 A line longer than max_line_bytes is dropped and reported (memory stays
 bounded: at most one read chunk plus one line per open file). Errors (permission
@@ -89,8 +96,13 @@ class Follower:
         on_error: Optional[Callable[[str, bytes], None]] = None,
         clock: Callable[[], float] = time.monotonic,
         retire_idle: Optional[float] = None,
+        follow_symlinks: bool = True,
+        allowed_dirs: Optional[list[str]] = None,
     ):
         self.pattern = os.path.expanduser(pattern)
+        self.follow_symlinks = follow_symlinks
+        self.allowed_dirs = None if allowed_dirs is None else [
+            os.path.join(os.path.realpath(os.path.expanduser(d)), "") for d in allowed_dirs]
         self.is_glob = any(c in self.pattern for c in "*?[")
         self.on_lines = on_lines
         self.on_error = on_error or (lambda reason, sample: None)
@@ -167,6 +179,11 @@ class Follower:
                 continue
             if not _is_regular(st.st_mode):
                 continue
+            refused = self._refused(path)
+            if refused:
+                self._count(refused)
+                self._log_once(refused, f"log {self.pattern}: {path}: not read ({refused.replace('_', ' ')})")
+                continue
             ident = (st.st_dev, st.st_ino)
             seen.add(ident)
             matched_paths.add(path)
@@ -184,7 +201,7 @@ class Follower:
                 offset, fp = remembered
                 partial_known = True
             try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                fd = self._open(path)
             except FileNotFoundError:
                 continue
             except OSError as err:
@@ -192,8 +209,8 @@ class Follower:
                 continue
             try:
                 st = os.fstat(fd)
-                if (st.st_dev, st.st_ino) != ident:  # replaced between stat and open: next poll
-                    os.close(fd)
+                if (st.st_dev, st.st_ino) != ident or not _is_regular(st.st_mode):
+                    os.close(fd)  # replaced between stat and open: next poll
                     continue
                 if offset is None:
                     offset, fp, skip_first = _end_of_complete_lines(fd, st.st_size, self.max_line_bytes)
@@ -352,8 +369,12 @@ class Follower:
             for name in names:
                 if name == base or not name.startswith(base) or name.endswith(SKIP_SUFFIXES):
                     continue
+                sibling = os.path.join(directory, name)
                 try:
-                    fd = os.open(os.path.join(directory, name), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    # A FIFO named app.log.pipe here wedged the collector in a blocking open.
+                    if not _is_regular(os.stat(sibling).st_mode) or self._refused(sibling):
+                        continue
+                    fd = self._open(sibling)
                 except OSError:
                     continue
                 opened.append(fd)
@@ -365,7 +386,8 @@ class Follower:
             if best is None:
                 # logrotate's `compress` without `delaycompress` may have compressed the copy already.
                 for name in sorted(names):
-                    if name.startswith(base) and name.endswith(tuple(_DECOMPRESS)):
+                    if name.startswith(base) and name.endswith(tuple(_DECOMPRESS)) and \
+                            not self._refused(os.path.join(directory, name)):
                         n = self._read_compressed_copy(os.path.join(directory, name), tail, since)
                         if n is not None:
                             return n
@@ -389,10 +411,18 @@ class Follower:
     def _read_compressed_copy(self, path: str, tail: _Tail, since: int) -> Optional[int]:
         """Like an uncompressed copy, decompressing from the start (once per rotation)."""
         try:
-            st = os.stat(path)
-            if st.st_mtime_ns < since or not _is_regular(st.st_mode) or not tail.head:
+            if not tail.head:
                 return None
-            with _DECOMPRESS[os.path.splitext(path)[1]](path, "rb") as z:
+            fd = self._open(path)
+            raw = os.fdopen(fd, "rb")
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if st.st_mtime_ns < since or not _is_regular(st.st_mode):
+                return None
+            os.set_blocking(fd, True)
+            with _DECOMPRESS[os.path.splitext(path)[1]](raw, "rb") as z:
                 if z.read(len(tail.head)) != tail.head:
                     return None
                 z.seek(tail.offset - len(tail.fp))
@@ -407,8 +437,10 @@ class Follower:
                     self.bytes += len(data)
                     self._split(tail, data)
         except (OSError, EOFError, ValueError) as err:  # corrupt, or still being written
-            log.info("log %s: could not read the compressed copy %s: %s", self.pattern, path, err)
+            log.info("log %s: could not read the compressed copy %s: %s", self.pattern, path, type(err).__name__)
             return None
+        finally:
+            raw.close()
 
     @staticmethod
     def _is_copy(fd: int, st: os.stat_result, tail: _Tail, since: int) -> bool:
@@ -455,14 +487,36 @@ class Follower:
         while len(self.closed) > _REMEMBER:
             del self.closed[next(iter(self.closed))]
 
+    # -- what may be read ---------------------------------------------------
+
+    def _open(self, path: str) -> int:
+        """A read-only descriptor of `path` that never blocks in open() (a FIFO, a device)."""
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        if not self.follow_symlinks:
+            flags |= getattr(os, "O_NOFOLLOW", 0)  # closes the race between the check and the open
+        return os.open(path, flags)
+
+    def _refused(self, path: str) -> Optional[str]:
+        """Why `path` must not be read under the symlink and directory settings; None if it may."""
+        if not self.follow_symlinks and os.path.islink(path):
+            return "symlink_refused"
+        if self.allowed_dirs is not None:
+            real = os.path.realpath(path)
+            if not any(real.startswith(d) for d in self.allowed_dirs):
+                return "outside_allowed_dirs"
+        return None
+
     # -- errors -------------------------------------------------------------
 
     def _error(self, err: OSError, where: str) -> None:
         reason = errno.errorcode.get(err.errno or 0, type(err).__name__)
         self._count(reason)
+        self._log_once(reason, f"log {self.pattern}: {where}: {err.strerror or err} (retrying at every poll)")
+
+    def _log_once(self, reason: str, message: str) -> None:
         if reason not in self._logged_errors:  # once per kind; the counter has the rest
             self._logged_errors.add(reason)
-            log.warning("log %s: %s: %s (retrying at every poll)", self.pattern, where, err.strerror or err)
+            log.warning("%s", message)
 
     def _count(self, reason: str) -> None:
         self.read_errors[reason] = self.read_errors.get(reason, 0) + 1

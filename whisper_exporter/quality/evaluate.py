@@ -88,7 +88,7 @@ def evaluate_item(client: clients.WhisperClient, item: Item, set_: str = "refere
         u = utterance.run(client, item.audio, item.reference, item.language, measure_duration=False)
     except AudioError as err:
         result.outcome = "audio_error"
-        result.reason = str(err)
+        result.reason = f"cannot read {err}"
         return result
     result.outcome, result.elapsed, result.reason = u.outcome, u.elapsed, u.reason
     if u.transcript is None or u.score is None:

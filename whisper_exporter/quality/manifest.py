@@ -38,11 +38,14 @@ the manifest has no tags.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 from bisect import bisect_right
 import json
 import math
 import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -71,6 +74,8 @@ STRATA_COLUMNS = ("duration_band", "audio_quality", "source")
 KNOWN_COLUMNS = tuple(COLUMN)
 
 MAX_TAG_CHARS = 64
+MAX_FILE_BYTES = 512 * 1024 * 1024  # of a manifest, review queue or references file (/dev/zero is none)
+_COLUMN_NAME = re.compile(r"[A-Za-z_][\w .-]{0,39}")  # what a header cell looks like; other text is not quoted
 
 
 class ManifestError(Exception):
@@ -150,8 +155,7 @@ def load(path: Union[str, os.PathLike], format: Optional[str] = None, check_audi
     Raises ManifestError when the file cannot be read or its CSV header is wrong."""
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular(path)
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -187,6 +191,29 @@ class _Skip(Exception):
     pass
 
 
+def read_regular(path: Union[str, os.PathLike], limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of the regular file at `path`, at most `limit` of them. The open never blocks
+    (a FIFO); a device, FIFO or directory, or a larger file, raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file (a device or FIFO)")
+        os.set_blocking(fd, True)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+    return data
+
+
+def _quoted(name: str) -> str:
+    """A header cell for a message: quoted when it looks like a column name. Anything else may be
+    the first line of a file that is no manifest at all (/etc/shadow), and is not repeated."""
+    return repr(name) if _COLUMN_NAME.fullmatch(name) else "(a cell that is not a column name)"
+
+
 def jsonl_records(data: bytes) -> Iterator[tuple[int, Union[dict, Problem]]]:
     """(line number, object) for each JSON-object line, or (line number, Problem) for a bad one.
     Blank lines and # comments are skipped; a UTF-8 byte-order mark is ignored."""
@@ -205,6 +232,9 @@ def jsonl_records(data: bytes) -> Iterator[tuple[int, Union[dict, Problem]]]:
             obj = json.loads(text)
         except ValueError as err:
             yield number, Problem(number, f"not valid JSON ({getattr(err, 'msg', err)})")
+            continue
+        except RecursionError:  # [[[[... a few thousand deep
+            yield number, Problem(number, "JSON nested too deep")
             continue
         if not isinstance(obj, dict):
             yield number, Problem(number, f"a JSON object expected, got {type(obj).__name__}")
@@ -251,7 +281,7 @@ def _check_header(path: str, header: list[str], line: int) -> None:
     canonical: dict[str, str] = {}
     for name in header:
         if name not in COLUMN:
-            raise ManifestError(f"{path}: line {line}: unknown column {name!r} in the header "
+            raise ManifestError(f"{path}: line {line}: unknown column {_quoted(name)} in the header "
                                 f"(known: {', '.join(KNOWN_COLUMNS)})")
         other = canonical.get(COLUMN[name])
         if other is not None:
@@ -260,7 +290,7 @@ def _check_header(path: str, header: list[str], line: int) -> None:
     missing = [c for c in ("audio", "reference", "language") if c not in canonical]
     if missing:
         raise ManifestError(f"{path}: line {line}: the header has no {', '.join(missing)} column "
-                            f"(columns: {', '.join(header)})")
+                            f"(columns: {', '.join(header)})")  # all known names: checked above
 
 
 def _text(value: Any, column: str, allow_empty: bool = True) -> str:

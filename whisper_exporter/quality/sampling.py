@@ -38,20 +38,22 @@ it off the queue.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
-from whisper_exporter.quality.manifest import Item, Problem, duration_band, jsonl_records
+from whisper_exporter.quality.manifest import Item, Problem, duration_band, jsonl_records, read_regular
 from whisper_exporter.whisper.languages import language_code
 
 log = logging.getLogger("whisper_exporter.quality.sampling")
@@ -138,11 +140,10 @@ class StratifiedSampler:
 
     def _load(self) -> None:
         try:
-            with open(self.state_path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = json.loads(read_regular(self.state_path).decode("utf-8"))
         except FileNotFoundError:
             return
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RecursionError) as err:
             log.warning("quality: cannot read the sampling state %s (%s); starting a new pass", self.state_path, err)
             return
         if isinstance(data, dict) and data.get("version") == STATE_VERSION:
@@ -163,9 +164,19 @@ class StratifiedSampler:
 
 
 def write_atomically(path: str, text: str) -> None:
+    """Replace the file at `path` with `text` in one rename. The file keeps its mode (mkstemp's
+    0600 locked reviewers out of the review queue after its first rewrite); a new file gets
+    0666 less the umask, as open() would give it."""
     folder = os.path.dirname(os.path.abspath(path))
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -224,8 +235,7 @@ class ReviewQueue:
 
     def _read(self) -> tuple[list[QueueItem], list[Problem]]:
         try:
-            with open(self.path, "rb") as f:
-                data = f.read()
+            data = read_regular(self.path)
         except FileNotFoundError:
             return [], []
         items, problems = [], []
@@ -263,8 +273,7 @@ class ReviewQueue:
                 self.dropped["full"] += 1
                 return False
             try:
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(item.to_json() + "\n")
+                _append_record(self.path, (item.to_json() + "\n").encode("utf-8", "replace"))
             except OSError as err:
                 self.dropped["write_error"] += 1
                 now = time.monotonic()
@@ -309,6 +318,35 @@ class ReviewQueue:
         """(items waiting, added in total, dropped by reason), for the metrics."""
         with self._lock:
             return len(self._ids), self.added_total, dict(self.dropped)
+
+
+def _append_record(path: str, record: bytes) -> None:
+    """Append one whole line or nothing: one write, cut back to the old end when it fails or
+    falls short (a full disk left half a line, and the next append was glued onto it). A file
+    that does not end in a newline (a crash mid-write, a hand edit) gets one first."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        end = os.fstat(fd).st_size
+        if end and _last_byte(path, end) != b"\n":
+            record = b"\n" + record
+        try:
+            written = os.write(fd, record)
+            if written != len(record):
+                raise OSError(errno.ENOSPC, f"wrote {written} of {len(record)} bytes")
+        except OSError:
+            try:
+                os.ftruncate(fd, end)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)
+
+
+def _last_byte(path: str, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(size - 1)
+        return f.read(1)
 
 
 # -- production sampling ---------------------------------------------------------------------
@@ -388,8 +426,7 @@ def load_references(path: str) -> tuple[dict[str, VerifiedReference], list[Probl
     """The reviewers' file: id -> verified reference, and the lines skipped (a later line for
     the same id wins). A missing file is no references yet."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular(path)
     except FileNotFoundError:
         return {}, []
     refs: dict[str, VerifiedReference] = {}

@@ -68,6 +68,7 @@ class Shared:
     # Typed handles for the status page, set by the factories that build these collectors.
     probe_view: Optional[ProbeView] = None
     quality_view: Optional[QualityView] = None
+    page_authenticated: bool = False  # the status page requires auth: it may show production text
 
     @classmethod
     def build(cls, config: Config) -> "Shared":

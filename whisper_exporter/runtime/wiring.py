@@ -10,6 +10,7 @@ import dataclasses
 import gc
 import logging
 import signal
+import ssl
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -207,6 +208,11 @@ def start(
     app = _Swappable(inner, _protect(inner, web, health_open))
     server = serve(host, port, app, web.ssl_context)
     registry.register(server)  # whisper_exporter_http_connections*
+    if scheduler.shared is not None:
+        # Production transcripts show on the status page only behind basic auth, or mutual TLS that
+        # requires a client certificate.
+        scheduler.shared.page_authenticated = bool(web.users) or (
+            web.ssl_context is not None and web.ssl_context.verify_mode == ssl.CERT_REQUIRED)
     running = Running(config, scheduler, server, server.thread, exporter, reloads, load_config, load_web, app,
                       health_open)
     scheduler.start()

@@ -12,6 +12,10 @@ from whisper_exporter.config import Config, masked, masked_url
 from whisper_exporter.runtime.quality_counters import QualityCounters
 from whisper_exporter.runtime.scheduler import Scheduler
 from whisper_exporter.runtime.shared import ProbeView
+from whisper_exporter.whisper.clients import safe_text
+
+# What production users said is shown only behind authentication (SECURITY.md).
+HIDDEN = "(hidden: production text is shown only when the page requires authentication)"
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
@@ -137,9 +141,18 @@ def quality_rows(scheduler: Scheduler) -> dict[str, list[dict]]:
             })
     worst = []
     view = scheduler.shared.quality_view if scheduler.shared is not None else None
+    private = scheduler.shared is not None and scheduler.shared.page_authenticated
     if view is not None:
         for set_, results in view.worst_items().items():
             for r in results:
+                if set_ == "production" and not private:
+                    worst.append({
+                        "set": set_, "id": r.id, "language": r.language, "unit": r.unit,
+                        "error_rate": "" if r.error_rate is None else f"{r.error_rate:.3f}",
+                        "result": r.result if r.score is not None else f"{r.result}: {r.outcome}",
+                        "reference": HIDDEN, "transcript": HIDDEN, "when": _ago(r.started, now),
+                    })
+                    continue
                 worst.append({
                     "set": set_, "id": r.id, "language": r.language, "unit": r.unit,
                     "error_rate": "" if r.error_rate is None else f"{r.error_rate:.3f}",
@@ -229,7 +242,7 @@ def render(config: Config, scheduler: Scheduler) -> str:
         )
     disabled = [name for name, section in config.collectors.items() if not section.enabled]
     effective = yaml.safe_dump(masked(config), sort_keys=False)
-    return f"""<!DOCTYPE html>
+    return safe_text(f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>whisper-exporter</title>
 <style>{_STYLE}</style></head><body>
 <h1>whisper-exporter</h1>
@@ -246,4 +259,4 @@ readiness at <a href="-/ready">/-/ready</a>.</p>
 <p>From {escape(config.source)}; secrets are shown by name only.</p>
 <pre>{escape(effective)}</pre>
 </body></html>
-"""
+""")  # a lone surrogate from any source must not make the page fail to encode

@@ -11,16 +11,61 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Optional, Union
+import re
+import stat
+from typing import BinaryIO, Optional, Union
 
 import mutagen
 
 # The formats the exporter promises; mutagen reads more.
 SUPPORTED = ("wav", "flac", "mp3", "ogg", "opus")
+# Audio sent to the server is read whole; a canary or reference item is seconds to minutes long
+# (an hour of 16 kHz 16-bit mono WAV is 115 MB). A 3 GB (sparse) file or /dev/zero is refused.
+MAX_AUDIO_BYTES = 256 * 1024 * 1024
 
 
 class AudioError(Exception):
     """The file cannot be read or its duration cannot be told from its header."""
+
+
+def open_regular(path: Union[str, os.PathLike], name: Optional[str] = None) -> BinaryIO:
+    """`path` opened for reading, if it is a regular file of at most MAX_AUDIO_BYTES. The open
+    never blocks (a FIFO would hang it). Raises AudioError naming `name` (default: the path)."""
+    name = os.fspath(path) if name is None else name
+    try:
+        # The opener adds O_NONBLOCK; open() keeps the name, from which mutagen guesses the format.
+        handle = open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK))
+    except FileNotFoundError:
+        raise AudioError(f"{name}: no such file") from None
+    except OSError as err:
+        raise AudioError(f"{name}: cannot read ({err.strerror or err})") from None
+    fd = handle.fileno()
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        handle.close()
+        raise AudioError(f"{name}: not a regular file (a device, FIFO or directory)")
+    if st.st_size > MAX_AUDIO_BYTES:
+        handle.close()
+        raise AudioError(f"{name}: larger than {MAX_AUDIO_BYTES // (1024 * 1024)} MiB")
+    os.set_blocking(fd, True)
+    return handle
+
+
+def read_audio(path: Union[str, os.PathLike], name: Optional[str] = None) -> bytes:
+    """The bytes of the audio file at `path` (see open_regular). Raises AudioError."""
+    with open_regular(path, name) as handle:
+        try:
+            return handle.read(MAX_AUDIO_BYTES + 1)[:MAX_AUDIO_BYTES]
+        except OSError as err:
+            raise AudioError(f"{name or os.fspath(path)}: cannot read ({err.strerror or err})") from None
+
+
+def _reason(err: Exception) -> str:
+    """mutagen's message when it is a plain sentence; never bytes from the file."""
+    text = str(err)
+    if len(text) <= 100 and re.fullmatch(r"[\w .,:()/=-]*", text):
+        return text
+    return type(err).__name__
 
 
 def duration_seconds(source: Union[str, os.PathLike, bytes], name: Optional[str] = None) -> float:
@@ -32,14 +77,14 @@ def duration_seconds(source: Union[str, os.PathLike, bytes], name: Optional[str]
         if isinstance(source, (bytes, bytearray)):
             audio = mutagen.File(io.BytesIO(source))
         else:
-            with open(source, "rb") as handle:
+            with open_regular(source, name) as handle:
                 audio = mutagen.File(handle)
-    except FileNotFoundError:
-        raise AudioError(f"{name}: no such file") from None
     except OSError as err:
         raise AudioError(f"{name}: cannot read ({err.strerror or err})") from None
     except mutagen.MutagenError as err:
-        raise AudioError(f"{name}: not a readable audio file ({err})") from None
+        raise AudioError(f"{name}: not a readable audio file ({_reason(err)})") from None
+    except (MemoryError, RecursionError, ValueError, OverflowError, EOFError) as err:  # a hostile header
+        raise AudioError(f"{name}: not a readable audio file ({type(err).__name__})") from None
     if audio is None or getattr(audio, "info", None) is None:
         raise AudioError(f"{name}: unknown audio format (supported: {', '.join(SUPPORTED)})")
     length = getattr(audio.info, "length", None)

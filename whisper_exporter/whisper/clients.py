@@ -23,8 +23,15 @@ It raises `ClientSetupError` for what is wrong on our side (an API key that
 cannot be read).
 
 Timing covers sending the request and reading the whole answer (the multipart
-body is built before the clock starts). `timeout` bounds the connection, the
-wait for the answer's headers, and the reading of its body.
+body is built before the clock starts). `timeout` is a total deadline for the
+connection, the answer's headers and its body together: a server that drips a
+byte at a time is cut off when it passes (requests' own timeout bounds each
+read, not the request).
+
+A hostile answer under MAX_BODY_BYTES is bounded too: too many JSON objects or
+values, or nesting too deep, is `bad_response`; the text is clipped to
+MAX_TEXT_CHARS and the segments to MAX_SEGMENTS before anyone scores them, and
+made safe to encode (a lone surrogate becomes "?").
 
 Secrets: the API key (from `service.api_key_env` or `service.api_key_file`,
 sent as `Authorization: Bearer ...`), the values of credential-like headers and
@@ -37,14 +44,20 @@ import json
 import math
 import os
 import re
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ReadTimeoutError
 
+from whisper_exporter.config import MASK, masked_headers, masked_url, secret_name
 from whisper_exporter.whisper import languages, marker
 
 SUCCESS = "success"
@@ -58,9 +71,13 @@ APIS = ("openai", "asr-webservice", "whispercpp")
 RESPONSE_FORMATS = ("json", "verbose_json")
 MAX_BODY_BYTES = 8 * 1024 * 1024  # a transcript of a canary is a few KiB
 EXCERPT_CHARS = 300
-MASK = "<masked>"
 USER_AGENT = "whisper-exporter"
-_SECRET_HEADER = re.compile(r"authorization|cookie|key|token|secret|password|auth", re.I)
+# A hostile answer under MAX_BODY_BYTES must not cost the exporter what it costs to build and score
+# it: 2.8 M empty segments took 690 MB, a 7.9 MB transcript 372 MB and 2.9 s (issue 12).
+MAX_JSON_CONTAINERS = 100_000  # objects and arrays in one answer (words with timestamps: ~10k an hour)
+MAX_JSON_VALUES = 1_000_000  # values in one answer, told by its commas
+MAX_SEGMENTS = 10_000  # segments kept (a few hundred an hour)
+MAX_TEXT_CHARS = 100_000  # of a transcript (an hour of speech is ~50k), clipped before scoring
 
 # Whisper's language names (whisper/tokenizer.py) for answers that give a name, not a code.
 
@@ -159,6 +176,7 @@ class Exchange:
     file_field: str = "file"
     file_name: str = ""
     file_bytes: int = 0
+    headers: dict[str, str] = field(default_factory=dict)  # sent, credential-like ones masked
     status_code: Optional[int] = None
     content_type: Optional[str] = None
     body_bytes: int = 0
@@ -221,6 +239,107 @@ def _is_read_timeout(err: BaseException) -> bool:
     return False
 
 
+def safe_text(text: str) -> str:
+    """`text` encodable as UTF-8: a lone surrogate ("\\ud800" in JSON) becomes "?", so that no page
+    or log that shows it can fail on it."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+# -- the total deadline ------------------------------------------------------------------------
+# requests' timeout bounds each recv(), not the request: a server that drips a byte of its headers
+# or body every few seconds keeps it waiting for ever. The watchdog shuts the request's socket
+# down at the deadline, which wakes any read blocked on it, whatever the phase.
+
+_watching = threading.local()
+
+
+class _Watchdog:
+    """Shuts down the sockets registered with it when the deadline (time.perf_counter()) passes."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.expired = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._done = False
+        self._timer = threading.Timer(max(0.0, deadline - time.perf_counter()), self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "_Watchdog":
+        _watching.dog = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _watching.dog = None
+        self._timer.cancel()
+        with self._lock:
+            self._done = True
+            for sock in self._socks:
+                sock.close()
+            self._socks.clear()
+
+    def watch(self, sock: socket.socket) -> None:
+        # A duplicate: TLS wrapping detaches the original, and shutdown() acts on the connection.
+        dup = sock.dup()
+        with self._lock:
+            if self._done:
+                dup.close()
+                return
+            self._socks.append(dup)
+            fire = self.expired
+        if fire:
+            self._fire()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+            for sock in self._socks:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+class _Watched:
+    def _new_conn(self):  # type: ignore[no-untyped-def]
+        sock = super()._new_conn()  # type: ignore[misc]
+        dog = getattr(_watching, "dog", None)
+        if dog is not None:
+            dog.watch(sock)
+        return sock
+
+
+class _WatchedHTTPConnection(_Watched, HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
+    pass
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    """requests' adapter whose connections register their sockets with the current _Watchdog."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
 class WhisperClient:
     """Base: one transcription request per call, a fresh connection each time."""
 
@@ -248,12 +367,18 @@ class WhisperClient:
         parts = urlsplit(url.rstrip("/"))
         if parts.password:
             self._secrets.append(parts.password)
-        if parts.username and parts.password:
+        if parts.username and parts.password is None:  # a user name alone (http://TOKEN@host) is a token
             self._secrets.append(parts.username)
         self._url = urlunsplit(parts)
         for name, value in self._headers.items():
-            if _SECRET_HEADER.search(name) and value:
+            if secret_name(name) and value:
                 self._secrets.append(value)
+        if "@" in parts.netloc and (api_key is not None or any(n.lower() == "authorization" for n in self._headers)):
+            # requests would send the user info as Basic auth in place of the Bearer key or the
+            # configured Authorization header, silently: one of them would never reach the server.
+            raise ClientSetupError("service.url has user info (user:password@) and an API key or an "
+                                   "Authorization header is configured too: both would be sent as the "
+                                   "Authorization header; keep one")
         if api_key is not None:
             self._secrets.append(api_key.reveal())
         # Longest first, so a secret containing another is masked whole.
@@ -262,7 +387,7 @@ class WhisperClient:
     @property
     def url(self) -> str:
         """The base URL, user info masked."""
-        return self.redact(self._url)
+        return self.redact(masked_url(self._url))
 
     def redact(self, text: str) -> str:
         for secret in self._secrets:
@@ -286,10 +411,17 @@ class WhisperClient:
         raise NotImplementedError
 
     def _parse(self, body: bytes, content_type: str) -> Transcription:
+        # Counted before parsing: json.loads would build every one of them first.
+        containers = body.count(b"{") + body.count(b"[")
+        if containers > MAX_JSON_CONTAINERS or body.count(b",") > MAX_JSON_VALUES:
+            raise _BadResponse(f"the answer has more than {MAX_JSON_CONTAINERS} JSON objects and arrays "
+                               f"or {MAX_JSON_VALUES} values")
         try:
             data = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             raise _BadResponse(f"the answer is not JSON (Content-Type {content_type or 'none'})") from None
+        except RecursionError:
+            raise _BadResponse("the answer's JSON is nested too deep") from None
         return self._parse_json(data)
 
     def _parse_json(self, data: Any) -> Transcription:
@@ -300,16 +432,16 @@ class WhisperClient:
             error = data.get("error") or data.get("detail")
             if error:
                 message = error.get("message", error) if isinstance(error, dict) else error
-                raise _BadResponse(f"the server reported an error: {str(message)[:200]}")
+                raise _BadResponse(f"the server reported an error: {safe_text(str(message)[:200])}")
             raise _BadResponse('the answer has no "text" string')
         segments = []
         raw_segments = data.get("segments")
         if isinstance(raw_segments, list):
-            for raw in raw_segments:
+            for raw in raw_segments[:MAX_SEGMENTS]:
                 if not isinstance(raw, dict):  # e.g. a faster-whisper Segment dumped as a list
                     continue
                 segments.append(Segment(
-                    text=raw.get("text") if isinstance(raw.get("text"), str) else "",
+                    text=safe_text(raw["text"][:MAX_TEXT_CHARS]) if isinstance(raw.get("text"), str) else "",
                     start=_number(raw.get("start")),
                     end=_number(raw.get("end")),
                     temperature=_number(raw.get("temperature")),
@@ -318,7 +450,7 @@ class WhisperClient:
                     no_speech_prob=_number(raw.get("no_speech_prob")),
                 ))
         return Transcription(
-            text=text,
+            text=safe_text(text[:MAX_TEXT_CHARS]),
             language=language_code(data.get("language")),
             duration=_number(data.get("duration")),
             segments=tuple(segments),
@@ -335,14 +467,17 @@ class WhisperClient:
             headers["Authorization"] = "Bearer " + self._api_key.reveal()
         url = self.endpoint_url()
         exchange = Exchange(
-            url=self.redact(requests.Request("GET", url, params=params).prepare().url or url),
+            url=self.redact(masked_url(requests.Request("GET", url, params=params).prepare().url or url)),
             fields={k: self.redact(v) for k, v in fields.items()},
             file_field=self.file_field,
             file_name=os.path.basename(filename),
             file_bytes=len(audio),
+            headers={k: self.redact(v) for k, v in masked_headers(headers).items()},
         )
         session = requests.Session()
         session.trust_env = False  # no proxies or .netrc credentials from the environment
+        session.mount("http://", _DeadlineAdapter())
+        session.mount("https://", _DeadlineAdapter())
         try:
             prepared = session.prepare_request(requests.Request(
                 "POST", url, params=params, data=fields, headers=headers,
@@ -354,12 +489,13 @@ class WhisperClient:
         started = time.perf_counter()
         deadline = started + self.timeout
         try:
-            return self._send(session, prepared, started, deadline, exchange)
+            with _Watchdog(deadline) as dog:
+                return self._send(session, prepared, started, dog, exchange)
         finally:
             session.close()
 
     def _send(self, session: requests.Session, prepared: requests.PreparedRequest, started: float,
-              deadline: float, exchange: Exchange) -> TranscribeResult:
+              dog: _Watchdog, exchange: Exchange) -> TranscribeResult:
         def failed(outcome: str, reason: str, status: Optional[int] = None) -> TranscribeResult:
             return TranscribeResult(outcome, time.perf_counter() - started, status, self.redact(reason), exchange=exchange)
 
@@ -368,10 +504,14 @@ class WhisperClient:
         except requests.Timeout:
             return failed(TIMEOUT, f"no answer within {self.timeout:g}s")
         except requests.ConnectionError as err:
+            if dog.expired:
+                return failed(TIMEOUT, f"the answer did not arrive in full within {self.timeout:g}s")
             if _is_read_timeout(err):
                 return failed(TIMEOUT, f"no answer within {self.timeout:g}s")
             return failed(CONNECTION_ERROR, f"cannot connect: {_connection_reason(err)}")
         except requests.RequestException as err:
+            if dog.expired:
+                return failed(TIMEOUT, f"the answer did not arrive in full within {self.timeout:g}s")
             return failed(CONNECTION_ERROR, f"request failed: {type(err).__name__}")
         with response:
             status = response.status_code
@@ -385,14 +525,16 @@ class WhisperClient:
                     if size > MAX_BODY_BYTES:
                         exchange.body_bytes = size
                         return failed(BAD_RESPONSE, f"the answer is larger than {MAX_BODY_BYTES} bytes", status)
-                    if time.perf_counter() > deadline:
-                        exchange.body_bytes = size
-                        return failed(TIMEOUT, f"the answer took longer than {self.timeout:g}s to arrive", status)
             except (requests.RequestException, OSError) as err:
                 exchange.body_bytes = size
+                if dog.expired:
+                    return failed(TIMEOUT, f"the answer did not arrive in full within {self.timeout:g}s", status)
                 if _is_read_timeout(err):
                     return failed(TIMEOUT, f"the answer stopped arriving for {self.timeout:g}s", status)
                 return failed(CONNECTION_ERROR, f"the connection broke while reading the answer: {_connection_reason(err)}", status)
+            if dog.expired:  # the shutdown may read as a short body
+                exchange.body_bytes = size
+                return failed(TIMEOUT, f"the answer did not arrive in full within {self.timeout:g}s", status)
         elapsed = time.perf_counter() - started
         body = b"".join(chunks)
         exchange.body_bytes = len(body)
@@ -445,7 +587,7 @@ class AsrWebserviceClient(WhisperClient):
             stripped = body.lstrip()[:1]
             if content_type == "text/plain" and stripped not in (b"{", b"[", b"<"):
                 try:
-                    return Transcription(text=body.decode("utf-8").strip())
+                    return Transcription(text=body.decode("utf-8").strip()[:MAX_TEXT_CHARS])
                 except UnicodeDecodeError:
                     pass
             raise

@@ -71,14 +71,9 @@ class Utterance:
 
 
 def read_audio(path: str) -> bytes:
-    """The file's bytes. Raises audio.AudioError naming the file (never quoting its content)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise audio.AudioError(f"{path}: no such file") from None
-    except OSError as err:
-        raise audio.AudioError(f"{path}: cannot read ({err.strerror or err})") from None
+    """The file's bytes: a regular file of bounded size, never a FIFO or /dev/zero (audio.read_audio).
+    Raises audio.AudioError naming the file (never quoting its content)."""
+    return audio.read_audio(path)
 
 
 def run(client: clients.WhisperClient, path: str, reference: str, language: str,
