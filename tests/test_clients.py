@@ -62,7 +62,9 @@ def test_openai_json_format_and_v1_base_url():
     client = OpenAIClient(BASE + "/v1/", model="whisper-1", response_format="json")
     result = client.transcribe(AUDIO)
     assert result.transcription.text == "hi" and result.transcription.segments == ()
-    assert responses.calls[0].request.url == BASE + "/v1/audio/transcriptions"
+    # marked as the exporter's own: a query the server's access log prints, and a header for the tap
+    assert responses.calls[0].request.url == BASE + "/v1/audio/transcriptions?whisper_exporter_canary=1"
+    assert responses.calls[0].request.headers["X-Whisper-Exporter-Canary"] == "1"
     assert b'name="response_format"\r\n\r\njson' in _multipart(responses.calls[0].request)
     assert b'name="language"' not in _multipart(responses.calls[0].request)  # none given: the server detects
 
@@ -85,7 +87,8 @@ def test_asr_webservice_request_shape_and_json_labelled_text_plain():
         BASE + "/asr",
         body=json.dumps({"text": " Hello.", "language": "en", "segments": [[0, 0, 0.0, 1.0, " Hello.", [], 0.0]]}),
         content_type="text/plain",
-        match=[matchers.query_param_matcher({"output": "json", "task": "transcribe", "language": "en", "encode": "true"})],
+        match=[matchers.query_param_matcher({"output": "json", "task": "transcribe", "language": "en", "encode": "true",
+                                             "whisper_exporter_canary": "1"})],
     )
     result = AsrWebserviceClient(BASE).transcribe(AUDIO, "a.wav", "en")
     assert result.ok, result.reason
@@ -192,12 +195,9 @@ def test_answer_dripping_past_the_timeout_is_a_timeout():
     with FakeWhisper(**DRIP) as fake:
         result = OpenAIClient(fake.url, timeout=0.5).transcribe(AUDIO)
     assert result.outcome == "timeout" and result.status_code == 200
-    assert "took longer than 0.5s to arrive" in result.reason
+    assert "did not arrive in full within 0.5s" in result.reason
 
 
-@pytest.mark.xfail(strict=True, reason="the client reads the body in 64 KiB chunks and urllib3 waits for a full "
-                                       "chunk or the end, so the deadline is checked only once the whole drip "
-                                       "has arrived (22 s at timeout 1 s with a 30 s drip)")
 def test_dripping_answer_is_cut_off_at_the_deadline():
     with FakeWhisper(**DRIP) as fake:
         result = OpenAIClient(fake.url, timeout=0.5).transcribe(AUDIO)
