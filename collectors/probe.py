@@ -447,7 +447,12 @@ def debug_text(record: ProbeRecord) -> str:
                      f"{ex.body_bytes} bytes in {record.duration:.3f} s")
         if not record.success and ex.body_excerpt:
             lines.append(f"  body: {ex.body_excerpt}")
-    if record.transcript is not None:
+    if record.transcript is not None and record.score is None:  # a negative canary: no words expected
+        lines.append(f"Transcript: {record.transcript!r}")
+        lines.append("  expected: no text (a negative canary: non-speech audio)")
+        if record.suspects:
+            lines.append(f"  hallucination reasons: {', '.join(record.suspects)}")
+    elif record.transcript is not None and record.score is not None:
         lines.append(f"Transcript: {record.transcript!r}")
         s = record.score
         lines.append(f"  reference (normalised):  {s.reference!r}")

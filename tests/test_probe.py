@@ -89,7 +89,7 @@ def test_success_against_a_good_server(fake):
     assert value(fams, "whisper_probe_runs", probe="en-short", result="timeout") == 0.0
     # the request: the bundled canary's bytes, language and model
     path, headers, body = fake.requests[0]
-    assert path == "/v1/audio/transcriptions"
+    assert path == "/v1/audio/transcriptions?whisper_exporter_canary=1"  # marked as the exporter's own
     assert b'name="model_name"\r\n\r\ntiny' in body and b'name="language"\r\n\r\nen' in body
     assert headers["User-Agent"] == "whisper-exporter"
 
@@ -474,7 +474,7 @@ def _views(config, probe=None):
 def test_probe_command_model_and_api_without_a_config(fake):
     # A bare `probe --target` against a server whose model is not whisper-1.
     result = CliRunner().invoke(main, ["probe", "--target", fake.url, "--model", "Systran/faster-whisper-small",
-                                       "--api", "openai"])
+                                       "--api", "openai", "--canary", "en-short"])
     assert result.exit_code == 0, result.output
     _, _, body = fake.requests[-1]
     assert b'name="model"\r\n\r\nSystran/faster-whisper-small\r\n' in body
@@ -518,3 +518,12 @@ def test_results_older_than_the_interval_and_run_timeout_are_not_served(fake, mo
         assert value(fams, family, probe=name) is None, family
     assert value(fams, "whisper_probe_last_run_timestamp_seconds", probe=name) == record.started - age
     assert value(fams, "whisper_probe_runs", probe=name, result="success") == 1.0
+
+
+def test_probe_command_reports_a_hallucinating_negative_canary(fake):
+    """The default set's silence canary, answered with text by this fake: shown, and exit 1."""
+    result = CliRunner().invoke(main, ["probe", "--target", fake.url])
+    assert result.exit_code == 1, result.output
+    assert "Result: hallucination" in result.output
+    assert "expected: no text (a negative canary: non-speech audio)" in result.output
+    assert "Result: success" in result.output  # the English canary
