@@ -173,7 +173,7 @@ def obvious_hallucination(text: str) -> bool:
     lowered = text.lower()
     fragments = [f.strip() for f in re.split(r"[,.!?;]", lowered) if len(f.split()) >= 2]
     return any(fragments.count(f) >= 4 for f in set(fragments)) or any(
-        k in lowered for k in ("for watching", "next video", "subscribe"))
+        k in lowered for k in ("for watching", "next video", "this video", "subscribe"))
 
 
 def test_real_speech_is_not_flagged(whisper_server, tmp_path):
