@@ -16,6 +16,9 @@ def test_wheel_carries_the_packages_and_the_canary(tmp_path):
     for module in list((ROOT / "whisper_exporter").glob("*.py")) + list((ROOT / "collectors").glob("*.py")):
         assert f"{module.parent.name}/{module.name}" in names
     assert "whisper_exporter/canary/en.wav" in names and "whisper_exporter/canary/en.txt" in names
+    # The hallucination detector and its phrase bag; the negative canaries (expected transcript: empty).
+    assert {"whisper_exporter/whisper/hallucination.py", "whisper_exporter/whisper/hallucination_phrases.yml"} <= names
+    assert {f"whisper_exporter/canary/{n}.{ext}" for n in ("silence", "noise", "tone") for ext in ("wav", "txt")} <= names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "whisper-exporter = whisper_exporter.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
