@@ -25,8 +25,11 @@ def test_wheel_carries_the_packages_and_the_canary(tmp_path):
     assert "whisper_exporter/canary/en.wav" in names and "whisper_exporter/canary/en.txt" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "whisper-exporter = whisper_exporter.cli:main" in entry_points
-    for name in ("gpu", "process", "logs", "probe", "quality"):
+    for name in ("gpu", "process", "logs", "probe", "quality", "tap"):
         assert f"{name} = whisper_exporter.collectors.{name}:PLUGIN" in entry_points
+    # The hallucination detector and its phrase bag; the negative canaries (expected transcript: empty).
+    assert {"whisper_exporter/whisper/hallucination.py", "whisper_exporter/whisper/hallucination_phrases.yml"} <= names
+    assert {f"whisper_exporter/canary/{n}.{ext}" for n in ("silence", "noise", "tone") for ext in ("wav", "txt")} <= names
 
 
 def test_dockerfile_runs_non_root_on_the_default_port_with_a_healthcheck():
