@@ -145,13 +145,32 @@ def test_fleet_of_three_sums_up_and_names_the_faulty_replica(prometheus, fleet):
     expected_total = sum(r.sent for r in fleet)
     prom.wait_for(f'sum(whisper_requests_total{{job="whisper"}}) == {expected_total}')
     time.sleep(2)  # a few more rule evaluations over the complete counts
-    at = time.time() - 1  # one evaluation timestamp for every query below
 
-    def query(expr: str) -> list[dict]:
+    def query_at(expr: str, at: float) -> list[dict]:
         response = requests.get(prom.url + "/api/v1/query", params={"query": expr, "time": at}, timeout=10)
         body = response.json()
         assert body["status"] == "success", body
         return body["data"]["result"]
+
+    # One evaluation of the service's recording group for every query below: the timestamp of
+    # a job-level record, at which the per-replica records of the same group must sit too (a
+    # query between the group's first and last rule would mix two evaluations).
+    group = ("job:whisper_requests:rate5m", "job:whisper_requests_errors:rate5m",
+             "job:whisper_requests_errors:ratio_rate5m", "job_instance:whisper_requests:rate5m",
+             "job_instance:whisper_requests_errors:rate5m", "job_instance:whisper_requests_errors:ratio_rate5m")
+    # It must also come after the last scrape of the complete counts.
+    complete = f'sum(whisper_requests_total{{job="whisper"}}) == {expected_total}'
+    for _ in range(60):
+        at = float(query_at("timestamp(job:whisper_requests:rate5m)", time.time() - 2)[0]["value"][1])
+        stamps = {float(r["value"][1]) for name in group for r in query_at(f"timestamp({name})", at)}
+        if stamps == {at} and query_at(complete, at):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"no evaluation with every record of the group over complete counts: {stamps}")
+
+    def query(expr: str) -> list[dict]:
+        return query_at(expr, at)
 
     # 1. The parts: each replica's own count, read from its own /metrics, is what Prometheus holds;
     #    and the fleet's total is their sum.
