@@ -59,9 +59,15 @@ SET = 'set=~"$set"'
 NO_DATA_BY_PREFIX = (
     ("ALERTS", "No Whisper alert pending or firing"),
     ("slo:", "No SLO records: load rules/slo.yml into Prometheus"),
-    ("job:whisper_realtime_factor", "No transcriptions with durations in this range (needs a log with durations)"),
-    ("job:", "No requests in this range, or rules/recording.yml and rules/slo.yml are not loaded"),
-    ("job_instance", "No requests in this range, or rules/recording.yml is not loaded"),
+    ("job:whisper_hallucination", "No transcripts checked: enable the request tap (collectors.tap) or log transcripts"),
+    ("job:whisper_realtime_factor", "No request timings: enable the request tap (collectors.tap), or a log with durations"),
+    ("job:", "No requests in this range: enable the request tap (collectors.tap) or a log; load rules/recording.yml and rules/slo.yml"),
+    ("job_instance", "No requests in this range: enable the request tap (collectors.tap) or a log; load rules/recording.yml"),
+    ("whisper_request", "No request timings: enable the request tap (collectors.tap), or a log with durations"),
+    ("whisper_realtime_factor", "No request timings: enable the request tap (collectors.tap), or a log with durations"),
+    ("whisper_audio", "No request timings: enable the request tap (collectors.tap), or a log with durations"),
+    ("whisper_tap", "The request tap is off (collectors.tap)"),
+    ("whisper_hallucination", "No transcripts checked: enable the request tap (collectors.tap) or log transcripts"),
     ("language:", "No quality evaluation in this range (collectors.quality off, or no reference set)"),
     ("instance_gpu", "No GPU readings (no NVIDIA driver, or the gpu collector is off)"),
     ("whisper_gpu", "No GPU readings (no NVIDIA driver, or the gpu collector is off)"),
@@ -685,6 +691,24 @@ def quality() -> dict:
                       "{{set}}")),
              "s", "Time since the newest evaluation round of each set ended (alert after 3 hours).",
              thresholds=steps((3 * 3600, "red")), width=6, height=8),
+        row("Hallucinations"),
+        timeseries("Suspected hallucinations (1h)",
+                   targets((f'job:whisper_hallucination_suspected:ratio_rate1h{{job=~"$job"}}', "{{source}}")),
+                   "percentunit", "Share of the transcripts checked in the last hour that look like text nobody "
+                   "said, by source (traffic: the tap or a log with transcripts; reference; canary). Line: 2%, "
+                   "WhisperHallucinationRatioHigh (with at least 200 checked).",
+                   thresholds=steps((0.02, "red")), min_=0, width=8),
+        timeseries("Suspects by reason",
+                   targets((f"sum by (source, reason) (rate(whisper_hallucination_suspects_total{{{JI}}}[{RI}]))",
+                            "{{source}} {{reason}}")),
+                   "cps", "Suspected transcripts per second by reason: repetition (a decoding loop), known_phrase "
+                   "(\"Thanks for watching\", subtitle credits), no_speech (text where Whisper said nobody spoke), "
+                   "too_much_text (more text than the audio holds).", stack=True, width=8),
+        timeseries("Negative canaries answered with text",
+                   targets((f'sum by (probe) (rate(whisper_probe_runs_total{{{JI},result="hallucination"}}[{RI}]))',
+                            "{{probe}}")),
+                   "cps", "Probes per second where a non-speech canary (silence, noise, a tone; expected "
+                   "transcript empty) came back with text (WhisperCanaryHallucinating).", min_=0, width=8),
         row("Canary"),
         stat("Canary success (1h)",
              targets((f"job_instance_probe:whisper_probe_runs_success:ratio_rate1h{{{JI}}}", "{{probe}}")),
