@@ -125,7 +125,7 @@ LOG_EVERY = 60.0  # seconds between two warnings about bad lines of one kind in 
 class _Source:
     """One configured path: its follower, parser and per-path counters."""
 
-    def __init__(self, label: str, parser: Any, follower: Optional[Follower] = None, format: str = ""):
+    def __init__(self, label: str, parser: Any, follower: Follower, format: str = ""):
         self.label = label
         self.parser = parser
         self.format = format or parser.kind  # json, regex or a preset's name, for the status page
@@ -156,23 +156,27 @@ class LogsCollector:
         self.sources: list[_Source] = []
         start_at_end = section.start_at != "beginning"
         for entry in section.files:
-            parser = logparse.make_parser(entry.format, entry.pattern, entry.fields)
-            source = _Source(entry.path, parser, format=entry.format)
-            source.follower = Follower(
-                entry.path,
-                on_lines=lambda lines, s=source: self.feed(s, lines),
-                on_error=lambda reason, sample, s=source: self._bad_line(s, reason, sample, locked=False),
-                start_at_end=start_at_end,
-                max_line_bytes=section.max_line_bytes,
-                follow_symlinks=section.follow_symlinks,
-                allowed_dirs=section.allowed_dirs,
-            )
-            self.sources.append(source)
+            self.sources.append(self._follow(entry, start_at_end))
         # Files present now are "present at start": they begin at their end. Files that
         # appear later begin at 0. (The scheduler's first update may come a moment later.)
         for source in self.sources:
             source.follower.poll(deadline=time.monotonic())
         self.status = self._describe()
+
+    def _follow(self, entry: LogFile, start_at_end: bool) -> _Source:
+        """One configured path: its parser, and a follower that feeds its lines to this collector."""
+        def on_lines(lines: list[bytes]) -> None:
+            self.feed(source, lines)
+
+        def on_error(reason: str, sample: bytes) -> None:
+            self._bad_line(source, reason, sample, locked=False)
+
+        parser = logparse.make_parser(entry.format, entry.pattern, entry.fields)
+        follower = Follower(entry.path, on_lines=on_lines, on_error=on_error, start_at_end=start_at_end,
+                            max_line_bytes=self.section.max_line_bytes,
+                            follow_symlinks=self.section.follow_symlinks, allowed_dirs=self.section.allowed_dirs)
+        source = _Source(entry.path, parser, follower, format=entry.format)
+        return source
 
     # -- the collector interface ---------------------------------------------
 

@@ -145,19 +145,23 @@ def bundled_negative_canary(kind: str = BUNDLED_NEGATIVE) -> Canary:
     return Canary(name=kind, audio=str(folder / f"{kind}.wav"), reference="", language="en")
 
 
-def resolve_canaries(section: ProbeConfig, config: Optional[Config]) -> list[Canary]:
-    """The configured canaries (the bundled one when none is), audio paths made absolute:
-    relative paths are relative to the config file's folder."""
-    if not section.canaries:
-        return [bundled_canary(), bundled_negative_canary()]
+@dataclass(frozen=True)
+class ResolvedCanary:
+    """A canary as the probe runs it: named, its audio path absolute, its reference set."""
+
+    name: str
+    audio: str
+    reference: str  # "" for a negative canary (non-speech)
+    language: str
+
+
+def resolve_canaries(section: ProbeConfig, config: Optional[Config]) -> list[ResolvedCanary]:
+    """The configured canaries (the bundled English and silent ones when none is), audio paths
+    made absolute: relative paths are relative to the config file's folder."""
+    canaries = section.canaries or [bundled_canary(), bundled_negative_canary()]
     base = config_dir(getattr(config, "source", ""))
-    resolved = []
-    for c in section.canaries:
-        resolved.append(Canary(
-            audio=resolve_path(c.audio, base) or c.audio,
-            reference=c.reference, language=c.language, name=canary_name(c),
-        ))
-    return resolved
+    return [ResolvedCanary(name=canary_name(c), audio=resolve_path(c.audio, base) or c.audio,
+                           reference=c.reference or "", language=c.language) for c in canaries]
 
 
 @dataclass
@@ -213,13 +217,13 @@ class ProbeRecord:
         return data
 
 
-def probe_canary(client: clients.WhisperClient, canary: Canary, max_error_rate: float) -> ProbeRecord:
+def probe_canary(client: clients.WhisperClient, canary: ResolvedCanary, max_error_rate: float) -> ProbeRecord:
     """Probe one canary now. Raises audio.AudioError when its audio cannot be read;
     everything the server does becomes the record's result."""
-    u = utterance.run(client, canary.audio, canary.reference, canary.language)
-    reference = canary.reference or ""
+    reference = canary.reference
+    u = utterance.run(client, canary.audio, reference, canary.language)
     record = ProbeRecord(
-        canary=canary.name or canary_name(canary), started=u.started, result=u.outcome, duration=u.elapsed,
+        canary=canary.name, started=u.started, result=u.outcome, duration=u.elapsed,
         status_code=u.status_code, reason=u.reason, language=canary.language, unit=u.unit,
         audio_path=canary.audio, audio_duration=u.audio_duration or 0.0, target=client.url, api=client.api,
         reference=reference, max_error_rate=max_error_rate, exchange=u.exchange,

@@ -456,7 +456,7 @@ def test_probe_command_never_prints_the_api_key(fake, tmp_path, monkeypatch):
 def test_probe_canary_reports_the_audio_duration_from_the_header(fake):
     config = make_config(fake.url)
     client = clients.make_client(config.service, timeout=5)
-    record = probe_canary(client, bundled_canary(), 0.5)
+    record = probe_canary(client, resolve_canaries(probe.ProbeConfig(canaries=[bundled_canary()]), None)[0], 0.5)
     assert record.audio_duration == pytest.approx(4.0, abs=0.01)
     assert record.realtime_factor == pytest.approx(record.duration / record.audio_duration)
     assert "Result: success" in probe.debug_text(record)

@@ -49,7 +49,7 @@ import lzma
 import os
 import stat
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 log = logging.getLogger("whisper_exporter.logfiles.follow")
 
@@ -58,7 +58,8 @@ FINGERPRINT = 64  # bytes before the offset that must not change while we follow
 RETIRE_IDLE = 30.0  # seconds a file no longer at its path is kept open without growing
 MAX_FILES = 256  # files one glob may have open
 SKIP_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4")  # compressed rotations
-_DECOMPRESS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # for copytruncate's copy
+# for copytruncate's copy
+_DECOMPRESS: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 _REMEMBER = 1024  # closed files whose offset is kept, should they reappear under the glob
 
 Ident = tuple[int, int]
@@ -193,7 +194,8 @@ class Follower:
             if tail is not None:
                 tail.path = path
                 continue
-            offset, fp, partial_known, reused = 0, b"", False, False
+            offset: Optional[int] = 0
+            fp, partial_known, reused = b"", False, False
             remembered = self.closed.pop(ident, None)
             if at_end:
                 offset = None  # decided once the file is open

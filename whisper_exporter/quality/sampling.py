@@ -139,6 +139,8 @@ class StratifiedSampler:
             return len(self.covered & self._keys) / len(self._keys) if self._keys else 0.0
 
     def _load(self) -> None:
+        if self.state_path is None:
+            return
         try:
             data = json.loads(read_regular(self.state_path).decode("utf-8"))
         except FileNotFoundError:

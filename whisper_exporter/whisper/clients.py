@@ -227,8 +227,9 @@ def _connection_reason(err: BaseException) -> str:
     return type(err).__name__
 
 
-def _is_read_timeout(err: BaseException) -> bool:
+def _is_read_timeout(first: BaseException) -> bool:
     seen = set()
+    err: Optional[BaseException] = first
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, (requests.Timeout, ReadTimeoutError, TimeoutError)):
@@ -308,7 +309,7 @@ class _Watchdog:
 
 
 class _Watched:
-    def _new_conn(self):  # type: ignore[no-untyped-def]
+    def _new_conn(self):
         sock = super()._new_conn()  # type: ignore[misc]
         dog = getattr(_watching, "dog", None)
         if dog is not None:
