@@ -22,8 +22,10 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from whisper_exporter.collectors.gpu import GpuCollector  # noqa: E402
-from whisper_exporter.collectors.gpu import GpuConfig  # noqa: E402
+from whisper_exporter.collectors.gpu import (  # noqa: E402 - after the sys.path setup
+    GpuCollector,  # noqa: E402
+    GpuConfig,  # noqa: E402
+)
 
 SMI_QUERY = ["--query-gpu=memory.used,memory.total,utilization.gpu,temperature.gpu", "--format=csv,noheader"]
 

@@ -48,7 +48,7 @@ def generate(path: Path, n: int, seed: int = 7) -> None:
     rng = random.Random(seed)
     t = 1_760_000_000.0
     with open(path, "w") as f:
-        for i in range(n):
+        for _ in range(n):
             audio = round(rng.lognormvariate(2.2, 0.9), 3)
             inference = round(audio * rng.uniform(0.03, 0.4) * 1000, 2)
             queue = round(rng.expovariate(1 / 40.0), 2)

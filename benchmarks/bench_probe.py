@@ -21,10 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from whisper_exporter.collectors.probe import ProbeCollector, bundled_canary  # noqa: E402
-from whisper_exporter.whisper import scoring  # noqa: E402
-from whisper_exporter.config import from_dict  # noqa: E402
 from fake_whisper import FakeWhisper  # noqa: E402
+
+from whisper_exporter.collectors.probe import ProbeCollector, bundled_canary  # noqa: E402
+from whisper_exporter.config import from_dict  # noqa: E402
+from whisper_exporter.whisper import scoring  # noqa: E402
 
 REFERENCE = bundled_canary().reference
 

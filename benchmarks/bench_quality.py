@@ -29,10 +29,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from whisper_exporter.collectors.logs import LogsCollector  # noqa: E402
 from whisper_exporter.collectors.quality import QualityCollector  # noqa: E402
-from whisper_exporter.quality import manifest as mf  # noqa: E402
-from whisper_exporter.whisper import scoring  # noqa: E402
 from whisper_exporter.config import from_dict  # noqa: E402
+from whisper_exporter.quality import manifest as mf  # noqa: E402
 from whisper_exporter.quality.sampling import ProductionSampler, ReviewQueue, StratifiedSampler  # noqa: E402
+from whisper_exporter.whisper import scoring  # noqa: E402
 
 
 def best_of(fn, repeat=5):

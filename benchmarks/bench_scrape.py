@@ -20,21 +20,31 @@ import random
 import statistics
 import sys
 import tempfile
-import types
 import time
+import types
 from pathlib import Path
 
 import requests
-from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest,
-                               start_http_server)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    start_http_server,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from whisper_exporter.collectors.logs import LogsCollector  # noqa: E402
-from whisper_exporter.runtime.requests import AUDIO_BUCKETS, LATENCY_BUCKETS, RTF_BUCKETS  # noqa: E402
+from whisper_exporter.collectors.logs import (  # noqa: E402
+    LogField,
+    LogFile,
+    LogsCollector,  # noqa: E402
+    LogsConfig,
+)
 from whisper_exporter.config import from_dict  # noqa: E402
-from whisper_exporter.collectors.logs import LogField, LogFile, LogsConfig  # noqa: E402
 from whisper_exporter.runtime.exporter import ExporterCollector  # noqa: E402
+from whisper_exporter.runtime.requests import AUDIO_BUCKETS, LATENCY_BUCKETS, RTF_BUCKETS  # noqa: E402
 from whisper_exporter.runtime.scheduler import Scheduler  # noqa: E402
 from whisper_exporter.web.server import make_app, serve  # noqa: E402
 

@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.config import Duration, KeyPath, warning
+from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.runtime.shared import Shared
 
 log = logging.getLogger("whisper_exporter.gpu")

@@ -19,16 +19,16 @@ from typing import Any, Iterable, Optional, Union
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from whisper_exporter.logfiles import parse as logparse
-from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.config import Duration, KeyPath, one_of, positive, warning
-from whisper_exporter.whisper.languages import language_code
+from whisper_exporter.logfiles import parse as logparse
 from whisper_exporter.logfiles.follow import Follower
-from whisper_exporter.whisper import hallucination
 from whisper_exporter.logfiles.parse import LineError
+from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
 from whisper_exporter.runtime.requests import Labels, RequestMetrics
 from whisper_exporter.runtime.shared import Shared
+from whisper_exporter.whisper import hallucination
+from whisper_exporter.whisper.languages import language_code
 
 log = logging.getLogger("whisper_exporter.logs")
 
@@ -65,7 +65,7 @@ class LogFile:
             logparse.make_parser(self.format, self.pattern, self.fields)
         except ValueError as err:
             about_pattern = self.format == "regex" and any(w in str(err) for w in ("pattern", "regular", "group"))
-            raise at.error("pattern" if about_pattern else "fields", f"a usable {self.format} setting, but: {err}")
+            raise at.error("pattern" if about_pattern else "fields", f"a usable {self.format} setting, but: {err}") from None
 
 
 @dataclass

@@ -80,7 +80,7 @@ class Canary:
             audio.duration_seconds(path)
         except audio.AudioError as err:
             problem = str(err).removeprefix(f"{path}: ")
-            raise at.error("audio", f"a readable audio file ({problem})", self.audio)
+            raise at.error("audio", f"a readable audio file ({problem})", self.audio) from None
 
 
 def canary_name(canary: Canary) -> str:

@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.config import Duration, KeyPath, valid_regex, warning
+from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.runtime.shared import ProcessWatch, Shared
 
 log = logging.getLogger(__name__)

@@ -42,20 +42,21 @@ from typing import Iterable, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from whisper_exporter.whisper import clients
-from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
-from whisper_exporter.runtime.quality_counters import QualityCounters, review_queue_families
-from whisper_exporter.runtime.shared import Shared
-from whisper_exporter.whisper import scoring
-from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.config import Config, Duration, KeyPath, config_dir, positive, resolve_path
-from whisper_exporter.whisper.languages import language_code
 from whisper_exporter.quality.evaluate import FAILED, SCORED, ItemResult, evaluate_item, threshold_for, worst
 from whisper_exporter.quality.manifest import ManifestError
 from whisper_exporter.quality.manifest import load as load_manifest
 from whisper_exporter.quality.sampling import (
-    ReviewQueue, StratifiedSampler, load_references,
+    ReviewQueue,
+    StratifiedSampler,
+    load_references,
 )
+from whisper_exporter.runtime.collector import Plugin
+from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
+from whisper_exporter.runtime.quality_counters import QualityCounters, review_queue_families
+from whisper_exporter.runtime.shared import Shared
+from whisper_exporter.whisper import clients, scoring
+from whisper_exporter.whisper.languages import language_code
 
 log = logging.getLogger("whisper_exporter.quality")
 

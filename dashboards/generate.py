@@ -693,7 +693,7 @@ def quality() -> dict:
              thresholds=steps((3 * 3600, "red")), width=6, height=8),
         row("Hallucinations"),
         timeseries("Suspected hallucinations (1h)",
-                   targets((f'job:whisper_hallucination_suspected:ratio_rate1h{{job=~"$job"}}', "{{source}}")),
+                   targets(('job:whisper_hallucination_suspected:ratio_rate1h{job=~"$job"}', "{{source}}")),
                    "percentunit", "Share of the transcripts checked in the last hour that look like text nobody "
                    "said, by source (traffic: the tap or a log with transcripts; reference; canary). Line: 2%, "
                    "WhisperHallucinationRatioHigh (with at least 200 checked).",

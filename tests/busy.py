@@ -21,7 +21,6 @@ from typing import Iterator
 
 import requests
 import yaml
-
 from helpers import free_port, sample
 
 ROOT = Path(__file__).resolve().parents[1]

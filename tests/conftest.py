@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-
 from helpers import free_port, require_tool
 
 

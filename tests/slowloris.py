@@ -20,7 +20,6 @@ from typing import Iterator, Optional
 import psutil
 import requests
 import yaml
-
 from helpers import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ brings in with the test extras.
 import subprocess
 
 import pytest
-
 from helpers import require_tool
+
 from whisper_exporter.whisper import audio
 from whisper_exporter.whisper.audio import AudioError, duration_seconds
 

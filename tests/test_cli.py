@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from helpers import free_port
+
 from whisper_exporter import __version__
 from whisper_exporter.config import DEFAULT_PORT
 

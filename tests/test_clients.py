@@ -9,15 +9,21 @@ import json
 import pytest
 import requests
 import responses
-from responses import matchers
-
 from fake_whisper import FakeWhisper, verbose_answer
 from helpers import free_port
+from responses import matchers
+
+from whisper_exporter.config import ServiceConfig
 from whisper_exporter.whisper import clients
 from whisper_exporter.whisper.clients import (
-    AsrWebserviceClient, ClientSetupError, OpenAIClient, Secret, WhisperCppClient, load_api_key, make_client,
+    AsrWebserviceClient,
+    ClientSetupError,
+    OpenAIClient,
+    Secret,
+    WhisperCppClient,
+    load_api_key,
+    make_client,
 )
-from whisper_exporter.config import ServiceConfig
 
 BASE = "http://whisper.test:8000"
 AUDIO = b"RIFF....WAVEfmt fake audio bytes"

@@ -19,9 +19,8 @@ from typing import Iterator
 import pytest
 import requests
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
-
 from helpers import require_tool, samples
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_DIR = ROOT / "dashboards"
@@ -216,7 +215,7 @@ def test_variables():
 def test_every_range_is_the_rate_interval():
     found = 0
     for where, expr in all_dashboard_queries():
-        for call in re.finditer(r"\b(rate|irate|increase|changes|delta|deriv)\(", expr):
+        for _call in re.finditer(r"\b(rate|irate|increase|changes|delta|deriv)\(", expr):
             found += 1
         ranges = re.findall(r"\[([^\]]+)\]", expr)
         assert all(r == "$__rate_interval" for r in ranges), f"{where}: {ranges}"
@@ -390,11 +389,11 @@ def exposition(whisper_server, tmp_path_factory) -> set[str]:
     from fake_nvml import FakeNVML
 
     from whisper_exporter.collectors import gpu
+    from whisper_exporter.config import from_dict
     from whisper_exporter.runtime import wiring as daemon
     from whisper_exporter.runtime.collector import plugins
-    from whisper_exporter.runtime.shared import Shared
-    from whisper_exporter.config import from_dict
     from whisper_exporter.runtime.scheduler import Scheduler
+    from whisper_exporter.runtime.shared import Shared
 
     folder = tmp_path_factory.mktemp("exposition")
     log = folder / "requests.jsonl"

@@ -5,8 +5,8 @@ import threading
 from pathlib import Path
 
 import yaml
-
 from helpers import wait_for
+
 from whisper_exporter.logfiles.follow import Follower
 
 MANIFEST = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes" / "whisper.yaml"

@@ -5,9 +5,9 @@ import re
 
 import pytest
 from click.testing import CliRunner
-
 from fake_whisper import FakeWhisper
 from helpers import wav
+
 from whisper_exporter.cli import main
 from whisper_exporter.quality.evaluate import DEFAULT_THRESHOLD, parse_thresholds
 

@@ -4,11 +4,11 @@ import time
 
 import pytest
 import requests
+from helpers import samples, wait_for
 from prometheus_client.core import GaugeMetricFamily
 
-from helpers import samples, wait_for
-from whisper_exporter.runtime import wiring as daemon
 from whisper_exporter.config import from_dict
+from whisper_exporter.runtime import wiring as daemon
 from whisper_exporter.runtime.scheduler import Scheduler
 
 

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import free_port
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration
 

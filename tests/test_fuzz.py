@@ -8,10 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from whisper_exporter.whisper import clients
-from whisper_exporter.logfiles import parse as logparse
 from whisper_exporter.config import ConfigError, ServiceConfig, from_dict
+from whisper_exporter.logfiles import parse as logparse
 from whisper_exporter.logfiles.parse import LineError, Record
+from whisper_exporter.whisper import clients
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

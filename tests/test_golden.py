@@ -8,11 +8,10 @@ import os
 import time
 from pathlib import Path
 
+from fake_nvml import FakeNVML
 from prometheus_client import CollectorRegistry, generate_latest
 
-from whisper_exporter.collectors.gpu import GpuCollector
-from fake_nvml import FakeNVML
-from whisper_exporter.collectors.gpu import GpuConfig
+from whisper_exporter.collectors.gpu import GpuCollector, GpuConfig
 from whisper_exporter.runtime.exporter import ExporterCollector
 from whisper_exporter.runtime.scheduler import Scheduler
 

@@ -9,14 +9,14 @@ from collections import defaultdict
 
 import pynvml
 import pytest
-
-import whisper_exporter.collectors.gpu as gpu
 from fake_nvml import FakeNVML, load_fixture
 from helpers import wait_for
-from whisper_exporter.runtime.collector import plugins
-from whisper_exporter.config import Config
+
+import whisper_exporter.collectors.gpu as gpu
 from whisper_exporter.collectors.gpu import GpuConfig
 from whisper_exporter.collectors.process import ProcessConfig
+from whisper_exporter.config import Config
+from whisper_exporter.runtime.collector import plugins
 
 FIXTURE = load_fixture()
 LOAD_PID = 424  # the one compute process in the fixture's under_load state

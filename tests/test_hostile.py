@@ -520,9 +520,9 @@ def test_a_fifo_as_audio_does_not_hang_evaluate(tmp_path):
 
 
 def test_a_3_gb_sparse_wav_is_not_read_whole(tmp_path):
-    from whisper_exporter.whisper import audio
-
     from helpers import wav
+
+    from whisper_exporter.whisper import audio
 
     path = tmp_path / "big.wav"
     wav(path, seconds=1.0)
@@ -533,9 +533,9 @@ def test_a_3_gb_sparse_wav_is_not_read_whole(tmp_path):
 
 
 def test_a_deeply_nested_manifest_line_is_skipped(tmp_path):
-    from whisper_exporter.quality import manifest
-
     from helpers import wav
+
+    from whisper_exporter.quality import manifest
 
     wav(tmp_path / "a.wav", seconds=1.0)
     good = '{"id": "a", "audio": "a.wav", "reference": "hello there", "language": "en"}'

@@ -6,11 +6,11 @@ import subprocess
 
 import pytest
 import requests
-
-import whisper_exporter.collectors.gpu as gpu
 from fake_nvml import FakeNVML
 from helpers import require_tool, wait_for
 from test_probe import FakeWhisper
+
+import whisper_exporter.collectors.gpu as gpu
 from whisper_exporter.collectors.probe import bundled_canary
 from whisper_exporter.config import from_dict
 from whisper_exporter.runtime import wiring

@@ -1,7 +1,6 @@
 """The log collector: presets on sample logs of real servers, exact counts through rotations
 (driving update() and through the running exporter), garbage, label folding, memory."""
 
-from whisper_exporter.runtime.collector import plugins
 import json
 import logging
 import math
@@ -14,14 +13,15 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from helpers import samples as values
-from whisper_exporter.runtime import requests as request_metrics
+
 from whisper_exporter.collectors.logs import LogsCollector
-from whisper_exporter.runtime import wiring as daemon
-from whisper_exporter.logfiles import parse as logparse
 from whisper_exporter.config import ConfigError, from_dict
+from whisper_exporter.logfiles import parse as logparse
 from whisper_exporter.logfiles.parse import LineError, make_parser
+from whisper_exporter.runtime import requests as request_metrics
+from whisper_exporter.runtime import wiring as daemon
+from whisper_exporter.runtime.collector import plugins
 
 DATA = Path(__file__).parent / "data" / "logs"
 

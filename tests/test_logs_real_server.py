@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 import requests
-
 from helpers import samples
+
 from whisper_exporter.config import from_dict
 from whisper_exporter.runtime import wiring as daemon
 from whisper_exporter.runtime.collector import plugins

@@ -3,8 +3,8 @@ import json
 import os
 
 import pytest
-
 from helpers import wav
+
 from whisper_exporter.quality import manifest
 from whisper_exporter.quality.manifest import ManifestError, duration_band, language_code
 

@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 from whisper_normalizer.english import EnglishTextNormalizer
 
-from whisper_exporter.collectors.probe import ProbeCollector
 from whisper_exporter.cli import main
+from whisper_exporter.collectors.probe import ProbeCollector
 from whisper_exporter.config import from_dict
 
 # The session-scoped `whisper_server` fixture, registered as a plugin so that it starts once per

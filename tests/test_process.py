@@ -13,12 +13,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from helpers import free_port, wait_for
+
+from whisper_exporter.collectors.process import ProcessConfig
+from whisper_exporter.config import Config
 from whisper_exporter.runtime.collector import plugins
 from whisper_exporter.runtime.shared import ProcessWatch
-from whisper_exporter.config import Config
-from whisper_exporter.collectors.process import ProcessConfig
 
 try:
     from whisper_exporter.collectors import process

@@ -12,8 +12,8 @@ import jiwer
 import pytest
 from click.testing import CliRunner
 
-from whisper_exporter.collectors.quality import QualityCollector
 from whisper_exporter.cli import main
+from whisper_exporter.collectors.quality import QualityCollector
 from whisper_exporter.config import from_dict
 
 pytest_plugins = ["whisper_server"]

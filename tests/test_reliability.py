@@ -6,7 +6,6 @@ import re
 import time
 
 import pytest
-
 from busy import busy_exporter, metric, scrape_storm
 
 pytest_plugins = ["whisper_server"]
@@ -47,8 +46,8 @@ def test_fifty_scrapers_while_every_collector_is_busy(whisper_server, tmp_path):
 
 
 def sum_requests(url):
-    from prometheus_client.parser import text_string_to_metric_families
     import requests
+    from prometheus_client.parser import text_string_to_metric_families
 
     total = 0.0
     for family in text_string_to_metric_families(requests.get(url + "/metrics", timeout=10).text):

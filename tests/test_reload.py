@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-
 from helpers import free_port, sample, wait_for
 
 EXE = [sys.executable, "-m", "whisper_exporter"]

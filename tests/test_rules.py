@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-
 from helpers import free_port, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,10 +7,16 @@ from collections import Counter
 import pytest
 
 from whisper_exporter.quality.manifest import Item
-from whisper_exporter.runtime.quality_counters import review_queue_families
 from whisper_exporter.quality.sampling import (
-    ProductionSampler, QueueItem, ReviewQueue, StratifiedSampler, interleave, item_id, load_references,
+    ProductionSampler,
+    QueueItem,
+    ReviewQueue,
+    StratifiedSampler,
+    interleave,
+    item_id,
+    load_references,
 )
+from whisper_exporter.runtime.quality_counters import review_queue_families
 
 
 def item(i, language="en", **tags):

@@ -2,8 +2,8 @@
 import jiwer
 import pytest
 
-from whisper_exporter.whisper import scoring
 from whisper_exporter.runtime.quality_counters import QualityCounters
+from whisper_exporter.whisper import scoring
 from whisper_exporter.whisper.scoring import score
 
 

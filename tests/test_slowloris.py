@@ -10,7 +10,6 @@ import threading
 
 import pytest
 import requests
-
 from helpers import sample
 from slowloris import FD_LIMIT, Drip, Slowloris, exporter_under_fd_limit, raise_own_fd_limit, scrape_like_prometheus
 
@@ -127,7 +126,6 @@ def test_accept_backs_off_when_descriptors_run_out(tmp_path):
     import time
 
     import psutil
-
     from slowloris import ROOT
 
     stderr = open(tmp_path / "stderr", "w+")

@@ -28,7 +28,6 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-
 from helpers import free_port, require_tool
 from test_dashboards import all_dashboard_queries, metric_names, rule_queries, substitute
 

@@ -16,10 +16,10 @@ import psutil
 import pytest
 import requests
 from aiohttp import web
-from prometheus_client.core import Metric
-
 from helpers import wait_for
+from prometheus_client.core import Metric
 from tap_helpers import Records, Upstream, multipart, start_tap, wav_bytes, write_wav
+
 from whisper_exporter.tap import TapConfig
 from whisper_exporter.whisper import marker
 
@@ -619,7 +619,7 @@ def test_repeated_faults_keep_memory_flat(tap, seen, records):
 
     def faults():
         try:
-            requests.post(url(tap, "/cut"), data=audio).content
+            _ = requests.post(url(tap, "/cut"), data=audio).content
         except requests.exceptions.RequestException:
             pass
         assert requests.post(url(tap, "/die"), data=audio).status_code == 502

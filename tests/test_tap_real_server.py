@@ -14,11 +14,11 @@ from collections import Counter
 import psutil
 import pytest
 import requests
-
 from tap_helpers import Records
-from whisper_exporter.whisper.audio import duration_seconds
+
 from whisper_exporter.tap import TapConfig
 from whisper_exporter.whisper import marker
+from whisper_exporter.whisper.audio import duration_seconds
 
 pytest_plugins = ["whisper_server"]
 pytestmark = pytest.mark.integration
@@ -208,8 +208,9 @@ def test_faults_with_the_real_server(whisper_server, speech, tapped, tmp_path):
 def test_server_killed_mid_answer_and_down(speech, tmp_path):
     """A server of its own, killed while it transcribes: 502 to the client, counted; while it
     is down, 502 again; once it is back, the same tap serves again."""
-    from whisper_exporter.collectors.tap import TapCollector
     from whisper_server import free_port, start_server
+
+    from whisper_exporter.collectors.tap import TapCollector
 
     port = free_port()
     server = start_server(tmp_path / "a", port=port)

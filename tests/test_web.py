@@ -5,13 +5,12 @@ import threading
 import bcrypt
 import pytest
 import requests
+from helpers import sample
 
-from whisper_exporter.runtime import wiring as daemon
 from whisper_exporter.config import ConfigError, from_dict
+from whisper_exporter.runtime import wiring as daemon
 from whisper_exporter.runtime.scheduler import Scheduler
 from whisper_exporter.web.webconfig import load_web_config
-
-from helpers import sample
 
 
 def openssl(*args, cwd):

@@ -36,7 +36,6 @@ from typing import Iterator, Optional
 
 import pytest
 import requests
-
 from helpers import free_port, require_tool
 
 MODEL_NAME = "tiny"

@@ -257,6 +257,7 @@ def probe(config_path: Optional[str], target: Optional[str], api: Optional[str],
 
     Exit status: 0 every canary succeeded, 1 one failed, 2 bad configuration or usage.
     """
+    import dataclasses
     import json
     import os
     import re
@@ -264,8 +265,6 @@ def probe(config_path: Optional[str], target: Optional[str], api: Optional[str],
     from whisper_exporter.collectors import probe as probe_collector
     from whisper_exporter.collectors.probe import Canary, canary_name
     from whisper_exporter.whisper.clients import ClientSetupError
-
-    import dataclasses
 
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)  # the report says it all
     config = _config_or_exit(config_path)

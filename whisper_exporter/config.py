@@ -157,7 +157,7 @@ def valid_regex(at: KeyPath, name: str, value: Optional[str]) -> None:
     try:
         re.compile(value)
     except re.error as err:
-        raise at.error(name, f"a valid regular expression ({err})", value)
+        raise at.error(name, f"a valid regular expression ({err})", value) from None
 
 
 @dataclass
@@ -212,7 +212,7 @@ class Config:
             parse_listen(str(self.listen))
         except ValueError:
             raise at.error("listen", "an address HOST:PORT with a port from 0 (any free port) to 65535"
-                           + listen_hint(self.listen), self.listen)
+                           + listen_hint(self.listen), self.listen) from None
         self.listen = str(self.listen)
         # The one rule across sections: the tap's samples go to the quality collector's review queue.
         tap, quality = getattr(self.collectors, "tap", None), getattr(self.collectors, "quality", None)
@@ -266,7 +266,7 @@ def _convert(source: str, key: str, tp: Any, value: Any) -> Any:
         try:
             return Duration(parse_duration(value))
         except ValueError:
-            raise ConfigError(source, key, "a duration such as 500ms, 15s, 2m or 1h", value)
+            raise ConfigError(source, key, "a duration such as 500ms, 15s, 2m or 1h", value) from None
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(source, key, "a list", value)
@@ -457,28 +457,28 @@ def read_yaml(path: str) -> Any:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as err:
-        raise ConfigError(path, "", f"a readable file ({err.strerror})")
+        raise ConfigError(path, "", f"a readable file ({err.strerror})") from None
     try:
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise ConfigError(path, "", "a regular file (not a device, FIFO or directory)")
             data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as err:
-        raise ConfigError(path, "", f"a readable file ({err.strerror})")
+        raise ConfigError(path, "", f"a readable file ({err.strerror})") from None
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(path, "", f"a file of at most {MAX_CONFIG_BYTES} bytes")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(path, "", "UTF-8 text")
+        raise ConfigError(path, "", "UTF-8 text") from None
     try:
         return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader
     except RecursionError:
-        raise ConfigError(path, "", f"YAML nested at most {MAX_YAML_DEPTH} levels deep")
+        raise ConfigError(path, "", f"YAML nested at most {MAX_YAML_DEPTH} levels deep") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(path, "", f"valid YAML{where} ({getattr(err, 'problem', None) or err})")
+        raise ConfigError(path, "", f"valid YAML{where} ({getattr(err, 'problem', None) or err})") from None
 
 
 def load(path: Optional[str]) -> Config:

@@ -40,12 +40,12 @@ from __future__ import annotations
 import csv
 import errno
 import io
-from bisect import bisect_right
 import json
 import math
 import os
 import re
 import stat
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union

@@ -47,7 +47,7 @@ class TapConfig:
 
     def check(self, at: KeyPath) -> None:
         try:
-            self.listen_address
+            _ = self.listen_address
         except ValueError:
             raise at.error("listen", "an address HOST:PORT for the tap's clients", self.listen) from None
         if self.upstream is not None and not re.match(r"^https?://[^/\s]+", self.upstream):

@@ -11,9 +11,9 @@ background thread, so nothing it does waits on, or delays, the exporter's scrape
 from __future__ import annotations
 
 import asyncio
-import os
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -22,12 +22,12 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from whisper_exporter.whisper import marker
-from whisper_exporter.tap.analysis import Capture, UploadAnalyzer, boundary_of, read_answer
 from whisper_exporter.config import KeyPath
+from whisper_exporter.tap.analysis import Capture, UploadAnalyzer, boundary_of, read_answer
 from whisper_exporter.tap.config import TapConfig
 from whisper_exporter.tap.record import TapRecord, TapStats
 from whisper_exporter.tap.upgrade import Upgrade, plan_upgrade, render_json
+from whisper_exporter.whisper import marker
 
 log = logging.getLogger("whisper_exporter.tap")
 

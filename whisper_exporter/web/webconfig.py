@@ -78,7 +78,7 @@ def _tls_context(path: str, tls: dict, base: Path) -> ssl.SSLContext:
     try:
         context.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as err:
-        raise ConfigError(path, f"{prefix}.cert_file", f"a PEM certificate matching key_file ({err})")
+        raise ConfigError(path, f"{prefix}.cert_file", f"a PEM certificate matching key_file ({err})") from None
     for name in ("min_version", "max_version"):
         if tls.get(name) is not None:
             if tls[name] not in _TLS_VERSIONS:
@@ -96,7 +96,7 @@ def _tls_context(path: str, tls: dict, base: Path) -> ssl.SSLContext:
         try:
             context.load_verify_locations(cafile=ca)
         except (ssl.SSLError, OSError) as err:
-            raise ConfigError(path, f"{prefix}.client_ca_file", f"a PEM CA bundle ({err})")
+            raise ConfigError(path, f"{prefix}.client_ca_file", f"a PEM CA bundle ({err})") from None
     elif needs_ca:
         raise ConfigError(path, f"{prefix}.client_ca_file", f"a CA file, required by client_auth_type {auth}")
     context.verify_mode = mode

@@ -156,7 +156,7 @@ def repeated_run(units: Sequence[str]) -> bool:
     for i, u in enumerate(units):
         if u in frequent:
             where[u].append(i)
-    for u, positions in where.items():
+    for positions in where.values():
         at = set(positions)
         for p in positions:
             for n in range(1, MAX_NGRAM + 1):
