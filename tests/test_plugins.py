@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,10 @@ PLUGIN_SOURCE = ROOT / "tests" / "data" / "plugin"
 def plugin_path(tmp_path_factory) -> Path:
     """The plugin built and installed into a folder of its own (the test venv stays clean)."""
     target = tmp_path_factory.mktemp("plugin-site")
+    source = tmp_path_factory.mktemp("plugin-src") / "plugin"
+    shutil.copytree(PLUGIN_SOURCE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))  # builds there
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(target), str(PLUGIN_SOURCE)],
+                    "--no-index", "--target", str(target), str(source)],
                    check=True, capture_output=True, timeout=300)
     return target
 
