@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import free_port
+from helpers import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration
