@@ -81,12 +81,19 @@ def test_same_audio_same_transcript(whisper_server):
 def test_probe_command_against_the_real_server(whisper_server, tmp_path):
     path = tmp_path / "c.yml"
     path.write_text(json.dumps({"service": {"url": whisper_server.url, "model": whisper_server.model}}))
+    # The default set: the English canary, and 4 s of silence, which tiny.en (no voice activity
+    # detection) answers with text: a real hallucination, so the command exits 1.
     result = CliRunner().invoke(main, ["probe", "--config", str(path)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output
     assert "Result: success" in result.output and "real-time factor" in result.output
+    assert "Result: hallucination" in result.output
     result = CliRunner().invoke(main, ["probe", "--config", str(path), "--json"])
-    (record,) = json.loads(result.output)["records"]
-    assert record["result"] == "success" and 0 < record["realtime_factor"] < 5
+    records = {r["canary"]: r for r in json.loads(result.output)["records"]}
+    assert records["en-short"]["result"] == "success" and 0 < records["en-short"]["realtime_factor"] < 5
+    assert records["silence"]["result"] == "hallucination" and records["silence"]["transcript"]
+    assert records["silence"]["suspects"]  # the detector names why, e.g. no_speech or known_phrase
+    result = CliRunner().invoke(main, ["probe", "--config", str(path), "--canary", "en-short"])
+    assert result.exit_code == 0, result.output
 
 
 def test_unknown_model_is_an_http_error(whisper_server):

@@ -540,11 +540,11 @@ def test_config_check_names_the_field():
                       ({"read_timeout": "soon"}, "read_timeout")):
         with pytest.raises(ConfigError) as err:
             from_dict({"collectors": {"tap": bad}})
-        assert err.value.key == f"whisper_exporter.collectors.tap.{name}"
+        assert err.value.key == f"collectors.tap.{name}"
     assert from_dict({"collectors": {"tap": {"read_timeout": "10m"}}}).collectors.tap.read_timeout == 600
     with pytest.raises(ConfigError) as err:  # samples need the review queue they are listed in
         from_dict({"collectors": {"tap": {"sample_dir": "/tmp/x"}}})
-    assert err.value.key == "whisper_exporter.collectors.quality.production.queue"
+    assert err.value.key == "collectors.quality.production.queue"
     assert TapConfig().enabled is False and TapConfig().upgrade_response_format is False
 
 
