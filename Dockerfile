@@ -21,7 +21,8 @@ WORKDIR /
 # Mount a config here and point WHISPER_EXPORTER_CONFIG at it; without one the
 # built-in defaults apply.
 VOLUME ["/etc/whisper-exporter"]
-EXPOSE 10111
+# 10111: metrics; 10112: the request tap, when collectors.tap is on (docs/tap.md)
+EXPOSE 10111 10112
 
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:10111/-/healthy', timeout=2)"]
