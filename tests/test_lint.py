@@ -40,8 +40,15 @@ def everything_on(tmp_path, monkeypatch):
                  "files": [{"path": str(log), "format": "uvicorn-access"}]},
         "probe": {"interval": "1s"},
         "quality": {"enabled": True, "interval": "1s", "manifest": str(manifest), "thresholds": {"en": 0.2}},
+        "tap": {"enabled": True, "listen": "127.0.0.1:0"},
     }})
     running = wiring.start(config)
+    # one request of real traffic through the tap, so its families (and traffic's) have samples
+    (tap,) = [c for c, _ in running.scheduler.entries if c.name == "tap"]
+    assert wait_for(lambda: tap.tap.port, timeout=30)
+    with open(canary.audio, "rb") as audio:
+        requests.post(f"http://127.0.0.1:{tap.tap.port}/v1/audio/transcriptions", files={"file": ("en.wav", audio)},
+                      data={"model": "tiny", "language": "en"}, timeout=30)
     try:
         yield running
     finally:
@@ -57,12 +64,13 @@ def test_a_scrape_with_every_collector_on_passes_promtool(everything_on):
 
     wanted = ("whisper_gpu_utilization_ratio{", "whisper_process_processes ", "whisper_requests_total{",
               'whisper_probe_success{probe="en-short"} 1.0', "whisper_quality_utterances_total{",
-              "whisper_exporter_log_lines_total{")
+              "whisper_exporter_log_lines_total{", "whisper_tap_requests_in_flight ",
+              'whisper_hallucination_checked_total{language="en",source="traffic"}')
     assert wait_for(lambda: running.scheduler.ready() and all(w in scrape() for w in wanted), timeout=30), \
         [w for w in wanted if w not in scrape()]
     body = scrape()
     up = [line for line in body.splitlines() if line.startswith("whisper_exporter_collector_up{")]
-    assert len(up) == 5 and all(line.endswith(" 1.0") for line in up), up
+    assert len(up) == 6 and all(line.endswith(" 1.0") for line in up), up
     result = lint(body)
     assert (result.returncode, result.stdout + result.stderr) == (0, ""), result.stdout + result.stderr
 
