@@ -40,22 +40,6 @@ def to_log_record(record: TapRecord) -> Record:
                   record.audio_path, record.transcript)
 
 
-def segments(record: TapRecord) -> list[hallucination.Segment]:
-    """The answer's verbose_json segments, for the hallucination check (never raises)."""
-    out = []
-    for s in (record.segments or [])[: hallucination.MAX_SEGMENTS]:
-        if isinstance(s, dict):
-            out.append(hallucination.Segment(
-                text=str(s["text"]) if isinstance(s.get("text"), str) else "",
-                no_speech_prob=_float(s.get("no_speech_prob")), avg_logprob=_float(s.get("avg_logprob")),
-                compression_ratio=_float(s.get("compression_ratio")), temperature=_float(s.get("temperature"))))
-    return out
-
-
-def _float(value: object) -> Optional[float]:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 class TapCollector:
     name = "tap"
 
@@ -119,7 +103,7 @@ class TapCollector:
                 hist.observe(record.ttfb)
         if self.hallucinations is not None and self._eligible(record) and record.transcript is not None:
             reasons = hallucination.suspect(record.transcript, record.language, record.audio_duration,
-                                            segments(record))
+                                            hallucination.segments_from_answer({"segments": record.segments}))
             self.hallucinations.count(lang or record.language, "traffic", reasons, record.transcript)
         with self._lock:
             cell = self._cells.pop(id(record), None)

@@ -70,19 +70,13 @@ class Utterance:
         return scoring.unit_for(self.language)
 
 
-def read_audio(path: str) -> bytes:
-    """The file's bytes: a regular file of bounded size, never a FIFO or /dev/zero (audio.read_audio).
-    Raises audio.AudioError naming the file (never quoting its content)."""
-    return audio.read_audio(path)
-
-
 def run(client: clients.WhisperClient, path: str, reference: str, language: str,
         measure_duration: bool = True) -> Utterance:
     """Read the audio at `path`, send it with `language`, score the answer against `reference`.
 
     Raises audio.AudioError when the audio cannot be read (or, with `measure_duration`, has no
     readable duration)."""
-    data = read_audio(path)
+    data = audio.read_audio(path)  # a regular file of bounded size, never a FIFO or /dev/zero
     duration = audio.duration_seconds(data, name=path) if measure_duration else None
     started = time.time()
     outcome = client.transcribe(data, os.path.basename(path), language)
