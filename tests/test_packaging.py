@@ -9,8 +9,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_carries_the_packages_and_the_canary(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
+                            "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, text=True, timeout=300)
+    # setuptools stops building projects that use deprecated metadata (the license table: 2027-02-18)
+    assert "deprecated" not in build.stdout + build.stderr
     (wheel,) = tmp_path.glob("whisper_exporter-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in (ROOT / "whisper_exporter").rglob("*.py"):
@@ -22,6 +24,8 @@ def test_wheel_carries_the_packages_and_the_canary(tmp_path):
     assert {n.split("/", 1)[0] for n in names} == {"whisper_exporter", "whisper_exporter-0.1.0.dist-info"}
     top_level = next(n for n in names if n.endswith("top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["whisper_exporter"]
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()
     assert "whisper_exporter/canary/en.wav" in names and "whisper_exporter/canary/en.txt" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "whisper-exporter = whisper_exporter.cli:main" in entry_points
