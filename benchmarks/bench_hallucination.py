@@ -104,7 +104,7 @@ class Hooked:
 
 def worker(kind: str, path: str) -> None:
     """In a child: measure one contender, print JSON {lines, cpu, flagged}."""
-    from whisper_exporter import logparse
+    from whisper_exporter.logfiles import parse as logparse
     from whisper_exporter.whisper import hallucination
 
     hallucination.default_bag()  # loaded once at start-up, not per line
@@ -138,7 +138,7 @@ def worker(kind: str, path: str) -> None:
         cpu = time.process_time() - start
         print(json.dumps({"lines": len(lines), "cpu": cpu, "flagged": flagged[0], "checked": len(lines)}))
         return
-    from collectors.logs import LogsCollector
+    from whisper_exporter.collectors.logs import LogsCollector
     from whisper_exporter.config import from_dict
 
     config = from_dict({"collectors": {"logs": {

@@ -9,28 +9,18 @@ alone. Run: .venv/bin/python benchmarks/bench_process.py
 """
 from __future__ import annotations
 
-import importlib
 import socket
 import statistics
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-try:
-    from whisper_exporter.collectors import process
-except ModuleNotFoundError as err:  # collectors/__init__ also imports gpu.py
-    if err.name != "whisper_exporter.collectors.gpu":
-        raise
-    package = types.ModuleType("collectors")
-    package.__path__ = [str(ROOT / "collectors")]
-    sys.modules["collectors"] = package
-    process = importlib.import_module("whisper_exporter.collectors.process")
+from whisper_exporter.collectors import process  # noqa: E402
 from whisper_exporter.collectors.process import ProcessConfig  # noqa: E402
 
 ROUNDS = int(__import__("os").environ.get("ROUNDS", "300"))

@@ -4,9 +4,9 @@ Each scheduled run (default hourly):
 
 1. Reference set (`manifest`): the manifest is (re)loaded, lines that cannot be
    used are logged once each with their line number and skipped; a stratified
-   sample of `per_run` items (whisper_exporter/sampling.py: round-robin across
+   sample of `per_run` items (whisper_exporter/quality/sampling.py: round-robin across
    language x strata cells, every item within ceil(items / per_run) runs) is
-   sent to the server one after another through the core clients, and each
+   sent to the server one after another (whisper/utterance.py, whisper/clients.py), and each
    transcript is scored with Whisper's normalisers + jiwer. Counts go to the
    shared `whisper_quality_*` families with set="reference"; the round's
    per-language error rates become `whisper_quality_error_rate`.
@@ -21,8 +21,8 @@ Each scheduled run (default hourly):
    (the server's own transcript from the log against the reference), counted
    with set="production", and taken off the queue.
 
-Besides the shared families (rendered here only when no probe collector owns
-them), this collector exports the state of the set: usable items, skipped
+The shared families (`whisper_quality_*` counters, fed by the probe too) are
+rendered once by the runtime (runtime/shared.py). This collector exports the state of the set: usable items, skipped
 manifest lines, the current pass's coverage, completed passes, and the
 configured thresholds as `whisper_quality_max_error_rate{language}` (for
 alert rules). The collector is down only when it cannot evaluate at all (the

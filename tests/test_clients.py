@@ -308,3 +308,14 @@ def test_make_client_picks_the_api():
         client = make_client(ServiceConfig(url=BASE, api=api), timeout=3)
         assert type(client) is cls and client.timeout == 3
     assert make_client(ServiceConfig(url=BASE), url="http://other.test:1").url == "http://other.test:1"
+
+
+def test_one_list_of_apis_names_every_client_and_every_choice():
+    # A new server API is one client class plus its name in config.APIS; nothing else to keep in step.
+    from click import Choice
+
+    from whisper_exporter import cli, config
+    assert set(clients._CLIENTS) == set(config.APIS)
+    for command in (cli.probe, cli.evaluate):
+        (api,) = [p for p in command.params if p.name == "api"]
+        assert isinstance(api.type, Choice) and tuple(api.type.choices) == config.APIS

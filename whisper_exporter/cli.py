@@ -15,7 +15,7 @@ from typing import Any, Callable, NoReturn, Optional
 import click
 
 from whisper_exporter import __version__
-from whisper_exporter.config import Config, ConfigError, each_error, listen_hint, load, parse_listen
+from whisper_exporter.config import APIS, Config, ConfigError, each_error, listen_hint, load, parse_listen
 from whisper_exporter.runtime.collector import plugin_names
 
 EXIT_CONFIG = 2
@@ -238,7 +238,7 @@ def check_config(path: Optional[str], web_config: Optional[str], strict: bool) -
               envvar="WHISPER_EXPORTER_CONFIG", type=click.Path(dir_okay=False),
               help="YAML configuration: the service and the canaries (default: built-in defaults).")
 @click.option("--target", default=None, metavar="URL", help="Probe this base URL instead of service.url, this once.")
-@click.option("--api", default=None, type=click.Choice(["openai", "asr-webservice", "whispercpp"]),
+@click.option("--api", default=None, type=click.Choice(APIS),
               help="The server's API (default: service.api, else openai).")
 @click.option("--model", default=None, metavar="NAME",
               help="Model name sent with each canary (default: service.model, else whisper-1).")
@@ -320,7 +320,7 @@ def probe(config_path: Optional[str], target: Optional[str], api: Optional[str],
 @click.option("--config", "--config.file", "config_path", default=None, metavar="FILE",
               envvar="WHISPER_EXPORTER_CONFIG", type=click.Path(dir_okay=False),
               help="YAML configuration: service (api, model, key), quality manifest and thresholds.")
-@click.option("--api", default=None, type=click.Choice(["openai", "asr-webservice", "whispercpp"]),
+@click.option("--api", default=None, type=click.Choice(APIS),
               help="The server's API (default: service.api, else openai).")
 @click.option("--model", default=None, metavar="NAME", help="Model name sent with each request (default: service.model).")
 @click.option("--timeout", default=None, type=float, metavar="SECONDS",

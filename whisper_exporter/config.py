@@ -160,6 +160,10 @@ def valid_regex(at: KeyPath, name: str, value: Optional[str]) -> None:
         raise at.error(name, f"a valid regular expression ({err})", value) from None
 
 
+# The Whisper server APIs, one client class each (whisper/clients.py); config, CLI and clients read this.
+APIS = ("openai", "asr-webservice", "whispercpp")
+
+
 @dataclass
 class ServiceConfig:
     url: str = "http://127.0.0.1:8000"
@@ -173,7 +177,7 @@ class ServiceConfig:
     def check(self, at: KeyPath) -> None:
         if not re.match(r"^https?://[^/\s]+", self.url):
             raise at.error("url", "an http:// or https:// URL", self.url)
-        one_of(at, "api", self.api, ("openai", "asr-webservice", "whispercpp"))
+        one_of(at, "api", self.api, APIS)
         positive(at, "timeout", self.timeout)
 
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("whisper_exporter.plugins")
 
 GROUP = "whisper_exporter.collectors"
-# The order sections are shown and started in: the bundled ones as the README lists them, then
+# The order sections are shown and started in: the bundled ones in a fixed order, then
 # third-party plugins by name (entry points come in no order worth keeping).
 BUNDLED_ORDER = ("gpu", "process", "logs", "probe", "quality", "tap")
 

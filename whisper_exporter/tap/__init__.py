@@ -1,7 +1,7 @@
 """The request tap: an audio-aware reverse proxy in front of an unmodified Whisper server.
 
-No prometheus_client here (collectors/tap.py renders the metrics). `marker` and
-`config` import nothing heavy; `Tap` (aiohttp) is imported on first use.
+No prometheus_client here (collectors/tap.py renders the metrics). `config` imports
+nothing heavy; `Tap` (aiohttp) is imported on first use.
 """
 from __future__ import annotations
 

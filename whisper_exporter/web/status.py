@@ -12,7 +12,7 @@ from whisper_exporter.config import Config, masked, masked_url
 from whisper_exporter.runtime.quality_counters import QualityCounters
 from whisper_exporter.runtime.scheduler import Scheduler
 from whisper_exporter.runtime.shared import ProbeView
-from whisper_exporter.whisper.clients import safe_text
+from whisper_exporter.whisper.transport import safe_text
 
 # What production users said is shown only behind authentication (SECURITY.md).
 HIDDEN = "(hidden: production text is shown only when the page requires authentication)"

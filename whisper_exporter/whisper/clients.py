@@ -26,7 +26,7 @@ Timing covers sending the request and reading the whole answer (the multipart
 body is built before the clock starts). `timeout` is a total deadline for the
 connection, the answer's headers and its body together: a server that drips a
 byte at a time is cut off when it passes (requests' own timeout bounds each
-read, not the request).
+read, not the request; whisper/transport.py).
 
 A hostile answer under MAX_BODY_BYTES is bounded too: too many JSON objects or
 values, or nesting too deep, is `bad_response`; the text is clipped to
@@ -44,21 +44,15 @@ import json
 import math
 import os
 import re
-import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ReadTimeoutError
 
-from whisper_exporter.config import MASK, masked_headers, masked_url, secret_name
-from whisper_exporter.whisper import languages, marker
+from whisper_exporter.config import APIS, MASK, masked_headers, masked_url, secret_name
+from whisper_exporter.whisper import languages, marker, transport
 
 SUCCESS = "success"
 HTTP_ERROR = "http_error"
@@ -67,7 +61,6 @@ CONNECTION_ERROR = "connection_error"
 BAD_RESPONSE = "bad_response"
 OUTCOMES = (SUCCESS, HTTP_ERROR, TIMEOUT, CONNECTION_ERROR, BAD_RESPONSE)
 
-APIS = ("openai", "asr-webservice", "whispercpp")
 RESPONSE_FORMATS = ("json", "verbose_json")
 MAX_BODY_BYTES = 8 * 1024 * 1024  # a transcript of a canary is a few KiB
 EXCERPT_CHARS = 300
@@ -207,140 +200,6 @@ def _excerpt(body: bytes) -> str:
     return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 3] + "..."
 
 
-def _connection_reason(err: BaseException) -> str:
-    """The useful part of a requests/urllib3 connection error: 'connection refused', ..."""
-    text = str(err)
-    match = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
-    if match:
-        return match.group(1).strip().rstrip(".").lower()
-    for needle, reason in (
-        ("Name or service not known", "name resolution failed"),
-        ("nodename nor servname", "name resolution failed"),
-        ("RemoteDisconnected", "the server closed the connection without answering"),
-        ("Connection aborted", "connection aborted"),
-        ("Connection reset", "connection reset by peer"),
-        ("SSLError", "TLS handshake failed"),
-        ("certificate verify failed", "TLS certificate verification failed"),
-    ):
-        if needle in text:
-            return reason
-    return type(err).__name__
-
-
-def _is_read_timeout(first: BaseException) -> bool:
-    seen = set()
-    err: Optional[BaseException] = first
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, (requests.Timeout, ReadTimeoutError, TimeoutError)):
-            return True
-        if any(isinstance(a, (ReadTimeoutError, TimeoutError)) for a in getattr(err, "args", ())):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def safe_text(text: str) -> str:
-    """`text` encodable as UTF-8: a lone surrogate ("\\ud800" in JSON) becomes "?", so that no page
-    or log that shows it can fail on it."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "replace").decode("utf-8")
-
-
-# -- the total deadline ------------------------------------------------------------------------
-# requests' timeout bounds each recv(), not the request: a server that drips a byte of its headers
-# or body every few seconds keeps it waiting for ever. The watchdog shuts the request's socket
-# down at the deadline, which wakes any read blocked on it, whatever the phase.
-
-_watching = threading.local()
-
-
-class _Watchdog:
-    """Shuts down the sockets registered with it when the deadline (time.perf_counter()) passes."""
-
-    def __init__(self, deadline: float):
-        self.deadline = deadline
-        self.expired = False
-        self._socks: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._done = False
-        self._timer = threading.Timer(max(0.0, deadline - time.perf_counter()), self._fire)
-        self._timer.daemon = True
-
-    def __enter__(self) -> "_Watchdog":
-        _watching.dog = self
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        _watching.dog = None
-        self._timer.cancel()
-        with self._lock:
-            self._done = True
-            for sock in self._socks:
-                sock.close()
-            self._socks.clear()
-
-    def watch(self, sock: socket.socket) -> None:
-        # A duplicate: TLS wrapping detaches the original, and shutdown() acts on the connection.
-        dup = sock.dup()
-        with self._lock:
-            if self._done:
-                dup.close()
-                return
-            self._socks.append(dup)
-            fire = self.expired
-        if fire:
-            self._fire()
-
-    def _fire(self) -> None:
-        with self._lock:
-            if self._done:
-                return
-            self.expired = True
-            for sock in self._socks:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
-class _Watched:
-    def _new_conn(self):
-        sock = super()._new_conn()  # type: ignore[misc]
-        dog = getattr(_watching, "dog", None)
-        if dog is not None:
-            dog.watch(sock)
-        return sock
-
-
-class _WatchedHTTPConnection(_Watched, HTTPConnection):
-    pass
-
-
-class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
-    pass
-
-
-class _WatchedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _WatchedHTTPConnection
-
-
-class _WatchedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _WatchedHTTPSConnection
-
-
-class _DeadlineAdapter(HTTPAdapter):
-    """requests' adapter whose connections register their sockets with the current _Watchdog."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
-
-
 class WhisperClient:
     """Base: one transcription request per call, a fresh connection each time."""
 
@@ -433,7 +292,7 @@ class WhisperClient:
             error = data.get("error") or data.get("detail")
             if error:
                 message = error.get("message", error) if isinstance(error, dict) else error
-                raise _BadResponse(f"the server reported an error: {safe_text(str(message)[:200])}")
+                raise _BadResponse(f"the server reported an error: {transport.safe_text(str(message)[:200])}")
             raise _BadResponse('the answer has no "text" string')
         segments = []
         raw_segments = data.get("segments")
@@ -442,7 +301,7 @@ class WhisperClient:
                 if not isinstance(raw, dict):  # e.g. a faster-whisper Segment dumped as a list
                     continue
                 segments.append(Segment(
-                    text=safe_text(raw["text"][:MAX_TEXT_CHARS]) if isinstance(raw.get("text"), str) else "",
+                    text=transport.safe_text(raw["text"][:MAX_TEXT_CHARS]) if isinstance(raw.get("text"), str) else "",
                     start=_number(raw.get("start")),
                     end=_number(raw.get("end")),
                     temperature=_number(raw.get("temperature")),
@@ -451,7 +310,7 @@ class WhisperClient:
                     no_speech_prob=_number(raw.get("no_speech_prob")),
                 ))
         return Transcription(
-            text=safe_text(text[:MAX_TEXT_CHARS]),
+            text=transport.safe_text(text[:MAX_TEXT_CHARS]),
             language=language_code(data.get("language")),
             duration=_number(data.get("duration")),
             segments=tuple(segments),
@@ -477,8 +336,8 @@ class WhisperClient:
         )
         session = requests.Session()
         session.trust_env = False  # no proxies or .netrc credentials from the environment
-        session.mount("http://", _DeadlineAdapter())
-        session.mount("https://", _DeadlineAdapter())
+        session.mount("http://", transport.DeadlineAdapter())
+        session.mount("https://", transport.DeadlineAdapter())
         try:
             prepared = session.prepare_request(requests.Request(
                 "POST", url, params=params, data=fields, headers=headers,
@@ -490,13 +349,13 @@ class WhisperClient:
         started = time.perf_counter()
         deadline = started + self.timeout
         try:
-            with _Watchdog(deadline) as dog:
+            with transport.Watchdog(deadline) as dog:
                 return self._send(session, prepared, started, dog, exchange)
         finally:
             session.close()
 
     def _send(self, session: requests.Session, prepared: requests.PreparedRequest, started: float,
-              dog: _Watchdog, exchange: Exchange) -> TranscribeResult:
+              dog: transport.Watchdog, exchange: Exchange) -> TranscribeResult:
         def failed(outcome: str, reason: str, status: Optional[int] = None) -> TranscribeResult:
             return TranscribeResult(outcome, time.perf_counter() - started, status, self.redact(reason), exchange=exchange)
 
@@ -507,9 +366,9 @@ class WhisperClient:
         except requests.ConnectionError as err:
             if dog.expired:
                 return failed(TIMEOUT, f"the answer did not arrive in full within {self.timeout:g}s")
-            if _is_read_timeout(err):
+            if transport.is_read_timeout(err):
                 return failed(TIMEOUT, f"no answer within {self.timeout:g}s")
-            return failed(CONNECTION_ERROR, f"cannot connect: {_connection_reason(err)}")
+            return failed(CONNECTION_ERROR, f"cannot connect: {transport.connection_reason(err)}")
         except requests.RequestException as err:
             if dog.expired:
                 return failed(TIMEOUT, f"the answer did not arrive in full within {self.timeout:g}s")
@@ -530,9 +389,9 @@ class WhisperClient:
                 exchange.body_bytes = size
                 if dog.expired:
                     return failed(TIMEOUT, f"the answer did not arrive in full within {self.timeout:g}s", status)
-                if _is_read_timeout(err):
+                if transport.is_read_timeout(err):
                     return failed(TIMEOUT, f"the answer stopped arriving for {self.timeout:g}s", status)
-                return failed(CONNECTION_ERROR, f"the connection broke while reading the answer: {_connection_reason(err)}", status)
+                return failed(CONNECTION_ERROR, f"the connection broke while reading the answer: {transport.connection_reason(err)}", status)
             if dog.expired:  # the shutdown may read as a short body
                 exchange.body_bytes = size
                 return failed(TIMEOUT, f"the answer did not arrive in full within {self.timeout:g}s", status)
