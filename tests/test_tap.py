@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import socket
+import socketserver
 import stat
 import subprocess
 import threading
@@ -385,6 +386,8 @@ def test_a_slow_client_does_not_stall_others(tap, records):
     try:
         for _ in range(3):  # other requests complete while the slow upload is open
             assert requests.post(url(tap, "/v1/audio/translations"), data=b"abc").json()["size"] == 3
+        # A request leaves in_flight just after its last byte is sent: wait for the three to leave.
+        assert wait_for(lambda: tap.stats.snapshot()["in_flight"] == 1)
         assert tap.stats.snapshot()["in_flight"] == 1
     finally:
         slow.close()
@@ -642,3 +645,36 @@ def test_repeated_faults_keep_memory_flat(tap, seen, records):
     assert requests.get(url(tap, "/health")).status_code == 201
     tap.stop()
     assert list(tap.spool_path.iterdir()) == []
+
+
+class _ClosesAfterEachAnswer(socketserver.StreamRequestHandler):
+    """A server closing a kept-alive connection: uvicorn after a 500 from an exception (the
+    answer, no `Connection: close`, then the close), or any server whose keep-alive ran out. A
+    request that comes on it meanwhile is never answered. Here the close is held back, so a
+    reused connection always meets it (under load, it raced the tap's next request)."""
+
+    def handle(self) -> None:
+        head = self.rfile.readline()
+        length = 0
+        while (line := self.rfile.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        self.rfile.read(length)
+        status = b"500 Internal Server Error" if b" /fail" in head else b"200 OK"
+        self.wfile.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\n\r\nok")
+        self.wfile.flush()
+        self.rfile.readline()  # a second request on this connection: closed unanswered
+
+
+def test_a_connection_the_server_closes_after_answering_is_never_reused(records):
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _ClosesAfterEachAnswer)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    tap = start_tap(f"http://127.0.0.1:{server.server_address[1]}", records)
+    try:
+        assert requests.post(url(tap, "/fail"), data=b"x", timeout=10).status_code == 500
+        assert requests.post(url(tap, "/ok"), data=b"x", timeout=10).status_code == 200
+    finally:
+        tap.stop()
+        server.shutdown()
+        server.server_close()

@@ -147,9 +147,11 @@ class Tap:
         timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout, sock_read=cfg.read_timeout)
         self._session = aiohttp.ClientSession(
             timeout=timeout, auto_decompress=False,
-            # Idle upstream connections are dropped after 4 s, before uvicorn's 5 s keep-alive
-            # closes them from its side (a request sent on a connection closing under it fails).
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0),
+            # One upstream connection per request, as nginx's proxy_pass does by default: a pooled
+            # connection the server is closing (its keep-alive ran out: gunicorn 2 s, uvicorn 5 s;
+            # or uvicorn after an unhandled 500, without saying so) fails the POST sent on it with a
+            # 502, and a POST cannot be retried. A loopback connect costs well under a millisecond.
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
             cookie_jar=aiohttp.DummyCookieJar())
         # auto_decompress=False: a compressed upload is forwarded as sent (and not analysed);
         # handler_cancellation: a client that goes away cancels its upstream request.
@@ -227,12 +229,7 @@ class Tap:
                 return _client_gone_response(record)
             return self._fail(record, "protocol", 502, f"upstream error ({type(err).__name__})")
         async with upstream:
-            response = await self._answer(request, upstream, flight)
-            if upstream.status >= 500:
-                # uvicorn closes the connection after a 500 from an exception, without saying
-                # so: never reuse a connection that answered 5xx.
-                upstream.close()
-            return response
+            return await self._answer(request, upstream, flight)
 
     def _start_analysis(self, request: web.BaseRequest, flight: _Flight) -> None:
         cfg = self.config
