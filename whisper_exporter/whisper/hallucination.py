@@ -194,8 +194,9 @@ def too_much_text(text: str, language: Optional[str], audio_seconds: Optional[fl
 # The phrase bag
 
 # Words Whisper strings its sign-offs together with ("Thank you for watching and I'll see
-# you in the next video"): allowed between bag phrases, never a phrase on their own.
-CONNECTORS = ("and", "so", "but", "then", "also", "again", "oh", "okay", "ok", "guys", "everyone",
+# you in the next video, bye!"): allowed between and after bag phrases, never a phrase on
+# their own ("Bye bye." and "Okay, bye." are how real calls end).
+CONNECTORS = ("and", "so", "but", "then", "also", "again", "oh", "okay", "ok", "guys", "everyone", "bye",
               "und", "et", "y", "e", "и")
 
 
