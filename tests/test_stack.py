@@ -299,7 +299,9 @@ def test_the_stack(stack):
         assert float(alert["value"]) == 0  # no answer at all: connection refused
         assert "the last answer was HTTP 0" in alert["annotations"]["description"]
     rejected = found["WhisperRequestsRejected"][0]
-    assert float(rejected["value"]) > 0.1
+    # Above the rule's 5%, and at most the faulty mix's share (1 of 3 lines is a 429): when the
+    # alert first shows, the 5 m window still holds healthy lines, so the share is still rising.
+    assert 0.05 < float(rejected["value"]) <= 1 / 3 + 1e-9
     assert found["WhisperLatencyHigh"][0]["labels"]["severity"] == "warning"
     assert float(found["WhisperLatencyHigh"][0]["value"]) > 3
     # with no transcript coming back, the wrong-transcript alert goes away
