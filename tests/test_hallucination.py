@@ -138,6 +138,7 @@ def test_credit_phrases_are_found_after_real_speech(phrase):
     ("Thanks for watching! See you in the next video. See you in the nex", "en"),  # loop cut off
     # tiny.en on espeak-ng French, in a loaded run: the outro signed off with a bye
     ("Thank you very much for watching, I'll see you in the next video, bye!", "en"),
+    ("That's it, I'll see you in the next video.", "en"),  # tiny.en on espeak-ng French, loaded run
     ("You.", "en"),
     ("ｙｏｕ", "en"),  # full width
     ("字幕由 Amara.org 社区提供", "zh"),
@@ -162,6 +163,7 @@ def test_matching_ignores_case_punctuation_spacing_and_width(text, language):
     "You know what I mean?",
     "Bye, see you tomorrow at the office.",
     "Okay, bye.",
+    "That's it.",
     "Thanks for watching the kids last night, see you on Monday.",
     "Young people are welcome.",
     "The series ends here, to be continued next week on channel four.",

@@ -131,7 +131,7 @@ def make_speech(text: str, path: Path, voice: str = "en", rate: int = 16000) -> 
     path = Path(path)
     raw = path.with_name(path.stem + ".espeak.wav")
     subprocess.run(["espeak-ng", "-v", voice, "-w", str(raw), text], check=True, capture_output=True)
-    subprocess.run(["sox", str(raw), "-r", str(rate), "-c", "1", str(path)], check=True, capture_output=True)
+    subprocess.run(["sox", "-R", str(raw), "-r", str(rate), "-c", "1", str(path)], check=True, capture_output=True)
     raw.unlink()
     return path
 

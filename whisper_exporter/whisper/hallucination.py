@@ -197,7 +197,7 @@ def too_much_text(text: str, language: Optional[str], audio_seconds: Optional[fl
 # you in the next video, bye!"): allowed between and after bag phrases, never a phrase on
 # their own ("Bye bye." and "Okay, bye." are how real calls end).
 CONNECTORS = ("and", "so", "but", "then", "also", "again", "oh", "okay", "ok", "guys", "everyone", "bye",
-              "und", "et", "y", "e", "и")
+              "that's it", "und", "et", "y", "e", "и")
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,7 @@ class PhraseBag:
                 keys[key] = keys.get(key, False) or phrase.anywhere
         for key, anywhere in keys.items():
             self._automaton.add_word(key, (len(key), anywhere, key))
-        for word in CONNECTORS:
+        for word in map(normalize, CONNECTORS):
             if word not in keys:
                 self._automaton.add_word(word, (len(word), False, ""))  # no phrase key: a connector
         self._empty = not keys

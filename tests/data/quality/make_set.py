@@ -38,7 +38,7 @@ def speak(text: str, path: Path, voice: str, rate: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = path.with_name(path.stem + ".espeak.wav")
     subprocess.run(["espeak-ng", "-v", voice, "-w", str(raw), text], check=True, capture_output=True)
-    subprocess.run(["sox", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(path)], check=True,
+    subprocess.run(["sox", "-R", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(path)], check=True,
                    capture_output=True)
     raw.unlink()
     return path
