@@ -35,25 +35,30 @@ PARSERS["regex"] = logparse.make_parser(
     "regex", r"(?P<endpoint>\S+) (?P<status_code>\S+) (?P<duration>\S+) (?P<language>\S+)")
 
 
-def check_parse(parser, line: bytes) -> None:
+PARSE_OUTCOMES = ("rejected", "not a request", "record")
+
+
+def check_parse(parser, line: bytes) -> str:
+    """What the parser made of `line`, one of PARSE_OUTCOMES, after checking what it must hold."""
     try:
         record = parser.parse(line)
     except LineError as err:
         assert err.reason  # every rejection says why, for the parse-errors counter
-        return
+        return "rejected"
     if record is None:
-        return
+        return "not a request"
     assert isinstance(record, Record)
     for value in (record.duration, record.queue_wait, record.inference, record.audio_duration):
         # Durations that reach the histograms are real, non-negative numbers.
         assert value is None or (isinstance(value, float) and math.isfinite(value) and value >= 0), value
+    return "record"
 
 
 @pytest.mark.parametrize("name", sorted(PARSERS))
 @FUZZ
 @given(line=st.binary(max_size=300))
 def test_log_parsers_take_any_bytes(name, line):
-    check_parse(PARSERS[name], line)
+    assert check_parse(PARSERS[name], line) in PARSE_OUTCOMES
 
 
 @pytest.mark.parametrize("name", ["json-request", "json-dotted"])
@@ -61,7 +66,7 @@ def test_log_parsers_take_any_bytes(name, line):
 @given(obj=request_objects | st.dictionaries(st.sampled_from(["request", "response", "timing", "meta", "audio"]),
                                              request_objects, max_size=5))
 def test_json_parsers_take_any_object(name, obj):
-    check_parse(PARSERS[name], json.dumps(obj, allow_nan=True).encode())
+    assert check_parse(PARSERS[name], json.dumps(obj, allow_nan=True).encode()) in PARSE_OUTCOMES
 
 
 @pytest.mark.parametrize("name", ["uvicorn-access", "speaches", "whispercpp"])
@@ -75,7 +80,7 @@ def test_text_presets_take_near_miss_lines(name, method, path, status, seconds, 
         f"2025 INFO:speaches.executors.whisper: Transcribed {seconds} seconds of audio in {seconds} seconds",
         f"operator(): processing '{path}' (1 samples, {seconds} sec), 4 threads, 1 processors, lang = {lang}, task",
     ):
-        check_parse(PARSERS[name], line.encode("utf-8", "surrogatepass"))
+        assert check_parse(PARSERS[name], line.encode("utf-8", "surrogatepass")) in PARSE_OUTCOMES
 
 
 CLIENTS = [clients.make_client(ServiceConfig(api=api)) for api in ("openai", "asr-webservice", "whispercpp")]
@@ -135,20 +140,22 @@ manifest_columns = st.sampled_from(["audio", "reference", "language", "id", "dur
                                     "audio_quality", "source", "tags", "text", "bogus"])
 
 
-def check_manifest(path) -> None:
+def check_manifest(path) -> str:
+    """"refused" or "loaded", after checking what each must hold."""
     from whisper_exporter.quality import manifest
 
     try:
         loaded = manifest.load(path, check_audio=False)
     except manifest.ManifestError as err:
         assert str(err)  # a manifest that cannot be used at all says why
-        return
+        return "refused"
     # Every record read is either an item or a named problem with its line number.
     assert len(loaded.items) + len(loaded.problems) == loaded.lines
     for problem in loaded.problems:
         assert problem.line >= 1 and problem.message
     for item in loaded.items:
         assert item.reference.strip() and item.language and item.duration >= 0
+    return "loaded"
 
 
 @FUZZ
@@ -157,7 +164,7 @@ def check_manifest(path) -> None:
 def test_jsonl_manifests_never_escape_the_loader(tmp_path_factory, lines):
     path = tmp_path_factory.mktemp("fuzz") / "refs.jsonl"
     path.write_bytes(b"\n".join(lines))
-    check_manifest(path)
+    assert check_manifest(path) in ("refused", "loaded")
 
 
 @FUZZ
@@ -173,4 +180,4 @@ def test_csv_manifests_never_escape_the_loader(tmp_path_factory, header, rows, r
     writer.writerows(rows)
     path = tmp_path_factory.mktemp("fuzz") / "refs.csv"
     path.write_bytes(out.getvalue().encode("utf-8", "surrogatepass") + raw)
-    check_manifest(path)
+    assert check_manifest(path) in ("refused", "loaded")
