@@ -81,10 +81,12 @@ def upstream(seen):
 
     async def sse(request):
         await request.read()
+        # Made before the first event leaves: the client may read it, and set this, before
+        # this coroutine runs again (a loaded run saw release still None).
+        seen.release = asyncio.Event()
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         await resp.write(b'data: {"type": "transcript.text.delta", "delta": "Hello"}\n\n')
-        seen.release = asyncio.Event()
         await asyncio.wait_for(seen.release.wait(), 30)  # until the client has read the first event
         await resp.write(b'data: {"type": "transcript.text.delta", "delta": " world"}\n\n')
         await resp.write(b'data: {"type": "transcript.text.done", "text": "Hello world"}\n\n')
