@@ -140,8 +140,11 @@ manifest_columns = st.sampled_from(["audio", "reference", "language", "id", "dur
                                     "audio_quality", "source", "tags", "text", "bogus"])
 
 
+MANIFEST_OUTCOMES = ("refused", "loaded")
+
+
 def check_manifest(path) -> str:
-    """"refused" or "loaded", after checking what each must hold."""
+    """What the loader made of `path`, one of MANIFEST_OUTCOMES, after checking what each must hold."""
     from whisper_exporter.quality import manifest
 
     try:
@@ -164,7 +167,7 @@ def check_manifest(path) -> str:
 def test_jsonl_manifests_never_escape_the_loader(tmp_path_factory, lines):
     path = tmp_path_factory.mktemp("fuzz") / "refs.jsonl"
     path.write_bytes(b"\n".join(lines))
-    assert check_manifest(path) in ("refused", "loaded")
+    assert check_manifest(path) in MANIFEST_OUTCOMES
 
 
 @FUZZ
@@ -180,4 +183,4 @@ def test_csv_manifests_never_escape_the_loader(tmp_path_factory, header, rows, r
     writer.writerows(rows)
     path = tmp_path_factory.mktemp("fuzz") / "refs.csv"
     path.write_bytes(out.getvalue().encode("utf-8", "surrogatepass") + raw)
-    assert check_manifest(path) in ("refused", "loaded")
+    assert check_manifest(path) in MANIFEST_OUTCOMES
