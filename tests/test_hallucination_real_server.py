@@ -1,32 +1,30 @@
 """The hallucination detector against a real faster-whisper-server (tiny.en, CPU, temperature 0).
 
-Non-speech audio made with sox (silence, noise, tones, chords, beeps, a sweep) must
-come back either empty or flagged, with the reason that fits what the model wrote.
-Real espeak-ng speech in six languages must not be flagged.
+Non-speech audio made with sox (silence, noise, tones, chords, beeps, a sweep) and
+real espeak-ng speech in six languages go to the server; what is asserted is what the
+exporter does with whatever came back, never the model's words. tiny.en's words on
+non-speech and edge input differ by CPU (CTranslate2's int8 kernels differ by
+instruction set: the undithered beeps are an outro loop here and '' on an AMD EPYC
+with AVX-512), so each answer is handed to a check in tests/answer_checks.py that
+compares the detector's verdict and the counters with a simple independent judge
+(a phrase said back to back, a bare sign-off, an outro, no word, the model's own
+no_speech_prob). tests/test_answer_checks.py feeds the same checks the answers
+seen on other CPUs.
 
 tiny.en is an English-only model: it hears German, French, Spanish, Italian and
 Portuguese as English and writes English-sounding text for them. That text is
 wrong but it is a transcription of what it heard, and the detector must leave it
-alone. For some foreign clips, though, tiny.en does hallucinate in the sense of
-issue 13: it loops ("I'm going to say that I'm going to say that ...") or writes
-YouTube outros ("Thanks for watching, see you in the next video, ...") that nobody
-said. Those are true positives. A simple independent judge (a phrase four times,
-or an outro) tells them apart: a plain hallucination must be flagged, anything else
-must not be. The speech clips were chosen, from a first run of candidates, among
-those tiny.en transcribes plainly; the test requires 15 of the 20 to still be plain,
-in all six languages, because tiny.en on CPU is not bit-for-bit repeatable at the
-edges even at temperature 0.
+alone. For some foreign clips tiny.en does hallucinate in the sense of issue 13:
+it loops or writes YouTube outros that nobody said; those must be flagged.
 """
 from __future__ import annotations
 
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
 import requests
-
-from whisper_exporter.whisper.hallucination import segments_from_answer, suspect
+from answer_checks import negative_canary_problems, non_speech_problems, speech_problems
 
 pytest_plugins = ["whisper_server"]
 pytestmark = pytest.mark.integration
@@ -34,27 +32,20 @@ pytestmark = pytest.mark.integration
 CANARY = Path(__file__).resolve().parents[1] / "whisper_exporter" / "canary"
 FORMAT = ["-r", "16000", "-c", "1", "-b", "16"]  # of the output; -R: repeatable noise
 
-# name -> (sox synthesis arguments after `sox FORMAT -n out.wav`, reasons the answer must carry if it has text)
+# name -> sox synthesis arguments after `sox FORMAT -n out.wav`
 NON_SPEECH = {
-    "silence": (["trim", "0", "5"], {"no_speech"}),
-    "white_noise": (["synth", "5", "whitenoise", "vol", "0.3"], {"no_speech"}),
-    "pink_noise": (["synth", "5", "pinknoise", "vol", "0.3"], {"no_speech"}),
-    "brown_noise": (["synth", "5", "brownnoise", "vol", "0.3"], {"no_speech"}),
-    "tone_440": (["synth", "5", "sine", "440", "vol", "0.5"], {"repetition"}),
-    "square_220": (["synth", "5", "square", "220", "vol", "0.3"], {"no_speech"}),
+    "silence": ["trim", "0", "5"],
+    "white_noise": ["synth", "5", "whitenoise", "vol", "0.3"],
+    "pink_noise": ["synth", "5", "pinknoise", "vol", "0.3"],
+    "brown_noise": ["synth", "5", "brownnoise", "vol", "0.3"],
+    "tone_440": ["synth", "5", "sine", "440", "vol", "0.5"],
+    "square_220": ["synth", "5", "square", "220", "vol", "0.3"],
     # Chords: one note per channel, then mixed down to mono.
-    "chord_c_major": (["synth", "5", "sine", "261.63", "sine", "329.63", "sine", "392"], {"no_speech"}),
-    "plucked_chord": (["synth", "5", "pluck", "C4", "pluck", "E4", "pluck", "G4"], {"no_speech"}),
-    "sweep": (["synth", "5", "sine", "200-4000", "vol", "0.5"], {"no_speech"}),
-    "tremolo": (["synth", "5", "sine", "330", "tremolo", "6", "80", "vol", "0.5"], {"no_speech"}),
+    "chord_c_major": ["synth", "5", "sine", "261.63", "sine", "329.63", "sine", "392"],
+    "plucked_chord": ["synth", "5", "pluck", "C4", "pluck", "E4", "pluck", "G4"],
+    "sweep": ["synth", "5", "sine", "200-4000", "vol", "0.5"],
+    "tremolo": ["synth", "5", "sine", "330", "tremolo", "6", "80", "vol", "0.5"],
 }
-
-# tiny.en on CPU (int8, two threads) is not bit-for-bit repeatable on clips at the edge of
-# its no-speech threshold: the same chord came back as ". . . . ." in one run and "" in
-# another. So each clip's answer, whatever it is, must be empty or flagged; these three
-# answered with text in every run so far and must keep doing so, and at least half of
-# all clips must answer with text, or the test would prove nothing.
-ALWAYS_TEXT = {"silence", "brown_noise", "tone_440"}
 
 
 def transcribe(server, path: Path) -> dict:
@@ -66,10 +57,6 @@ def transcribe(server, path: Path) -> dict:
                                timeout=300)
     answer.raise_for_status()
     return answer.json()
-
-
-def judge(answer: dict, language: str | None = "en") -> tuple[str, ...]:
-    return suspect(answer.get("text", ""), language, answer.get("duration"), segments_from_answer(answer))
 
 
 def sox(path: Path, *args: str) -> Path:
@@ -97,43 +84,43 @@ def make_beeps(folder: Path, dither: bool) -> Path:
     return out
 
 
-def test_non_speech_answers_with_text_are_flagged_with_the_right_reason(whisper_server, tmp_path):
-    with_text, wrong = {}, []
-    for name, (args, reasons) in sorted(NON_SPEECH.items()):
+def test_non_speech_answers_are_judged_like_the_independent_judge(whisper_server, tmp_path):
+    """Whatever tiny.en writes on each clip (its words differ by CPU), the detector's verdict
+    and the counters agree with the judge (tests/answer_checks.py)."""
+    seen, wrong = {}, []
+    for name, args in sorted(NON_SPEECH.items()):
         answer = transcribe(whisper_server, sox(tmp_path / f"{name}.wav", *args))
-        text, found = answer.get("text", "").strip(), judge(answer)
-        if not text:
-            if found != () or name in ALWAYS_TEXT:
-                wrong.append(f"{name}: empty answer, reasons {found}")
-            continue
-        with_text[name] = (text, found)
-        if not reasons <= set(found):
-            wrong.append(f"{name}: {text[:60]!r} -> {found}, expected {sorted(reasons)}")
-        if text.lower().strip(" .") == "you" and "known_phrase" not in found:
-            wrong.append(f"{name}: 'You' is in the bag: {found}")
-    assert not wrong, wrong
-    assert len(with_text) >= len(NON_SPEECH) // 2, with_text
+        seen[name] = answer.get("text", "")[:60]
+        wrong += [f"{name}: {p}" for p in non_speech_problems(answer)]
+    assert not wrong, (wrong, seen)
 
 
-def test_beeps_come_back_as_a_loop(whisper_server, tmp_path):
-    answer = transcribe(whisper_server, make_beeps(tmp_path, dither=True))
-    assert answer["text"].lower().count("beep") >= 5  # "Beep, beep, beep, ..."
-    assert "repetition" in judge(answer)
-
-
-def test_undithered_beeps_come_back_as_an_outro_loop(whisper_server, tmp_path):
-    answer = transcribe(whisper_server, make_beeps(tmp_path, dither=False))
-    assert "next video" in answer["text"]  # "We'll see you in the next video, see you in the next video, ..."
-    assert "repetition" in judge(answer)
+@pytest.mark.parametrize("dither", [True, False], ids=["dithered", "undithered"])
+def test_beeps_are_judged_like_the_independent_judge(whisper_server, tmp_path, dither):
+    """Our machine answers "Beep, beep, ..." (dithered) and an outro loop (undithered); an AMD EPYC
+    with AVX-512 answers '' to the undithered ones. Any of them must get the judge's verdict."""
+    answer = transcribe(whisper_server, make_beeps(tmp_path, dither=dither))
+    assert non_speech_problems(answer) == [], answer.get("text")
 
 
 @pytest.mark.parametrize("name", ["silence", "noise", "tone"])
-def test_bundled_negative_canaries_expect_nothing_and_get_flagged_text(whisper_server, name):
+def test_bundled_negative_canaries_expect_nothing_and_the_probe_judges_what_came_back(whisper_server, name):
+    """The bundled non-speech canaries expect no words; the probe calls any text it gets a
+    hallucination (and none a success), with the suspects the judge sees."""
+    from whisper_exporter.collectors.probe import ProbeCollector
+    from whisper_exporter.config import from_dict
+
     assert (CANARY / f"{name}.txt").read_text() == ""
+    config = from_dict({"service": {"url": whisper_server.url, "model": whisper_server.model},
+                        "collectors": {"probe": {"canaries": [
+                            {"name": name, "audio": str(CANARY / f"{name}.wav"), "reference": "",
+                             "language": "en"}]}}})
+    collector = ProbeCollector(config.collectors.probe, config)
+    collector.update()
+    (record,) = collector.recent_probes()[name]
+    assert negative_canary_problems(record) == [], record.transcript
     answer = transcribe(whisper_server, CANARY / f"{name}.wav")
-    assert answer["text"].strip(), f"the {name} canary no longer makes tiny.en hallucinate: {answer!r}"
-    expected = {"silence": "known_phrase", "noise": "known_phrase", "tone": "repetition"}[name]
-    assert expected in judge(answer)
+    assert non_speech_problems(answer) == [], answer.get("text")
 
 
 # --- false positives: real speech in six languages -----------------------------------
@@ -168,51 +155,31 @@ SPEECH = [
 ]
 
 
-SIGN_OFFS = {"you", "thank you", "thank you very much", "thanks for watching", "thank you for watching", "bye"}
-
-
-def obvious_hallucination(text: str) -> bool:
-    """An independent, simple judge: a phrase said 4 times or more, an outro, or a bare sign-off."""
-    lowered = text.lower()
-    fragments = [f.strip() for f in re.split(r"[,.!?;]", lowered) if len(f.split()) >= 2]
-    return any(fragments.count(f) >= 4 for f in set(fragments)) or any(
-        k in lowered for k in ("for watching", "next video", "this video", "subscribe")) or \
-        " ".join(re.findall(r"[a-z']+", lowered)) in SIGN_OFFS
-
-
 def test_real_speech_is_not_flagged(whisper_server, tmp_path):
     """No false positives; an answer that is plainly a hallucination must be flagged instead.
 
     tiny.en's own no_speech_prob is above 0.6 on some foreign clips (it is an English
-    model); a no_speech flag backed by that is the model's own signal, counted apart
-    and allowed on at most three clips.
+    model); a no_speech flag backed by that is the model's own signal, and allowed.
+    English speech is what the model is for: at least four of the five English clips
+    must come back plain and unflagged. How it hears the other languages differs by CPU,
+    so for them only the verdict's agreement with the judge is asserted.
     """
     from whisper_server import make_speech
 
-    benign, unsure, wrong, seen = [], [], [], []
+    kinds, wrong, seen = [], [], []
     for i, (voice, text) in enumerate(SPEECH):
         answer = transcribe(whisper_server, make_speech(text, tmp_path / f"speech{i}.wav", voice=voice))
-        said, found = answer["text"].strip(), judge(answer, "en")  # tiny.en answers in English
-        seen.append(f"{voice} {text[:25]!r} -> {said[:60]!r} {found}")
-        if not said:
-            continue
-        if obvious_hallucination(said):
-            if "repetition" not in found and "known_phrase" not in found:
-                wrong.append(f"missed: {voice} {text[:30]!r} -> {said[:80]!r}")
-        elif found == ("no_speech",) and voice != "en":
-            unsure.append(voice)
-        elif found:
-            wrong.append(f"false positive: {voice} {text[:30]!r} -> {said[:80]!r}: {found}")
-        else:
-            benign.append(voice)
+        kind, problems = speech_problems(answer, "en")  # tiny.en answers in English
+        seen.append(f"{voice} {text[:25]!r} -> {answer['text'].strip()[:60]!r} {kind}")
+        kinds.append((voice, kind))
+        wrong += [f"{voice} {text[:30]!r}: {p}" for p in problems]
     assert not wrong, (wrong, seen)
-    assert len(unsure) <= 3, seen
-    # Most clips come back as plain transcripts, in English and at least four other languages.
-    assert len(benign) >= 12 and "en" in benign and len(set(benign)) >= 5, seen
+    assert sum(1 for voice, kind in kinds if voice == "en" and kind == "plain") >= 4, seen
 
 
-# Foreign clips on which tiny.en looped or wrote outros in our runs: whatever it answers,
-# a plain hallucination must be flagged, and most of them must still hallucinate.
+# Foreign clips on which tiny.en looped or wrote outros in our runs ("I'm going to say that I'm
+# going to say that ...", "Thanks for watching, see you in the next video"). Other CPUs answer
+# other words: whatever comes back, a plain hallucination must be flagged and plain text must not.
 TRUE_POSITIVES = [
     ("de", "Guten Morgen zusammen."),
     ("fr", "Je voudrais un café et un croissant, s'il vous plaît."),
@@ -228,13 +195,10 @@ TRUE_POSITIVES = [
 def test_loops_and_outros_on_foreign_speech_are_flagged(whisper_server, tmp_path):
     from whisper_server import make_speech
 
-    hallucinated, wrong = 0, []
+    wrong, seen = [], []
     for i, (voice, text) in enumerate(TRUE_POSITIVES):
         answer = transcribe(whisper_server, make_speech(text, tmp_path / f"tp{i}.wav", voice=voice))
-        said, found = answer["text"].strip(), judge(answer, "en")
-        if obvious_hallucination(said):
-            hallucinated += 1
-            if not {"repetition", "known_phrase"} & set(found):
-                wrong.append(f"{voice} {text[:30]!r} -> {said[:80]!r}: {found}")
-    assert not wrong, wrong
-    assert hallucinated >= 3, "tiny.en no longer hallucinates on these clips: the test proves nothing"
+        kind, problems = speech_problems(answer, "en")
+        seen.append(f"{voice} {text[:25]!r} -> {answer['text'].strip()[:60]!r} {kind}")
+        wrong += [f"{voice} {text[:30]!r}: {p}" for p in problems]
+    assert not wrong, (wrong, seen)

@@ -85,9 +85,9 @@ def test_evaluate_equals_an_independent_jiwer_computation_per_language(full_repo
     manifest = {json.loads(line)["id"]: json.loads(line) for line in labeled_set.read_text().splitlines()}
     assert all(i["reference"] == manifest[i["id"]]["reference"] for i in items)
     assert languages["zh"]["reference_units"] == 32 and languages["yue"]["reference_units"] == 33
-    # not a 0 == 0 comparison: tiny.en gets English mostly right and everything else wrong
-    assert languages["en"]["error_rate"] < 0.6 < languages["zh"]["error_rate"]
-    assert languages["yue"]["insertions"] > 0  # an English-only model hallucinates on Cantonese
+    # not a 0 == 0 comparison: tiny.en gets English mostly right and Chinese wrong, whatever it
+    # writes for it (a loop, English words or nothing, by CPU: each is a CER far above 0.6)
+    assert languages["en"]["error_rate"] < 0.6 < min(languages["zh"]["error_rate"], languages["yue"]["error_rate"])
     assert full_report["worst"][0] in {i["id"] for i in items if i["language"] not in ("en",)}
 
 
