@@ -81,3 +81,77 @@ def test_metrics_and_errors_never_carry_the_secret(failing_exporter):
     text = requests.get(failing_exporter.url + "/metrics", timeout=5).text
     assert 'whisper_probe_success{probe="en-short"} 0.0' in text
     assert SECRET not in text
+
+
+def wait_for_page(driver, url, words, timeout=60.0):
+    """Reload the page until its text has `words`; the last text either way."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + timeout
+    while True:
+        driver.get(url)
+        body = driver.find_element(By.TAG_NAME, "body").text
+        if words in body or time.monotonic() > deadline:
+            return body
+        time.sleep(0.5)
+
+
+def test_the_service_section_says_down_while_every_collector_is_up(tmp_path):
+    """Issue 21: during an outage every collector was green while the server was down. The
+    Service section, first on the page, turns from healthy to down when the server stops,
+    from the canary's result and the tap's 502s, while the collector table still says up."""
+    from fake_whisper import FakeWhisper
+    from selenium.webdriver.common.by import By
+
+    from whisper_exporter.collectors.probe import bundled_canary
+
+    canary = bundled_canary()
+    fake = FakeWhisper(answers={"en.wav": canary.reference, "silence.wav": ""})
+    config = from_dict({
+        "listen": "127.0.0.1:0",
+        "service": {"url": fake.url},
+        "collectors": {"gpu": {"enabled": False}, "process": {"enabled": False},
+                       "probe": {"interval": "1s", "timeout": "2s"},
+                       "tap": {"enabled": True, "listen": "127.0.0.1:0"}},
+    }, source=str(tmp_path / "config.yml"))
+    running = daemon.start(config)
+    driver = browser()
+    try:
+        (tap,) = [c for c, _ in running.scheduler.entries if c.name == "tap"]
+        deadline = time.monotonic() + 30
+        while not tap.tap.port:
+            assert time.monotonic() < deadline, "the tap never listened"
+            time.sleep(0.1)
+        through_tap = f"http://127.0.0.1:{tap.tap.port}/v1/audio/transcriptions"
+
+        def transcribe() -> int:
+            with open(canary.audio, "rb") as audio:
+                return requests.post(through_tap, files={"file": ("en.wav", audio)}, data={"model": "whisper-1"},
+                                     timeout=30).status_code
+
+        assert transcribe() == 200
+        driver.set_window_size(1280, 1400)
+        body = wait_for_page(driver, running.url + "/", "Verdict: healthy")
+        assert "Verdict: healthy" in body, body
+        driver.save_screenshot(str(tmp_path / "healthy.png"))
+
+        fake.close()  # the server goes away: connection refused from now on
+        assert transcribe() == 502 and transcribe() == 502
+        body = wait_for_page(driver, running.url + "/", "Verdict: down")
+        driver.save_screenshot(str(tmp_path / "down.png"))
+        assert "Verdict: down" in body, body
+        headings = [h.text for h in driver.find_elements(By.TAG_NAME, "h2")]
+        assert headings.index("Service") < headings.index("Collectors"), headings
+        reasons = driver.find_element(By.XPATH, "//h2[text()='Service']/following-sibling::ul[1]").text
+        assert "canary en-short: connection_error" in reasons, reasons
+        assert "the tap answered 2 requests with 502" in reasons, reasons
+        verdict = driver.find_element(By.CSS_SELECTOR, "p.verdict span")
+        assert verdict.get_attribute("class") == "down"
+        assert verdict.value_of_css_property("color") != "rgba(0, 102, 0, 1)"  # not the green of "up"
+        # The collectors themselves are all fine: they run. That is all the page said before.
+        rows = driver.find_elements(By.XPATH, "//h2[text()='Collectors']/following-sibling::table[1]//tr[td]")
+        assert {r.find_elements(By.TAG_NAME, "td")[1].text for r in rows} == {"up"}
+    finally:
+        driver.quit()
+        running.close()
+        fake.close()

@@ -364,3 +364,140 @@ def test_tls_min_version_is_enforced(tmp_path, serve, pki):
         handshake(ssl.TLSVersion.TLSv1_2)
     text = requests.get(running.url + "/metrics", verify=str(pki / "ca.crt"), timeout=5).text
     assert sample(text, "whisper_exporter_http_connections_closed_total", reason="tls_failed") >= 1
+
+
+# --- the status page's Service section: is the service healthy -------------------------------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def served(status, duration=0.6, endpoint="/v1/audio/transcriptions"):
+    from whisper_exporter.logfiles.parse import Record
+
+    return Record(endpoint, status, "en", duration, None, None, None, None, None)
+
+
+def service_scheduler(records=(), probes=None, clock=None):
+    """A scheduler with shared state fed `records` and, when given, a probe view answering `probes`."""
+    from whisper_exporter.runtime.recent import RecentRequests
+    from whisper_exporter.runtime.shared import Shared
+
+    shared = Shared(from_dict({}))
+    if clock is not None:
+        shared.recent_requests = RecentRequests(shared.requests, clock=clock)
+    shared.use_requests()
+    shared.requests.observe_all(list(records))
+    if probes is not None:
+        class View:
+            def recent_probes(self):
+                return probes
+        shared.probe_view = View()
+    return Scheduler([], shared)
+
+
+def probe_record(name, result, reference="the reference", age=2.0, reason=""):
+    import time
+
+    from whisper_exporter.collectors.probe import ProbeRecord
+
+    return ProbeRecord(canary=name, started=time.time() - age, result=result, duration=0.1, status_code=None,
+                       reason=reason, language="en", unit="word", audio_path="a.wav", audio_duration=4.0,
+                       target="http://127.0.0.1:9", api="openai", reference=reference)
+
+
+def test_histogram_quantile_as_prometheus_computes_it():
+    from whisper_exporter.runtime.recent import quantile
+    from whisper_exporter.runtime.requests import LATENCY_BUCKETS, _Hist
+
+    h = _Hist(LATENCY_BUCKETS)
+    for _ in range(100):
+        h.observe(0.6)  # all in (0.5, 0.75]: linear within it, as histogram_quantile() does
+    assert quantile(0.95, tuple(h.counts)) == pytest.approx(0.5 + 0.25 * 0.95)
+    h.observe(1000.0)  # the +Inf bucket answers the highest finite bound
+    assert quantile(1.0, tuple(h.counts)) == LATENCY_BUCKETS[-1]
+    assert quantile(0.95, (0,) * (len(LATENCY_BUCKETS) + 1)) is None
+
+
+def test_the_window_counts_only_the_last_minutes():
+    from whisper_exporter.runtime.recent import SAMPLE_EVERY, WINDOW
+
+    clock = Clock()
+    scheduler = service_scheduler([served(500, 9.0)] * 50, clock=clock)
+    shared = scheduler.shared
+    first = shared.recent_requests.window()
+    assert first.since_start and first.total == 50 and first.server_errors == 50 and first.p95 > 3
+    # Scrapes every 15 s sample the counts; the old failures fall out of the window.
+    for _ in range(int(WINDOW / 15) + 2):
+        clock.now += 15
+        list(shared.families())
+    shared.requests.observe_all([served(200, 0.2)] * 19 + [served(503, 0.2), served(404, 0.2)])
+    window = shared.recent_requests.window()
+    assert not window.since_start and WINDOW <= window.seconds < WINDOW + SAMPLE_EVERY + 15
+    assert (window.total, window.ok, window.server_errors, window.client_errors) == (21, 19, 1, 1)
+    assert window.error_ratio == pytest.approx(1 / 21) and window.p95 < 0.25
+    # Health checks and docs are not the API: left out, as the recording rules leave them out.
+    shared.requests.observe_all([served(500, endpoint="/health")] * 10)
+    assert shared.recent_requests.window().total == 21
+
+
+def test_service_is_unknown_before_anything_is_known():
+    from whisper_exporter.web import service
+
+    s = service.assess(service_scheduler(probes={}))
+    assert s.verdict == "unknown" and "nothing says" in s.reasons[0]
+    assert "Verdict: <span class=\"unknown\">unknown</span>" in service.render(service_scheduler())
+
+
+def test_service_is_down_when_no_speech_canary_gets_an_answer():
+    from whisper_exporter.web import service
+
+    probes = {"en-short": [probe_record("en-short", "connection_error", reason="connection refused")],
+              "silence": [probe_record("silence", "success", reference="")]}
+    s = service.assess(service_scheduler(probes=probes))
+    assert s.verdict == "down"
+    assert any("en-short: connection_error" in r and "connection refused" in r for r in s.reasons)
+    # One of two speech canaries unanswered: degraded, not down.
+    probes["other"] = [probe_record("other", "success")]
+    assert service.assess(service_scheduler(probes=probes)).verdict == "degraded"
+
+
+def test_service_is_degraded_by_a_wrong_transcript_a_hallucination_or_a_stale_result():
+    from whisper_exporter.web import service
+
+    for probes in ({"en-short": [probe_record("en-short", "wrong_transcript")]},
+                   {"en-short": [probe_record("en-short", "success")],
+                    "silence": [probe_record("silence", "hallucination", reference="")]},
+                   {"en-short": [probe_record("en-short", "success", age=3600)]}):
+        s = service.assess(service_scheduler(probes=probes))
+        assert s.verdict == "degraded", (probes, s)
+    assert "stale" in service.render(service_scheduler(probes=probes))
+
+
+@pytest.mark.parametrize("records, verdict, words", [
+    ([served(200)] * 100, "healthy", "100 requests over the last"),
+    ([served(200)] * 94 + [served(500)] * 6, "degraded", "6 of 100 requests failed (5xx)"),
+    ([served(200)] * 95 + [served(500)] * 5, "healthy", "5.0% failed"),
+    ([served(200, 4.0)] * 10, "degraded", "p95 latency"),
+    ([served(502)] * 3, "down", "none succeeded"),
+    ([served(404)] * 10, "healthy", "0.0% failed"),  # the clients' mistakes are not the service's
+])
+def test_service_verdict_from_the_recent_requests(records, verdict, words):
+    from whisper_exporter.web import service
+
+    s = service.assess(service_scheduler(records))
+    assert s.verdict == verdict and any(words in r for r in s.reasons), s
+
+
+def test_service_section_comes_first_and_escapes_what_it_shows():
+    from whisper_exporter.web import status
+
+    probes = {"<b>x</b>": [probe_record("<b>x</b>", "http_error", reason="<script>alert(1)</script>")]}
+    page = status.render(from_dict({}), service_scheduler(probes=probes))
+    assert page.index("<h2>Service</h2>") < page.index("<h2>Collectors</h2>")
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "Verdict: <span class=\"down\">down</span>" in page

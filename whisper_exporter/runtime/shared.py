@@ -17,6 +17,7 @@ from prometheus_client.core import Metric
 from whisper_exporter.config import Config, config_dir, resolve_path
 from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
 from whisper_exporter.runtime.quality_counters import QualityCounters, review_queue_families
+from whisper_exporter.runtime.recent import RecentRequests
 from whisper_exporter.runtime.requests import Labels, RequestMetrics
 
 if TYPE_CHECKING:
@@ -69,6 +70,12 @@ class Shared:
     probe_view: Optional[ProbeView] = None
     quality_view: Optional[QualityView] = None
     page_authenticated: bool = False  # the status page requires auth: it may show production text
+    # The last minutes of the request metrics, for the status page's Service section; sampled on
+    # each scrape and each page view.
+    recent_requests: RecentRequests = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.recent_requests = RecentRequests(self.requests)
 
     @classmethod
     def build(cls, config: Config) -> "Shared":
@@ -111,6 +118,7 @@ class Shared:
     def families(self) -> Iterable[Metric]:
         """The families fed by several collectors, each rendered once."""
         if self.requests.in_use:
+            self.recent_requests.sample()
             yield from self.requests.families()
         if self.quality_in_use:
             yield from self.quality.families()

@@ -12,6 +12,7 @@ from whisper_exporter.config import Config, masked, masked_url
 from whisper_exporter.runtime.quality_counters import QualityCounters
 from whisper_exporter.runtime.scheduler import Scheduler
 from whisper_exporter.runtime.shared import ProbeView
+from whisper_exporter.web import service
 from whisper_exporter.whisper.transport import safe_text
 
 # What production users said is shown only behind authentication (SECURITY.md).
@@ -23,6 +24,8 @@ table{border-collapse:collapse;margin-bottom:1.5em}
 th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
 th{background:#f3f3f3}.up{color:#060;font-weight:bold}.down{color:#b00;font-weight:bold}
 .starting{color:#a60}pre{background:#f7f7f7;padding:1em;overflow:auto}
+.verdict{font-size:1.3em}.healthy{color:#060;font-weight:bold}.degraded{color:#a60;font-weight:bold}
+.unknown{color:#555;font-weight:bold}
 """
 
 
@@ -221,8 +224,10 @@ def _render_hallucinations(scheduler: Scheduler) -> str:
     return "\n".join(parts) + "\n"
 
 
-# The page's sections after the collector table, in order: a new section is a function here.
-SECTIONS: list[Callable[[Scheduler], str]] = [_render_probes, _render_quality, _render_hallucinations]
+# The page's sections, in order: a new section is a function here. The first ones come before the
+# collector table: the page answers "is the service healthy" before "do the collectors run".
+SECTIONS: list[Callable[[Scheduler], str]] = [service.render, _render_probes, _render_quality, _render_hallucinations]
+BEFORE_COLLECTORS = 1  # how many of SECTIONS come before the collector table
 
 
 def render(config: Config, scheduler: Scheduler) -> str:
@@ -249,13 +254,14 @@ def render(config: Config, scheduler: Scheduler) -> str:
 <p>Version {escape(__version__)}. Watching <code>{escape(masked_url(config.service.url))}</code>.
 Metrics at <a href="metrics">/metrics</a>; health at <a href="-/healthy">/-/healthy</a>,
 readiness at <a href="-/ready">/-/ready</a>.</p>
-<h2>Collectors</h2>
+{''.join(section(scheduler) for section in SECTIONS[:BEFORE_COLLECTORS])}<h2>Collectors</h2>
+<p>A collector is up when it runs: whether the service works is the Service section above.</p>
 <table><tr><th>collector</th><th>state</th><th>detail</th><th>interval</th><th>last run</th>
 <th>took</th><th>errors</th><th>last error</th></tr>
 {''.join(rows)}
 </table>
 <p>Disabled: {escape(', '.join(disabled) or 'none')}.</p>
-{''.join(section(scheduler) for section in SECTIONS)}<h2>Effective configuration</h2>
+{''.join(section(scheduler) for section in SECTIONS[BEFORE_COLLECTORS:])}<h2>Effective configuration</h2>
 <p>From {escape(config.source)}; secrets are shown by name only.</p>
 <pre>{escape(effective)}</pre>
 </body></html>
