@@ -464,6 +464,9 @@ def test_service_is_down_when_no_speech_canary_gets_an_answer():
     # One of two speech canaries unanswered: degraded, not down.
     probes["other"] = [probe_record("other", "success")]
     assert service.assess(service_scheduler(probes=probes)).verdict == "degraded"
+    # Only non-speech canaries configured: they still say whether the server answers at all.
+    probes = {"silence": [probe_record("silence", "timeout", reference="")]}
+    assert service.assess(service_scheduler(probes=probes)).verdict == "down"
 
 
 def test_service_is_degraded_by_a_wrong_transcript_a_hallucination_or_a_stale_result():

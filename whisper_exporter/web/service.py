@@ -123,14 +123,16 @@ def assess(scheduler: Scheduler, now: Optional[float] = None) -> Service:
     for c in service.canaries:
         if c["stale"]:
             degraded.append(f"canary {c['name']}: its last result is {c['ago']} (the probe is not running)")
-    speech = [c for c in fresh if c["kind"] == "speech"]
-    unanswered = [c for c in speech if c["result"] in NO_ANSWER]
+    # The speech canaries say whether the service transcribes; without one, the non-speech ones
+    # still say whether it answers at all.
+    judged = [c for c in fresh if c["kind"] == "speech"] or fresh
+    unanswered = [c for c in judged if c["result"] in NO_ANSWER]
     for c in fresh:
         what = f"canary {c['name']}: {c['result']} {c['ago']}" + (f" ({c['reason']})" if c["reason"] else "")
         if c["ok"]:
             good.append(f"canary {c['name']} succeeded {c['ago']}")
         elif c in unanswered:
-            (down if len(unanswered) == len(speech) else degraded).append(what)
+            (down if len(unanswered) == len(judged) else degraded).append(what)
         else:
             degraded.append(what)
 
