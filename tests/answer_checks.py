@@ -210,3 +210,39 @@ def probe_command_problems(exit_code: int, output: str, records: dict[str, dict[
     if exit_code != (1 if failed else 0):
         problems.append(f"exit code {exit_code} with results {[r['result'] for r in records.values()]}")
     return problems
+
+
+def answered_transcript(body: bytes) -> str:
+    """The transcript in an answer body, read here: a JSON answer's `text`, else the body itself."""
+    import json
+
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace")
+    return obj.get("text", "") if isinstance(obj, dict) else body.decode("utf-8", "replace")
+
+
+def tap_transcript_problems(record: Any, body: bytes) -> list[str]:
+    """The tap's record of an answered request holds the transcript the client got, '' included."""
+    want = answered_transcript(body)
+    if record.transcript != want:
+        return [f"the tap recorded {record.transcript!r:.80}, the client got {want!r:.80}"]
+    return []
+
+
+def upgrade_problems(record: Any, verbose: dict[str, Any]) -> list[str]:
+    """A json request the tap asked as verbose_json: its record has the verbose answer's language
+    and as many segments, each with the decoding signals, however many the model wrote."""
+    problems = []
+    if not (record.upgraded and record.response_format == "json"):
+        problems.append(f"upgraded {record.upgraded}, response_format {record.response_format}")
+    if record.language != verbose.get("language"):
+        problems.append(f"language {record.language!r}, the server said {verbose.get('language')!r}")
+    segments = record.segments or []
+    if len(segments) != len(verbose.get("segments") or []):
+        problems.append(f"{len(segments)} segments, the server wrote {len(verbose.get('segments') or [])}")
+    for seg in segments:
+        if not {"avg_logprob", "compression_ratio", "no_speech_prob"} <= set(seg):
+            problems.append(f"a segment without the decoding signals: {sorted(seg)}")
+    return problems

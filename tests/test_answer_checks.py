@@ -152,3 +152,56 @@ def test_the_probe_command_check_passes_for_every_answer_seen(tmp_path, name):
     assert result.exit_code == (1 if SEEN[name]["text"].strip() else 0)
     records["silence"]["result"] = "success" if records["silence"]["result"] != "success" else "hallucination"
     assert probe_command_problems(result.exit_code, result.output, records)
+
+
+@pytest.mark.parametrize("name", sorted(SEEN))
+def test_the_quality_guard_holds_for_every_answer_seen_on_the_chinese_clips(name):
+    """test_quality_real_server asserts zh and yue are scored far off (CER above 0.6), so that its
+    exact comparison is not 0 == 0; whatever tiny.en writes for Chinese, as any answer seen, that holds."""
+    from pathlib import Path
+
+    from test_quality_real_server import independent
+
+    refs = [json.loads(line) for line in (Path(__file__).parent / "data" / "quality" / "refs.jsonl").read_text(
+        encoding="utf-8").splitlines()]
+    chinese = [(r["language"], r["reference"], SEEN[name]["text"]) for r in refs if r["language"] in ("zh", "yue")]
+    rates = independent(chinese)
+    assert sorted(rates) == ["yue", "zh"] and min(r["error_rate"] for r in rates.values()) > 0.6, rates
+
+
+@pytest.mark.parametrize("name", sorted(SEEN))
+@pytest.mark.parametrize("upgrade", [False, True], ids=["plain", "upgraded"])
+def test_the_tap_checks_pass_for_every_answer_seen(name, upgrade):
+    """The tap in front of a server answering each seen text: its record holds what the client
+    got, and an upgraded json request the verbose answer's language and segments."""
+    import requests
+    from aiohttp import web
+    from answer_checks import tap_transcript_problems, upgrade_problems
+    from fake_whisper import verbose_answer
+    from tap_helpers import Records, Upstream, start_tap, wav_bytes
+
+    text = SEEN[name]["text"]
+
+    async def transcribe(request):
+        await request.read()  # the whole upload, chunked or not (the upgrade re-sends it chunked)
+        return web.json_response(verbose_answer(text))
+
+    records = Records()
+    upstream = Upstream({"/v1/audio/transcriptions": transcribe})
+    tap = start_tap(upstream.url, records, upgrade_response_format=upgrade)
+    try:
+        r = requests.post(f"http://127.0.0.1:{tap.port}/v1/audio/transcriptions",
+                          files={"file": ("a.wav", wav_bytes(1.0))},
+                          data={"model": "whisper-1", "response_format": "json"}, timeout=30)
+        (record,) = records.wait(1)
+    finally:
+        tap.stop()
+        upstream.stop()
+    assert r.status_code == 200
+    assert tap_transcript_problems(record, r.content) == []
+    if upgrade:
+        assert upgrade_problems(record, verbose_answer(text)) == []
+        record.segments = []
+        assert upgrade_problems(record, verbose_answer(text))  # it would see segments lost
+    record.transcript = "something else"
+    assert tap_transcript_problems(record, r.content)  # and a transcript that is not the client's

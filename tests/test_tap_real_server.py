@@ -6,6 +6,7 @@ tap's metrics count what was sent (status, language, audio seconds) and its dura
 within 5% of what the client measured; canary requests are kept apart; faults (malformed
 upload, non-audio file, the server killed mid-answer and down) are answered and counted,
 the tap keeps serving and memory stays flat."""
+import json
 import subprocess
 import threading
 import time
@@ -14,6 +15,7 @@ from collections import Counter
 import psutil
 import pytest
 import requests
+from answer_checks import tap_transcript_problems, upgrade_problems
 from tap_helpers import Records
 
 from whisper_exporter.tap import TapConfig
@@ -133,7 +135,8 @@ def test_real_traffic_through_the_tap(whisper_server, speech, tapped):
         if t_status == 200:
             audio[label] += duration_seconds(path)
             timings.append((record.duration, t_seconds, CASES[i]))
-            assert record.transcript and record.transcript in t_body.decode()
+            # The transcript the client got, whatever it is: tiny.en's words on foreign speech differ by CPU.
+            assert tap_transcript_problems(record, t_body) == [], CASES[i]
             assert (record.segments is not None) == (fmt == "verbose_json")
 
     got = Counter()
@@ -267,13 +270,19 @@ def test_response_format_upgrade_with_the_real_server(whisper_server, speech):
     tap = start_tap(whisper_server.url, records, upgrade_response_format=True)
     try:
         tap_url = f"http://127.0.0.1:{tap.port}"
+        verbose = []
         for lang in ("en", "de"):
             direct = openai_call(whisper_server.url, speech[lang], None, "json", False, whisper_server.model)
             through = openai_call(tap_url, speech[lang], None, "json", False, whisper_server.model)
             assert through[:2] == direct[:2] and direct[0] == 200
+            status, body, _ = openai_call(whisper_server.url, speech[lang], None, "verbose_json", False,
+                                          whisper_server.model)
+            verbose.append(json.loads(body))
         recs = records.wait(2)
     finally:
         tap.stop()
-    for rec in recs:
-        assert rec.upgraded and rec.response_format == "json" and rec.language == "en"
-        assert rec.segments and {"avg_logprob", "compression_ratio", "no_speech_prob"} <= set(rec.segments[0])
+    # English has segments; what tiny.en writes for German (and so how many segments) differs by CPU.
+    assert recs[0].segments
+    for rec, answer in zip(recs, verbose):
+        assert rec.language == "en"  # tiny.en is English only
+        assert upgrade_problems(rec, answer) == [], answer
