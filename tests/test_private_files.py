@@ -14,6 +14,7 @@ import pytest
 import requests
 import yaml
 from aiohttp import web
+from helpers import wait_for
 from tap_helpers import Records, Upstream, start_tap, wav_bytes
 
 from whisper_exporter.private_files import private_dir
@@ -82,6 +83,7 @@ def test_the_review_queue_does_not_follow_a_symlink(tmp_path, caplog):
         assert not ProductionSampler(queue, 1.0).offer("/a/1.wav", "what the user said", "en", 1.0)
     assert victim.read_text() == "the operator's notes\n"  # nothing appended to the link's target
     assert queue.stats() == (0, 0, {"full": 0, "duplicate": 0, "write_error": 1})
+    assert queue.items() == []  # not read through the link either (the quality collector's round goes on)
     assert any("symbolic link" in r.getMessage() for r in caplog.records)
     assert os.path.islink(path)
 
@@ -230,6 +232,20 @@ def fresh_spool_log():
     spool_folder._logged.clear()
 
 
+def test_the_tap_collector_shows_an_unwritable_spool(tmp_path):
+    from collectors.tap import TapCollector
+
+    blocker = tmp_path / "readonly"
+    blocker.write_text("")
+    collector = TapCollector(TapConfig(enabled=True, listen="127.0.0.1:0", spool_dir=str(blocker / "spool")),
+                             "http://127.0.0.1:9")
+    collector.start()
+    try:
+        assert "not writable" in collector.status and str(blocker / "spool") in collector.status
+    finally:
+        collector.stop()
+
+
 def test_an_existing_spool_dir_is_made_0700(tmp_path, caplog):
     upstream = echo_upstream()
     folder = tmp_path / "spool"
@@ -293,6 +309,7 @@ def test_a_spool_that_fails_at_run_time_is_counted_and_logged_once(tmp_path, cap
         assert tap.spool_problem is None
         assert upload(tap, 0.2).status_code == 200
         records.wait(1)
+        assert wait_for(lambda: not os.listdir(folder))  # the first upload's file goes after its callback
         os.rmdir(folder)
         folder.write_text("")  # the spool is gone from under the running tap
         with caplog.at_level(logging.WARNING):

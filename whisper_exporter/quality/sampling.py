@@ -250,9 +250,15 @@ class ReviewQueue:
         return len(self._ids)
 
     def items(self) -> list[QueueItem]:
-        """What the file holds now (re-read: a person may have edited it)."""
+        """What the file holds now (re-read: a person may have edited it); none when it cannot be
+        read (a link in its place, a FIFO: logged once a minute per kind)."""
         with self._lock:
-            return self._sync()
+            try:
+                return self._sync()
+            except OSError as err:
+                self._warnings.warn(f"read-{error_kind(err)}", "review queue %s: cannot read it (%s)", self.path,
+                                    err.strerror or err)
+                return []
 
     def add(self, item: QueueItem) -> bool:
         """Append `item`; False (and counted) when the queue is full, holds it already, or the
