@@ -134,9 +134,10 @@ def test_the_queue_folder_is_tightened_only_when_it_is_the_exporters(tmp_path, m
     with caplog.at_level(logging.WARNING):
         assert "now 0700" in (private_dir(str(ours), own=False) or "")
         assert "not the exporter's own" in (private_dir(str(theirs), own=False) or "")
-        assert "not the exporter's own" in (private_dir(str(shared), own=False) or "")
+        assert "shared folder" in (private_dir(str(shared), own=False) or "")
+        assert "shared folder" in (private_dir(str(shared), own=True) or "")  # spool_dir: /tmp is never changed
     assert mode(ours) == 0o700 and mode(theirs) == 0o755 and mode(shared) == 0o1777
-    assert len([r for r in caplog.records if r.name == "whisper_exporter.private_files"]) == 3
+    assert len([r for r in caplog.records if r.name == "whisper_exporter.private_files"]) == 4
 
 
 # -- kept samples (22.15, 22.16) ---------------------------------------------------------------------

@@ -55,8 +55,8 @@ def private_dir(folder: str, own: bool = True) -> Optional[str]:
     """Make `folder` a 0700 folder: created so when missing; an existing one tightened to 0700
     when it is the exporter's own (`own`: configured as a folder of its own, like sample_dir and
     spool_dir) or, for the folder a file was put in (the review queue's), when the exporter's
-    non-root user owns it and it is not a shared sticky folder such as /tmp. What changed, or
-    why a wider folder was left, is logged. Returns that message (None: nothing to say).
+    non-root user owns it. A sticky folder (/tmp: shared by design) is never changed. What
+    changed, or why a wider folder was left, is logged. Returns that message (None: nothing to say).
     Raises OSError when the folder cannot be created or is not a directory."""
     try:
         st = os.stat(folder)
@@ -69,8 +69,12 @@ def private_dir(folder: str, own: bool = True) -> Optional[str]:
     mode = stat.S_IMODE(st.st_mode)
     if not mode & 0o077:
         return None
+    if mode & stat.S_ISVTX:
+        message = f"{folder} is a shared folder (mode {mode:04o}, like /tmp): left so; give the exporter a folder of its own"
+        log.warning("%s", message)
+        return message
     uid = os.geteuid()
-    if own or (st.st_uid == uid and uid != 0 and not mode & stat.S_ISVTX):
+    if own or (st.st_uid == uid and uid != 0):
         try:
             os.chmod(folder, DIR_MODE)
         except OSError as err:
