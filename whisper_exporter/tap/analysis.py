@@ -15,7 +15,7 @@ import orjson
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from whisper_exporter.tap import spool as spool_folder
+import whisper_exporter.tap.spool as spool_folder
 
 # Form fields that carry the audio: OpenAI API and whisper.cpp use `file`,
 # whisper-asr-webservice `audio_file`.

@@ -22,8 +22,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+import whisper_exporter.tap.spool as spool_folder
 from whisper_exporter.config import KeyPath
-from whisper_exporter.tap import spool as spool_folder
 from whisper_exporter.tap.analysis import Capture, UploadAnalyzer, boundary_of, read_answer
 from whisper_exporter.tap.config import TapConfig
 from whisper_exporter.tap.record import TapRecord, TapStats
