@@ -63,6 +63,8 @@ class TapCollector:
 
     def start(self) -> None:
         self.tap.start()
+        if self.tap.spool_problem:  # logged by the tap; shown on the status page too
+            self.status += f"; {self.tap.spool_problem}"
 
     def update(self) -> None:
         if self.keeper is not None:
@@ -109,7 +111,7 @@ class TapCollector:
             cell = self._cells.pop(id(record), None)
         if cell is not None and record.audio_path and self.keeper is not None and self.sampler is not None:
             suffix = os.path.splitext(record.audio_path)[1] or ".audio"
-            kept = self.keeper.keep(record.audio_path, f"tap-{int(record.started)}-{id(record):x}{suffix}")
+            kept = self.keeper.keep(record.audio_path, suffix)  # the keeper names it (uniquely)
             if kept is not None and record.transcript is not None:
                 self.sampler.queue_item(cell, kept, record.transcript, record.audio_duration)
 
@@ -145,7 +147,8 @@ class TapCollector:
         analysis = CounterMetricFamily(
             "whisper_tap_analysis_errors_total",
             "Requests the tap proxied but could not analyse, by reason (multipart: malformed upload, "
-            "audio: no readable audio header, too_large, answer, internal, callback).", labels=["reason"])
+            "audio: no readable audio header, too_large, answer, internal, callback, spool: the upload could not be "
+            "written to spool_dir).", labels=["reason"])
         for reason in ANALYSIS_REASONS:
             analysis.add_metric([reason], stats["analysis_errors"].get(reason, 0))
         yield analysis

@@ -196,8 +196,9 @@ def test_the_same_request_logged_twice_is_one_item(tmp_path):
 
 
 def test_queue_write_errors_are_counted_not_raised(tmp_path):
-    folder = tmp_path / "gone"
-    queue = ReviewQueue(str(folder / "queue.jsonl"), max_items=10)  # the folder does not exist
+    folder = tmp_path / "a-file"
+    folder.write_text("")
+    queue = ReviewQueue(str(folder / "queue.jsonl"), max_items=10)  # the folder cannot exist: a file is there
     assert not ProductionSampler(queue, 1.0).offer("/a/1.wav", "t", "en", 1.0)
     assert queue.dropped["write_error"] == 1
 

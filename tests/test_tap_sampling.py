@@ -92,13 +92,13 @@ def test_retention_deletes_old_samples(tmp_path):
     keeper = AudioKeeper(str(tmp_path / "s"), max_files=10, max_bytes=10**6, retention=3600)
     source = tmp_path / "upload.wav"
     source.write_bytes(b"x" * 100)
-    kept = keeper.keep(str(source), "a.wav")
-    assert kept is not None and os.path.exists(kept)
+    kept = keeper.keep(str(source), ".wav")
+    assert kept is not None and os.path.exists(kept) and kept.endswith(".wav")
     old = time.time() - 7200
     os.utime(kept, (old, old))
     assert keeper.expire() == 1 and not os.path.exists(kept)
     big = AudioKeeper(str(tmp_path / "b"), max_files=10, max_bytes=50, retention=3600)
-    assert big.keep(str(source), "b.wav") is None and big.dropped["full"] == 1  # over max_bytes
+    assert big.keep(str(source), ".wav") is None and big.dropped["full"] == 1  # over max_bytes
 
 
 def test_traffic_transcripts_are_checked_and_counted_once_with_the_log(tmp_path):

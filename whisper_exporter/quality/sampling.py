@@ -38,22 +38,29 @@ it off the queue.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
-import stat
-import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterable, Optional, Sequence
 
-from whisper_exporter.quality.manifest import Item, Problem, duration_band, jsonl_records, read_regular
+from whisper_exporter.private_files import (
+    RateLimitedLog,
+    append_line,
+    error_kind,
+    open_private,
+    private_dir,
+    read_private,
+    write_atomically,
+)
+from whisper_exporter.quality.manifest import MAX_FILE_BYTES, Item, Problem, duration_band, jsonl_records, read_regular
 from whisper_exporter.whisper.languages import language_code
 
 log = logging.getLogger("whisper_exporter.quality.sampling")
@@ -162,32 +169,7 @@ class StratifiedSampler:
             return
         with self._lock:
             data = {"version": STATE_VERSION, "passes": self.passes, "covered": sorted(self.covered)}
-        write_atomically(self.state_path, json.dumps(data, ensure_ascii=False) + "\n")
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Replace the file at `path` with `text` in one rename. The file keeps its mode (mkstemp's
-    0600 locked reviewers out of the review queue after its first rewrite); a new file gets
-    0666 less the umask, as open() would give it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+        write_atomically(self.state_path, (json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 # -- the review queue -------------------------------------------------------------------------
@@ -217,7 +199,10 @@ def item_id(audio: str, transcript: str) -> str:
 
 class ReviewQueue:
     """The review queue file. One object per file in the process (`review_queue()`), shared by
-    the log collector (which appends) and the quality collector (which removes scored items)."""
+    the log collector (which appends) and the quality collector (which removes scored items).
+
+    It holds what users said: a 0600 file (never followed through a link) in a 0700 folder,
+    which is created so and, when the exporter's user owns it, tightened (private_files)."""
 
     def __init__(self, path: str, max_items: int):
         self.path = path
@@ -226,9 +211,14 @@ class ReviewQueue:
         self.added_total = 0
         self.dropped: dict[str, int] = {"full": 0, "duplicate": 0, "write_error": 0}
         self._ids: set[str] = set()
-        self._warned_at = 0.0
+        self._warnings = RateLimitedLog(log)
         with self._lock:
-            self._sync()
+            try:
+                private_dir(os.path.dirname(os.path.abspath(path)), own=False)
+                self._sync()
+            except OSError as err:  # counted as write errors from the first append on
+                log.warning("review queue %s: %s; samples will be dropped until it is fixed", path,
+                            err.strerror or err)
 
     def _sync(self) -> list[QueueItem]:
         items, _problems = self._read()
@@ -237,7 +227,7 @@ class ReviewQueue:
 
     def _read(self) -> tuple[list[QueueItem], list[Problem]]:
         try:
-            data = read_regular(self.path)
+            data = read_private(self.path, MAX_FILE_BYTES)
         except FileNotFoundError:
             return [], []
         items, problems = [], []
@@ -260,9 +250,15 @@ class ReviewQueue:
         return len(self._ids)
 
     def items(self) -> list[QueueItem]:
-        """What the file holds now (re-read: a person may have edited it)."""
+        """What the file holds now (re-read: a person may have edited it); none when it cannot be
+        read (a link in its place, a FIFO: logged once a minute per kind)."""
         with self._lock:
-            return self._sync()
+            try:
+                return self._sync()
+            except OSError as err:
+                self._warnings.warn(f"read-{error_kind(err)}", "review queue %s: cannot read it (%s)", self.path,
+                                    err.strerror or err)
+                return []
 
     def add(self, item: QueueItem) -> bool:
         """Append `item`; False (and counted) when the queue is full, holds it already, or the
@@ -275,14 +271,11 @@ class ReviewQueue:
                 self.dropped["full"] += 1
                 return False
             try:
-                _append_record(self.path, (item.to_json() + "\n").encode("utf-8", "replace"))
+                append_line(self.path, (item.to_json() + "\n").encode("utf-8", "replace"))
             except OSError as err:
                 self.dropped["write_error"] += 1
-                now = time.monotonic()
-                if now - self._warned_at > 60:
-                    self._warned_at = now
-                    log.warning("review queue %s: cannot append (%s); samples are dropped", self.path,
-                                err.strerror or err)
+                self._warnings.warn(error_kind(err), "review queue %s: cannot append (%s); samples are dropped "
+                                    "(counted; logged once a minute per kind)", self.path, err.strerror or err)
                 return False
             self._ids.add(item.id)
             self.added_total += 1
@@ -295,8 +288,7 @@ class ReviewQueue:
             return 0
         with self._lock:
             try:
-                with open(self.path, "rb") as f:
-                    lines = f.read().split(b"\n")
+                lines = read_private(self.path, MAX_FILE_BYTES).split(b"\n")
             except FileNotFoundError:
                 self._ids = set()
                 return 0
@@ -312,7 +304,7 @@ class ReviewQueue:
                     removed += 1
                     continue
                 kept.append(raw.decode("utf-8", "replace"))
-            write_atomically(self.path, "".join(line + "\n" for line in kept))
+            write_atomically(self.path, "".join(line + "\n" for line in kept).encode("utf-8", "replace"))
             self._sync()
             return removed
 
@@ -320,35 +312,6 @@ class ReviewQueue:
         """(items waiting, added in total, dropped by reason), for the metrics."""
         with self._lock:
             return len(self._ids), self.added_total, dict(self.dropped)
-
-
-def _append_record(path: str, record: bytes) -> None:
-    """Append one whole line or nothing: one write, cut back to the old end when it fails or
-    falls short (a full disk left half a line, and the next append was glued onto it). A file
-    that does not end in a newline (a crash mid-write, a hand edit) gets one first."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-    try:
-        end = os.fstat(fd).st_size
-        if end and _last_byte(path, end) != b"\n":
-            record = b"\n" + record
-        try:
-            written = os.write(fd, record)
-            if written != len(record):
-                raise OSError(errno.ENOSPC, f"wrote {written} of {len(record)} bytes")
-        except OSError:
-            try:
-                os.ftruncate(fd, end)
-            except OSError:
-                pass
-            raise
-    finally:
-        os.close(fd)
-
-
-def _last_byte(path: str, size: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(size - 1)
-        return f.read(1)
 
 
 # -- production sampling ---------------------------------------------------------------------
@@ -458,13 +421,37 @@ def load_references(path: str) -> tuple[dict[str, VerifiedReference], list[Probl
     return refs, problems
 
 
+def append_reference(path: str, ident: str, reference: str, language: Optional[str] = None,
+                     note: Optional[str] = None) -> None:
+    """Add a verified reference to the references file as one whole line: the file is 0600 (it
+    holds what users said), never followed through a link, in a 0700 folder (private_files). The
+    one writer of the file in the exporter (the review pages write through it). Raises OSError,
+    and ValueError for an empty id or reference."""
+    if not ident.strip() or not reference.strip():
+        raise ValueError("a verified reference needs an id and a reference")
+    obj: dict[str, str] = {"id": ident.strip(), "reference": reference}
+    if language:
+        obj["language"] = language
+    if note:
+        obj["note"] = note
+    private_dir(os.path.dirname(os.path.abspath(path)), own=False)
+    append_line(path, (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8", "replace"))
+
+
 # -- audio kept by the tap -------------------------------------------------------------------
 
 
 class AudioKeeper:
     """Production audio the tap keeps for review, under privacy bounds: a directory of its own
     (mode 0700, files 0600: the exporter's user alone reads them), at most `max_files` files and
-    `max_bytes` bytes, none older than `retention` seconds. Drops are counted by reason."""
+    `max_bytes` bytes, none older than `retention` seconds. Drops are counted by reason.
+
+    A file is written under a temporary name in the folder and renamed into place when whole,
+    so a full disk leaves no empty or partial file behind (they counted against max_files and
+    were in no queue line). Names are unique (uuid4): `id()` of a record is reused once it is
+    freed, and 80 of 200 samples collided."""
+
+    TMP_PREFIX = ".tmp-"
 
     def __init__(self, folder: str, max_files: int, max_bytes: int, retention: float, clock=time.time):
         self.folder = folder
@@ -473,14 +460,29 @@ class AudioKeeper:
         self._lock = threading.Lock()
         self.kept_total = 0
         self.dropped: dict[str, int] = {"full": 0, "write_error": 0}
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        os.chmod(folder, 0o700)  # an existing folder too: review audio is users' speech
+        self._warnings = RateLimitedLog(log)
+        private_dir(folder, own=True)  # an existing folder too: review audio is users' speech
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files a crash left mid-write: never renamed, so in no queue line."""
+        gone = 0
+        with os.scandir(self.folder) as entries:
+            for e in entries:
+                if e.name.startswith(self.TMP_PREFIX) and e.is_file(follow_symlinks=False):
+                    try:
+                        os.unlink(e.path)
+                        gone += 1
+                    except OSError:
+                        pass
+        if gone:
+            log.warning("tap sampling: removed %d partial files a previous run left in %s", gone, self.folder)
 
     def _files(self) -> list[tuple[float, int, str]]:
         out = []
         with os.scandir(self.folder) as entries:
             for e in entries:
-                if e.is_file(follow_symlinks=False):
+                if e.is_file(follow_symlinks=False) and not e.name.startswith(self.TMP_PREFIX):
                     st = e.stat(follow_symlinks=False)
                     out.append((st.st_mtime, st.st_size, e.path))
         return sorted(out)
@@ -499,24 +501,35 @@ class AudioKeeper:
                         pass
         return gone
 
-    def keep(self, source: str, name: str) -> Optional[str]:
-        """Move the spooled upload at `source` into the folder as `name`; its new path, or None
-        when a bound is reached or it cannot be written (counted)."""
+    def keep(self, source: str, suffix: str = "") -> Optional[str]:
+        """Copy the spooled upload at `source` into the folder under a new unique name ending in
+        `suffix` (".wav"); its path, or None when a bound is reached or it cannot be written
+        (counted, and logged at most once a minute per kind)."""
         self.expire()
         with self._lock:
+            target = os.path.join(self.folder, f"tap-{int(self._clock())}-{uuid.uuid4().hex}{suffix}")
+            tmp: Optional[str] = None
             try:
                 files = self._files()
                 size = os.stat(source).st_size
                 if len(files) >= self.max_files or sum(f[1] for f in files) + size > self.max_bytes:
                     self.dropped["full"] += 1
                     return None
-                target = os.path.join(self.folder, name)
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                tmp = os.path.join(self.folder, f"{self.TMP_PREFIX}{uuid.uuid4().hex}")
+                fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
                 with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
                     shutil.copyfileobj(src, out, 1 << 20)
+                os.rename(tmp, target)
             except OSError as err:
+                if tmp is not None:
+                    try:
+                        os.unlink(tmp)
+                    except OSError:
+                        pass
                 self.dropped["write_error"] += 1
-                log.warning("tap sampling: cannot keep an upload in %s (%s)", self.folder, err.strerror or err)
+                self._warnings.warn(error_kind(err), "tap sampling: cannot keep an upload in %s (%s); samples are "
+                                    "dropped (counted; logged once a minute per kind)", self.folder,
+                                    err.strerror or err)
                 return None
             self.kept_total += 1
             return target

@@ -15,6 +15,8 @@ import orjson
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+import whisper_exporter.tap.spool as spool_folder
+
 # Form fields that carry the audio: OpenAI API and whisper.cpp use `file`,
 # whisper-asr-webservice `audio_file`.
 AUDIO_FIELDS = frozenset({"file", "audio_file"})
@@ -40,32 +42,44 @@ class Spool:
         self.file: Any = None  # the open spool file once on disk
         self.path: Optional[str] = None
         self.too_large = False
+        self.failed = False  # the spool file could not be written (logged once per kind, reason "spool")
 
     def write(self, data: bytes) -> None:
-        if self.too_large:
+        if self.too_large or self.failed:
             return
         self.size += len(data)
         if self.size > self.max_bytes:
             self.too_large = True
             self.discard()
             return
-        if self.file is not None:
-            self.file.write(data)
-            return
-        if self.chunks is None:  # discarded
-            return
-        self.chunks.append(data)
-        if self.size > self.max_in_memory:
-            # NamedTemporaryFile creates the file 0600: only the exporter's user reads uploads.
-            self.file = tempfile.NamedTemporaryFile(
-                prefix="whisper-tap-", suffix=self.suffix, dir=self.spool_dir, delete=False)
-            self.path = self.file.name
-            self.file.writelines(self.chunks)
-            self.chunks = None
+        try:
+            if self.file is not None:
+                self.file.write(data)
+                return
+            if self.chunks is None:  # discarded
+                return
+            self.chunks.append(data)
+            if self.size > self.max_in_memory:
+                # NamedTemporaryFile creates the file 0600 (O_EXCL): only the exporter's user reads uploads.
+                self.file = tempfile.NamedTemporaryFile(
+                    prefix="whisper-tap-", suffix=self.suffix, dir=self.spool_dir, delete=False)
+                self.path = self.file.name
+                self.file.writelines(self.chunks)
+                self.chunks = None
+        except OSError as err:  # a read-only or full spool: this upload's analysis ends, counted
+            self._fail(err)
+
+    def _fail(self, err: OSError) -> None:
+        self.failed = True
+        spool_folder.failed(err, self.spool_dir)
+        self.discard()
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError as err:  # the last buffered bytes did not fit
+                self._fail(err)
 
     def bytes(self) -> Optional[bytes]:
         return None if self.chunks is None else b"".join(self.chunks)
@@ -73,16 +87,22 @@ class Spool:
     def to_disk(self) -> Optional[str]:
         """The spool as a file (written out now if it was in memory); None when discarded."""
         if self.path is None and self.chunks is not None:
-            fd, self.path = tempfile.mkstemp(prefix="whisper-tap-", suffix=self.suffix, dir=self.spool_dir)
-            with os.fdopen(fd, "wb") as handle:
-                handle.writelines(self.chunks)
+            try:
+                fd, self.path = tempfile.mkstemp(prefix="whisper-tap-", suffix=self.suffix, dir=self.spool_dir)
+                with os.fdopen(fd, "wb") as handle:
+                    handle.writelines(self.chunks)
+            except OSError as err:
+                self._fail(err)
         return self.path
 
     def discard(self) -> None:
         """Free the memory and delete the spool file."""
         self.chunks = None
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # a full spool: its buffered bytes go with the file
+                pass
         if self.path is not None:
             try:
                 os.unlink(self.path)
@@ -144,6 +164,8 @@ class UploadAnalyzer:
             self.fail("multipart")
         if self.spool is not None:
             self.spool.close()
+            if self.spool.failed and self.error is None:
+                self.error = spool_folder.REASON
 
     def fail(self, reason: str) -> None:
         self.error = reason
@@ -192,6 +214,9 @@ class UploadAnalyzer:
             self.spool.write(data[start:end])
             if self.spool.too_large:
                 self.error = "too_large"
+                self._target = None
+            elif self.spool.failed:
+                self.error = spool_folder.REASON
                 self._target = None
         elif self._target == "field" and len(self._field) < MAX_FIELD_BYTES:
             self._field += data[start:min(end, start + MAX_FIELD_BYTES - len(self._field))]

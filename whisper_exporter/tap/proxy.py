@@ -22,6 +22,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+import whisper_exporter.tap.spool as spool_folder
 from whisper_exporter.config import KeyPath
 from whisper_exporter.tap.analysis import Capture, UploadAnalyzer, boundary_of, read_answer
 from whisper_exporter.tap.config import TapConfig
@@ -98,6 +99,7 @@ class Tap:
         # so records come in the order their requests ended.
         self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tap-record")
         self._logged: dict[str, float] = {}
+        self.spool_problem: Optional[str] = None  # set at start when the spool cannot be written
 
     # -- life cycle -----------------------------------------------------------
 
@@ -141,8 +143,9 @@ class Tap:
 
     async def _open(self) -> None:
         cfg = self.config
-        if cfg.spool_dir is not None:
-            os.makedirs(cfg.spool_dir, mode=0o700, exist_ok=True)  # a directory of its own
+        # A 0700 folder of its own, tried with a file; a problem is logged and the tap serves on.
+        self.spool_problem = spool_folder.check(cfg.spool_dir)
+        if cfg.spool_dir is not None and self.spool_problem is None:
             _clean_spool(cfg.spool_dir)
         timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout, sock_read=cfg.read_timeout)
         self._session = aiohttp.ClientSession(
@@ -418,6 +421,8 @@ class Tap:
             if record.analysis_error is None and spool is not None and self.wants_audio is not None \
                     and self.wants_audio(record):
                 record.audio_path = spool.to_disk()
+                if spool.failed:
+                    record.analysis_error = spool_folder.REASON
         except Exception:  # a bug of ours must not lose the record
             log.exception("tap: analysing a request failed")
             record.analysis_error = "internal"

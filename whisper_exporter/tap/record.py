@@ -10,7 +10,7 @@ UPSTREAM_REASONS = ("connect", "timeout", "closed", "protocol")
 # The client's side: gone before the answer was complete, or silent mid-upload too long.
 CLIENT_REASONS = ("client_gone", "client_timeout")
 # The tap's own analysis failed or gave up; the request was proxied all the same.
-ANALYSIS_REASONS = ("multipart", "too_large", "audio", "answer", "internal", "callback")
+ANALYSIS_REASONS = ("multipart", "too_large", "audio", "answer", "internal", "callback", "spool")
 
 
 @dataclass
