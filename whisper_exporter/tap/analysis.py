@@ -7,6 +7,7 @@ Nothing here touches the bytes that are forwarded; any failure only ends the ana
 """
 from __future__ import annotations
 
+import builtins
 import os
 import tempfile
 from typing import Any, Optional
@@ -70,6 +71,20 @@ class Spool:
     def bytes(self) -> Optional[bytes]:
         return None if self.chunks is None else b"".join(self.chunks)
 
+    def head(self, n: int) -> builtins.bytes:
+        """The first `n` bytes (fewer when shorter; empty when discarded)."""
+        if self.chunks is not None:
+            out = bytearray()
+            for chunk in self.chunks:
+                out += chunk[: n - len(out)]
+                if len(out) >= n:
+                    break
+            return builtins.bytes(out)
+        if self.path is None:
+            return b""
+        with open(self.path, "rb") as handle:
+            return handle.read(n)
+
     def to_disk(self) -> Optional[str]:
         """The spool as a file (written out now if it was in memory); None when discarded."""
         if self.path is None and self.chunks is not None:
@@ -89,6 +104,40 @@ class Spool:
             except OSError:  # FileNotFoundError: moved away by the record's consumer (sampling)
                 pass
             self.path = None
+
+
+# WAV format tags with a constant byte rate, whose duration the bytes themselves give:
+# PCM, IEEE float, A-law, mu-law, and WAVE_FORMAT_EXTENSIBLE (its subformat is one of these
+# for the files Whisper servers take; a compressed one declares its own byte rate all the same).
+WAV_CONSTANT_RATE = frozenset({0x0001, 0x0003, 0x0006, 0x0007, 0xFFFE})
+WAV_HEAD = 1 << 16  # bytes read to find the fmt and data chunks
+
+
+def wav_received_seconds(head: bytes, size: int) -> Optional[float]:
+    """For a PCM-like WAV of `size` bytes starting with `head`: the seconds its data chunk holds,
+    counting only the bytes there are (a header may claim any length). None when not such a WAV."""
+    if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+        return None
+    pos, block, rate = 12, 0, 0
+    while pos + 8 <= len(head):
+        name, length = head[pos:pos + 4], int.from_bytes(head[pos + 4:pos + 8], "little")
+        body = pos + 8
+        if name == b"fmt ":
+            if length < 16 or body + 16 > len(head):
+                return None
+            tag = int.from_bytes(head[body:body + 2], "little")
+            rate = int.from_bytes(head[body + 4:body + 8], "little")
+            block = int.from_bytes(head[body + 12:body + 14], "little")
+            if tag not in WAV_CONSTANT_RATE or rate <= 0 or block <= 0:
+                return None
+        elif name == b"data":
+            if not rate:
+                return None  # data before fmt: not a WAV we can read
+            declared = length if head[:4] == b"RIFF" else size  # RF64 keeps the length elsewhere
+            held = max(0, min(declared, size - body))
+            return (held // block) / rate
+        pos = body + length + (length & 1)  # chunks are padded to even lengths
+    return None
 
 
 def boundary_of(content_type: str) -> Optional[bytes]:
@@ -126,10 +175,14 @@ class UploadAnalyzer:
             "on_part_end": self._part_end,
             "on_end": self._end,
         }
-        self.parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        self.parser: Optional[MultipartParser] = None
+        try:
+            self.parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        except (ValueError, FormParserError):  # a boundary over python-multipart's 256 bytes (RFC 2046: 70)
+            self.error = "multipart"  # counted; the request is proxied all the same
 
     def feed(self, chunk: bytes) -> None:
-        if self.error is not None or self.complete:
+        if self.error is not None or self.complete or self.parser is None:
             return
         try:
             self.parser.write(chunk)
