@@ -3,6 +3,7 @@
 Real sockets on loopback: raw clients (a socket, curl), the tap, an aiohttp upstream of our
 own that reports what it received, and a second listener (a plain socket server) standing
 for every other service on the host: no request form may reach it."""
+import io
 import json
 import logging
 import os
@@ -176,6 +177,19 @@ def test_the_path_reaches_the_server_as_sent(reporter, target):
     assert [t for _, t, _ in reporter.seen] == ["/base" + sent]
 
 
+def test_the_upstream_url_keeps_the_configured_authority():
+    from yarl import URL
+
+    from whisper_exporter.tap.proxy import upstream_url
+
+    for base in ("http://[::1]:8000", f"https://admin:{PASSWORD}@asr.internal:8443/base", "http://127.0.0.1:18000"):
+        configured = URL(base)
+        for target in ("/@127.0.0.1:18001", "//127.0.0.1:18001/x", "/v1/x?next=http://127.0.0.1:18001/@a"):
+            url = upstream_url(configured, target)
+            assert (url.scheme, url.raw_authority) == (configured.scheme, configured.raw_authority), (base, target)
+            assert url.raw_path_qs == configured.raw_path.rstrip("/") + target
+
+
 # -- item 10: Expect: 100-continue ---------------------------------------------
 
 def test_expect_100_continue_is_answered_before_the_body(reporter):
@@ -303,17 +317,22 @@ def test_a_wav_header_claiming_more_audio_than_sent_counts_the_bytes(reporter, i
 def test_wav_received_seconds():
     from whisper_exporter.tap.analysis import wav_received_seconds
 
-    lie = lying_wav(2.0, 3600.0)
-    assert wav_received_seconds(lie, len(lie)) == pytest.approx(2.0)
+    def seconds(data: bytes):
+        return wav_received_seconds(io.BytesIO(data), len(data))
+
+    assert seconds(lying_wav(2.0, 3600.0)) == pytest.approx(2.0)
     honest = wav_bytes(3.0)
-    assert wav_received_seconds(honest, len(honest)) == pytest.approx(3.0)
-    tail = honest + b"LIST" + struct.pack("<I", 4) + b"INFO"  # a chunk after the data is not audio
-    assert wav_received_seconds(tail, len(tail)) == pytest.approx(3.0)
+    assert seconds(honest) == pytest.approx(3.0)
+    assert seconds(honest + b"LIST" + struct.pack("<I", 4) + b"INFO") == pytest.approx(3.0)  # a chunk after the data
+    # A big chunk before the data does not hide a lie.
+    junk = b"JUNK" + struct.pack("<I", 200_001) + b"\0" * 200_002
+    lie = lying_wav(1.0, 3600.0)
+    assert seconds(lie[:36] + junk + lie[36:]) == pytest.approx(1.0)
     mp3_in_wav = bytearray(honest)
     mp3_in_wav[20:22] = struct.pack("<H", 0x0055)  # MPEG layer 3: the bytes say nothing exact
-    assert wav_received_seconds(bytes(mp3_in_wav), len(honest)) is None
-    assert wav_received_seconds(b"fLaC" + b"\0" * 40, 44) is None
-    assert wav_received_seconds(honest[:30], 30) is None  # a cut fmt chunk
+    assert seconds(bytes(mp3_in_wav)) is None
+    assert seconds(b"fLaC" + b"\0" * 40) is None
+    assert seconds(honest[:30]) is None  # a cut fmt chunk
 
 
 # -- item 18: status lines, log flood -----------------------------------------------

@@ -86,7 +86,8 @@ class QuietServerErrors(logging.Filter):
         record.args = (remote, type(exc).__name__, skipped)
         record.exc_info = None
         record.exc_text = None
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        if record.levelno > logging.WARNING:  # the client's fault, not the exporter's
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
         self.last, self.dropped = now, 0
         return True
 

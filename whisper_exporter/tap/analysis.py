@@ -7,10 +7,10 @@ Nothing here touches the bytes that are forwarded; any failure only ends the ana
 """
 from __future__ import annotations
 
-import builtins
+import io
 import os
 import tempfile
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional
 
 import orjson
 from python_multipart.exceptions import FormParserError
@@ -71,19 +71,13 @@ class Spool:
     def bytes(self) -> Optional[bytes]:
         return None if self.chunks is None else b"".join(self.chunks)
 
-    def head(self, n: int) -> builtins.bytes:
-        """The first `n` bytes (fewer when shorter; empty when discarded)."""
+    def reader(self) -> BinaryIO:
+        """The spooled bytes as a file to seek in (the caller closes it); empty when discarded."""
         if self.chunks is not None:
-            out = bytearray()
-            for chunk in self.chunks:
-                out += chunk[: n - len(out)]
-                if len(out) >= n:
-                    break
-            return builtins.bytes(out)
+            return io.BytesIO(b"".join(self.chunks))
         if self.path is None:
-            return b""
-        with open(self.path, "rb") as handle:
-            return handle.read(n)
+            return io.BytesIO()
+        return open(self.path, "rb")
 
     def to_disk(self) -> Optional[str]:
         """The spool as a file (written out now if it was in memory); None when discarded."""
@@ -107,27 +101,35 @@ class Spool:
 
 
 # WAV format tags with a constant byte rate, whose duration the bytes themselves give:
-# PCM, IEEE float, A-law, mu-law, and WAVE_FORMAT_EXTENSIBLE (its subformat is one of these
-# for the files Whisper servers take; a compressed one declares its own byte rate all the same).
-WAV_CONSTANT_RATE = frozenset({0x0001, 0x0003, 0x0006, 0x0007, 0xFFFE})
-WAV_HEAD = 1 << 16  # bytes read to find the fmt and data chunks
+# PCM, IEEE float, A-law, mu-law (WAVE_FORMAT_EXTENSIBLE: its subformat's tag decides).
+WAV_CONSTANT_RATE = frozenset({0x0001, 0x0003, 0x0006, 0x0007})
+WAV_EXTENSIBLE = 0xFFFE
+WAV_MAX_CHUNKS = 1000  # chunks walked before the data chunk; beyond, the file is not checked
 
 
-def wav_received_seconds(head: bytes, size: int) -> Optional[float]:
-    """For a PCM-like WAV of `size` bytes starting with `head`: the seconds its data chunk holds,
-    counting only the bytes there are (a header may claim any length). None when not such a WAV."""
+def wav_received_seconds(handle: BinaryIO, size: int) -> Optional[float]:
+    """For a constant-rate WAV of `size` bytes: the seconds its data chunk holds, counting only
+    the bytes there are (a header may claim any length). None when not such a WAV."""
+    head = handle.read(12)
     if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
         return None
     pos, block, rate = 12, 0, 0
-    while pos + 8 <= len(head):
-        name, length = head[pos:pos + 4], int.from_bytes(head[pos + 4:pos + 8], "little")
+    for _ in range(WAV_MAX_CHUNKS):
+        handle.seek(pos)
+        chunk = handle.read(8)
+        if len(chunk) < 8:
+            return None
+        name, length = chunk[:4], int.from_bytes(chunk[4:], "little")
         body = pos + 8
         if name == b"fmt ":
-            if length < 16 or body + 16 > len(head):
+            fmt = handle.read(min(length, 40))
+            if len(fmt) < 16:
                 return None
-            tag = int.from_bytes(head[body:body + 2], "little")
-            rate = int.from_bytes(head[body + 4:body + 8], "little")
-            block = int.from_bytes(head[body + 12:body + 14], "little")
+            tag = int.from_bytes(fmt[0:2], "little")
+            if tag == WAV_EXTENSIBLE and len(fmt) >= 26:
+                tag = int.from_bytes(fmt[24:26], "little")  # the subformat GUID starts with the tag
+            rate = int.from_bytes(fmt[4:8], "little")
+            block = int.from_bytes(fmt[12:14], "little")
             if tag not in WAV_CONSTANT_RATE or rate <= 0 or block <= 0:
                 return None
         elif name == b"data":

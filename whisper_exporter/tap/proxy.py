@@ -26,7 +26,6 @@ from yarl import URL
 from whisper_exporter import logsetup
 from whisper_exporter.config import KeyPath
 from whisper_exporter.tap.analysis import (
-    WAV_HEAD,
     Capture,
     UploadAnalyzer,
     boundary_of,
@@ -428,7 +427,8 @@ class Tap:
                             raise AudioError("nothing spooled")
                         record.audio_duration = duration_seconds(source, name="upload")
                         # A WAV header may claim any length: the bytes received decide (the smaller).
-                        received = wav_received_seconds(spool.head(WAV_HEAD), spool.size)
+                        with spool.reader() as handle:
+                            received = wav_received_seconds(handle, spool.size)
                         if received is not None and received < record.audio_duration - 0.001:
                             record.audio_duration = received
                             with self.stats.lock:
@@ -480,9 +480,8 @@ def upstream_url(base: URL, target: str) -> URL:
     configured upstream's, its path is prefixed; built from parts (never by joining strings, which
     let `@host:port` name another host) and not re-encoded, so the path reaches the server as sent."""
     path, _, query = target.partition("?")
-    return URL.build(scheme=base.scheme, user=base.raw_user, password=base.raw_password, host=base.raw_host or "",
-                     port=base.explicit_port, path=base.raw_path.rstrip("/") + path, query_string=query,
-                     encoded=True)
+    return URL.build(scheme=base.scheme, authority=base.raw_authority, path=base.raw_path.rstrip("/") + path,
+                     query_string=query, encoded=True)
 
 
 def _clean_spool(folder: str) -> None:
