@@ -19,7 +19,7 @@ from typing import Iterable, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from whisper_exporter.config import config_dir, resolve_path
+from whisper_exporter.config import config_dir, masked_url, resolve_path
 from whisper_exporter.logfiles.parse import Record
 from whisper_exporter.quality.sampling import AudioKeeper, ProductionSampler
 from whisper_exporter.runtime.collector import Plugin
@@ -59,7 +59,7 @@ class TapCollector:
         self._cells: dict[int, tuple[str, str]] = {}  # id(record) -> its sampling cell, drawn in wants_audio
         self.tap = Tap(section, upstream, on_record=self.observe,
                        wants_audio=self.wants_audio if sampler is not None and keeper is not None else None)
-        self.status = f"proxying {section.listen} -> {upstream}"
+        self.status = f"proxying {section.listen} -> {masked_url(upstream)}"
 
     def start(self) -> None:
         self.tap.start()
@@ -94,6 +94,8 @@ class TapCollector:
         if record.canary:
             self.requests.canary_seen("tap")
             return
+        if record.canary_spoofed:  # a client's claim to be the canary: user traffic, and counted
+            self.requests.spoofed_seen("tap")
         with self.requests.lock:
             lang = self.requests.observe_locked(to_log_record(record), "tap")
             endpoint = self.requests.labels.endpoint(record.endpoint)
@@ -139,7 +141,8 @@ class TapCollector:
         yield errors
         client = CounterMetricFamily(
             "whisper_tap_client_errors_total",
-            "Requests the client abandoned (client_gone) or stalled mid-upload (client_timeout).",
+            "Requests the client abandoned (client_gone), stalled mid-upload (client_timeout), or sent with a "
+            "target that is not origin-form (bad_target: CONNECT, http://host/, host:port, *; refused with 400).",
             labels=["reason"])
         for reason in CLIENT_REASONS:
             client.add_metric([reason], stats["errors"].get(reason, 0))
@@ -152,6 +155,10 @@ class TapCollector:
         for reason in ANALYSIS_REASONS:
             analysis.add_metric([reason], stats["analysis_errors"].get(reason, 0))
         yield analysis
+        yield CounterMetricFamily(
+            "whisper_tap_audio_duration_mismatches_total",
+            "WAV uploads whose header claimed more audio than the bytes received hold; the bytes' "
+            "duration was counted.", value=stats["duration_mismatches"])
         yield CounterMetricFamily("whisper_tap_request_bytes_total", "Request body bytes passed to the server.",
                                   value=stats["request_bytes"])
         yield CounterMetricFamily("whisper_tap_response_bytes_total", "Answer body bytes passed to clients.",

@@ -14,7 +14,7 @@ from helpers import free_port
 from responses import matchers
 
 from whisper_exporter.config import ServiceConfig
-from whisper_exporter.whisper import clients
+from whisper_exporter.whisper import clients, marker
 from whisper_exporter.whisper.clients import (
     AsrWebserviceClient,
     ClientSetupError,
@@ -69,8 +69,8 @@ def test_openai_json_format_and_v1_base_url():
     result = client.transcribe(AUDIO)
     assert result.transcription.text == "hi" and result.transcription.segments == ()
     # marked as the exporter's own: a query the server's access log prints, and a header for the tap
-    assert responses.calls[0].request.url == BASE + "/v1/audio/transcriptions?whisper_exporter_canary=1"
-    assert responses.calls[0].request.headers["X-Whisper-Exporter-Canary"] == "1"
+    assert responses.calls[0].request.url == BASE + f"/v1/audio/transcriptions?whisper_exporter_canary={marker.VALUE}"
+    assert responses.calls[0].request.headers["X-Whisper-Exporter-Canary"] == marker.VALUE  # this process's token
     assert b'name="response_format"\r\n\r\njson' in _multipart(responses.calls[0].request)
     assert b'name="language"' not in _multipart(responses.calls[0].request)  # none given: the server detects
 
@@ -94,7 +94,7 @@ def test_asr_webservice_request_shape_and_json_labelled_text_plain():
         body=json.dumps({"text": " Hello.", "language": "en", "segments": [[0, 0, 0.0, 1.0, " Hello.", [], 0.0]]}),
         content_type="text/plain",
         match=[matchers.query_param_matcher({"output": "json", "task": "transcribe", "language": "en", "encode": "true",
-                                             "whisper_exporter_canary": "1"})],
+                                             "whisper_exporter_canary": marker.VALUE})],
     )
     result = AsrWebserviceClient(BASE).transcribe(AUDIO, "a.wav", "en")
     assert result.ok, result.reason

@@ -22,7 +22,7 @@ from whisper_exporter.config import ConfigError, from_dict, load
 from whisper_exporter.runtime import wiring as daemon
 from whisper_exporter.runtime.scheduler import Scheduler
 from whisper_exporter.web import status as landing
-from whisper_exporter.whisper import clients
+from whisper_exporter.whisper import clients, marker
 
 REFERENCE = bundled_canary().reference
 
@@ -89,7 +89,7 @@ def test_success_against_a_good_server(fake):
     assert value(fams, "whisper_probe_runs", probe="en-short", result="timeout") == 0.0
     # the request: the bundled canary's bytes, language and model
     path, headers, body = fake.requests[0]
-    assert path == "/v1/audio/transcriptions?whisper_exporter_canary=1"  # marked as the exporter's own
+    assert path == f"/v1/audio/transcriptions?{marker.QUERY_STRING}"  # marked as the exporter's own (its token)
     assert b'name="model_name"\r\n\r\ntiny' in body and b'name="language"\r\n\r\nen' in body
     assert headers["User-Agent"] == "whisper-exporter"
 

@@ -554,11 +554,21 @@ def test_config_check_names_the_field():
 
 
 def test_marker_helpers():
+    token = marker.VALUE
+    assert len(token) >= 32 and token != "1"  # random per process (secrets.token_urlsafe)
     assert marker.marked_url("http://h/v1/audio/transcriptions") == \
-        "http://h/v1/audio/transcriptions?whisper_exporter_canary=1"
-    assert marker.marked_url("http://h/asr?output=json") == "http://h/asr?output=json&whisper_exporter_canary=1"
-    assert marker.is_canary({marker.HEADER: "1"}) and marker.is_canary(None, {marker.QUERY: "1"})
+        f"http://h/v1/audio/transcriptions?whisper_exporter_canary={token}"
+    assert marker.marked_url("http://h/asr?output=json") == f"http://h/asr?output=json&whisper_exporter_canary={token}"
+    assert marker.is_canary({marker.HEADER: token}) and marker.is_canary(None, {marker.QUERY: token})
     assert not marker.is_canary({}, {}) and not marker.is_canary({marker.HEADER: "0"}, {marker.QUERY: "yes"})
+    # The old constant marker, and a token with one character changed, are spoofs.
+    assert marker.classify({marker.HEADER: "1"}) == marker.classify(None, {marker.QUERY: "1"}) == marker.SPOOFED
+    assert marker.classify({marker.HEADER: token[:-1] + ("A" if token[-1] != "A" else "B")}) == marker.SPOOFED
+    assert marker.classify({marker.HEADER: token}, {marker.QUERY: "1"}) == marker.SPOOFED  # one bad mark is enough
+    assert marker.classify({"X-Other": token}, {}) is None
+    assert marker.classify_target(f"/asr?task=transcribe&{marker.QUERY_STRING}") == marker.GENUINE
+    assert marker.classify_target("/asr?whisper_exporter_canary=1") == marker.SPOOFED
+    assert marker.classify_target("/asr?task=transcribe") is None and marker.classify_target("/asr") is None
     source = open(marker.__file__).read()
     assert "import aiohttp" not in source and "prometheus_client" not in source
 

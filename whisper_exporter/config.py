@@ -499,6 +499,9 @@ def masked(config: Config) -> dict[str, Any]:
     data["collectors"] = {name: _plain(dataclasses.asdict(section)) for name, section in config.collectors.items()}
     data["service"]["url"] = masked_url(config.service.url)
     data["service"]["headers"] = masked_headers(config.service.headers)
+    for section in data["collectors"].values():  # tap.upstream: the rule service.url has
+        if isinstance(section, dict) and isinstance(section.get("upstream"), str):
+            section["upstream"] = masked_url(section["upstream"])
     return data
 
 

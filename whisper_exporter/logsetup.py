@@ -53,3 +53,47 @@ def configure(level: str, fmt: str = "logfmt") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    quiet_server_errors()
+
+
+SERVER_ERROR_EVERY = 60.0  # seconds between two lines about malformed requests (both ports together)
+
+
+class QuietServerErrors(logging.Filter):
+    """aiohttp's "Error handling request" for a malformed request (a bad request line or header:
+    any client can send one) as one line without its traceback, at most one per SERVER_ERROR_EVERY
+    seconds. Other errors (a bug in a handler) keep their traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = -SERVER_ERROR_EVERY
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if not str(record.msg).startswith("Error handling request") or not isinstance(exc, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self.last < SERVER_ERROR_EVERY:
+            self.dropped += 1
+            return False
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        skipped = f"; {self.dropped} more since the last line" if self.dropped else ""
+        # The exception's class only: its text quotes the client's bytes back.
+        record.msg = "malformed request from %s (%s)%s"
+        record.args = (remote, type(exc).__name__, skipped)
+        record.exc_info = None
+        record.exc_text = None
+        if record.levelno > logging.WARNING:  # the client's fault, not the exporter's
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        self.last, self.dropped = now, 0
+        return True
+
+
+def quiet_server_errors() -> None:
+    """Install QuietServerErrors on aiohttp's server logger (the tap's and the metrics port's), once."""
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, QuietServerErrors) for f in logger.filters):
+        logger.addFilter(QuietServerErrors())

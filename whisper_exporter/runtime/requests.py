@@ -172,6 +172,7 @@ class RequestMetrics:
         self.queue = _Hist(QUEUE_BUCKETS)
         self.by_language: dict[str, _Language] = {}
         self.canaries: dict[str, int] = {}  # source -> the exporter's own requests seen
+        self.spoofed: dict[str, int] = {}  # source -> requests marked as canaries without the token
 
     def observe_all(self, records: Sequence[logparse.Record]) -> None:
         """Count a batch of records under one lock."""
@@ -190,6 +191,11 @@ class RequestMetrics:
         with self.lock:
             self.canaries[source] = self.canaries.get(source, 0) + n
 
+    def spoofed_seen(self, source: str) -> None:
+        """A request marked as the exporter's own without its token (counted as user traffic too)."""
+        with self.lock:
+            self.spoofed[source] = self.spoofed.get(source, 0) + 1
+
     def observe_locked(self, record: logparse.Record, source: str = "log") -> Optional[str]:
         """Count one record; the caller holds `lock`. Returns the record's language label, or None
         for the exporter's own request.
@@ -198,8 +204,12 @@ class RequestMetrics:
         as uvicorn's access log prints it) is counted in whisper_canary_requests_seen_total only."""
         endpoint, status, language, duration, queue, inference, audio = record[:7]
         if endpoint is not None and CANARY_MARK in endpoint:
-            self.canaries[source] = self.canaries.get(source, 0) + 1
-            return None
+            # Only this process's token makes a request the exporter's own (whisper/marker.py);
+            # a mark without it is a client's claim: user traffic, and counted as spoofed.
+            if marker.classify_target(endpoint) == marker.GENUINE:
+                self.canaries[source] = self.canaries.get(source, 0) + 1
+                return None
+            self.spoofed[source] = self.spoofed.get(source, 0) + 1
         if self.tap_on and source == "log":
             endpoint = status = duration = audio = None  # counted by the tap (docs/tap.md)
         error = record.error
@@ -250,6 +260,7 @@ class RequestMetrics:
                 "by_language": {k: v.copy() for k, v in self.by_language.items()},
                 "folded": dict(self.labels.folded),
                 "canaries": dict(self.canaries),
+                "spoofed": dict(self.spoofed),
             }
 
     def families(self) -> Iterable[Metric]:
@@ -312,3 +323,10 @@ class RequestMetrics:
         for source, n in sorted(snap["canaries"].items()):
             canaries.add_metric([source], n)
         yield canaries
+        spoofed = CounterMetricFamily(
+            "whisper_canary_requests_spoofed_total",
+            "Requests marked as the exporter's own without its token, seen in the server's log or by "
+            "the tap: counted as user traffic too.", labels=["source"])
+        for source, n in sorted(snap["spoofed"].items()):
+            spoofed.add_metric([source], n)
+        yield spoofed

@@ -7,9 +7,10 @@ Nothing here touches the bytes that are forwarded; any failure only ends the ana
 """
 from __future__ import annotations
 
+import io
 import os
 import tempfile
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional
 
 import orjson
 from python_multipart.exceptions import FormParserError
@@ -84,6 +85,14 @@ class Spool:
     def bytes(self) -> Optional[bytes]:
         return None if self.chunks is None else b"".join(self.chunks)
 
+    def reader(self) -> BinaryIO:
+        """The spooled bytes as a file to seek in (the caller closes it); empty when discarded."""
+        if self.chunks is not None:
+            return io.BytesIO(b"".join(self.chunks))
+        if self.path is None:
+            return io.BytesIO()
+        return open(self.path, "rb")
+
     def to_disk(self) -> Optional[str]:
         """The spool as a file (written out now if it was in memory); None when discarded."""
         if self.path is None and self.chunks is not None:
@@ -109,6 +118,48 @@ class Spool:
             except OSError:  # FileNotFoundError: moved away by the record's consumer (sampling)
                 pass
             self.path = None
+
+
+# WAV format tags with a constant byte rate, whose duration the bytes themselves give:
+# PCM, IEEE float, A-law, mu-law (WAVE_FORMAT_EXTENSIBLE: its subformat's tag decides).
+WAV_CONSTANT_RATE = frozenset({0x0001, 0x0003, 0x0006, 0x0007})
+WAV_EXTENSIBLE = 0xFFFE
+WAV_MAX_CHUNKS = 1000  # chunks walked before the data chunk; beyond, the file is not checked
+
+
+def wav_received_seconds(handle: BinaryIO, size: int) -> Optional[float]:
+    """For a constant-rate WAV of `size` bytes: the seconds its data chunk holds, counting only
+    the bytes there are (a header may claim any length). None when not such a WAV."""
+    head = handle.read(12)
+    if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+        return None
+    pos, block, rate = 12, 0, 0
+    for _ in range(WAV_MAX_CHUNKS):
+        handle.seek(pos)
+        chunk = handle.read(8)
+        if len(chunk) < 8:
+            return None
+        name, length = chunk[:4], int.from_bytes(chunk[4:], "little")
+        body = pos + 8
+        if name == b"fmt ":
+            fmt = handle.read(min(length, 40))
+            if len(fmt) < 16:
+                return None
+            tag = int.from_bytes(fmt[0:2], "little")
+            if tag == WAV_EXTENSIBLE and len(fmt) >= 26:
+                tag = int.from_bytes(fmt[24:26], "little")  # the subformat GUID starts with the tag
+            rate = int.from_bytes(fmt[4:8], "little")
+            block = int.from_bytes(fmt[12:14], "little")
+            if tag not in WAV_CONSTANT_RATE or rate <= 0 or block <= 0:
+                return None
+        elif name == b"data":
+            if not rate:
+                return None  # data before fmt: not a WAV we can read
+            declared = length if head[:4] == b"RIFF" else size  # RF64 keeps the length elsewhere
+            held = max(0, min(declared, size - body))
+            return (held // block) / rate
+        pos = body + length + (length & 1)  # chunks are padded to even lengths
+    return None
 
 
 def boundary_of(content_type: str) -> Optional[bytes]:
@@ -146,10 +197,14 @@ class UploadAnalyzer:
             "on_part_end": self._part_end,
             "on_end": self._end,
         }
-        self.parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        self.parser: Optional[MultipartParser] = None
+        try:
+            self.parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        except (ValueError, FormParserError):  # a boundary over python-multipart's 256 bytes (RFC 2046: 70)
+            self.error = "multipart"  # counted; the request is proxied all the same
 
     def feed(self, chunk: bytes) -> None:
-        if self.error is not None or self.complete:
+        if self.error is not None or self.complete or self.parser is None:
             return
         try:
             self.parser.write(chunk)

@@ -21,10 +21,18 @@ from typing import Any, Callable, Optional
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 import whisper_exporter.tap.spool as spool_folder
+from whisper_exporter import logsetup
 from whisper_exporter.config import KeyPath
-from whisper_exporter.tap.analysis import Capture, UploadAnalyzer, boundary_of, read_answer
+from whisper_exporter.tap.analysis import (
+    Capture,
+    UploadAnalyzer,
+    boundary_of,
+    read_answer,
+    wav_received_seconds,
+)
 from whisper_exporter.tap.config import TapConfig
 from whisper_exporter.tap.record import TapRecord, TapStats
 from whisper_exporter.tap.upgrade import Upgrade, plan_upgrade, render_json
@@ -87,6 +95,7 @@ class Tap:
         config.check(KeyPath("<tap>", "whisper_exporter.collectors.tap"))  # raises ConfigError naming the field
         self.config = config
         self.upstream = upstream.rstrip("/")
+        self._base = URL(self.upstream)  # parsed once; each request's URL is built from its parts
         self.on_record = on_record
         self.wants_audio = wants_audio  # sampling's hook: keep the upload on disk for this record?
         self.stats = TapStats()
@@ -143,6 +152,7 @@ class Tap:
 
     async def _open(self) -> None:
         cfg = self.config
+        logsetup.quiet_server_errors()  # a malformed request is one rate-limited line, not a traceback
         # A 0700 folder of its own, tried with a file; a problem is logged and the tap serves on.
         self.spool_problem = spool_folder.check(cfg.spool_dir)
         if cfg.spool_dir is not None and self.spool_problem is None:
@@ -178,11 +188,27 @@ class Tap:
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         t0 = time.perf_counter()
+        if not origin_form(request.method, request.raw_path):
+            # CONNECT, absolute-form (http://host/), authority-form (host:port, @host:port) and
+            # asterisk-form (*): refused before any upstream connection, so no client can make the
+            # tap connect anywhere but the configured upstream, or send its credentials elsewhere.
+            self.stats.count(self.stats.errors, "bad_target")
+            self._warn("bad_target", f"tap: refused a {request.method[:16]!r} request whose target is "
+                                     "not origin-form (/path?query)")
+            refused = web.Response(status=400, text="only origin-form request targets (/path?query) are proxied\n")
+            refused.force_close()
+            return refused
+        if request.version >= (1, 1) and request.headers.get("Expect", "").strip().lower() == "100-continue":
+            # Expect is not forwarded (HOP_BY_HOP): the tap answers it itself, as aiohttp's router
+            # does (low-level web.Server does not), so the client sends its body at once.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the interim answer is not the answer
         path = request.path
         api, task = API_PATHS.get(path.rstrip("/") or "/", (None, None))
+        mark = marker.classify(request.headers, request.query)
         record = TapRecord(endpoint=path, method=request.method, status=None, duration=0.0, api=api,
-                           task=task, started=time.time(),
-                           canary=marker.is_canary(request.headers, request.query))
+                           task=task, started=time.time(), canary=mark == marker.GENUINE,
+                           canary_spoofed=mark == marker.SPOOFED)
         if api == "asr-webservice":  # whisper-asr-webservice takes its options in the query
             query = request.query
             record.language = query.get("language") or None
@@ -216,7 +242,7 @@ class Tap:
         assert self._session is not None  # made in start(), before the first request
         try:
             upstream = await self._session.request(
-                request.method, self.upstream + request.raw_path, headers=headers, data=body,
+                request.method, upstream_url(self._base, request.raw_path), headers=headers, data=body,
                 allow_redirects=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding",
                                                           "Content-Type"))
         except asyncio.TimeoutError:
@@ -232,6 +258,10 @@ class Tap:
                 return _client_gone_response(record)
             return self._fail(record, "protocol", 502, f"upstream error ({type(err).__name__})")
         async with upstream:
+            if not 200 <= upstream.status <= 599:
+                # A final status outside 2xx-5xx (099; 101 without a switch the tap never asked
+                # for, since Upgrade is not forwarded) means nothing to the client: a bad gateway.
+                return self._fail(record, "protocol", 502, f"upstream answered with status {upstream.status}")
             return await self._answer(request, upstream, flight)
 
     def _start_analysis(self, request: web.BaseRequest, flight: _Flight) -> None:
@@ -399,6 +429,13 @@ class Tap:
                         if source is None:
                             raise AudioError("nothing spooled")
                         record.audio_duration = duration_seconds(source, name="upload")
+                        # A WAV header may claim any length: the bytes received decide (the smaller).
+                        with spool.reader() as handle:
+                            received = wav_received_seconds(handle, spool.size)
+                        if received is not None and received < record.audio_duration - 0.001:
+                            record.audio_duration = received
+                            with self.stats.lock:
+                                self.stats.duration_mismatches += 1
                     except AudioError:
                         record.analysis_error = "audio"
             if flight.capture is not None and record.status is not None and 200 <= record.status < 300 \
@@ -436,6 +473,20 @@ class Tap:
         finally:
             if spool is not None:
                 spool.discard()  # after the callback: sampling may have moved the file away
+
+
+def origin_form(method: str, target: str) -> bool:
+    """Whether a request may be forwarded: not CONNECT, and its target origin-form (/path?query)."""
+    return method.upper() != "CONNECT" and target.startswith("/") and "#" not in target
+
+
+def upstream_url(base: URL, target: str) -> URL:
+    """The upstream's URL for an origin-form `target`: scheme, user info, host and port are the
+    configured upstream's, its path is prefixed; built from parts (never by joining strings, which
+    let `@host:port` name another host) and not re-encoded, so the path reaches the server as sent."""
+    path, _, query = target.partition("?")
+    return URL.build(scheme=base.scheme, authority=base.raw_authority, path=base.raw_path.rstrip("/") + path,
+                     query_string=query, encoded=True)
 
 
 def _clean_spool(folder: str) -> None:

@@ -7,8 +7,9 @@ from typing import Any, Optional
 
 # Upstream failures, by reason (the client got 502 or 504, or a cut answer).
 UPSTREAM_REASONS = ("connect", "timeout", "closed", "protocol")
-# The client's side: gone before the answer was complete, or silent mid-upload too long.
-CLIENT_REASONS = ("client_gone", "client_timeout")
+# The client's side: gone before the answer was complete, or silent mid-upload too long;
+# bad_target: a request target not origin-form (CONNECT, http://host/, host:port, *), refused with 400.
+CLIENT_REASONS = ("client_gone", "client_timeout", "bad_target")
 # The tap's own analysis failed or gave up; the request was proxied all the same.
 ANALYSIS_REASONS = ("multipart", "too_large", "audio", "answer", "internal", "callback", "spool")
 
@@ -33,6 +34,7 @@ class TapRecord:
     response_format: Optional[str] = None  # as asked by the client
     stream: bool = False
     canary: bool = False  # marked by the exporter's probe or quality collector
+    canary_spoofed: bool = False  # marked as a canary without the exporter's token: user traffic
     transcript: Optional[str] = None  # from a json, verbose_json, text or streamed answer (bounded)
     segments: Optional[list[dict[str, Any]]] = None  # verbose_json segments (bounded)
     audio_path: Optional[str] = None  # the spooled upload, when wants_audio asked for it
@@ -51,6 +53,7 @@ class TapStats:
     response_bytes: int = 0
     errors: dict[str, int] = field(default_factory=dict)  # upstream and client reasons
     analysis_errors: dict[str, int] = field(default_factory=dict)
+    duration_mismatches: int = 0  # WAV uploads whose header claimed more audio than their bytes hold
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(self, table: dict[str, int], reason: str) -> None:
@@ -63,4 +66,5 @@ class TapStats:
                 "in_flight": self.in_flight, "requests": self.requests,
                 "request_bytes": self.request_bytes, "response_bytes": self.response_bytes,
                 "errors": dict(self.errors), "analysis_errors": dict(self.analysis_errors),
+                "duration_mismatches": self.duration_mismatches,
             }

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import orjson
 
-from whisper_exporter.tap.analysis import UploadAnalyzer
+from whisper_exporter.tap.analysis import MAX_FIELDS, UploadAnalyzer
 
 FIELD = "response_format"
 
@@ -75,6 +75,8 @@ class Upgrade:
             return self.delimiter + replacement + b"\r\n" + held
         # Split at the delimiters (which never occur in content; python-multipart has checked
         # the structure): part i of the held bytes is analyzer.order[i].
+        if FIELD not in analyzer.order or len(analyzer.order) >= MAX_FIELDS:
+            return None  # past the parts the analyzer names (MAX_FIELDS): the part is not found
         parts = held[len(self.delimiter):].split(b"\r\n" + self.delimiter)
         index = analyzer.order.index(FIELD)
         if index >= len(parts) - 1 or analyzer.order.count(FIELD) != 1:

@@ -241,6 +241,7 @@ class WhisperClient:
                                    "Authorization header; keep one")
         if api_key is not None:
             self._secrets.append(api_key.reveal())
+        self._secrets.append(marker.VALUE)  # the canary token: whoever holds it passes as the exporter
         # Longest first, so a secret containing another is masked whole.
         self._secrets = sorted({s for s in self._secrets if len(s) >= 3}, key=len, reverse=True)
 
