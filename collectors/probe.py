@@ -83,6 +83,13 @@ class Canary:
             raise at.error("audio", f"a readable audio file ({problem})", self.audio) from None
 
 
+def tap_url(config: Config) -> str:
+    """The base URL of the exporter's own request tap, as a client on this host reaches it."""
+    host, port = config.collectors.tap.listen_address
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # listening on all: loopback is one of them
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def canary_name(canary: Canary) -> str:
     return canary.name or Path(canary.audio).stem
 
@@ -95,6 +102,10 @@ class ProbeConfig:
     response_format: str = "verbose_json"  # json | verbose_json (openai and whispercpp APIs)
     max_error_rate: float = 0.5  # a transcript with a higher WER/CER counts as wrong_transcript
     canaries: list[Canary] = dataclass_field(default_factory=list)  # empty: the bundled English canary
+    # Send the scheduled canaries through the request tap (collectors.tap.listen) instead of straight
+    # to service.url: the path users take, so the canary also tests the tap, and the tap's
+    # whisper_canary_requests_seen_total{source="tap"} shows it carries traffic. Needs the tap on.
+    via_tap: bool = False
 
     @property
     def run_timeout(self) -> float:
@@ -260,7 +271,7 @@ class ProbeCollector:
                  hallucinations: Optional[HallucinationCounters] = None):
         self.section = section
         self.config = config
-        self.url = url or config.service.url
+        self.url = url or (tap_url(config) if section.via_tap else config.service.url)
         self.canaries = resolve_canaries(section, config)
         # Shared counters are rendered by the runtime; standalone (the probe command) renders its own.
         self.owns_quality = quality is None
@@ -479,6 +490,12 @@ def debug_text(record: ProbeRecord) -> str:
         verdict += f" ({record.reason})"
     lines.append(verdict)
     return "\n".join(lines)
+
+
+def finding_text(record: ProbeRecord) -> str:
+    """What a negative canary answered with text says about the server, in one line."""
+    return (f"negative canary {record.canary!r} was answered with text ({record.transcript or ''!r}): "
+            "the server writes text on non-speech; voice activity detection (vad_filter) usually stops it")
 
 
 class _OneShot:

@@ -50,15 +50,27 @@ BURN_PAGE_FAST = 14.4
 BURN_PAGE_SLOW = 6
 BURN_TICKET = 3
 SET = 'set=~"$set"'
+# The speech canaries' success: a negative canary answered with text (tiny.en says "You" to the
+# bundled silence) is a fact about the server with its own panel and alert, not the server failing.
+SPEECH = 'and on (job, instance, probe) whisper_probe_info{kind="speech"}'
 
 
 # -- building blocks ----------------------------------------------------------------------------
 
 # What a panel says when its query returns nothing, by the first metric family it reads: absent
 # data has a reason, and the reason says what to check.
+LOG_TIMINGS = ("No timings from the server's log: queue wait and inference time come only from a log "
+               "that has them (collectors.logs fields queue_wait, inference); the request tap cannot see them")
 NO_DATA_BY_PREFIX = (
     ("ALERTS", "No Whisper alert pending or firing"),
     ("slo:", "No SLO records: load rules/slo.yml into Prometheus"),
+    # Queue wait and inference time: only a server log that has them feeds these (the tap cannot
+    # see inside the server), so "enable the request tap" would send people the wrong way.
+    ("job_instance:whisper_queue_wait", LOG_TIMINGS + "; load rules/recording.yml"),
+    ("job:whisper_queue_wait", LOG_TIMINGS + "; load rules/recording.yml"),
+    ("job_instance_language:whisper_inference", LOG_TIMINGS + "; load rules/recording.yml"),
+    ("whisper_queue_wait", LOG_TIMINGS),
+    ("whisper_inference", LOG_TIMINGS),
     ("job:whisper_hallucination", "No transcripts checked: enable the request tap (collectors.tap) or log transcripts"),
     ("job:whisper_realtime_factor", "No request timings: enable the request tap (collectors.tap), or a log with durations"),
     ("job:", "No requests in this range: enable the request tap (collectors.tap) or a log; load rules/recording.yml and rules/slo.yml"),
@@ -177,8 +189,7 @@ def heatmap(title: str, metric: str, selector: str, unit: str, description: str 
     expr = f"sum by (le) (rate({metric}_bucket{{{selector}}}[{RI}]))"
     return {
         "type": "heatmap", "title": title, "description": description, "datasource": DS,
-        "fieldConfig": {"defaults": {"unit": unit, "noValue": "No requests in this range (the log has none of "
-                                                            "these, or the logs collector is off)",
+        "fieldConfig": {"defaults": {"unit": unit, "noValue": no_data([{"expr": expr}]),
                                      "custom": {"hideFrom": {"legend": False,
                                                                            "tooltip": False, "viz": False},
                                                               "scaleDistribution": {"type": "linear"}}},
@@ -291,10 +302,14 @@ def dashboard(uid: str, title: str, description: str, panels: list[dict], variab
             {"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"}, "enable": True,
              "hide": True, "iconColor": "rgba(0, 211, 255, 1)", "name": "Annotations & Alerts",
              "type": "dashboard"},
+            # The start time itself, as the event's time ("Series value as timestamp", in ms): a
+            # restart shows at the moment the server started, however long it was down before.
+            # changes(...[$__rate_interval]) missed any restart after more than a minute down,
+            # since the series is absent while no server process runs.
             {"datasource": DS, "enable": True, "hide": False, "iconColor": "orange",
-             "name": "Whisper server restarts", "titleFormat": "Whisper server restarted",
-             "textFormat": "{{instance}}", "step": "60s",
-             "expr": f"changes(whisper_process_start_time_seconds{{{JI}}}[{RI}]) > 0"},
+             "name": "Whisper server restarts", "titleFormat": "Whisper server started",
+             "textFormat": "{{instance}}", "step": "60s", "useValueForTime": True,
+             "expr": f"whisper_process_start_time_seconds{{{JI}}} * 1000"},
         ]},
         "description": description,
         "editable": True,
@@ -342,9 +357,11 @@ def overview() -> dict:
         stat("Server process", targets((f"min(whisper_process_up{{{JI}}})", "")), "none",
              "Whether the Whisper server's process is found (alert: WhisperServerProcessDown, a ticket).",
              mappings=UP_DOWN, thresholds=steps((1, "green"), base="red")),
-        stat("Canary probe", targets((f"min(whisper_probe_success{{{JI}}})", "")), "none",
-             "Whether the last canary probe got the right transcript back (alerts: WhisperProbeFailing, "
-             "WhisperCanaryTranscriptWrong). No value: the probe has no current result (WhisperProbeStale).",
+        stat("Canary probe", targets((f"min(whisper_probe_success{{{JI}}} {SPEECH})", "")), "none",
+             "Whether the last probe of every speech canary got the right transcript back (alerts: "
+             "WhisperProbeFailing, WhisperCanaryTranscriptWrong). Negative canaries answered with text are "
+             "on the quality dashboard (WhisperCanaryHallucinating). No value: the probe has no current "
+             "result (WhisperProbeStale).",
              mappings=OK_FAILING, thresholds=steps((1, "green"), base="red")),
         stat("Success ratio (5m)",
              targets((f"1 - sum(job:whisper_requests_errors:rate5m{{{J}}}) / sum(job:whisper_requests:rate5m{{{J}}})",
@@ -489,11 +506,11 @@ def fleet() -> dict:
                instant(target(f"job_instance:whisper_requests_errors:ratio_rate5m{{{JI}}}", "", "B")),
                instant(target(f"job_instance:whisper_request_duration_seconds:p95_5m{{{JI}}}", "", "C")),
                instant(target(f"job_instance:whisper_realtime_factor:p95_5m{{{JI}}}", "", "D")),
-               instant(target(f"min by (job, instance) (whisper_probe_success{{{JI}}})", "", "E")),
+               instant(target(f"min by (job, instance) (whisper_probe_success{{{JI}}} {SPEECH})", "", "E")),
                instant(target(f"max by (job, instance) (instance_gpu:whisper_gpu_memory_used_bytes:ratio{{{JI}}})",
                               "", "F"))],
               "none", "One row per replica, worst error ratio first: its share of the traffic, error "
-              "ratio, p95 latency, p95 real-time factor, canary (1 ok, 0 failing) and GPU memory. A replica "
+              "ratio, p95 latency, p95 real-time factor, speech canaries (1 ok, 0 failing) and GPU memory. A replica "
               "with little traffic and many errors is being failed over by the load balancer.",
               width=12, height=6, hide=("Time",),
               rename={"Value #A": "traffic share", "Value #B": "error ratio", "Value #C": "p95 latency s",
@@ -525,9 +542,9 @@ def fleet() -> dict:
                    "s", f"Time requests waited for a worker. Line: {QUEUE_LIMIT * 1000:.0f} ms.",
                    thresholds=steps((QUEUE_LIMIT, "red")), min_=0, width=8),
         timeseries("Canary",
-                   targets((f"min by (instance) (whisper_probe_success{{{JI}}})", by_instance)),
-                   "short", "1 when the replica's last canary succeeded, 0 when it failed; a gap is a stale "
-                   "canary (WhisperProbeStale).", min_=0, max_=1, width=8),
+                   targets((f"min by (instance) (whisper_probe_success{{{JI}}} {SPEECH})", by_instance)),
+                   "short", "1 when the replica's last speech canaries succeeded, 0 when one failed; a gap is a "
+                   "stale canary (WhisperProbeStale).", min_=0, max_=1, width=8),
     ]
     return dashboard("whisper-fleet", "Whisper / Fleet",
                      "The replicas of a Whisper service side by side: the service's totals, the outlier, "

@@ -14,6 +14,7 @@ outro, text without a word, and the model's own no_speech_prob above Whisper's 0
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Callable, Optional
 
@@ -194,7 +195,8 @@ def scored_canary_problems(record: Any, reference_units: int, rate: float) -> li
 
 def probe_command_problems(exit_code: int, output: str, records: dict[str, dict[str, Any]]) -> list[str]:
     """`probe --json` with the default set: the speech canary succeeds; the silence canary is a
-    hallucination exactly when text came back; the command exits 1 exactly when some canary failed."""
+    hallucination exactly when text came back, and then a finding in the output; the command exits 1
+    exactly when some canary failed other than by hallucinating (that is a finding, exit 0)."""
     problems = []
     speech = records["en-short"]
     if speech["result"] != "success" or not 0 < (speech["realtime_factor"] or 0) < 5:
@@ -206,10 +208,20 @@ def probe_command_problems(exit_code: int, output: str, records: dict[str, dict[
         problems.append(f"silence: {silence['result']!r} for transcript {text[:60]!r}, not {want!r}")
     if text and not silence["suspects"] and (sign_off(text) or loops(text) or wordless(text)):
         problems.append(f"silence: {text[:60]!r} has no suspects")
-    failed = any(r["result"] != "success" for r in records.values())
+    if (silence["result"] == "hallucination") != any("silence" in f for f in output_findings(output)):
+        problems.append(f"silence: {silence['result']!r} but findings {output_findings(output)}")
+    failed = any(r["result"] not in ("success", "hallucination") for r in records.values())
     if exit_code != (1 if failed else 0):
         problems.append(f"exit code {exit_code} with results {[r['result'] for r in records.values()]}")
     return problems
+
+
+def output_findings(output: str) -> list[str]:
+    """The findings of `probe --json` output, or of its text output."""
+    try:
+        return list(json.loads(output).get("findings", []))
+    except ValueError:
+        return [line for line in output.splitlines() if line.startswith("Finding:")]
 
 
 def answered_transcript(body: bytes) -> str:

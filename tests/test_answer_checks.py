@@ -149,7 +149,8 @@ def test_the_probe_command_check_passes_for_every_answer_seen(tmp_path, name):
         result = CliRunner().invoke(main, ["probe", "--config", str(path), "--json"])
     records = {r["canary"]: r for r in json.loads(result.output)["records"]}
     assert probe_command_problems(result.exit_code, result.output, records) == []
-    assert result.exit_code == (1 if SEEN[name]["text"].strip() else 0)
+    assert result.exit_code == 0  # a hallucinated negative canary is a finding, not a failure
+    assert bool(json.loads(result.output)["findings"]) == bool(SEEN[name]["text"].strip())
     records["silence"]["result"] = "success" if records["silence"]["result"] != "success" else "hallucination"
     assert probe_command_problems(result.exit_code, result.output, records)
 

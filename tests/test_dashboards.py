@@ -301,6 +301,41 @@ def test_every_panel_says_something_when_data_is_absent():
             assert text and len(text) > 10, f"{d['uid']} / {panel['title']}: no noValue text"
 
 
+# Metrics only a server's log with timings feeds: the tap cannot see them (docs/tap.md).
+LOG_ONLY = re.compile(r"whisper_(queue_wait|inference_duration)_seconds")
+
+
+def test_empty_panels_of_log_only_timings_say_they_need_the_log():
+    """Issue 21: with the tap on, queue wait and inference time stay empty; their panels said
+    "enable the request tap" or only "No data from the exporter". They need a server log with timings."""
+    seen = []
+    for d in load_dashboards().values():
+        for panel in panels(d):
+            exprs = [t["expr"] for t in panel.get("targets", [])]
+            if not exprs or not all(LOG_ONLY.search(e) for e in exprs):
+                continue
+            seen.append(f"{d['uid']} / {panel['title']}")
+            text = panel["fieldConfig"]["defaults"]["noValue"]
+            assert "enable the request tap" not in text, f"{seen[-1]}: {text!r}"
+            assert "log" in text and "timings" in text and "tap" in text, f"{seen[-1]}: {text!r}"
+    assert {"whisper-fleet / Queue wait p95", "whisper-performance / Inference time p95 by language",
+            "whisper-performance / Queue wait"} <= set(seen), seen
+
+
+def test_heatmaps_say_what_feeds_them():
+    """A request-duration heatmap is fed by the tap too: its empty text names both; the log-only
+    ones name the log with timings."""
+    for d in load_dashboards().values():
+        for panel in panels(d):
+            if panel["type"] != "heatmap":
+                continue
+            text = panel["fieldConfig"]["defaults"]["noValue"]
+            if LOG_ONLY.search(panel["targets"][0]["expr"]):
+                assert "timings" in text, f"{panel['title']}: {text!r}"
+            else:
+                assert "collectors.tap" in text, f"{panel['title']}: {text!r}"
+
+
 def panel_by_title(uid: str, title: str) -> dict:
     (d,) = [d for d in load_dashboards().values() if d["uid"] == uid]
     found = [p for p in panels(d) if p["title"] == title]
@@ -342,6 +377,124 @@ def test_grid_has_no_overlaps():
             cells = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
             assert not cells & taken, f"{d['uid']} / {panel['title']} overlaps"
             taken |= cells
+
+
+def grafana_annotation_events(annotation: dict, matrix: list[dict]) -> list[tuple[float, float]]:
+    """(time, timeEnd) in ms of the events Grafana's Prometheus data source makes from a range
+    query's result: the grouping of public/app/plugins/datasource/prometheus (processAnnotationResponse),
+    re-told: a series' points with a value above 0 (every point, with "Series value as timestamp",
+    whose value is then the time) make one event while they are at most `step` apart."""
+    step = parse_duration(annotation.get("step", "60s")) * 1000
+    events = []
+    for series in matrix:
+        if annotation.get("useValueForTime"):
+            stamps = [float(v) for _, v in series["values"]]
+        else:
+            stamps = [t * 1000 for t, v in series["values"] if float(v) > 0]
+        latest: list[float] = []
+        for stamp in stamps:
+            if latest and latest[1] + step >= stamp:
+                latest[1] = stamp
+                continue
+            if latest:
+                events.append((latest[0], latest[1]))
+            latest = [stamp, stamp]
+        if latest:
+            events.append((latest[0], latest[1]))
+    return events
+
+
+def parse_duration(text: str) -> float:
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in re.findall(r"(\d+)([hms])", text))
+
+
+def test_restart_annotation_marks_restarts_after_any_downtime(tmp_path, prometheus):
+    """Issue 21: the restart annotation used changes(...[$__rate_interval]) and missed a restart with
+    more than about a minute of downtime (the series is absent while the server is down). Against a
+    real Prometheus holding a server's start time with restarts after 5 and 40 minutes down, and an
+    exporter restart (a gap, the same start time) that is no restart, the annotation's query as
+    Grafana runs it marks each restart at the time it happened, and nothing else."""
+    promtool = require_tool("promtool")
+    (d,) = [d for d in load_dashboards().values() if d["uid"] == "whisper-overview"]
+    (annotation,) = [a for a in d["annotations"]["list"] if a.get("name") == "Whisper server restarts"]
+    for other in load_dashboards().values():  # every dashboard carries the same annotation
+        assert annotation in other["annotations"]["list"], other["uid"]
+    base = (int(time.time()) - 6 * 3600) // 60 * 60  # old enough to be a block, not the head
+    start0, restart1, restart2 = base - 86400, base + 1800, base + 5400
+    lines = ["# TYPE whisper_process_start_time_seconds gauge"]
+    for t in range(base, base + 7200, 15):
+        down = restart1 - 300 <= t < restart1 or restart2 - 2400 <= t < restart2
+        exporter_down = base + 6000 <= t < base + 6600  # the exporter restarts; the server does not
+        if down or exporter_down:
+            continue
+        value = start0 if t < restart1 else restart1 if t < restart2 else restart2
+        lines.append(f'whisper_process_start_time_seconds{{job="whisper",instance="a:10111"}} {value} {t}')
+    lines.append("# EOF")
+    source = tmp_path / "series.om"
+    source.write_text("\n".join(lines) + "\n")
+    made = subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", str(source), str(tmp_path / "data")],
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stdout + made.stderr
+    server = prometheus([])
+
+    def query_range(query: str) -> list[dict]:
+        response = requests.get(server.url + "/api/v1/query_range", timeout=30, params={
+            "query": query, "start": base, "end": base + 7200, "step": parse_duration(annotation["step"])})
+        body = response.json()
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    (stored,) = query_range("whisper_process_start_time_seconds")  # the history is there
+    assert {float(v) for _, v in stored["values"]} == {start0, restart1, restart2}
+    # Grafana's $__rate_interval at a 60 s step and a 15 s scrape interval: max(4 x 15 s, 60 s + 15 s).
+    expr = substitute(annotation["expr"], "75s")
+    result = query_range(expr)
+    assert result, f"{expr}: no series"
+    events = grafana_annotation_events(annotation, result)
+    step_ms = parse_duration(annotation["step"]) * 1000
+    for restart in (restart1, restart2):
+        near = [e for e in events if restart * 1000 <= e[0] <= restart * 1000 + step_ms]
+        assert len(near) == 1, f"restart at {restart - base} s into the range: events {events} ({expr})"
+    inside = [e for e in events if base * 1000 <= e[0]]
+    assert len(inside) == 2, f"events beyond the two restarts: {inside}"
+
+
+CANARY_HEALTH = [("whisper-overview", "Canary probe"), ("whisper-fleet", "Canary"),
+                 ("whisper-fleet", "Replicas side by side")]
+
+
+def test_canary_health_panels_judge_the_speech_canaries(tmp_path):
+    """Issue 21: on a default install tiny.en answers the silence canary with "You", so its
+    whisper_probe_success is 0; min() over every canary showed the healthy server FAILING. The
+    health panels judge the speech canaries (the negative ones have their own panel and alert):
+    evaluated by promtool over a healthy server whose silence canary hallucinates (1), and one
+    whose speech canary fails (0)."""
+    promtool = require_tool("promtool")
+    exprs = []
+    for uid, title in CANARY_HEALTH:
+        exprs += [t["expr"] for t in panel_by_title(uid, title)["targets"] if "whisper_probe_success" in t["expr"]]
+    assert len(exprs) == 3, exprs
+    info = 'whisper_probe_info{{job="whisper",instance="{i}",probe="{p}",language="en",unit="word",kind="{k}"}}'
+    success = 'whisper_probe_success{{job="whisper",instance="{i}",probe="{p}"}}'
+    series = []
+    for instance, speech_ok in (("healthy:10111", 1), ("broken:10111", 0)):
+        series += [{"series": success.format(i=instance, p="en-short"), "values": f"{speech_ok}x10"},
+                   {"series": success.format(i=instance, p="silence"), "values": "0x10"},
+                   {"series": info.format(i=instance, p="en-short", k="speech"), "values": "1x10"},
+                   {"series": info.format(i=instance, p="silence", k="negative"), "values": "1x10"}]
+    cases = []
+    for expr in exprs:
+        text = substitute(expr)
+        for instance, want in (("healthy:10111", 1), ("broken:10111", 0)):
+            scoped = text.replace('instance=~".*"', f'instance=~"{instance}"')
+            cases.append({"expr": f"max({scoped})", "eval_time": "5m", "exp_samples": [{"labels": "{}", "value": want}]})
+    (tmp_path / "empty.yml").write_text("groups: []\n")
+    test = {"rule_files": ["empty.yml"], "evaluation_interval": "1m",
+            "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": cases}]}
+    (tmp_path / "canary_test.yml").write_text(yaml.safe_dump(test, sort_keys=False))
+    result = subprocess.run([promtool, "test", "rules", "canary_test.yml"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_every_query_parses(tmp_path):

@@ -290,6 +290,8 @@ def test_relative_canary_paths_are_relative_to_the_config_file(tmp_path):
     ("response_format: text", "collectors.probe.response_format", "one of json"),
     ("timeout: 0s", "collectors.probe.timeout", "greater than 0"),
     ("max_error_rate: -1", "collectors.probe.max_error_rate", "0 or more"),
+    ("via_tap: yes please", "collectors.probe.via_tap", "true or false"),
+    ("via_tap: true", "collectors.probe.via_tap", "collectors.tap.enabled: true"),
 ])
 def test_bad_probe_config(tmp_path, text, key, expected):
     (tmp_path / "b").mkdir()
@@ -521,9 +523,104 @@ def test_results_older_than_the_interval_and_run_timeout_are_not_served(fake, mo
 
 
 def test_probe_command_reports_a_hallucinating_negative_canary(fake):
-    """The default set's silence canary, answered with text by this fake: shown, and exit 1."""
+    """Issue 21: the default set's silence canary, answered with text (as tiny.en does): shown and
+    reported as a finding, exit 0 (it exited 1 on the default configuration against a healthy server)."""
     result = CliRunner().invoke(main, ["probe", "--target", fake.url])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 0, result.output
     assert "Result: hallucination" in result.output
     assert "expected: no text (a negative canary: non-speech audio)" in result.output
     assert "Result: success" in result.output  # the English canary
+    assert ("Finding: negative canary 'silence' was answered with text ('" + REFERENCE) in result.output
+    assert "vad_filter" in result.output and "--fail-on-hallucination makes it one" in result.output
+    data = json.loads(CliRunner().invoke(main, ["probe", "--target", fake.url, "--json"]).stdout)
+    (finding,) = data["findings"]
+    assert finding.startswith("negative canary 'silence' was answered with text")
+    assert {r["canary"]: r["result"] for r in data["records"]} == {"en-short": "success", "silence": "hallucination"}
+
+
+def test_probe_command_fails_on_hallucination_when_asked(fake):
+    result = CliRunner().invoke(main, ["probe", "--target", fake.url, "--fail-on-hallucination"])
+    assert result.exit_code == 1, result.output
+    assert "Finding: negative canary 'silence'" in result.output
+    assert "makes it one" not in result.output
+    # A negative canary answered cleanly passes with the flag too.
+    fake.text = ""
+    result = CliRunner().invoke(main, ["probe", "--target", fake.url, "--fail-on-hallucination",
+                                       "--canary", "silence"])
+    assert result.exit_code == 0, result.output
+    assert "Result: success" in result.output and "Finding" not in result.output
+
+
+def test_probe_command_a_negative_canary_that_fails_otherwise_still_exits_1(fake):
+    fake.mode = "500"
+    result = CliRunner().invoke(main, ["probe", "--target", fake.url, "--canary", "silence"])
+    assert result.exit_code == 1, result.output
+    assert "Result: http_error" in result.output and "Finding" not in result.output
+
+
+# -- through the tap (issue 21): the canary takes the path users take ---------------------------
+
+
+def exporter_with_tap(fake, via_tap, until):
+    """Run the exporter with the tap in front of `fake` until its metrics satisfy `until`; its samples."""
+    from helpers import samples, wait_for
+
+    tap_port = free_port()
+    config = from_dict({
+        "listen": "127.0.0.1:0",
+        "service": {"url": fake.url, "model": "tiny"},
+        "collectors": {"gpu": {"enabled": False}, "process": {"enabled": False},
+                       "tap": {"enabled": True, "listen": f"127.0.0.1:{tap_port}"},
+                       "probe": {"canaries": SPEECH_ONLY, "interval": "1s", "via_tap": via_tap}}})
+    running = daemon.start(config)
+    seen = {}
+
+    def ready():
+        seen.update(samples(requests.get(running.url + "/metrics", timeout=10).text))
+        return until(seen)
+
+    try:
+        assert wait_for(ready, timeout=60, interval=0.2), seen
+    finally:
+        running.close()
+    return tap_port, seen
+
+
+def test_via_tap_sends_the_scheduled_canary_through_the_tap(fake):
+    """Issue 21: the docs said the canary counter shows the tap carries traffic, but the scheduled
+    probe went straight to service.url, so whisper_canary_requests_seen_total{source="tap"} never
+    moved. With collectors.probe.via_tap the probe sends to the tap, which counts it as a canary
+    (never as user traffic) and passes it to the server."""
+    seen_by_tap = ("whisper_canary_requests_seen_total", (("source", "tap"),))
+    tap_port, values = exporter_with_tap(fake, via_tap=True, until=lambda v: v.get(seen_by_tap, 0) >= 1
+                                         and v.get(("whisper_probe_success", (("probe", "en-short"),))) == 1)
+    assert values[seen_by_tap] >= 1
+    assert values[("whisper_probe_success", (("probe", "en-short"),))] == 1
+    assert not any(name == "whisper_requests_total" and value > 0 for (name, _), value in values.items())
+    path, headers, _ = fake.requests[-1]
+    assert path == f"/v1/audio/transcriptions?{marker.QUERY_STRING}"
+    assert headers[marker.HEADER] == marker.VALUE
+    assert values[("whisper_tap_request_bytes_total", ())] > 0  # the tap carried it
+    probe_section = from_dict({"collectors": {"tap": {"enabled": True, "listen": f"0.0.0.0:{tap_port}"},
+                                              "probe": {"via_tap": True}}})
+    assert ProbeCollector(probe_section.collectors.probe, probe_section).url == f"http://127.0.0.1:{tap_port}"
+    for listen, url in (("[::]:10112", "http://[::1]:10112"), ("[::1]:10112", "http://[::1]:10112"),
+                        ("tap.internal:10112", "http://tap.internal:10112")):
+        c = from_dict({"collectors": {"tap": {"enabled": True, "listen": listen}, "probe": {"via_tap": True}}})
+        assert probe.tap_url(c) == url
+
+
+def test_without_via_tap_the_probe_goes_straight_to_the_server(fake):
+    _, values = exporter_with_tap(fake, via_tap=False, until=lambda v: len(fake.requests) >= 2
+                                  and v.get(("whisper_probe_success", (("probe", "en-short"),))) == 1)
+    assert values.get(("whisper_canary_requests_seen_total", (("source", "tap"),)), 0) == 0
+    assert values[("whisper_probe_success", (("probe", "en-short"),))] == 1
+    assert values[("whisper_tap_request_bytes_total", ())] == 0
+
+
+def test_via_tap_needs_a_fixed_tap_port():
+    with pytest.raises(ConfigError) as info:
+        from_dict({"collectors": {"tap": {"enabled": True, "listen": "127.0.0.1:0"}, "probe": {"via_tap": True}}})
+    assert info.value.key == "collectors.probe.via_tap" and "a fixed port" in info.value.expected
+    # A disabled probe's via_tap asks nothing of the tap.
+    assert not from_dict({"collectors": {"probe": {"enabled": False, "via_tap": True}}}).collectors.tap.enabled

@@ -44,7 +44,6 @@ RATE_INTERVAL = "15s"  # what $__rate_interval becomes: 15 scrapes at 1 s
 EMPTY_HERE = {
     "whisper-quality / Character error rate (zh, yue, ja, ko, th, ...) / A":
         "no canary here is scored in characters (tiny.en is English only)",
-    "annotation Whisper server restarts": "the server does not restart during the test",
     "whisper-overview / Worst language against its threshold / A":
         "only the canary set is evaluated here, and the overview's quality row leaves it out",
     "whisper-overview / Change against 7 days ago / A":

@@ -250,12 +250,15 @@ def check_config(path: Optional[str], web_config: Optional[str], strict: bool) -
               help="Probe only the configured canary of this name (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON, for scripts.")
 @click.option("--metrics", "show_metrics", is_flag=True, help="Also print the metrics the probe would export.")
+@click.option("--fail-on-hallucination", "fail_on_hallucination", is_flag=True,
+              help="Exit 1 when a negative canary is answered with text (default: reported as a finding, exit 0).")
 def probe(config_path: Optional[str], target: Optional[str], api: Optional[str], model: Optional[str],
           audio: Optional[str], reference: Optional[str], language: str, canary_names: tuple[str, ...],
-          as_json: bool, show_metrics: bool) -> None:
+          as_json: bool, show_metrics: bool, fail_on_hallucination: bool) -> None:
     """Probe the Whisper server now and say what was measured and why it failed.
 
-    Exit status: 0 every canary succeeded, 1 one failed, 2 bad configuration or usage.
+    Exit status: 0 every canary succeeded (a negative canary answered with text is a finding, not a
+    failure, unless --fail-on-hallucination), 1 one failed, 2 bad configuration or usage.
     """
     import dataclasses
     import json
@@ -295,8 +298,13 @@ def probe(config_path: Optional[str], target: Optional[str], api: Optional[str],
         collector, records, problems = probe_collector.probe_once(config, url=target, canaries=canaries)
     except ClientSetupError as err:
         usage(str(err))
+    # A negative canary answered with text says what the server does on non-speech (tiny.en, and
+    # large-v3 without VAD, answer silence with "You"): a finding about the server, not a failure
+    # of it, or the default configuration would fail on many healthy servers.
+    findings = [probe_collector.finding_text(r) for r in records if r.result == probe_collector.HALLUCINATION]
+    failed = [r for r in records if not r.success and r.result != probe_collector.HALLUCINATION]
     if as_json:
-        out = {"records": [r.to_dict() for r in records], "problems": problems}
+        out = {"records": [r.to_dict() for r in records], "problems": problems, "findings": findings}
         if show_metrics:  # the exposition text, as the exporter would serve it
             out["metrics"] = probe_collector.metrics_text(collector)
         click.echo(json.dumps(out, indent=2))
@@ -306,10 +314,13 @@ def probe(config_path: Optional[str], target: Optional[str], api: Optional[str],
             click.echo("")
         for problem in problems:
             click.echo(f"Not probed: {problem}")
+        for finding in findings:
+            click.echo(f"Finding: {finding}" + ("" if fail_on_hallucination else
+                                                 " (not a failure; --fail-on-hallucination makes it one)"))
         if show_metrics:
             click.echo("Metrics that would have been exported:")
             click.echo(probe_collector.metrics_text(collector))
-    if problems or not records or not all(r.success for r in records):
+    if problems or not records or failed or (findings and fail_on_hallucination):
         sys.exit(1)
 
 

@@ -223,6 +223,15 @@ class Config:
         if tap is not None and tap.sample_dir and not (quality is not None and quality.production.queue):
             raise at.error("collectors.quality.production.queue",
                            "the review queue that collectors.tap.sample_dir's samples are listed in")
+        # collectors.probe.via_tap sends the canaries to the tap, which must then be there.
+        probe = getattr(self.collectors, "probe", None)
+        if probe is not None and probe.enabled and getattr(probe, "via_tap", False):
+            if tap is None or not tap.enabled:
+                raise at.error("collectors.probe.via_tap", "false, or the request tap on to send the canaries "
+                               "through (collectors.tap.enabled: true)", True)
+            if tap.listen_address[1] == 0:
+                raise at.error("collectors.probe.via_tap", "false, or a fixed port in collectors.tap.listen "
+                               "for the canaries to be sent to (not 0)", True)
 
 
 def listen_hint(value: Any) -> str:
