@@ -474,8 +474,10 @@ def test_landing_page_shows_rates_and_worst_items_escaped(labeled):
     shared = Shared.build(config)
     shared.quality, shared.quality_in_use, shared.quality_view = collector.quality, True, collector
     scheduler = Scheduler([(collector, 3600.0, 4000.0)], shared=shared)
+    collector.quality.seed("fr", "reference")  # exported at 0, nothing evaluated: not a row of the page
     rows = landing.quality_rows(scheduler)
     assert {(r["set"], r["language"]) for r in rows["rates"]} >= {("reference", "en"), ("reference", "yue")}
+    assert "fr" not in {r["language"] for r in rows["rates"]}
     worst = rows["worst"]
     assert worst[0]["set"] == "reference" and float(worst[0]["error_rate"]) >= float(worst[1]["error_rate"])
     assert any(r["id"] == "de-1" and "timeout" in r["result"] for r in worst)
