@@ -277,6 +277,9 @@ class ProbeCollector:
         self.owns_quality = quality is None
         self.quality = quality or QualityCounters()
         self.hallucinations = hallucinations or HallucinationCounters()
+        for canary in self.canaries:
+            if canary.reference.strip():  # a negative canary has no words to count
+                self.quality.seed(canary.language, QUALITY_SET)
         self.status = "no probe yet"
         self.problems: list[str] = []  # canaries that could not be probed in the last run
         self._lock = threading.Lock()  # one run at a time: probes never pile up

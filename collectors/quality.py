@@ -161,6 +161,28 @@ class QualityCollector:
         self._manifest_problems = 0
         self._logged: set[str] = set()
         self._scored_ids: OrderedDict[str, None] = OrderedDict()
+        self._seed_known()
+
+    def _sets(self) -> list[str]:
+        """The sets this collector feeds."""
+        return ([REFERENCE] if self.manifest_path else []) + \
+            ([PRODUCTION] if self.references_path and self.queue is not None else [])
+
+    def _seed(self, languages: Iterable[str], sets: Iterable[str]) -> None:
+        for set_ in sets:
+            for language in languages:
+                self.quality.seed(language, set_)
+
+    def _seed_known(self) -> None:
+        """Export the manifest's and the queue's languages at 0 before the first run counts."""
+        if self.manifest_path:
+            try:
+                self._seed(load_manifest(self.manifest_path, check_audio=False).languages(), self._sets())
+            except (ManifestError, OSError):
+                pass  # the first run reports it
+        if PRODUCTION in self._sets():
+            assert self.queue is not None  # in _sets() only with a queue
+            self._seed({q.language for q in self.queue.items()}, [PRODUCTION])
 
     def client(self) -> clients.WhisperClient:
         return clients.make_client(self.config.service, url=self.url, timeout=self.section.timeout,
@@ -210,6 +232,11 @@ class QualityCollector:
         if not manifest.items:
             raise ManifestError(f"{self.manifest_path}: no usable line ({len(manifest.problems)} skipped)")
         batch = self.sampler.sample(manifest.items, self.section.per_run)
+        # A language new to a running exporter (the manifest was edited) is exported at 0 this run
+        # and scored from the next, so Prometheus sees its series before the first count.
+        fresh = {lang for lang in manifest.languages() if not self.quality.has(lang, REFERENCE)}
+        self._seed(manifest.languages(), self._sets())
+        batch = [item for item in batch if item.language not in fresh]
         client = self.client() if batch else None
         share = self.section.max_server_share
         deadline = self.clock() + self.section.run_budget
@@ -275,14 +302,22 @@ class QualityCollector:
         waiting = self.queue.items()
         done_ids: list[str] = []
         fresh: list[ItemResult] = []
+        deferred = 0
         for queued in waiting:
             ref = references.get(queued.id)
             if ref is None:
+                self.quality.seed(queued.language, PRODUCTION)  # exported at 0 while it waits for review
+                continue
+            language = ref.language or queued.language
+            if queued.id not in self._scored_ids and not self.quality.has(language, PRODUCTION):
+                # Queued and reviewed between two runs (or a reference in another language): its
+                # series goes out at 0 now and the item is scored next run, so rate() sees it.
+                self.quality.seed(language, PRODUCTION)
+                deferred += 1
                 continue
             done_ids.append(queued.id)
             if queued.id in self._scored_ids:
                 continue  # scored already; a queue rewrite failed last time
-            language = ref.language or queued.language
             score = scoring.score(ref.reference, queued.transcript, language)
             self.quality.record(score, PRODUCTION)
             self._scored_ids[queued.id] = None
@@ -303,7 +338,10 @@ class QualityCollector:
         except OSError as err:
             problems.append(f"cannot rewrite the review queue {self.queue.path} ({err.strerror or err})")
             self._once(problems[-1])
-        return f"production: {len(fresh)} scored, {len(self.queue)} waiting for review"
+        text = f"production: {len(fresh)} scored, {len(self.queue)} waiting for review"
+        if deferred:
+            text += f" ({deferred} of a new language scored next run)"
+        return text
 
     # -- exposition -------------------------------------------------------------------------
 

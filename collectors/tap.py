@@ -25,6 +25,7 @@ from whisper_exporter.quality.sampling import AudioKeeper, ProductionSampler
 from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
 from whisper_exporter.runtime.requests import LATENCY_BUCKETS, Labels, RequestMetrics, _Hist
+from whisper_exporter.runtime.seeds import seed_requests
 from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.tap import TapConfig, TapRecord
 from whisper_exporter.tap.record import ANALYSIS_REASONS, CLIENT_REASONS, UPSTREAM_REASONS
@@ -186,6 +187,7 @@ def make(section: TapConfig, shared: Shared) -> TapCollector:
         keeper = AudioKeeper(folder, section.sample_max_files, section.sample_max_bytes, section.sample_retention)
     requests = shared.use_requests()
     requests.tap_on = True  # the tap is the one source of request counts (docs/tap.md)
+    seed_requests(requests, config, audio=True)  # the tap measures every request's audio
     return TapCollector(section, section.upstream or config.service.url, requests=requests,
                         hallucinations=shared.use_hallucinations(), sampler=sampler, keeper=keeper)
 

@@ -61,6 +61,10 @@ SPEECH = 'and on (job, instance, probe) whisper_probe_info{kind="speech"}'
 # data has a reason, and the reason says what to check.
 LOG_TIMINGS = ("No timings from the server's log: queue wait and inference time come only from a log "
                "that has them (collectors.logs fields queue_wait, inference); the request tap cannot see them")
+# Issue 21: the WER panels said "collectors.quality off, or no reference set" for set=production
+# while verified production items had been scored; say what feeds each set.
+QUALITY_EMPTY = ("No utterance of this set scored in this range (reference: collectors.quality with a manifest; "
+                 "production: items verified in production.references; canary: the probe)")
 NO_DATA_BY_PREFIX = (
     ("ALERTS", "No Whisper alert pending or firing"),
     ("slo:", "No SLO records: load rules/slo.yml into Prometheus"),
@@ -80,11 +84,11 @@ NO_DATA_BY_PREFIX = (
     ("whisper_audio", "No request timings: enable the request tap (collectors.tap), or a log with durations"),
     ("whisper_tap", "The request tap is off (collectors.tap)"),
     ("whisper_hallucination", "No transcripts checked: enable the request tap (collectors.tap) or log transcripts"),
-    ("language:", "No quality evaluation in this range (collectors.quality off, or no reference set)"),
+    ("language:", QUALITY_EMPTY + "; load rules/recording.yml"),
     ("instance_gpu", "No GPU readings (no NVIDIA driver, or the gpu collector is off)"),
     ("whisper_gpu", "No GPU readings (no NVIDIA driver, or the gpu collector is off)"),
     ("whisper_probe", "No canary result (probe off, not run yet, or stale: see WhisperProbeStale)"),
-    ("whisper_quality", "No quality evaluation in this range (collectors.quality off, or no reference set)"),
+    ("whisper_quality", QUALITY_EMPTY),
     ("whisper_process", "No server process watched (process collector off, or nothing matched)"),
     ("whisper_exporter_log", "No log followed (logs collector off, or no files)"),
     ("whisper_", "No data from the exporter in this range"),

@@ -7,6 +7,7 @@ each family appears once per scrape whatever the number of collectors feeding
 it, and none vanishes while one of them is overdue.
 
     counters = shared.use_quality()
+    counters.seed("en", "canary")                  # exported at 0 before its first count
     counters.record(score, set_="canary")          # one scored utterance
     counters.record_failure("en", "canary")       # one utterance without a transcript
     counters.end_round("canary")                  # error-rate gauges for this round
@@ -68,6 +69,20 @@ class QualityCounters:
             return OTHER
         self._languages.add(language)
         return language
+
+    def seed(self, language: str, set_: str) -> None:
+        """Export (language, set) at 0 before its first count."""
+        # Prometheus takes a new series' first sample as its baseline: a series that first
+        # appears with a batch in it hides that batch from rate() and increase().
+        with self._lock:
+            self._totals.setdefault((self._language(language), set_, unit_for(language)), _Totals())
+
+    def has(self, language: str, set_: str) -> bool:
+        """Whether (language, set) is exported already (seeded or counted)."""
+        key = (base_language(language) or "unknown", set_, unit_for(language))
+        with self._lock:
+            return key in self._totals or (key[0] not in self._languages
+                                           and len(self._languages) >= self.max_languages)
 
     def record(self, score: Score, set_: str) -> None:
         """Count one scored utterance into its (language, set, unit) and the open round."""

@@ -246,16 +246,20 @@ class Tap:
                 allow_redirects=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding",
                                                           "Content-Type"))
         except asyncio.TimeoutError:
+            await _read_rest(body, flight)
             return self._fail(record, "timeout", 504, "upstream timed out")
         except aiohttp.ClientConnectorError:
+            await _read_rest(body, flight)
             return self._fail(record, "connect", 502, "upstream unreachable")
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
             if record.error is not None:  # the client's side failed first
                 return _client_gone_response(record)
+            await _read_rest(body, flight)
             return self._fail(record, "closed", 502, "upstream closed the connection")
         except aiohttp.ClientError as err:
             if record.error is not None:
                 return _client_gone_response(record)
+            await _read_rest(body, flight)
             return self._fail(record, "protocol", 502, f"upstream error ({type(err).__name__})")
         async with upstream:
             if not 200 <= upstream.status <= 599:
@@ -502,6 +506,18 @@ def _clean_spool(folder: str) -> None:
 
 class _ClientGone(Exception):
     """The client's upload stopped (connection lost, or silent for client_timeout)."""
+
+
+async def _read_rest(body: Any, flight: _Flight) -> None:
+    """The rest of an upload the upstream never took, through the analyzer: its form fields
+    (language, model) label the failed request as they label a forwarded one."""
+    if body is None or flight.analyzer is None:
+        return
+    try:
+        async for _ in body:  # the client timeout and the analyzer's bounds hold as when forwarding
+            pass
+    except (_ClientGone, RuntimeError):  # the client left, or the body was already consumed
+        pass
 
 
 def _client_gone_response(record: TapRecord) -> web.Response:
