@@ -42,20 +42,15 @@ def build_scheduler(config: Config, shared: Optional[Shared] = None,
             # A reload is not a start-up: reading present files from the beginning again would
             # count their lines twice into counters that carry on.
             section = dataclasses.replace(section, start_at="end")
-        collector = (reuse or {}).get(name) or plugin.factory(section, shared)
+        collector = (reuse or {}).get(name)
+        if collector is None:
+            shared.building = name  # what the factory takes from the shared state is noted under its name
+            try:
+                collector = plugin.factory(section, shared)
+            finally:
+                shared.building = None
         entries.append((collector, section.interval, plugin.run_timeout(section)))
     return Scheduler(entries, shared=shared)
-
-
-def _shared_inputs(config: Config) -> tuple:
-    """What Shared.build reads from a configuration: when this changes, the shared state and so
-    every collector (they hold it) are built anew."""
-    logs = getattr(config.collectors, "logs", None)
-    quality = getattr(config.collectors, "quality", None)
-    return (
-        (logs.endpoints, logs.status_codes, logs.languages, logs.max_series) if logs else None,
-        quality.production if quality else None,
-    )
 
 
 @dataclass
@@ -105,26 +100,23 @@ class Running:
             log.warning("listen address changed to %s: that needs a restart; still serving on %s",
                         new.listen, old.listen)
             new.listen = old.listen
-        shared = old_scheduler.shared
-        reuse: dict[str, Collector] = {}
-        if shared is not None and _shared_inputs(new) == _shared_inputs(old):
-            running = {c.name: c for c, _ in old_scheduler.entries}
-            for name, section in new.collectors.items():
-                old_section = getattr(old.collectors, name, None)
-                if name in running and section.enabled and section == old_section and new.service == old.service:
-                    reuse[name] = running[name]
-            # Factories read the new configuration through the shared state; put back if one fails.
-            before = (shared.config, shared.probe_view, shared.quality_view)
-            shared.config = new
-            try:
-                scheduler = build_scheduler(new, shared, reuse)
-            except BaseException:
-                shared.config, shared.probe_view, shared.quality_view = before
-                raise
+        if old_scheduler.shared is None:
+            shared, rebuild = Shared.build(new), {name for name, _ in new.collectors.items()}
         else:
-            shared = Shared.build(new)
-            scheduler = build_scheduler(new, shared)
+            # Parts of the shared state whose inputs did not change (request, canary, quality and
+            # hallucination counters) carry on; a collector holding a part that did is built anew.
+            shared, rebuild = old_scheduler.shared.renewed(new)
+        running = {c.name: c for c, _ in old_scheduler.entries}
+        reuse: dict[str, Collector] = {}
+        for name, section in new.collectors.items():
+            old_section = getattr(old.collectors, name, None)
+            if (name in running and name not in rebuild and section.enabled and section == old_section
+                    and new.service == old.service):
+                reuse[name] = running[name]
+        scheduler = build_scheduler(new, shared, reuse)
         kept = scheduler.adopt(old_scheduler)
+        if shared.requests.tap_on and all(c.name != "tap" for c, _ in scheduler.entries):
+            shared.requests.tap_on = False  # kept request metrics: the log is their one source again
         for view in ("probe_view", "quality_view"):  # a collector that is gone leaves no view behind
             if getattr(shared, view, None) is not None and all(getattr(shared, view) is not c
                                                                for c, _ in scheduler.entries):
