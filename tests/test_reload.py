@@ -328,3 +328,42 @@ def test_a_tap_turned_off_by_reload_gives_the_request_counts_back_to_the_log(exp
     with open(e.log, "a") as f:
         f.write(line() * 2)
     assert wait_for(lambda: e.requests_seen() == 2, timeout=10), e.metrics()
+
+
+def test_a_reload_to_a_tap_address_that_cannot_be_bound_is_refused_and_the_old_tap_serves_on(exporter, tmp_path):
+    """As for the metrics port, a reload never leaves the request path without its tap: the new
+    address is tried while the old tap serves on; taken, the reload is refused and logged."""
+    import socket
+
+    def upload(port):
+        return requests.post(f"http://127.0.0.1:{port}/v1/audio/transcriptions",
+                             files={"file": ("a.wav", b"RIFF....WAVE")}, timeout=10).status_code
+
+    with FakeWhisper() as server, socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken, first, second = holder.getsockname()[1], free_port(), free_port()
+        e = exporter(data=tap_config(tmp_path, server.url, first))
+        assert upload(first) == 200  # bound before the exporter answered
+        e.config.write_text(yaml.safe_dump(tap_config(tmp_path, server.url, taken)(e.port)))
+        e.signal(signal.SIGHUP)
+        assert wait_for(lambda: "reload refused" in e.errors(), timeout=20), e.errors()
+        assert f"cannot listen on 127.0.0.1:{taken} (collectors.tap.listen)" in e.errors()
+        assert e.value("whisper_exporter_config_last_reload_successful") == 0
+        assert upload(first) == 200  # the old tap serves on
+        assert e.value("whisper_exporter_collector_up", collector="tap") == 1
+
+        e.config.write_text(yaml.safe_dump(tap_config(tmp_path, server.url, second)(e.port)))
+        e.signal(signal.SIGHUP)
+        assert wait_for(lambda: e.value("whisper_exporter_config_last_reload_successful") == 1, timeout=20)
+        assert upload(second) == 200
+        with pytest.raises(requests.ConnectionError):
+            upload(first)  # the old address is given up
+        # The probe sends its canaries through the tap: it follows it to its new address.
+        seen = e.value("whisper_canary_requests_seen_total", source="tap") or 0.0
+        assert wait_for(lambda: (e.value("whisper_canary_requests_seen_total", source="tap") or 0) > seen,
+                        timeout=20), e.errors()
+        reloaded = [line for line in e.errors().splitlines() if "configuration reloaded" in line][-1]
+        assert "probe" in reloaded.split("(re)started")[1], reloaded
+        user = sum(v for (name, _), v in samples(e.metrics()).items() if name == "whisper_requests_total")
+        assert user == 3  # the request counts carried on through both reloads

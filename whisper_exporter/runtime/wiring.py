@@ -53,12 +53,19 @@ def build_scheduler(config: Config, shared: Optional[Shared] = None,
     return Scheduler(entries, shared=shared)
 
 
+def _reads(section: Any, config: Config) -> object:
+    """What a collector takes from outside its own section (a section's `reads(config)`, e.g. the
+    probe the tap's address): a reload that changes it builds the collector anew."""
+    reads = getattr(section, "reads", None)
+    return reads(config) if callable(reads) else None
+
+
 class RequiredStartError(Exception):
     """A collector whose section says `required` could not start (the tap's port is taken)."""
 
 
 def _required(config: Config, name: str) -> bool:
-    return bool(getattr(config.collectors[name], "required", False))
+    return bool(getattr(getattr(config.collectors, name, None), "required", False))  # a section may not exist (tests)
 
 
 def start_required(config: Config, scheduler: Scheduler) -> None:
@@ -135,7 +142,7 @@ class Running:
         for name, section in new.collectors.items():
             old_section = getattr(old.collectors, name, None)
             if (name in running and name not in rebuild and section.enabled and section == old_section
-                    and new.service == old.service):
+                    and new.service == old.service and _reads(section, new) == _reads(old_section, old)):
                 reuse[name] = running[name]
         old_requests = old_scheduler.shared.requests if old_scheduler.shared is not None else None
         tap_on = old_requests.tap_on if old_requests is not None else False
