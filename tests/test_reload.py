@@ -367,3 +367,34 @@ def test_a_reload_to_a_tap_address_that_cannot_be_bound_is_refused_and_the_old_t
         assert "probe" in reloaded.split("(re)started")[1], reloaded
         user = sum(v for (name, _), v in samples(e.metrics()).items() if name == "whisper_requests_total")
         assert user == 3  # the request counts carried on through both reloads
+
+
+def test_a_tap_that_cannot_take_over_its_port_is_put_back_on_the_old_address(exporter, tmp_path):
+    """A new tap on the old one's port (here 0.0.0.0:P after 127.0.0.1:P) must wait for the old
+    one to let go; when another process holds that port on another address, the new one cannot
+    bind even then: the reload is refused and a tap on the running configuration serves again."""
+    import socket
+
+    with FakeWhisper() as server, socket.socket() as holder:
+        holder.bind(("127.0.0.2", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        data = tap_config(tmp_path, server.url, port)
+        e = exporter(data=data)
+        tap = f"http://127.0.0.1:{port}/v1/audio/transcriptions"
+        assert requests.post(tap, files={"file": ("a.wav", b"RIFF....WAVE")}, timeout=10).status_code == 200
+        moved = data(e.port)
+        moved["collectors"]["tap"]["listen"] = f"0.0.0.0:{port}"
+        e.config.write_text(yaml.safe_dump(moved))
+        e.signal(signal.SIGHUP)
+        assert wait_for(lambda: "reload refused" in e.errors(), timeout=20), e.errors()
+        assert f"cannot listen on 0.0.0.0:{port} (collectors.tap.listen)" in e.errors()
+        assert wait_for(lambda: e.value("whisper_exporter_collector_up", collector="tap") == 1, timeout=20)
+        assert requests.post(tap, files={"file": ("a.wav", b"RIFF....WAVE")}, timeout=10).status_code == 200
+        user = sum(v for (name, _), v in samples(e.metrics()).items() if name == "whisper_requests_total")
+        assert user == 2  # the request counts carry on
+
+        holder.close()  # the port is free on every address now: the same reload goes through
+        e.signal(signal.SIGHUP)
+        assert wait_for(lambda: e.value("whisper_exporter_config_last_reload_successful") == 1, timeout=20)
+        assert requests.post(tap, files={"file": ("a.wav", b"RIFF....WAVE")}, timeout=10).status_code == 200

@@ -60,6 +60,12 @@ def _reads(section: Any, config: Config) -> object:
     return reads(config) if callable(reads) else None
 
 
+def _port(section: Any) -> Optional[int]:
+    """The port a section's collector listens on (its `listen_address`), if it listens."""
+    address = getattr(section, "listen_address", None)
+    return address[1] if isinstance(address, tuple) else None
+
+
 class RequiredStartError(Exception):
     """A collector whose section says `required` could not start (the tap's port is taken)."""
 
@@ -173,8 +179,8 @@ class Running:
     def _start_required(self, new: Config, scheduler: Scheduler, kept: list[Collector]) -> None:
         """Start the new configuration's required collectors before the old ones stop, so a tap
         that cannot bind its new address refuses the reload while the old tap serves on. One on the
-        address its predecessor holds takes over from it; if even then it cannot start, a new
-        one on the old configuration takes its place, and the reload is refused."""
+        port its predecessor holds takes over from it; if even then it cannot start, a new one on
+        the old configuration takes its place, and the reload is refused."""
         old, old_scheduler = self.config, self.scheduler
         running = {c.name: c for c, _ in old_scheduler.entries if all(c is not k for k in kept)}
         started: list[Collector] = []
@@ -185,9 +191,10 @@ class Running:
                 if any(collector is k for k in kept) or not _required(new, name):
                     continue
                 previous, old_section = running.get(name), getattr(old.collectors, name, None)
-                if previous is not None and old_section is not None and (
-                        getattr(old_section, "listen", None) == getattr(new.collectors[name], "listen", None)):
-                    old_scheduler.halt(previous)  # its socket is the one the new collector binds
+                if previous is not None and _port(old_section) == _port(new.collectors[name]):
+                    # The same port (127.0.0.1:P, localhost:P, 0.0.0.0:P overlap): the old one's
+                    # socket is in the new one's way, so it stops first.
+                    old_scheduler.halt(previous)
                     halted[name] = previous
                 _start_one(scheduler, collector, name)
                 started.append(collector)
