@@ -398,3 +398,36 @@ def test_a_tap_that_cannot_take_over_its_port_is_put_back_on_the_old_address(exp
         e.signal(signal.SIGHUP)
         assert wait_for(lambda: e.value("whisper_exporter_config_last_reload_successful") == 1, timeout=20)
         assert requests.post(tap, files={"file": ("a.wav", b"RIFF....WAVE")}, timeout=10).status_code == 200
+
+
+def test_new_label_bounds_start_the_request_metrics_again_and_keep_the_probe(exporter, tmp_path):
+    """Changed label bounds (collectors.logs.languages) need new request metrics, and so a new log
+    collector; the probe holds none of them and carries on, its counters and the canary's
+    quality counters with it."""
+    with FakeWhisper() as server:
+        def config(languages):
+            return lambda port: {
+                "listen": f"127.0.0.1:{port}",
+                "service": {"url": server.url},
+                "collectors": {"gpu": {"enabled": False}, "process": {"enabled": False},
+                               "probe": {"enabled": True, "interval": "0.3s"},
+                               "logs": {"enabled": True, "interval": "0.2s", "languages": languages,
+                                        "files": [{"path": str(tmp_path / "app.log"), "format": "json-request"}]}},
+            }
+
+        def total(family):
+            return sum(v for (name, _), v in samples(e.metrics()).items() if name == family)
+
+        e = exporter(data=config(["en", "de"]))
+        with open(e.log, "a") as f:
+            f.write(line())
+        assert wait_for(lambda: e.requests_seen() == 1 and total("whisper_probe_runs_total") >= 4, timeout=20)
+        runs, units = total("whisper_probe_runs_total"), total("whisper_quality_reference_units_total")
+        assert units > 0
+        e.config.write_text(yaml.safe_dump(config(["en", "fr"])(e.port)))
+        e.signal(signal.SIGHUP)
+        assert wait_for(lambda: "configuration reloaded" in e.errors(), timeout=20), e.errors()
+        reloaded = [line for line in e.errors().splitlines() if "configuration reloaded" in line][-1]
+        assert "kept probe" in reloaded and "logs" in reloaded.split("(re)started")[1], reloaded
+        assert total("whisper_probe_runs_total") >= runs
+        assert total("whisper_quality_reference_units_total") >= units
