@@ -142,6 +142,8 @@ class Scheduler:
     def halt(self, collector: Collector) -> None:
         """Stop one collector and its thread now (a reload frees what it holds for its successor)."""
         self.stop(keep=[c for c, _ in self.entries if c is not collector])
+        self._stops.pop(id(collector), None)
+        self._threads.pop(id(collector), None)
         for c, state in self.entries:
             if c is collector:
                 state.started = False  # stopped once: a later stop() leaves it alone
@@ -152,8 +154,6 @@ class Scheduler:
         for i, (c, state) in enumerate(self.entries):
             if c is old:
                 self.entries[i] = (new, state)
-                self._stops.pop(id(old), None)
-                self._threads.pop(id(old), None)
 
     def ready(self) -> bool:
         """Every collector has finished at least one run (successful or not)."""

@@ -284,8 +284,8 @@ def start(
 
     inner = make_app(_Current(), registry, reload=(lambda: running.reload()) if enable_lifecycle else None)
     app = _Swappable(inner, _protect(inner, web, health_open))
-    start_required(config, scheduler)  # before the port opens: never ready without the tap
     try:
+        start_required(config, scheduler)  # before the port opens: never ready without the tap
         server = serve(host, port, app, web.ssl_context)
     except BaseException:
         scheduler.stop()
