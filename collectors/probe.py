@@ -115,6 +115,11 @@ class ProbeConfig:
         margin of three, plus reading the audio and scoring, for a machine that is slow."""
         return max(1, len(self.canaries)) * (3 * self.timeout + 1.0) + 5.0
 
+    def reads(self, config: Config) -> object:
+        """What else of the configuration the probe is built from (a reload that changes it
+        rebuilds the probe): the tap's address, when the canaries go through it."""
+        return tap_url(config) if self.via_tap else None
+
     def check(self, at: KeyPath) -> None:
         one_of(at, "response_format", self.response_format, ("json", "verbose_json"))
         if self.max_error_rate < 0:

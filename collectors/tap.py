@@ -13,6 +13,7 @@ log collector then feeds only what the tap cannot see (queue wait, inference tim
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Iterable, Optional
@@ -30,6 +31,8 @@ from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.tap import TapConfig, TapRecord
 from whisper_exporter.tap.record import ANALYSIS_REASONS, CLIENT_REASONS, UPSTREAM_REASONS
 from whisper_exporter.whisper import hallucination
+
+log = logging.getLogger("whisper_exporter.tap")
 
 
 def to_log_record(record: TapRecord) -> Record:
@@ -63,7 +66,15 @@ class TapCollector:
         self.status = f"proxying {section.listen} -> {masked_url(upstream)}"
 
     def start(self) -> None:
-        self.tap.start()
+        try:
+            self.tap.start()
+        except OSError as err:  # aiohttp's text repeats the address; the key is what to fix
+            why = os.strerror(err.errno) if err.errno else (err.strerror or str(err))
+            raise OSError(f"cannot listen on {self.section.listen} (collectors.tap.listen): {why}") from err
+        host = self.section.listen_address[0]
+        host = f"[{host}]" if ":" in host else host
+        # Said once per start, as the metrics port's address is: where clients must now send requests.
+        log.info("tap listening on http://%s:%s, proxying to %s", host, self.tap.port, masked_url(self.tap.upstream))
         if self.tap.spool_problem:  # logged by the tap; shown on the status page too
             self.status += f"; {self.tap.spool_problem}"
 

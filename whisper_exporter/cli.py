@@ -152,6 +152,9 @@ def _run(config_path: Optional[str], listen: Optional[str], log_level: Optional[
                                    load_config=_reloader(config_path, listen, log_level, collectors),
                                    enable_lifecycle=enable_lifecycle,
                                    load_web=(lambda: load_web_config(web_config)) if web_config else None)
+    except daemon.RequiredStartError as err:  # the tap's address is taken: as for the metrics port
+        click.echo(f"whisper-exporter: {err}", err=True)
+        sys.exit(1)
     except OSError as err:
         click.echo(f"whisper-exporter: cannot listen on {config.listen}: {err.strerror or err}", err=True)
         sys.exit(1)
