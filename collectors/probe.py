@@ -55,6 +55,7 @@ from whisper_exporter.runtime.hallucination_counters import HallucinationCounter
 from whisper_exporter.runtime.quality_counters import QualityCounters
 from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.whisper import audio, clients, scoring, utterance
+from whisper_exporter.whisper.punctuation import Punctuation
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,7 @@ class ProbeRecord:
     transcript: Optional[str] = None
     reference: str = ""
     score: Optional[scoring.Score] = None
+    punctuation: Optional[Punctuation] = None  # the raw texts' marks (whisper/punctuation.py)
     suspects: tuple[str, ...] = ()  # hallucination reasons (whisper/hallucination.py)
     max_error_rate: float = 0.5
     segments: int = 0
@@ -230,6 +232,8 @@ class ProbeRecord:
         data["realtime_factor"] = self.realtime_factor
         if self.score is not None:
             data["score"]["errors"] = self.score.errors
+        if self.punctuation is not None:  # its substitution pairs are tuple keys: JSON needs a list
+            data["punctuation"] = self.punctuation.to_dict()
         return data
 
 
@@ -257,7 +261,7 @@ def probe_canary(client: clients.WhisperClient, canary: ResolvedCanary, max_erro
         return record
     record.transcript = u.transcript.strip()[:MAX_TRANSCRIPT_CHARS]
     record.server_language, record.server_duration = u.server_language, u.server_duration
-    record.score = u.score
+    record.score, record.punctuation = u.score, u.punctuation
     s = u.signals
     record.segments, record.avg_logprob, record.compression_ratio = s.segments, s.avg_logprob, s.compression_ratio
     record.no_speech_prob, record.fallback_segments = s.no_speech_prob, s.fallback_segments
@@ -326,6 +330,8 @@ class ProbeCollector:
             pass  # no words to score against: the hallucination counters say how it went
         elif record.score is not None:
             self.quality.record(record.score, QUALITY_SET)
+            if record.punctuation is not None:
+                self.quality.record_punctuation(record.language, QUALITY_SET, record.punctuation)
         else:
             self.quality.record_failure(record.language, QUALITY_SET)
         if record.transcript is not None:

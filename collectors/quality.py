@@ -21,6 +21,9 @@ Each scheduled run (default hourly):
    (the server's own transcript from the log against the reference), counted
    with set="production", and taken off the queue.
 
+Both sets' raw texts are also scored for punctuation (whisper/punctuation.py,
+PER) where the reference has a mark, into `whisper_quality_punctuation_*`.
+
 The shared families (`whisper_quality_*` counters, fed by the probe too) are
 rendered once by the runtime (runtime/shared.py). This collector exports the state of the set: usable items, skipped
 manifest lines, the current pass's coverage, completed passes, and the
@@ -55,7 +58,7 @@ from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
 from whisper_exporter.runtime.quality_counters import QualityCounters, review_queue_families
 from whisper_exporter.runtime.shared import Shared
-from whisper_exporter.whisper import clients, scoring
+from whisper_exporter.whisper import clients, punctuation, scoring
 from whisper_exporter.whisper.languages import language_code
 
 log = logging.getLogger("whisper_exporter.quality")
@@ -260,6 +263,8 @@ class QualityCollector:
             results.append(result)
             if result.score is not None:
                 self.quality.record(result.score, REFERENCE)
+                if result.punctuation is not None:
+                    self.quality.record_punctuation(item.language, REFERENCE, result.punctuation)
                 if result.transcript is not None:
                     self.hallucinations.count(item.language, REFERENCE, result.suspects, result.transcript)
             else:
@@ -320,13 +325,16 @@ class QualityCollector:
                 continue  # scored already; a queue rewrite failed last time
             score = scoring.score(ref.reference, queued.transcript, language)
             self.quality.record(score, PRODUCTION)
+            # Scored only where the reviewer kept punctuation (the reference has a mark).
+            marks = punctuation.score(ref.reference, queued.transcript)
+            self.quality.record_punctuation(language, PRODUCTION, marks)
             self._scored_ids[queued.id] = None
             if len(self._scored_ids) > MAX_SCORED_IDS:
                 self._scored_ids.popitem(last=False)
             fresh.append(ItemResult(
                 id=queued.id, line=ref.line, audio=queued.audio, language=scoring.base_language(language),
                 unit=score.unit, strata={"duration_band": queued.duration_band}, reference=ref.reference,
-                result=SCORED, outcome=clients.SUCCESS, transcript=queued.transcript, score=score,
+                result=SCORED, outcome=clients.SUCCESS, transcript=queued.transcript, score=score, punctuation=marks,
                 audio_duration=queued.duration or 0.0, started=time.time(), set=PRODUCTION))
         if fresh:
             self.quality.end_round(PRODUCTION)
