@@ -139,3 +139,43 @@ def test_upstream_keepalive_config():
         with pytest.raises(ConfigError) as err:
             from_dict({"collectors": {"tap": {"upstream_keepalive": bad}}})
         assert err.value.key == "collectors.tap.upstream_keepalive"
+
+
+def test_a_chunked_upload_passes_whole_and_is_analysed():
+    """The upload is read HTTP chunk by HTTP chunk (readchunk): an end of chunk is not the end of the body."""
+    import socket
+
+    from aiohttp import web
+    from tap_helpers import Upstream, multipart, wav_bytes
+
+    got: list[bytes] = []
+
+    async def sink(request: web.Request) -> web.Response:
+        got.append(await request.read())
+        return web.json_response({"text": "hi"})
+
+    upstream = Upstream({"/v1/audio/transcriptions": sink})
+    records = Records()
+    tap = start_tap(upstream.url, records)
+    body = multipart("b0undary", {"language": "de"}, "file", "a.wav", wav_bytes(3.0))  # 96 KB
+    pieces = [body[i:i + 7000] for i in range(0, len(body), 7000)]
+    try:
+        with socket.create_connection(("127.0.0.1", tap.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                         b"Content-Type: multipart/form-data; boundary=b0undary\r\nConnection: close\r\n\r\n")
+            for piece in pieces:  # each HTTP chunk on its own, some split across two sends
+                sock.sendall(f"{len(piece):x}\r\n".encode() + piece[:3000])
+                time.sleep(0.002)
+                sock.sendall(piece[3000:] + b"\r\n")
+            sock.sendall(b"0\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+        (record,) = records.wait(1)
+    finally:
+        tap.stop()
+        upstream.stop()
+    assert got == [body]
+    assert (record.request_bytes, record.language, record.analysis_error) == (len(body), "de", None)
+    assert record.audio_duration == pytest.approx(3.0)
