@@ -23,6 +23,9 @@ class TapConfig:
     required: bool = True
     upstream: Optional[str] = None  # the Whisper server; null: service.url
     connect_timeout: Duration = Duration(10)  # to connect to the upstream
+    # An upstream connection idle for less than this is reused; 0: one connection per request.
+    # Keep it below the server's keep-alive timeout (uvicorn 5 s, gunicorn 2 s): docs/tap.md.
+    upstream_keepalive: Duration = Duration(1)
     # No answer (or no next byte) from the upstream for this long ends the request with 504.
     # Long files take minutes to transcribe, so the default is generous.
     read_timeout: Duration = Duration(600)
