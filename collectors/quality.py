@@ -43,8 +43,8 @@ from typing import Iterable, Optional
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from whisper_exporter.config import Config, Duration, KeyPath, config_dir, one_of, positive, resolve_path
-from whisper_exporter.quality.evaluate import FAILED, SCORED, ItemResult, evaluate_item, threshold_for, worst
 from whisper_exporter.quality import manifest as manifest_module
+from whisper_exporter.quality.evaluate import FAILED, SCORED, ItemResult, evaluate_item, threshold_for, worst
 from whisper_exporter.quality.manifest import ManifestError
 from whisper_exporter.quality.manifest import load as load_manifest
 from whisper_exporter.quality.sampling import (

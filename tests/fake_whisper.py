@@ -8,7 +8,8 @@ It reads the whole request, records it, waits `delay` seconds, then answers by `
   with `answers` set, the answer is per uploaded file name instead: a string is that file's
   transcript ({"text": ...}), an int an HTTP status with a JSON error body, a dict the whole
   JSON answer, except that a request naming a language gets that language back (as real
-  servers answer; a dict's own `language` is what the fake "detects" for a request without one);
+  servers answer; a dict's own `language` is what the fake "detects" for a request without one or
+  with "auto");
 - 500: 500 with a plain-text body;
 - html: 200 with an HTML page (a proxy's or a default site's);
 - malformed: 200, Content-Type JSON, a body that is not JSON;
@@ -127,7 +128,7 @@ class FakeWhisper:
                     if isinstance(answer, int):
                         self._send(answer, json.dumps({"detail": "boom"}).encode(), "application/json")
                     elif isinstance(answer, dict):
-                        told = {"language": request.language} if request.language else {}
+                        told = {"language": request.language} if request.language not in (None, "auto") else {}
                         self._send(200, json.dumps({**answer, **told}).encode(), "application/json")
                     else:
                         self._send(200, json.dumps({"text": answer}).encode(), "application/json")
