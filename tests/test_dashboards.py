@@ -637,3 +637,15 @@ def test_every_metric_in_every_rule_is_exposed(exposition):
                 assert name in recorded, f"{where}: {name} is not recorded"
             elif name not in PROMETHEUS_NAMES:
                 assert name in exposition, f"{where}: the exporter does not expose {name}"
+
+
+def test_quality_dashboard_shows_which_language_is_taken_for_which():
+    quality = load_dashboards()["whisper-quality.json"]
+    panel = next(p for p in panels(quality) if p["title"].startswith("Which language is taken for which"))
+    assert panel["transformations"][0]["id"] == "groupingToMatrix"
+    options = panel["transformations"][0]["options"]
+    assert (options["rowField"], options["columnField"]) == ("language", "detected")
+    expr = panel["targets"][0]["expr"]
+    assert "by (language, detected)" in expr and "whisper_quality_language_identified" in expr
+    accuracy = [p for p in panels(quality) if "language_id_accuracy" in json.dumps(p.get("targets", []))]
+    assert accuracy, "no panel shows the identification accuracy per language"
