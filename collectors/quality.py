@@ -45,7 +45,8 @@ from typing import Iterable, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from whisper_exporter.config import Config, Duration, KeyPath, config_dir, positive, resolve_path
+from whisper_exporter.config import Config, Duration, KeyPath, config_dir, one_of, positive, resolve_path
+from whisper_exporter.quality import manifest as manifest_module
 from whisper_exporter.quality.evaluate import FAILED, SCORED, ItemResult, evaluate_item, threshold_for, worst
 from whisper_exporter.quality.manifest import ManifestError
 from whisper_exporter.quality.manifest import load as load_manifest
@@ -56,9 +57,10 @@ from whisper_exporter.quality.sampling import (
 )
 from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
+from whisper_exporter.runtime.language_id_counters import LanguageIdCounters
 from whisper_exporter.runtime.quality_counters import QualityCounters, review_queue_families
 from whisper_exporter.runtime.shared import Shared
-from whisper_exporter.whisper import clients, punctuation, scoring
+from whisper_exporter.whisper import clients, language_id, punctuation, scoring
 from whisper_exporter.whisper.languages import language_code
 
 log = logging.getLogger("whisper_exporter.quality")
@@ -91,6 +93,9 @@ class QualityConfig:
     max_server_share: float = 0.1  # at most this share of wall time busy with our requests
     state_file: Optional[str] = None  # keeps the sampling cursor across restarts; null: in memory
     thresholds: dict[str, float] = dataclass_field(default_factory=dict)  # language (or "default") -> max error rate
+    # given | detect | both (docs/quality.md, "Language identification"); null: both where the API
+    # reports the detected language
+    language: Optional[str] = None
     production: ProductionConfig = dataclass_field(default_factory=ProductionConfig)
 
     @property
@@ -105,6 +110,8 @@ class QualityConfig:
         return self.run_budget + 3 * self.timeout + 60.0
 
     def check(self, at: KeyPath) -> None:
+        if self.language is not None:
+            one_of(at, "language", self.language, language_id.MODES)
         positive(at, "per_run", self.per_run, "a number greater than 0")
         if not 0 < self.max_server_share <= 1:
             raise at.error("max_server_share", "a share of the server's time above 0 and at most 1 (0.1 = 10%)",
@@ -136,7 +143,8 @@ class QualityCollector:
 
     def __init__(self, section: QualityConfig, config: Config, url: Optional[str] = None,
                  quality: Optional[QualityCounters] = None, queue: Optional[ReviewQueue] = None,
-                 hallucinations: Optional[HallucinationCounters] = None):
+                 hallucinations: Optional[HallucinationCounters] = None,
+                 identified: Optional[LanguageIdCounters] = None):
         self.section = section
         self.config = config
         self.url = url or config.service.url
@@ -151,6 +159,9 @@ class QualityCollector:
         self.queue = queue or (ReviewQueue(queue_path, production.max_queue) if queue_path else None)
         self.quality = quality or QualityCounters()
         self.hallucinations = hallucinations or HallucinationCounters()
+        self.language_mode = language_id.resolve_mode(section.language, config.service.api)
+        self.identified = identified or LanguageIdCounters()
+        self._seed_identified()
         self.status = "no run yet"
         self.problems: list[str] = []
         self._stop = threading.Event()
@@ -189,7 +200,20 @@ class QualityCollector:
 
     def client(self) -> clients.WhisperClient:
         return clients.make_client(self.config.service, url=self.url, timeout=self.section.timeout,
-                                   response_format="json")
+                                   response_format=language_id.response_format(self.language_mode,
+                                                                               self.config.service.api))
+
+    def _seed_identified(self, languages: Optional[Iterable[str]] = None) -> None:
+        """Export each manifest language's correct-identification series at 0 before its first count."""
+        if self.language_mode == language_id.GIVEN or not self.manifest_path:
+            return
+        if languages is None:
+            try:
+                languages = manifest_module.load(self.manifest_path, check_audio=False).languages()
+            except (ManifestError, OSError):
+                return  # the first run reports it
+        for language in languages:
+            self.identified.seed(language, REFERENCE)
 
     def start(self) -> None:
         pass
@@ -240,6 +264,7 @@ class QualityCollector:
         fresh = {lang for lang in manifest.languages() if not self.quality.has(lang, REFERENCE)}
         self._seed(manifest.languages(), self._sets())
         batch = [item for item in batch if item.language not in fresh]
+        self._seed_identified(manifest.languages())
         client = self.client() if batch else None
         share = self.section.max_server_share
         deadline = self.clock() + self.section.run_budget
@@ -254,13 +279,17 @@ class QualityCollector:
                 stopped = f"run budget of {self.section.run_budget:g}s used up"
                 break
             assert client is not None  # made above for a non-empty batch
-            result = evaluate_item(client, item, REFERENCE)
+            result = evaluate_item(client, item, REFERENCE, self.language_mode)
             self.sampler.done(item)
             if result.outcome == "audio_error":
                 problems.append(f"{item.id} (line {item.line}): {result.reason}")
                 self._once(f"{self.manifest_path}: line {item.line}: {result.reason} (skipped)")
                 continue
             results.append(result)
+            if result.detected is not None:
+                self.identified.count(item.language, result.detected, REFERENCE)
+            elif result.detect_outcome:
+                self._once(f"{item.id}: detection request: {result.detect_outcome}", logging.INFO)
             if result.score is not None:
                 self.quality.record(result.score, REFERENCE)
                 if result.punctuation is not None:
@@ -275,7 +304,7 @@ class QualityCollector:
                 stopped = f"{down} {result.outcome.replace('_', ' ')}s in a row"
                 break
             if n + 1 < len(batch) and share < 1:
-                pause = result.elapsed * (1 - share) / share
+                pause = (result.elapsed + result.detect_elapsed) * (1 - share) / share
                 pause = min(pause, max(0.0, deadline - self.clock()))
                 if pause > 0:
                     self.wait(pause)
@@ -328,6 +357,8 @@ class QualityCollector:
             # Scored only where the reviewer kept punctuation (the reference has a mark).
             marks = punctuation.score(ref.reference, queued.transcript)
             self.quality.record_punctuation(language, PRODUCTION, marks)
+            if ref.language:  # the reviewer named the language: the queued one is what the server went by
+                self.identified.count(ref.language, queued.language, PRODUCTION)
             self._scored_ids[queued.id] = None
             if len(self._scored_ids) > MAX_SCORED_IDS:
                 self._scored_ids.popitem(last=False)
@@ -389,6 +420,7 @@ class QualityCollector:
                 out.extend(review_queue_families(self.queue))
             out.extend(self.quality.families())
             out.extend(self.hallucinations.families())
+            out.extend(self.identified.families())
         return out
 
     # -- the landing page -------------------------------------------------------------------
@@ -413,7 +445,7 @@ class QualityCollector:
 
 def make(section: QualityConfig, shared: Shared) -> QualityCollector:
     collector = QualityCollector(section, shared.config, quality=shared.use_quality(), queue=shared.review_queue,
-                                 hallucinations=shared.use_hallucinations())
+                                 hallucinations=shared.use_hallucinations(), identified=shared.use_language_id())
     shared.quality_view = collector
     return collector
 

@@ -6,7 +6,10 @@ It reads the whole request, records it, waits `delay` seconds, then answers by `
 - ok: 200, verbose JSON of `text` (by default the bundled canary's reference, so the probe's
   default canary scores 0) with two segments (the probe reads their worst values);
   with `answers` set, the answer is per uploaded file name instead: a string is that file's
-  transcript ({"text": ...}), an int an HTTP status with a JSON error body;
+  transcript ({"text": ...}), an int an HTTP status with a JSON error body, a dict the whole
+  JSON answer, except that a request naming a language gets that language back (as real
+  servers answer; a dict's own `language` is what the fake "detects" for a request without one or
+  with "auto");
 - 500: 500 with a plain-text body;
 - html: 200 with an HTML page (a proxy's or a default site's);
 - malformed: 200, Content-Type JSON, a body that is not JSON;
@@ -64,7 +67,7 @@ class FakeWhisper:
     """The server; its attributes (mode, delay, text, answers) may be changed while it runs."""
 
     def __init__(self, mode: str = "ok", text: Optional[str] = None, delay: float = 0.0,
-                 answers: Optional[dict[str, Union[str, int]]] = None, drip_interval: float = 0.05):
+                 answers: Optional[dict[str, Union[str, int, dict]]] = None, drip_interval: float = 0.05):
         self.mode = mode
         self.text = bundled_canary().reference if text is None else text
         self.delay = delay
@@ -124,6 +127,9 @@ class FakeWhisper:
                     answer = fake.answers.get(request.filename or "", "")
                     if isinstance(answer, int):
                         self._send(answer, json.dumps({"detail": "boom"}).encode(), "application/json")
+                    elif isinstance(answer, dict):
+                        told = {"language": request.language} if request.language not in (None, "auto") else {}
+                        self._send(200, json.dumps({**answer, **told}).encode(), "application/json")
                     else:
                         self._send(200, json.dumps({"text": answer}).encode(), "application/json")
                 else:

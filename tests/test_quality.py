@@ -61,8 +61,9 @@ def labeled(tmp_path):
 
 
 def make(tmp_path, client=None, probe=False, logs=False, **quality):
+    # One request per item (language identification's second request: tests/test_language_id.py).
     section = {"enabled": True, "manifest": str(tmp_path / "refs.jsonl"), "per_run": 50,
-               "max_server_share": 1.0, **quality}
+               "max_server_share": 1.0, "language": "given", **quality}
     config = from_dict({"collectors": {"quality": section, "probe": {"enabled": probe},
                                        "logs": {"enabled": logs}, "gpu": {"enabled": False},
                                        "process": {"enabled": False}}},
