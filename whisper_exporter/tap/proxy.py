@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -36,6 +37,7 @@ from whisper_exporter.tap.analysis import (
 from whisper_exporter.tap.config import TapConfig
 from whisper_exporter.tap.record import TapRecord, TapStats
 from whisper_exporter.tap.upgrade import Upgrade, plan_upgrade, render_json
+from whisper_exporter.web.connections import AcceptBackoff, ConnectionStats, Listener, Policy, connection_limit
 from whisper_exporter.whisper import marker
 
 log = logging.getLogger("whisper_exporter.tap")
@@ -57,6 +59,10 @@ TRUE = frozenset({"true", "1", "yes", "on"})
 LOG_EVERY = 60.0  # seconds between two warnings of one kind
 GRACE = 10.0  # seconds requests in flight may take to finish when the tap stops
 UPGRADE_MAX = 64 << 20  # bytes of a verbose_json answer the upgrade reads to render it as json
+# At the connection limit with every connection busy: what nginx's limit_conn answers.
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\n"
+        b"Content-Length: 36\r\nConnection: close\r\n\r\nthe tap is at its connection limit\r\n")
+CLOSE_REASONS = ("head_timeout", "idle_timeout", "evicted", "refused")
 
 
 def _forward_headers(headers: Any) -> CIMultiDict:
@@ -99,10 +105,14 @@ class Tap:
         self.on_record = on_record
         self.wants_audio = wants_audio  # sampling's hook: keep the upload on disk for this record?
         self.stats = TapStats()
+        limit = config.max_connections or connection_limit(share=8, most=256)
+        self.connections = ConnectionStats(limit, prefix="whisper_tap", what="the tap", reasons=CLOSE_REASONS,
+                                           limit_help="collectors.tap.max_connections")
         self.port: Optional[int] = None  # the bound port, once started (listen may say 0)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
-        self._runner: Optional[web.ServerRunner] = None
+        self._server: Optional[web.Server] = None
+        self._listener: Optional[Listener] = None
         self._session: Optional[aiohttp.ClientSession] = None
         # Reading audio headers and answers, and the callback, run off the loop; one thread,
         # so records come in the order their requests ended.
@@ -121,6 +131,8 @@ class Tap:
         def run() -> None:
             loop = asyncio.new_event_loop()
             self._loop = loop
+            # accept() out of descriptors: counted, one line per 10 s, not a traceback each time.
+            loop.set_exception_handler(AcceptBackoff(self.connections, "tap: ", log))
             try:
                 loop.run_until_complete(self._open())
             except BaseException as err:  # reported to start()'s caller
@@ -168,19 +180,28 @@ class Tap:
             cookie_jar=aiohttp.DummyCookieJar())
         # auto_decompress=False: a compressed upload is forwarded as sent (and not analysed);
         # handler_cancellation: a client that goes away cancels its upstream request.
-        server = web.Server(self._handle, auto_decompress=False, handler_cancellation=True,
-                            access_log=None)
-        # On stop, requests in flight get GRACE seconds to finish, then are cut.
-        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=GRACE)
-        await self._runner.setup()
+        server = self._server = web.Server(self._handle, auto_decompress=False, handler_cancellation=True,
+                                           access_log=None)
         host, port = cfg.listen_address
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family)  # SO_REUSEADDR, as TCPSite's reuse_address
+        sock.setblocking(False)
+        # The metrics port's connection policy (web/connections.py): a limit, a deadline for the
+        # request head, idle keep-alive closed; no deadline on a request itself (its own timeouts).
+        policy = Policy(self.connections.limit, head_timeout=cfg.head_timeout, busy_timeout=None, refusal=BUSY)
+        self._listener = Listener(sock, server, policy, self.connections)
+        await self._listener.start()
+        self.port = sock.getsockname()[1]
 
     async def _close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._listener is not None:
+            self._listener.stop_accepting()
+        if self._server is not None:
+            await asyncio.sleep(0)  # requests that arrived before the close start to be handled
+            self._server.pre_shutdown()  # idle kept-alive connections close now (as ServerRunner does)
+            await self._server.shutdown(GRACE)  # requests in flight get GRACE seconds, then are cut
+        if self._listener is not None:
+            self._listener.close_all()
         if self._session is not None:
             await self._session.close()
 
@@ -217,6 +238,9 @@ class Tap:
         flight = _Flight(record, t0)
         stats = self.stats
         stats.in_flight += 1
+        gate = self._listener.gate(request) if self._listener is not None else None
+        if gate is not None:
+            gate.started()  # the head deadline no longer applies; the upload's own do
         try:
             return await self._proxy(request, flight)
         except asyncio.CancelledError:
@@ -225,6 +249,8 @@ class Tap:
                 record.error = "client_gone"
             raise
         finally:
+            if gate is not None:
+                gate.finished()
             stats.in_flight -= 1
             record.duration = time.perf_counter() - t0
             self._finish(flight)
@@ -277,13 +303,25 @@ class Tap:
         """The request body, chunk by chunk as it arrives; a copy to the analyzer."""
         record, analyzer, upgrade = flight.record, flight.analyzer, flight.upgrade
         content = request.content
-        timeout = self.config.client_timeout
+        cfg = self.config
+        began = time.monotonic()
         while True:
+            # The next chunk is due within client_timeout, and before the upload falls below its
+            # minimum average rate (after the grace) or passes its total deadline.
+            due = upload_due(began, record.request_bytes, cfg.upload_min_rate, cfg.upload_rate_grace,
+                             cfg.upload_timeout)
+            wait = min(float(cfg.client_timeout), due - time.monotonic())
             try:
+                if wait <= 0:
+                    raise asyncio.TimeoutError
                 # wait_for, not asyncio.timeout(): Python 3.10 is supported (pyproject)
-                chunk = await asyncio.wait_for(content.readany(), timeout)
+                chunk = await asyncio.wait_for(content.readany(), wait)
             except asyncio.TimeoutError:
-                record.error = "client_timeout"
+                record.error = "upload_too_slow" if time.monotonic() >= due else "client_timeout"
+                if record.error == "upload_too_slow":
+                    self._warn("upload_too_slow", f"tap: cut an upload at {record.request_bytes} bytes after "
+                                                  f"{time.monotonic() - began:.0f} s: slower than upload_min_rate "
+                                                  "or past upload_timeout")
                 raise _ClientGone() from None
             except (ConnectionError, aiohttp.ClientPayloadError, aiohttp.web.HTTPException):
                 record.error = "client_gone"
@@ -504,11 +542,23 @@ class _ClientGone(Exception):
     """The client's upload stopped (connection lost, or silent for client_timeout)."""
 
 
+def upload_due(began: float, received: int, min_rate: int, grace: float, total: Optional[float]) -> float:
+    """The monotonic time by which an upload that began at `began` must have sent more than
+    `received` bytes: the grace, then `received / min_rate` (an average of min_rate bytes/s), and
+    never past the total deadline."""
+    due = began + max(grace, received / min_rate) if min_rate > 0 else float("inf")
+    return min(due, began + total) if total is not None else due
+
+
 def _client_gone_response(record: TapRecord) -> web.Response:
-    """The client's upload stopped: a silent client gets 408; a gone one nothing (no status)."""
-    if record.error == "client_timeout":
+    """The client's upload stopped: a silent or too slow one gets 408 (and the connection closes:
+    the rest of its body is not waited for); a gone one nothing (no status)."""
+    if record.error in ("client_timeout", "upload_too_slow"):
         record.status = 408
-        return web.Response(status=408, text="request body timed out\n")
+        answer = web.Response(status=408, text="request body timed out\n" if record.error == "client_timeout"
+                              else "request body too slow\n")
+        answer.force_close()
+        return answer
     record.status = None
     return web.Response(status=499, text="client closed request\n")  # nobody reads it
 
