@@ -25,7 +25,7 @@ class TapConfig:
     read_timeout: Duration = Duration(600)
     # A client that sends nothing for this long mid-upload is dropped.
     client_timeout: Duration = Duration(600)
-    # Connections open at once; null: an eighth of the soft open-file limit, at most 256 (each
+    # Connections open at once; null: a quarter of the soft open-file limit, at most 512 (each
     # request also holds an upstream connection and may spool; the metrics port takes half).
     # At the limit the longest idle makes room; with every one busy a new one gets 503.
     max_connections: Optional[int] = None

@@ -105,7 +105,7 @@ class Tap:
         self.on_record = on_record
         self.wants_audio = wants_audio  # sampling's hook: keep the upload on disk for this record?
         self.stats = TapStats()
-        limit = config.max_connections or connection_limit(share=8, most=256)
+        limit = config.max_connections or connection_limit(share=4, most=512)
         self.connections = ConnectionStats(limit, prefix="whisper_tap", what="the tap", reasons=CLOSE_REASONS,
                                            limit_help="collectors.tap.max_connections")
         self.port: Optional[int] = None  # the bound port, once started (listen may say 0)
