@@ -27,7 +27,7 @@ class TapConfig:
     client_timeout: Duration = Duration(600)
     # Connections open at once; null: a quarter of the soft open-file limit, at most 512 (each
     # request also holds an upstream connection and may spool; the metrics port takes half).
-    # At the limit the longest idle makes room; with every one busy a new one gets 503.
+    # At the limit the longest idle makes room; with every one busy new ones wait to be accepted.
     max_connections: Optional[int] = None
     head_timeout: Duration = Duration(10)  # to deliver the request line and headers, in total
     # An upload slower than upload_min_rate bytes/s on average, once upload_rate_grace has passed,

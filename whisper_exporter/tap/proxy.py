@@ -37,7 +37,7 @@ from whisper_exporter.tap.analysis import (
 from whisper_exporter.tap.config import TapConfig
 from whisper_exporter.tap.record import TapRecord, TapStats
 from whisper_exporter.tap.upgrade import Upgrade, plan_upgrade, render_json
-from whisper_exporter.web.connections import AcceptBackoff, ConnectionStats, Listener, Policy, connection_limit
+from whisper_exporter.web.connections import BACKLOG, ConnectionStats, Listener, Policy, connection_limit
 from whisper_exporter.whisper import marker
 
 log = logging.getLogger("whisper_exporter.tap")
@@ -59,10 +59,7 @@ TRUE = frozenset({"true", "1", "yes", "on"})
 LOG_EVERY = 60.0  # seconds between two warnings of one kind
 GRACE = 10.0  # seconds requests in flight may take to finish when the tap stops
 UPGRADE_MAX = 64 << 20  # bytes of a verbose_json answer the upgrade reads to render it as json
-# At the connection limit with every connection busy: what nginx's limit_conn answers.
-BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\n"
-        b"Content-Length: 36\r\nConnection: close\r\n\r\nthe tap is at its connection limit\r\n")
-CLOSE_REASONS = ("head_timeout", "idle_timeout", "evicted", "refused")
+CLOSE_REASONS = ("head_timeout", "idle_timeout", "evicted")  # connections the tap closes itself
 
 
 def _forward_headers(headers: Any) -> CIMultiDict:
@@ -131,8 +128,6 @@ class Tap:
         def run() -> None:
             loop = asyncio.new_event_loop()
             self._loop = loop
-            # accept() out of descriptors: counted, one line per 10 s, not a traceback each time.
-            loop.set_exception_handler(AcceptBackoff(self.connections, "tap: ", log))
             try:
                 loop.run_until_complete(self._open())
             except BaseException as err:  # reported to start()'s caller
@@ -184,12 +179,13 @@ class Tap:
                                            access_log=None)
         host, port = cfg.listen_address
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family)  # SO_REUSEADDR, as TCPSite's reuse_address
+        # SO_REUSEADDR, as TCPSite's reuse_address
+        sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
         sock.setblocking(False)
         # The metrics port's connection policy (web/connections.py): a limit, a deadline for the
         # request head, idle keep-alive closed; no deadline on a request itself (its own timeouts).
-        policy = Policy(self.connections.limit, head_timeout=cfg.head_timeout, busy_timeout=None, refusal=BUSY)
-        self._listener = Listener(sock, server, policy, self.connections)
+        policy = Policy(self.connections.limit, head_timeout=cfg.head_timeout, busy_timeout=None)
+        self._listener = Listener(sock, server, policy, self.connections, name="tap: ", logger=log)
         await self._listener.start()
         self.port = sock.getsockname()[1]
 

@@ -8,9 +8,10 @@ with the connection policy aiohttp does not have.
 - A total deadline for a request's head: 10 s from connecting (TLS handshake included) or
   from the first byte of a request on a kept-alive connection, however slowly it drips.
   Idle kept-alive connections close after 75 s, longer than common scrape intervals.
-- accept() backs off for a second on EMFILE/ENFILE (asyncio's own behaviour: one burst of
-  at most BACKLOG attempts, then a pause) instead of spinning, with one log line per 10 s;
-  the limit keeps connections from using more than half the descriptors.
+- With every connection busy, nothing more is accepted until one ends or goes idle: new
+  connections wait in the kernel's listen backlog, holding none of our descriptors.
+- accept() backs off for a second on EMFILE/ENFILE instead of spinning, with one log line
+  per 10 s; the limit keeps connections from using more than half the descriptors.
 - TLS handshakes run on the loop (loop.start_tls), so a silent client stalls nobody.
 - A request head is at most MAX_HEAD_BYTES (16 KiB, plenty for a scrape): beyond, 431 and
   the connection closes, so 500 heads of 785 KB cannot hold 400 MB (aiohttp's own limits are
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import io
 import logging
 import resource
@@ -72,7 +74,6 @@ class Policy:
     idle_timeout: float = IDLE_TIMEOUT
     busy_timeout: Optional[float] = BUSY_TIMEOUT  # None: the app has its own deadlines (the tap)
     max_head_bytes: Optional[int] = None  # None: aiohttp's per-line and per-header limits only
-    refusal: bytes = b""  # sent before closing a connection refused at the limit (plain HTTP only)
 
 
 HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
@@ -84,7 +85,7 @@ class ConnectionStats:
 
     def __init__(self, limit: int, prefix: str = "whisper_exporter_http", what: str = "the exporter's HTTP server",
                  reasons: Iterable[str] = ("head_timeout", "head_too_large", "idle_timeout", "busy_timeout",
-                                           "evicted", "refused", "tls_failed"),
+                                           "evicted", "tls_failed"),
                  limit_help: str = "half the soft open-file limit, at most 512"):
         self.limit = limit
         self.prefix, self.what, self.limit_help = prefix, what, limit_help
@@ -101,7 +102,7 @@ class ConnectionStats:
             f"{prefix}_connections_closed_total",
             f"Connections {what} closed itself: head_timeout (request head not complete in time), "
             "head_too_large (431), idle_timeout, busy_timeout, evicted (idle, to make room at the limit), "
-            "refused (at the limit with every connection busy), tls_failed.", labels=["reason"])
+            "tls_failed. At the limit with every connection busy, new ones wait to be accepted.", labels=["reason"])
         for reason, count in self.closed.items():
             closed.add_metric([reason], count)
         yield closed
@@ -239,12 +240,26 @@ class _Pool:
         self.ssl_context = ssl_context
         self.gates: "OrderedDict[_Gate, None]" = OrderedDict()
         self.by_handler: dict[Any, _Gate] = {}
+        self.room: Optional[asyncio.Event] = None  # set when a connection ends or goes idle (made on the loop)
+
+    def has_room(self) -> bool:
+        """Fewer connections than the limit, or an idle one to make room."""
+        return len(self.gates) < self.limit or any(not g.busy for g in self.gates)
+
+    async def wait_for_room(self) -> None:
+        assert self.room is not None  # made by Listener.start()
+        self.room.clear()
+        await self.room.wait()
+
+    def _changed(self) -> None:
+        if self.room is not None:
+            self.room.set()
 
     def admit(self, gate: _Gate) -> bool:
         if len(self.gates) >= self.limit:
             victim = next((g for g in self.gates if not g.busy), None)
             if victim is None:
-                gate.close("refused", self.policy.refusal)
+                gate.close("refused")  # not reached through Listener, which accepts only when there is room
                 return False
             victim.close("evicted")
             self.discard(victim)
@@ -255,10 +270,13 @@ class _Pool:
     def touch(self, gate: _Gate) -> None:
         if gate in self.gates:
             self.gates.move_to_end(gate)
+        if not gate.busy:
+            self._changed()
 
     def discard(self, gate: _Gate) -> None:
         self.gates.pop(gate, None)
         self.stats.open = len(self.gates)
+        self._changed()
 
     def sweep(self) -> None:
         now = time.monotonic()
@@ -268,41 +286,84 @@ class _Pool:
 
 
 class AcceptBackoff:
-    """The loop's exception handler: accept() out of descriptors is counted and logged once per
-    ACCEPT_LOG_EVERY (asyncio stops accepting for a second after it); anything else as asyncio would."""
+    """accept() out of descriptors (or kernel memory): counted, and logged once per ACCEPT_LOG_EVERY
+    however many attempts; the caller pauses accepting for a second."""
+
+    ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
     def __init__(self, stats: ConnectionStats, name: str, logger: logging.Logger = log):
         self.stats, self.name, self.log = stats, name, logger
         self._logged = -ACCEPT_LOG_EVERY
 
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        if context.get("message", "").startswith("socket.accept() out of system resource"):
-            # It tries its whole accept batch first, so this comes in bursts: count each.
-            self.stats.accept_errors += 1
-            now = time.monotonic()
-            if now - self._logged >= ACCEPT_LOG_EVERY:
-                self._logged = now
-                self.log.warning("%saccept(): %s (%d times so far); accepting pauses for 1 s each time",
-                                 self.name, context.get("exception"), self.stats.accept_errors)
-            return
-        loop.default_exception_handler(context)
+    def note(self, err: OSError) -> None:
+        self.stats.accept_errors += 1
+        now = time.monotonic()
+        if now - self._logged >= ACCEPT_LOG_EVERY:
+            self._logged = now
+            self.log.warning("%saccept(): %s (%d times so far); accepting pauses for 1 s each time",
+                             self.name, err, self.stats.accept_errors)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class Listener:
     """A listening socket served by an aiohttp web.Server through the connection policy, on the
-    running loop: start() it, gate(request) from the handler, close() at the end."""
+    running loop: start() it, gate(request) from the handler, stop_accepting() and close_all() at the end.
+
+    It accepts one connection at a time, and only while there is room (fewer than the limit, or
+    an idle one to evict): with every connection busy, new ones wait in the kernel's listen
+    backlog, holding no descriptor of ours, until a request ends (nginx does the same when its
+    worker_connections are used up), rather than being accepted only to be refused."""
 
     def __init__(self, sock: socket.socket, web_server: Callable[[], Any], policy: Policy, stats: ConnectionStats,
-                 ssl_context: Optional[ssl.SSLContext] = None):
+                 ssl_context: Optional[ssl.SSLContext] = None, name: str = "", logger: logging.Logger = log):
         self.socket = sock
         self.pool = _Pool(stats, web_server, ssl_context, policy)
-        self._server: Optional[asyncio.base_events.Server] = None
-        self._sweeper: Optional[asyncio.Task] = None
+        self.backoff = AcceptBackoff(stats, name, logger)
+        self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
+        self.pool.room = asyncio.Event()
+        self.socket.setblocking(False)
+        self._tasks = [asyncio.ensure_future(self._accept()), asyncio.ensure_future(self._sweep())]
+
+    async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Gate(self.pool), sock=self.socket, backlog=BACKLOG)
-        self._sweeper = asyncio.ensure_future(self._sweep())
+        pool = self.pool
+        fd = self.socket.fileno()
+        while True:
+            while not pool.has_room():
+                await pool.wait_for_room()
+            # Wait for a connection without taking it: room is checked again once one is there.
+            ready = loop.create_future()
+            loop.add_reader(fd, _resolve, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+            for _ in range(BACKLOG):  # a batch per wake-up, as asyncio's own accept loop does
+                if not pool.has_room():
+                    break
+                try:
+                    conn, _ = self.socket.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    break
+                except OSError as err:
+                    if err.errno in AcceptBackoff.ERRNOS:
+                        self.backoff.note(err)
+                        await asyncio.sleep(1.0)  # the connection waits in the backlog meanwhile
+                    else:
+                        self.backoff.log.warning("%saccept(): %s", self.backoff.name, err)
+                        await asyncio.sleep(0.1)
+                    break
+                conn.setblocking(False)
+                try:
+                    await loop.connect_accepted_socket(lambda: _Gate(pool), conn)
+                except OSError:
+                    conn.close()
 
     async def _sweep(self) -> None:
         while True:
@@ -314,10 +375,13 @@ class Listener:
         return self.pool.by_handler.get(request.protocol)
 
     def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        try:
+            self.socket.close()
+        except OSError:
+            pass
 
     def close_all(self) -> None:
         for gate in list(self.pool.gates):
@@ -408,7 +472,6 @@ class HttpServer:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.set_exception_handler(AcceptBackoff(self.stats, ""))
         try:
             self.loop.run_until_complete(self._serve())
         except Exception:  # never silently: the exporter would run on without its port
