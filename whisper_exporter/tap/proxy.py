@@ -547,8 +547,9 @@ def upload_due(began: float, received: int, min_rate: int, grace: float, total: 
 
 
 def _client_gone_response(record: TapRecord) -> web.Response:
-    """The client's upload stopped: a silent or too slow one gets 408 (and the connection closes:
-    the rest of its body is not waited for); a gone one nothing (no status)."""
+    """The client's upload stopped: a silent or too slow one gets 408 and the connection closes
+    (after aiohttp's lingering read of at most 10 s, while the connection counts as idle: the
+    first to make room at the limit); a gone one nothing (no status)."""
     if record.error in ("client_timeout", "upload_too_slow"):
         record.status = 408
         answer = web.Response(status=408, text="request body timed out\n" if record.error == "client_timeout"

@@ -77,7 +77,7 @@ class Policy:
 
 
 HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
-                  b"Content-Length: 26\r\nConnection: close\r\n\r\nrequest head is too large\n\n")
+                  b"Content-Length: 26\r\nConnection: close\r\n\r\nrequest head is too large\n")
 
 
 class ConnectionStats:
@@ -117,7 +117,6 @@ class _Gate(asyncio.Protocol):
     def __init__(self, pool: "_Pool"):
         self.pool = pool
         self.raw: Optional[asyncio.Transport] = None
-        self.transport: Optional[asyncio.Transport] = None  # the one the handler writes to (TLS or raw)
         self.handler: Optional[asyncio.Protocol] = None
         self.pending: list[bytes] = []  # plaintext that came before the handler was attached
         self.busy = False
@@ -156,7 +155,6 @@ class _Gate(asyncio.Protocol):
         self._attach(tls)
 
     def _attach(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
         self.handler = self.pool.web_server()
         self.pool.by_handler[self.handler] = self
         self.handler.connection_made(transport)
@@ -313,8 +311,8 @@ class Listener:
     """A listening socket served by an aiohttp web.Server through the connection policy, on the
     running loop: start() it, gate(request) from the handler, stop_accepting() and close_all() at the end.
 
-    It accepts one connection at a time, and only while there is room (fewer than the limit, or
-    an idle one to evict): with every connection busy, new ones wait in the kernel's listen
+    It accepts only while there is room (fewer than the limit, or an idle connection to evict),
+    checked before each accept(): with every connection busy, new ones wait in the kernel's listen
     backlog, holding no descriptor of ours, until a request ends (nginx does the same when its
     worker_connections are used up), rather than being accepted only to be refused."""
 
