@@ -153,7 +153,8 @@ class TapCollector:
         yield errors
         client = CounterMetricFamily(
             "whisper_tap_client_errors_total",
-            "Requests the client abandoned (client_gone), stalled mid-upload (client_timeout), or sent with a "
+            "Requests the client abandoned (client_gone), stalled mid-upload (client_timeout), uploaded too slowly "
+            "(upload_too_slow: under upload_min_rate after the grace, or past upload_timeout; 408), or sent with a "
             "target that is not origin-form (bad_target: CONNECT, http://host/, host:port, *; refused with 400).",
             labels=["reason"])
         for reason in CLIENT_REASONS:
@@ -171,6 +172,7 @@ class TapCollector:
             "whisper_tap_audio_duration_mismatches_total",
             "WAV uploads whose header claimed more audio than the bytes received hold; the bytes' "
             "duration was counted.", value=stats["duration_mismatches"])
+        yield from self.tap.connections.collect()  # whisper_tap_connections*, whisper_tap_accept_errors_total
         yield CounterMetricFamily("whisper_tap_request_bytes_total", "Request body bytes passed to the server.",
                                   value=stats["request_bytes"])
         yield CounterMetricFamily("whisper_tap_response_bytes_total", "Answer body bytes passed to clients.",
