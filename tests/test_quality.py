@@ -7,12 +7,12 @@ import pytest
 from helpers import wait_for, wav
 from prometheus_client import CollectorRegistry, generate_latest
 
+from whisper_exporter import wiring as daemon
 from whisper_exporter.collectors.logs import LogsCollector
 from whisper_exporter.collectors.quality import QualityCollector
 from whisper_exporter.config import ConfigError, from_dict
 from whisper_exporter.logfiles import parse as logparse
 from whisper_exporter.quality.sampling import item_id
-from whisper_exporter.runtime import wiring as daemon
 from whisper_exporter.runtime.exporter import make_registry
 from whisper_exporter.runtime.scheduler import Scheduler
 from whisper_exporter.runtime.shared import Shared

@@ -128,7 +128,7 @@ def _run(config_path: Optional[str], listen: Optional[str], log_level: Optional[
          collectors: Optional[dict[str, Optional[bool]]] = None, log_format: str = "logfmt",
          enable_lifecycle: bool = False) -> None:
     _hold_signals()
-    from whisper_exporter.runtime import wiring as daemon  # imports the collectors; keep `version` and `--help` fast
+    from whisper_exporter import wiring as daemon  # imports the collectors; keep `version` and `--help` fast
     from whisper_exporter.web.webconfig import load_web_config
 
     config = _config_or_exit(config_path, listen, log_level, collectors)
