@@ -587,6 +587,7 @@ def test_auto_with_a_failing_driver_stays_on_down_and_counted(monkeypatch):
     fake = FakeNVML()
     fake.errors["nvmlInit"] = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
     monkeypatch.setattr(gpu, "load_nvml", lambda: fake)
+    monkeypatch.setattr(gpu, "nvml_library_loads", lambda: True)  # the library is there, the driver is not
     scheduler = build_scheduler(Config())
     (collector, state), = [(c, s) for c, s in scheduler.entries if s.name == "gpu"]
     scheduler.run_once(collector, state)
