@@ -229,11 +229,12 @@ def test_broken_manifest_lines_are_logged_once_and_counted(labeled, caplog):
 
 
 def test_audio_gone_at_send_time_is_skipped_not_failed(labeled, monkeypatch):
-    import whisper_exporter.collectors.quality as quality_module
     from whisper_exporter.quality import manifest
 
-    # the file vanishes between loading the manifest and sending it
-    monkeypatch.setattr(quality_module, "load_manifest", lambda path: manifest.load(path, check_audio=False))
+    # the file vanishes between loading the manifest and sending it (the collector imports
+    # manifest.load when a round begins)
+    load = manifest.load
+    monkeypatch.setattr(manifest, "load", lambda path: load(path, check_audio=False))
     (labeled / "audio" / "de-1.wav").unlink()
     client = FakeClient({})
     _, collector = make(labeled, client)
