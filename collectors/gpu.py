@@ -45,6 +45,11 @@ class GpuConfig:
                                            "machine: the collector will be down (auto turns it off here)")]
         return []
 
+    def reads(self, config: Any) -> object:
+        """What else of the configuration the collector is built from (a reload that changes it
+        rebuilds the collector): whether the process collector finds the server's pids."""
+        return config.collectors.process.enabled
+
     def active(self, nvml: Any = None) -> bool:
         """Whether the collector runs: `enabled`, with auto settled by looking for the NVML library."""
         if self.enabled != "auto":

@@ -25,6 +25,7 @@ from whisper_exporter.logfiles.parse import LineError
 from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
 from whisper_exporter.runtime.requests import Labels, RequestMetrics
+from whisper_exporter.runtime.seeds import seed_requests
 from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.whisper import hallucination
 from whisper_exporter.whisper.languages import language_code
@@ -316,7 +317,9 @@ class LogsCollector:
 
 
 def make(section: LogsConfig, shared: Shared) -> LogsCollector:
-    return LogsCollector(section, requests=shared.use_requests(), sampler=shared.production_sampler(),
+    requests = shared.use_requests()
+    seed_requests(requests, shared.config, audio=False)  # a log may say nothing of audio
+    return LogsCollector(section, requests=requests, sampler=shared.production_sampler(),
                          hallucinations=shared.use_hallucinations())
 
 

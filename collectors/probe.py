@@ -55,6 +55,7 @@ from whisper_exporter.runtime.hallucination_counters import HallucinationCounter
 from whisper_exporter.runtime.quality_counters import QualityCounters
 from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.whisper import audio, clients, scoring, utterance
+from whisper_exporter.whisper.punctuation import Punctuation
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,11 @@ class ProbeConfig:
         A request ends by its timeout (a total deadline, clients.py); the watchdog keeps the
         margin of three, plus reading the audio and scoring, for a machine that is slow."""
         return max(1, len(self.canaries)) * (3 * self.timeout + 1.0) + 5.0
+
+    def reads(self, config: Config) -> object:
+        """What else of the configuration the probe is built from (a reload that changes it
+        rebuilds the probe): the tap's address, when the canaries go through it."""
+        return tap_url(config) if self.via_tap else None
 
     def check(self, at: KeyPath) -> None:
         one_of(at, "response_format", self.response_format, ("json", "verbose_json"))
@@ -194,6 +200,7 @@ class ProbeRecord:
     transcript: Optional[str] = None
     reference: str = ""
     score: Optional[scoring.Score] = None
+    punctuation: Optional[Punctuation] = None  # the raw texts' marks (whisper/punctuation.py)
     suspects: tuple[str, ...] = ()  # hallucination reasons (whisper/hallucination.py)
     max_error_rate: float = 0.5
     segments: int = 0
@@ -225,6 +232,8 @@ class ProbeRecord:
         data["realtime_factor"] = self.realtime_factor
         if self.score is not None:
             data["score"]["errors"] = self.score.errors
+        if self.punctuation is not None:  # its substitution pairs are tuple keys: JSON needs a list
+            data["punctuation"] = self.punctuation.to_dict()
         return data
 
 
@@ -252,7 +261,7 @@ def probe_canary(client: clients.WhisperClient, canary: ResolvedCanary, max_erro
         return record
     record.transcript = u.transcript.strip()[:MAX_TRANSCRIPT_CHARS]
     record.server_language, record.server_duration = u.server_language, u.server_duration
-    record.score = u.score
+    record.score, record.punctuation = u.score, u.punctuation
     s = u.signals
     record.segments, record.avg_logprob, record.compression_ratio = s.segments, s.avg_logprob, s.compression_ratio
     record.no_speech_prob, record.fallback_segments = s.no_speech_prob, s.fallback_segments
@@ -277,6 +286,9 @@ class ProbeCollector:
         self.owns_quality = quality is None
         self.quality = quality or QualityCounters()
         self.hallucinations = hallucinations or HallucinationCounters()
+        for canary in self.canaries:
+            if canary.reference.strip():  # a negative canary has no words to count
+                self.quality.seed(canary.language, QUALITY_SET)
         self.status = "no probe yet"
         self.problems: list[str] = []  # canaries that could not be probed in the last run
         self._lock = threading.Lock()  # one run at a time: probes never pile up
@@ -318,6 +330,8 @@ class ProbeCollector:
             pass  # no words to score against: the hallucination counters say how it went
         elif record.score is not None:
             self.quality.record(record.score, QUALITY_SET)
+            if record.punctuation is not None:
+                self.quality.record_punctuation(record.language, QUALITY_SET, record.punctuation)
         else:
             self.quality.record_failure(record.language, QUALITY_SET)
         if record.transcript is not None:

@@ -21,6 +21,9 @@ Each scheduled run (default hourly):
    (the server's own transcript from the log against the reference), counted
    with set="production", and taken off the queue.
 
+Both sets' raw texts are also scored for punctuation (whisper/punctuation.py,
+PER) where the reference has a mark, into `whisper_quality_punctuation_*`.
+
 The shared families (`whisper_quality_*` counters, fed by the probe too) are
 rendered once by the runtime (runtime/shared.py). This collector exports the state of the set: usable items, skipped
 manifest lines, the current pass's coverage, completed passes, and the
@@ -47,7 +50,7 @@ from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
 from whisper_exporter.runtime.quality_counters import QualityCounters, review_queue_families
 from whisper_exporter.runtime.shared import Shared
-from whisper_exporter.whisper import clients, scoring
+from whisper_exporter.whisper import clients, punctuation, scoring
 from whisper_exporter.whisper.languages import language_code
 
 # The quality package (manifest, sampling, evaluation) is imported when a collector is built:
@@ -161,6 +164,31 @@ class QualityCollector:
         self._manifest_problems = 0
         self._logged: set[str] = set()
         self._scored_ids: OrderedDict[str, None] = OrderedDict()
+        self._seed_known()
+
+    def _sets(self) -> list[str]:
+        """The sets this collector feeds."""
+        return ([REFERENCE] if self.manifest_path else []) + \
+            ([PRODUCTION] if self.references_path and self.queue is not None else [])
+
+    def _seed(self, languages: Iterable[str], sets: Iterable[str]) -> None:
+        for set_ in sets:
+            for language in languages:
+                self.quality.seed(language, set_)
+
+    def _seed_known(self) -> None:
+        """Export the manifest's and the queue's languages at 0 before the first run counts."""
+        from whisper_exporter.quality.manifest import ManifestError
+        from whisper_exporter.quality.manifest import load as load_manifest
+
+        if self.manifest_path:
+            try:
+                self._seed(load_manifest(self.manifest_path, check_audio=False).languages(), self._sets())
+            except (ManifestError, OSError):
+                pass  # the first run reports it
+        if PRODUCTION in self._sets():
+            assert self.queue is not None  # in _sets() only with a queue
+            self._seed({q.language for q in self.queue.items()}, [PRODUCTION])
 
     def client(self) -> clients.WhisperClient:
         return clients.make_client(self.config.service, url=self.url, timeout=self.section.timeout,
@@ -216,6 +244,11 @@ class QualityCollector:
         if not manifest.items:
             raise ManifestError(f"{self.manifest_path}: no usable line ({len(manifest.problems)} skipped)")
         batch = self.sampler.sample(manifest.items, self.section.per_run)
+        # A language new to a running exporter (the manifest was edited) is exported at 0 this run
+        # and scored from the next, so Prometheus sees its series before the first count.
+        fresh = {lang for lang in manifest.languages() if not self.quality.has(lang, REFERENCE)}
+        self._seed(manifest.languages(), self._sets())
+        batch = [item for item in batch if item.language not in fresh]
         client = self.client() if batch else None
         share = self.section.max_server_share
         deadline = self.clock() + self.section.run_budget
@@ -239,6 +272,8 @@ class QualityCollector:
             results.append(result)
             if result.score is not None:
                 self.quality.record(result.score, REFERENCE)
+                if result.punctuation is not None:
+                    self.quality.record_punctuation(item.language, REFERENCE, result.punctuation)
                 if result.transcript is not None:
                     self.hallucinations.count(item.language, REFERENCE, result.suspects, result.transcript)
             else:
@@ -284,23 +319,34 @@ class QualityCollector:
         waiting = self.queue.items()
         done_ids: list[str] = []
         fresh: list[ItemResult] = []
+        deferred = 0
         for queued in waiting:
             ref = references.get(queued.id)
             if ref is None:
+                self.quality.seed(queued.language, PRODUCTION)  # exported at 0 while it waits for review
+                continue
+            language = ref.language or queued.language
+            if queued.id not in self._scored_ids and not self.quality.has(language, PRODUCTION):
+                # Queued and reviewed between two runs (or a reference in another language): its
+                # series goes out at 0 now and the item is scored next run, so rate() sees it.
+                self.quality.seed(language, PRODUCTION)
+                deferred += 1
                 continue
             done_ids.append(queued.id)
             if queued.id in self._scored_ids:
                 continue  # scored already; a queue rewrite failed last time
-            language = ref.language or queued.language
             score = scoring.score(ref.reference, queued.transcript, language)
             self.quality.record(score, PRODUCTION)
+            # Scored only where the reviewer kept punctuation (the reference has a mark).
+            marks = punctuation.score(ref.reference, queued.transcript)
+            self.quality.record_punctuation(language, PRODUCTION, marks)
             self._scored_ids[queued.id] = None
             if len(self._scored_ids) > MAX_SCORED_IDS:
                 self._scored_ids.popitem(last=False)
             fresh.append(ItemResult(
                 id=queued.id, line=ref.line, audio=queued.audio, language=scoring.base_language(language),
                 unit=score.unit, strata={"duration_band": queued.duration_band}, reference=ref.reference,
-                result=SCORED, outcome=clients.SUCCESS, transcript=queued.transcript, score=score,
+                result=SCORED, outcome=clients.SUCCESS, transcript=queued.transcript, score=score, punctuation=marks,
                 audio_duration=queued.duration or 0.0, started=time.time(), set=PRODUCTION))
         if fresh:
             self.quality.end_round(PRODUCTION)
@@ -312,7 +358,10 @@ class QualityCollector:
         except OSError as err:
             problems.append(f"cannot rewrite the review queue {self.queue.path} ({err.strerror or err})")
             self._once(problems[-1])
-        return f"production: {len(fresh)} scored, {len(self.queue)} waiting for review"
+        text = f"production: {len(fresh)} scored, {len(self.queue)} waiting for review"
+        if deferred:
+            text += f" ({deferred} of a new language scored next run)"
+        return text
 
     # -- exposition -------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ log collector then feeds only what the tap cannot see (queue wait, inference tim
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import TYPE_CHECKING, Iterable, Optional
@@ -24,6 +25,7 @@ from whisper_exporter.logfiles.parse import Record
 from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
 from whisper_exporter.runtime.requests import LATENCY_BUCKETS, Labels, RequestMetrics, _Hist
+from whisper_exporter.runtime.seeds import seed_requests
 from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.tap import TapConfig, TapRecord
 from whisper_exporter.tap.record import ANALYSIS_REASONS, CLIENT_REASONS, UPSTREAM_REASONS
@@ -31,6 +33,8 @@ from whisper_exporter.whisper import hallucination
 
 if TYPE_CHECKING:  # the sampling module is imported only for a tap that keeps samples
     from whisper_exporter.quality.sampling import AudioKeeper, ProductionSampler
+
+log = logging.getLogger("whisper_exporter.tap")
 
 
 def to_log_record(record: TapRecord) -> Record:
@@ -64,7 +68,15 @@ class TapCollector:
         self.status = f"proxying {section.listen} -> {masked_url(upstream)}"
 
     def start(self) -> None:
-        self.tap.start()
+        try:
+            self.tap.start()
+        except OSError as err:  # aiohttp's text repeats the address; the key is what to fix
+            why = os.strerror(err.errno) if err.errno else (err.strerror or str(err))
+            raise OSError(f"cannot listen on {self.section.listen} (collectors.tap.listen): {why}") from err
+        host = self.section.listen_address[0]
+        host = f"[{host}]" if ":" in host else host
+        # Said once per start, as the metrics port's address is: where clients must now send requests.
+        log.info("tap listening on http://%s:%s, proxying to %s", host, self.tap.port, masked_url(self.tap.upstream))
         if self.tap.spool_problem:  # logged by the tap; shown on the status page too
             self.status += f"; {self.tap.spool_problem}"
 
@@ -190,6 +202,7 @@ def make(section: TapConfig, shared: Shared) -> TapCollector:
         keeper = AudioKeeper(folder, section.sample_max_files, section.sample_max_bytes, section.sample_retention)
     requests = shared.use_requests()
     requests.tap_on = True  # the tap is the one source of request counts (docs/tap.md)
+    seed_requests(requests, config, audio=True)  # the tap measures every request's audio
     return TapCollector(section, section.upstream or config.service.url, requests=requests,
                         hallucinations=shared.use_hallucinations(), sampler=sampler, keeper=keeper)
 

@@ -61,6 +61,13 @@ SPEECH = 'and on (job, instance, probe) whisper_probe_info{kind="speech"}'
 # data has a reason, and the reason says what to check.
 LOG_TIMINGS = ("No timings from the server's log: queue wait and inference time come only from a log "
                "that has them (collectors.logs fields queue_wait, inference); the request tap cannot see them")
+# Issue 21: the WER panels said "collectors.quality off, or no reference set" for set=production
+# while verified production items had been scored; say what feeds each set.
+QUALITY_EMPTY = ("No utterance of this set scored in this range (reference: collectors.quality with a manifest; "
+                 "production: items verified in production.references; canary: the probe)")
+# Punctuation is scored only where a reference keeps its marks (docs/quality.md).
+PUNCTUATION_NONE = ("No punctuation scored in this range: no reference of this language and set has "
+                    ". , ? ! (or collectors.quality off)")
 NO_DATA_BY_PREFIX = (
     ("ALERTS", "No Whisper alert pending or firing"),
     ("slo:", "No SLO records: load rules/slo.yml into Prometheus"),
@@ -80,11 +87,13 @@ NO_DATA_BY_PREFIX = (
     ("whisper_audio", "No request timings: enable the request tap (collectors.tap), or a log with durations"),
     ("whisper_tap", "The request tap is off (collectors.tap)"),
     ("whisper_hallucination", "No transcripts checked: enable the request tap (collectors.tap) or log transcripts"),
-    ("language:", "No quality evaluation in this range (collectors.quality off, or no reference set)"),
+    ("language:whisper_quality_punctuation", PUNCTUATION_NONE),
+    ("whisper_quality_punctuation", PUNCTUATION_NONE),
+    ("language:", QUALITY_EMPTY + "; load rules/recording.yml"),
     ("instance_gpu", "No GPU readings (no NVIDIA driver, or the gpu collector is off)"),
     ("whisper_gpu", "No GPU readings (no NVIDIA driver, or the gpu collector is off)"),
     ("whisper_probe", "No canary result (probe off, not run yet, or stale: see WhisperProbeStale)"),
-    ("whisper_quality", "No quality evaluation in this range (collectors.quality off, or no reference set)"),
+    ("whisper_quality", QUALITY_EMPTY),
     ("whisper_process", "No server process watched (process collector off, or nothing matched)"),
     ("whisper_exporter_log", "No log followed (logs collector off, or no files)"),
     ("whisper_", "No data from the exporter in this range"),
@@ -708,6 +717,20 @@ def quality() -> dict:
                       "{{set}}")),
              "s", "Time since the newest evaluation round of each set ended (alert after 3 hours).",
              thresholds=steps((3 * 3600, "red")), width=6, height=8),
+        row("Punctuation"),
+        timeseries("Punctuation error rate (1h window)",
+                   targets((f"language:whisper_quality_punctuation_error_rate:ratio_rate1h{{{ql}}}",
+                            "{{language}} ({{set}})")),
+                   "percentunit", "PER as LibriSpeech-PC defines it: substituted, deleted and inserted marks "
+                   "(. , ? !) over all marks, on the utterances whose reference keeps punctuation. WER ignores "
+                   "punctuation, so a model that drops every full stop shows here only.", min_=0, max_=1, width=12),
+        timeseries("Punctuation marks by mark and result",
+                   targets((f'sum by (mark, result) (rate(whisper_quality_punctuation_marks_total{{{qsel},'
+                            f'result!="correct"}}[{RI}])) / ignoring (result) group_left () '
+                            f"sum by (mark) (rate(whisper_quality_punctuation_marks_total{{{qsel}}}[{RI}]))",
+                            "{{mark}} {{result}}")),
+                   "percentunit", "Per mark, the share of its marks substituted (on the reference's mark), "
+                   "deleted or inserted: which mark the server loses or adds.", stack=True, min_=0, width=12),
         row("Hallucinations"),
         timeseries("Suspected hallucinations (1h)",
                    targets(('job:whisper_hallucination_suspected:ratio_rate1h{job=~"$job"}', "{{source}}")),

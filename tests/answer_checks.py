@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from typing import Any, Callable, Optional
 
 from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
@@ -28,6 +29,7 @@ SIGN_OFFS = {"you", "thank you", "thank you very much", "thanks for watching", "
 # YouTube outros: nobody says them into a transcription service.
 OUTROS = ("for watching", "next video", "this video", "subscribe")
 NO_SPEECH_PROB = 0.6  # Whisper's no_speech_threshold, as its paper and code give it
+COMPRESSION_RATIO = 2.4  # Whisper's compression_ratio_threshold
 LOOP_WORDS = 12  # the longest phrase looked for
 
 
@@ -66,6 +68,29 @@ def model_says_no_speech(answer: dict[str, Any]) -> bool:
         if isinstance(prob, (int, float)) and prob > NO_SPEECH_PROB and str(seg.get("text") or "").strip():
             return True
     return False
+
+
+def model_says_loop(answer: dict[str, Any]) -> bool:
+    """Whisper's own loop test on the answer: a segment's compression_ratio, or the whole text's
+    zlib ratio, above 2.4 (Whisper retries such a decode at a higher temperature)."""
+    for seg in answer.get("segments") or []:
+        ratio = seg.get("compression_ratio")
+        if isinstance(ratio, (int, float)) and ratio > COMPRESSION_RATIO and str(seg.get("text") or "").strip():
+            return True
+    data = (answer.get("text") or "").strip().encode()
+    return bool(data) and len(data) / len(zlib.compress(data)) > COMPRESSION_RATIO
+
+
+def model_signals(answer: dict[str, Any]) -> set[str]:
+    """The reasons the model's own numbers back: what an English model hearing another language
+    may rightly be flagged for without the text being an obvious hallucination."""
+    text = (answer.get("text") or "").strip()
+    backed = set()
+    if wordless(text) or model_says_no_speech(answer):
+        backed.add("no_speech")
+    if model_says_loop(answer):
+        backed.add("repetition")
+    return backed
 
 
 def obvious_hallucination(text: str) -> bool:
@@ -136,7 +161,9 @@ def speech_problems(answer: dict[str, Any], language: str = "en",
     """The answer to real speech, as (kind, problems). kind: empty, hallucination (the judge
     sees a loop, outro or bare sign-off: it must be flagged repetition or known_phrase),
     no_speech (flagged only no_speech, backed by text without a word or by the model's own
-    no_speech_prob: its own signal, fine on an English model hearing another language), or plain (must not be flagged)."""
+    no_speech_prob: its own signal, fine on an English model hearing another language),
+    model_signal (flagged repetition, and maybe no_speech, each backed by the model's own numbers:
+    Whisper's compression-ratio test, its no_speech_prob), or plain (must not be flagged)."""
     text = (answer.get("text") or "").strip()
     found = exporter_verdict(answer, language, detector)
     problems = _count_problems(language, "traffic", found, text)
@@ -146,8 +173,8 @@ def speech_problems(answer: dict[str, Any], language: str = "en",
         if not {"repetition", "known_phrase"} & set(found):
             problems.append(f"missed: {text[:80]!r} -> {found}")
         return "hallucination", problems
-    if found == ("no_speech",) and (model_says_no_speech(answer) or wordless(text)):
-        return "no_speech", problems
+    if found and set(found) <= model_signals(answer):
+        return ("no_speech" if found == ("no_speech",) else "model_signal"), problems
     if found:
         problems.append(f"false positive: {text[:80]!r} -> {found}")
     return "plain", problems

@@ -637,3 +637,19 @@ def test_every_metric_in_every_rule_is_exposed(exposition):
                 assert name in recorded, f"{where}: {name} is not recorded"
             elif name not in PROMETHEUS_NAMES:
                 assert name in exposition, f"{where}: the exporter does not expose {name}"
+
+
+def test_empty_wer_panels_say_what_feeds_each_set():
+    """Issue 21, defect 5: with set=production the WER panels said "collectors.quality off, or no
+    reference set" while verified production items had been scored."""
+    seen = []
+    for d in load_dashboards().values():
+        for panel in panels(d):
+            exprs = [t["expr"] for t in panel.get("targets", [])]
+            if not exprs or not re.search(r"\b(language:)?whisper_quality_(error|reference_units)", exprs[0]):
+                continue
+            seen.append(f"{d['uid']} / {panel['title']}")
+            text = panel["fieldConfig"]["defaults"]["noValue"]
+            assert "no reference set" not in text, f"{seen[-1]}: {text!r}"
+            assert all(word in text for word in ("reference", "production", "canary")), f"{seen[-1]}: {text!r}"
+    assert any(s.startswith("whisper-quality / ") for s in seen), seen

@@ -232,15 +232,16 @@ def test_audio_gone_at_send_time_is_skipped_not_failed(labeled, monkeypatch):
     from whisper_exporter.quality import manifest
 
     # the file vanishes between loading the manifest and sending it (the collector imports
-    # manifest.load when a round begins)
+    # manifest.load when it is needed)
     load = manifest.load
-    monkeypatch.setattr(manifest, "load", lambda path: load(path, check_audio=False))
+    monkeypatch.setattr(manifest, "load", lambda path, **_: load(path, check_audio=False))
     (labeled / "audio" / "de-1.wav").unlink()
     client = FakeClient({})
     _, collector = make(labeled, client)
     collector.update()
     assert ("de-1.wav", "de") not in client.calls and len(client.calls) == len(SET) - 1
-    assert samples(collector, "whisper_quality_utterances_total", language="de") == {}  # neither scored nor failed
+    # neither scored nor failed: its series stay at the 0 they were exported at
+    assert set(samples(collector, "whisper_quality_utterances_total", language="de").values()) == {0.0}
     assert collector.problems and "de-1" in collector.problems[0] and "no such file" in collector.problems[0]
 
 
@@ -292,6 +293,62 @@ def test_the_quality_families_are_rendered_exactly_once(labeled, probe, quality,
     assert ("quality" in names) == quality and ("probe" in names) == probe
 
 
+def test_known_series_are_exported_at_0_before_the_first_run(labeled):
+    """Issue 21, defect 1: Prometheus takes a new series' first sample as its baseline, so each
+    (language, set) the collector will feed goes out at 0 before anything is counted into it."""
+    queue = labeled / "queue.jsonl"
+    queue.write_text(json.dumps({"id": "q1", "audio": "/srv/q1.wav", "transcript": "bonjour", "language": "fr",
+                                 "duration": 2.0, "duration_band": "0-5s", "sampled_at": 1.0}) + "\n")
+    _, collector = make(labeled, FakeClient({}), production={"queue": str(queue),
+                                                             "references": str(labeled / "verified.jsonl")})
+    units = samples(collector, "whisper_quality_reference_units_total")
+    manifest_languages = {("en", "word"), ("de", "word"), ("zh", "char"), ("yue", "char")}
+    expected = {(lang, set_, unit) for lang, unit in manifest_languages for set_ in ("reference", "production")}
+    expected.add(("fr", "production", "word"))  # queued, waiting for review
+    assert {(dict(k)["language"], dict(k)["set"], dict(k)["unit"]) for k in units} == expected
+    assert set(units.values()) == {0.0}
+    errors = samples(collector, "whisper_quality_errors_total")
+    assert len(errors) == 3 * len(expected) and set(errors.values()) == {0.0}
+    assert len(samples(collector, "whisper_quality_utterances_total")) == 2 * len(expected)
+    assert samples(collector, "whisper_quality_error_rate") == {}  # no round yet: no rate to show
+
+
+def test_a_language_first_seen_in_a_review_is_scored_one_run_later(labeled):
+    """Queued and verified between two runs: its series goes out at 0 first, the score next run."""
+    queue, refs = labeled / "queue.jsonl", labeled / "verified.jsonl"
+    _, collector = make(labeled, FakeClient({}), manifest=None,
+                        production={"queue": str(queue), "references": str(refs)})
+    assert samples(collector, "whisper_quality_reference_units_total") == {}  # nothing known yet
+    queue.write_text(json.dumps({"id": "q1", "audio": "/srv/q1.wav", "transcript": "guten tag", "language": "de",
+                                 "duration": 2.0, "duration_band": "0-5s", "sampled_at": 1.0}) + "\n")
+    refs.write_text(json.dumps({"id": "q1", "reference": "guten morgen"}) + "\n")
+    collector.update()
+    labels = dict(language="de", set="production", unit="word")
+    assert value(collector, "whisper_quality_reference_units_total", **labels) == 0
+    assert "1 of a new language scored next run" in collector.status
+    collector.update()
+    assert value(collector, "whisper_quality_reference_units_total", **labels) == 2
+    assert value(collector, "whisper_quality_errors_total", type="substitution", **labels) == 1
+    assert value(collector, "whisper_quality_error_rate", **labels) == 0.5
+    assert queue.read_text() == ""
+
+
+def test_a_language_added_to_the_manifest_is_exported_at_0_first(labeled):
+    client = FakeClient({"en-1.wav": "The quick brown fox jumped over a lazy dog."})
+    _, collector = make(labeled, client)
+    wav(labeled / "audio" / "fr-1.wav")
+    with open(labeled / "refs.jsonl", "a", encoding="utf-8") as out:
+        out.write(json.dumps({"id": "fr-1", "audio": "audio/fr-1.wav", "reference": "bonjour tout le monde",
+                              "language": "fr"}) + "\n")
+    collector.update()
+    assert ("fr-1.wav", "fr") not in client.calls and len(client.calls) == len(SET)
+    labels = dict(language="fr", set="reference", unit="word")
+    assert value(collector, "whisper_quality_reference_units_total", **labels) == 0
+    collector.update()
+    assert ("fr-1.wav", "fr") in client.calls
+    assert value(collector, "whisper_quality_reference_units_total", **labels) == 4
+
+
 def test_quality_alone_owns_and_renders_its_counts(labeled):
     config, collector = make(labeled, FakeClient({"en-1.wav": "the quick brown fox"}))
     assert collector.standalone  # built outside the wiring: it renders the quality families itself
@@ -336,7 +393,10 @@ def test_log_lines_with_audio_and_transcript_reach_the_queue_and_verified_ones_a
     assert fams["whisper_quality_review_queue_items"].samples[0].value == 2
     # nothing verified yet: nothing scored, nothing taken off the queue
     collector.update()
-    assert samples(collector, "whisper_quality_reference_units_total", set="production") == {}
+    # (the queued languages are exported at 0 while they wait: Prometheus sees them before a count)
+    assert samples(collector, "whisper_quality_reference_units_total", set="production") == {
+        (("language", "en"), ("set", "production"), ("unit", "word")): 0.0,
+        (("language", "yue"), ("set", "production"), ("unit", "char")): 0.0}
     # a reviewer verifies the Cantonese one
     yue = item_id("/srv/y1.wav", "早晨你今日食左饭未")
     refs.write_text(json.dumps({"id": yue, "reference": "早晨，你今日食咗飯未呀？"}, ensure_ascii=False) + "\n",
@@ -415,8 +475,10 @@ def test_landing_page_shows_rates_and_worst_items_escaped(labeled):
     shared = Shared.build(config)
     shared.quality, shared.quality_in_use, shared.quality_view = collector.quality, True, collector
     scheduler = Scheduler([(collector, 3600.0, 4000.0)], shared=shared)
+    collector.quality.seed("fr", "reference")  # exported at 0, nothing evaluated: not a row of the page
     rows = landing.quality_rows(scheduler)
     assert {(r["set"], r["language"]) for r in rows["rates"]} >= {("reference", "en"), ("reference", "yue")}
+    assert "fr" not in {r["language"] for r in rows["rates"]}
     worst = rows["worst"]
     assert worst[0]["set"] == "reference" and float(worst[0]["error_rate"]) >= float(worst[1]["error_rate"])
     assert any(r["id"] == "de-1" and "timeout" in r["result"] for r in worst)

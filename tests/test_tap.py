@@ -318,6 +318,29 @@ def test_upstream_down_gives_502_and_the_tap_keeps_serving(records):
         tap.stop()
 
 
+def test_a_502_keeps_the_language_the_request_sent(records):
+    """Issue 21, 9a: upstream down, the upload's form fields still label the request (as a 400's do)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    tap = start_tap(f"http://127.0.0.1:{port}", records, max_in_memory=65536)
+    try:
+        # The language field after a file bigger than max_in_memory: the whole upload is read.
+        body = multipart("B", {}, "file", "a.wav", wav_bytes(3.0)).replace(
+            b"--B--", b'--B\r\nContent-Disposition: form-data; name="language"\r\n\r\nde\r\n--B--')
+        r = requests.post(f"http://127.0.0.1:{tap.port}{TRANSCRIPTIONS}", data=body,
+                          headers={"Content-Type": "multipart/form-data; boundary=B"})
+        assert r.status_code == 502
+        r = requests.post(f"http://127.0.0.1:{tap.port}{TRANSCRIPTIONS}", files={"file": ("a.wav", b"x")},
+                          data={"language": "fr", "model": "tiny"})
+        assert r.status_code == 502
+        recs = records.wait(2)
+        assert [(x.status, x.error, x.language) for x in recs] == [(502, "connect", "de"), (502, "connect", "fr")]
+        assert recs[1].model == "tiny"
+    finally:
+        tap.stop()
+
+
 def test_server_killed_mid_answer(tap, records):
     with pytest.raises(requests.exceptions.RequestException):
         r = requests.post(url(tap, "/cut"), data=b"x")

@@ -158,6 +158,9 @@ def _run(config_path: Optional[str], listen: Optional[str], log_level: Optional[
                                    load_config=_reloader(config_path, listen, log_level, collectors),
                                    enable_lifecycle=enable_lifecycle,
                                    load_web=(lambda: load_web_config(web_config)) if web_config else None)
+    except daemon.RequiredStartError as err:  # the tap's address is taken: as for the metrics port
+        click.echo(f"whisper-exporter: {err}", err=True)
+        sys.exit(1)
     except OSError as err:
         click.echo(f"whisper-exporter: cannot listen on {config.listen}: {err.strerror or err}", err=True)
         sys.exit(1)
@@ -354,19 +357,23 @@ def probe(config_path: Optional[str], target: Optional[str], api: Optional[str],
 @click.option("--max-hallucination-rate", "max_hallucination_rate", default=None, type=click.FloatRange(0, 1),
               metavar="RATE", help="Fail when a language has a larger share of transcripts suspected of "
                                    "hallucination (docs/hallucination.md); default: reported, not judged.")
+@click.option("--max-punctuation-error-rate", "max_punctuation_error_rate", default=None, metavar="LANG=RATE,...",
+              help="Fail when a language's punctuation error rate (. , ? ! of the references that have marks, "
+                   "docs/quality.md) is above it; e.g. 0.3 or en=0.2,0.5; default: reported, not judged.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress on stderr: a bar on a terminal, a line every 10%% (or 30 s) otherwise.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (with every item's transcript).")
 def evaluate(manifest: Optional[str], target: Optional[str], config_path: Optional[str], api: Optional[str],
              model: Optional[str], timeout: Optional[float], max_error_rate: Optional[str], worst_n: int,
              max_skipped: int, allow_unthresholded: bool, max_hallucination_rate: Optional[float], progress: bool,
-             as_json: bool) -> None:
+             as_json: bool, max_punctuation_error_rate: Optional[str] = None) -> None:
     """Evaluate the Whisper server on a labeled set once: error rates per language, the worst items.
 
     A quality gate before rolling out a model; it cannot pass by accident. Exit status: 0 every
     language within its threshold; 1 a language above it, an utterance without a transcript,
-    more skipped manifest lines than --max-skipped, or a language without a threshold (unless
-    --allow-unthresholded); 2 bad usage, configuration or a manifest with nothing usable.
+    more skipped manifest lines than --max-skipped, a language without a threshold (unless
+    --allow-unthresholded), or, with --max-punctuation-error-rate, a punctuation error rate above
+    it or no reference with marks to judge; 2 bad usage, configuration or a manifest with nothing usable.
     """
     import dataclasses
     import json
@@ -400,6 +407,12 @@ def evaluate(manifest: Optional[str], target: Optional[str], config_path: Option
             thresholds = ev.parse_thresholds(max_error_rate)
         except ValueError as err:
             usage(f"--max-error-rate: {err} (expected LANG=RATE,... such as en=0.1,zh=0.15)")
+    punctuation_limits = None
+    if max_punctuation_error_rate is not None:
+        try:
+            punctuation_limits = ev.parse_thresholds(max_punctuation_error_rate)
+        except ValueError as err:
+            usage(f"--max-punctuation-error-rate: {err} (expected RATE or LANG=RATE,... such as 0.3 or en=0.2)")
     overrides: dict[str, Any] = {k: v for k, v in (("api", api), ("model", model)) if v}
     service = dataclasses.replace(config.service, **overrides)
     try:
@@ -422,7 +435,8 @@ def evaluate(manifest: Optional[str], target: Optional[str], config_path: Option
     try:
         report = ev.run(loaded, client, thresholds, worst_n=worst_n, progress=shown,
                         max_skipped=max_skipped, allow_unthresholded=allow_unthresholded,
-                        max_hallucination_rate=max_hallucination_rate)
+                        max_hallucination_rate=max_hallucination_rate,
+                        max_punctuation_error_rate=punctuation_limits)
     finally:
         if shown is not None:
             shown.close()

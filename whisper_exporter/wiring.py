@@ -45,20 +45,52 @@ def build_scheduler(config: Config, shared: Optional[Shared] = None,
             # A reload is not a start-up: reading present files from the beginning again would
             # count their lines twice into counters that carry on.
             section = dataclasses.replace(section, start_at="end")
-        collector = (reuse or {}).get(name) or plugin.factory(section, shared)
+        collector = (reuse or {}).get(name)
+        if collector is None:
+            shared.building = name  # what the factory takes from the shared state is noted under its name
+            try:
+                collector = plugin.factory(section, shared)
+            finally:
+                shared.building = None
         entries.append((collector, section.interval, plugin.run_timeout(section)))
     return Scheduler(entries, shared=shared)
 
 
-def _shared_inputs(config: Config) -> tuple:
-    """What Shared.build reads from a configuration: when this changes, the shared state and so
-    every collector (they hold it) are built anew."""
-    logs = getattr(config.collectors, "logs", None)
-    quality = getattr(config.collectors, "quality", None)
-    return (
-        (logs.endpoints, logs.status_codes, logs.languages, logs.max_series) if logs else None,
-        quality.production if quality else None,
-    )
+def _reads(section: Any, config: Config) -> object:
+    """What a collector takes from outside its own section (a section's `reads(config)`, e.g. the
+    probe the tap's address): a reload that changes it builds the collector anew."""
+    reads = getattr(section, "reads", None)
+    return reads(config) if callable(reads) else None
+
+
+def _port(section: Any) -> Optional[int]:
+    """The port a section's collector listens on (its `listen_address`), if it listens."""
+    address = getattr(section, "listen_address", None)
+    return address[1] if isinstance(address, tuple) else None
+
+
+class RequiredStartError(Exception):
+    """A collector whose section says `required` could not start (the tap's port is taken)."""
+
+
+def _required(config: Config, name: str) -> bool:
+    return bool(getattr(getattr(config.collectors, name, None), "required", False))  # a section may not exist (tests)
+
+
+def start_required(config: Config, scheduler: Scheduler) -> None:
+    """Start the required collectors now, in this thread: one in the request path (the tap) must
+    not leave the exporter serving without it. Raises RequiredStartError naming what to change."""
+    for collector, state in scheduler.entries:
+        if _required(config, state.name):
+            _start_one(scheduler, collector, state.name)
+
+
+def _start_one(scheduler: Scheduler, collector: Collector, name: str) -> None:
+    try:
+        scheduler.start_now(collector)
+    except Exception as err:
+        raise RequiredStartError(f"cannot start the {name} collector: {err}; "
+                                 f"collectors.{name}.required: false runs the exporter without it") from err
 
 
 @dataclass
@@ -96,7 +128,7 @@ class Running:
                     self._apply_web(web)
             except Exception as err:  # a bad file, or a factory that fails: keep what runs
                 self.reloads.record(False)
-                reason = str(err) if isinstance(err, ConfigError) else describe(err)
+                reason = str(err) if isinstance(err, (ConfigError, RequiredStartError)) else describe(err)
                 log.error("reload refused, the previous configuration stays: %s", reason)
                 return reason
             self.reloads.record(True)
@@ -108,26 +140,31 @@ class Running:
             log.warning("listen address changed to %s: that needs a restart; still serving on %s",
                         new.listen, old.listen)
             new.listen = old.listen
-        shared = old_scheduler.shared
-        reuse: dict[str, Collector] = {}
-        if shared is not None and _shared_inputs(new) == _shared_inputs(old):
-            running = {c.name: c for c, _ in old_scheduler.entries}
-            for name, section in new.collectors.items():
-                old_section = getattr(old.collectors, name, None)
-                if name in running and section.enabled and section == old_section and new.service == old.service:
-                    reuse[name] = running[name]
-            # Factories read the new configuration through the shared state; put back if one fails.
-            before = (shared.config, shared.probe_view, shared.quality_view)
-            shared.config = new
-            try:
-                scheduler = build_scheduler(new, shared, reuse)
-            except BaseException:
-                shared.config, shared.probe_view, shared.quality_view = before
-                raise
+        if old_scheduler.shared is None:
+            shared, rebuild = Shared.build(new), {name for name, _ in new.collectors.items()}
         else:
-            shared = Shared.build(new)
-            scheduler = build_scheduler(new, shared)
-        kept = scheduler.adopt(old_scheduler)
+            # Parts of the shared state whose inputs did not change (request, canary, quality and
+            # hallucination counters) carry on; a collector holding a part that did is built anew.
+            shared, rebuild = old_scheduler.shared.renewed(new)
+        running = {c.name: c for c, _ in old_scheduler.entries}
+        reuse: dict[str, Collector] = {}
+        for name, section in new.collectors.items():
+            old_section = getattr(old.collectors, name, None)
+            if (name in running and name not in rebuild and section.enabled and section == old_section
+                    and new.service == old.service and _reads(section, new) == _reads(old_section, old)):
+                reuse[name] = running[name]
+        old_requests = old_scheduler.shared.requests if old_scheduler.shared is not None else None
+        tap_on = old_requests.tap_on if old_requests is not None else False
+        try:
+            scheduler = build_scheduler(new, shared, reuse)
+            kept = scheduler.adopt(old_scheduler)
+            self._start_required(new, scheduler, kept)
+        except BaseException:
+            if old_requests is not None:
+                old_requests.tap_on = tap_on  # a new tap's factory set it on the counts that run on
+            raise
+        if shared.requests.tap_on and all(c.name != "tap" for c, _ in scheduler.entries):
+            shared.requests.tap_on = False  # kept request metrics: the log is their one source again
         for view in ("probe_view", "quality_view"):  # a collector that is gone leaves no view behind
             if getattr(shared, view, None) is not None and all(getattr(shared, view) is not c
                                                                for c, _ in scheduler.entries):
@@ -141,6 +178,47 @@ class Running:
         rebuilt = [c.name for c, _ in scheduler.entries if all(c is not k for k in kept)]
         log.info("configuration reloaded from %s: kept %s; (re)started %s", new.source,
                  ", ".join(c.name for c in kept) or "none", ", ".join(rebuilt) or "none")
+
+    def _start_required(self, new: Config, scheduler: Scheduler, kept: list[Collector]) -> None:
+        """Start the new configuration's required collectors before the old ones stop, so a tap
+        that cannot bind its new address refuses the reload while the old tap serves on. One on the
+        port its predecessor holds takes over from it; if even then it cannot start, a new one on
+        the old configuration takes its place, and the reload is refused."""
+        old, old_scheduler = self.config, self.scheduler
+        running = {c.name: c for c, _ in old_scheduler.entries if all(c is not k for k in kept)}
+        started: list[Collector] = []
+        halted: dict[str, Collector] = {}
+        try:
+            for collector, state in scheduler.entries:
+                name = state.name
+                if any(collector is k for k in kept) or not _required(new, name):
+                    continue
+                previous, old_section = running.get(name), getattr(old.collectors, name, None)
+                if previous is not None and _port(old_section) == _port(new.collectors[name]):
+                    # The same port (127.0.0.1:P, localhost:P, 0.0.0.0:P overlap): the old one's
+                    # socket is in the new one's way, so it stops first.
+                    old_scheduler.halt(previous)
+                    halted[name] = previous
+                _start_one(scheduler, collector, name)
+                started.append(collector)
+        except BaseException:
+            scheduler.stop(keep=[c for c, _ in scheduler.entries if all(c is not s for s in started)])
+            for name, previous in halted.items():
+                self._restore(name, previous)
+            raise
+
+    def _restore(self, name: str, halted: Collector) -> None:
+        """After a refused reload: a collector on the running configuration in place of the one
+        halted for it (its counters start again; the shared ones carry on)."""
+        old_scheduler = self.scheduler
+        assert old_scheduler.shared is not None
+        try:
+            fresh = plugins()[name].factory(self.config.collectors[name], old_scheduler.shared)
+            old_scheduler.put(halted, fresh)
+            old_scheduler.start_now(fresh)
+        except Exception as err:  # down, and retried every interval, as with required: false
+            log.error("collector %s could not start again on the running configuration: %s", name, describe(err))
+        old_scheduler.start()
 
     def _apply_web(self, web: WebConfig) -> None:
         """Users, headers and certificates from --web.config.file, for the requests and
@@ -209,7 +287,12 @@ def start(
 
     inner = make_app(_Current(), registry, reload=(lambda: running.reload()) if enable_lifecycle else None)
     app = _Swappable(inner, _protect(inner, web, health_open))
-    server = serve(host, port, app, web.ssl_context)
+    try:
+        start_required(config, scheduler)  # before the port opens: never ready without the tap
+        server = serve(host, port, app, web.ssl_context)
+    except BaseException:
+        scheduler.stop()
+        raise
     registry.register(server)  # whisper_exporter_http_connections*
     if scheduler.shared is not None:
         # Production transcripts show on the status page only behind basic auth, or mutual TLS that

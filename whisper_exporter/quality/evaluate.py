@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Optional
 from whisper_exporter.quality.manifest import Item, Manifest, Problem
 from whisper_exporter.whisper import clients, scoring, utterance
 from whisper_exporter.whisper.audio import AudioError
+from whisper_exporter.whisper.punctuation import Punctuation
 
 DEFAULT_THRESHOLD = "default"  # the thresholds key for "every other language"
 SCORED, FAILED = "scored", "failed"
@@ -46,6 +47,7 @@ class ItemResult:
     reason: str = ""
     transcript: Optional[str] = None  # as the server returned it
     score: Optional[scoring.Score] = None
+    punctuation: Optional[Punctuation] = None  # the raw texts' marks (whisper/punctuation.py)
     elapsed: float = 0.0  # seconds the request took
     audio_duration: float = 0.0
     started: float = 0.0  # unix seconds
@@ -73,6 +75,7 @@ class ItemResult:
             "error_rate": self.error_rate,
             "elapsed_seconds": round(self.elapsed, 6), "audio_seconds": self.audio_duration,
             "started": self.started, "suspects": list(self.suspects),
+            "punctuation": None if self.punctuation is None else self.punctuation.to_dict(),
         }
 
 
@@ -94,6 +97,7 @@ def evaluate_item(client: clients.WhisperClient, item: Item, set_: str = "refere
     if u.transcript is None or u.score is None:
         return result
     result.transcript, result.score, result.result = u.transcript, u.score, SCORED
+    result.punctuation = u.punctuation
     result.suspects = u.suspects
     return result
 
@@ -119,6 +123,14 @@ class LanguageSummary:
     threshold: Optional[float] = None
     suspects: int = 0  # scored utterances whose transcript looks hallucinated
     suspect_reasons: dict[str, int] = field(default_factory=dict)
+    punctuation: Punctuation = field(default_factory=Punctuation)  # summed over punctuation_scored
+    punctuation_scored: int = 0  # utterances whose reference has marks
+    punctuation_threshold: Optional[float] = None  # --max-punctuation-error-rate for this language
+
+    @property
+    def punctuation_error_rate(self) -> Optional[float]:
+        """PER over the utterances whose reference has marks; None when there were none."""
+        return self.punctuation.error_rate if self.punctuation_scored else None
 
     @property
     def hallucination_rate(self) -> Optional[float]:
@@ -155,6 +167,9 @@ class LanguageSummary:
         self.substitutions += r.score.substitutions
         self.deletions += r.score.deletions
         self.insertions += r.score.insertions
+        if r.punctuation is not None and r.punctuation.scored:
+            self.punctuation_scored += 1
+            self.punctuation.add(r.punctuation)
         if r.suspects:
             self.suspects += 1
             for reason in r.suspects:
@@ -166,7 +181,11 @@ class LanguageSummary:
                 "substitutions": self.substitutions, "deletions": self.deletions,
                 "insertions": self.insertions, "errors": self.errors, "error_rate": self.error_rate,
                 "threshold": self.threshold, "passed": self.passed, "hallucination_suspects": self.suspects,
-                "hallucination_rate": self.hallucination_rate, "hallucination_reasons": dict(self.suspect_reasons)}
+                "hallucination_rate": self.hallucination_rate, "hallucination_reasons": dict(self.suspect_reasons),
+                "punctuation_scored": self.punctuation_scored,
+                "punctuation_error_rate": self.punctuation_error_rate,
+                "punctuation_threshold": self.punctuation_threshold,
+                "punctuation_marks": {m: dict(c) for m, c in self.punctuation.counts.items()}}
 
 
 def summarize(results: Iterable[ItemResult], thresholds: Optional[dict[str, float]] = None) -> dict[str, LanguageSummary]:
@@ -234,10 +253,14 @@ class Report:
     max_skipped: Optional[int] = 0  # skipped manifest lines allowed; None: any number
     allow_unthresholded: bool = False  # languages without a threshold are reported, not failed
     max_hallucination_rate: Optional[float] = None  # per language; None: suspects reported, not judged
+    max_punctuation_error_rate: Optional[dict[str, float]] = None  # like thresholds; None: PER not judged
 
     @property
     def languages(self) -> dict[str, LanguageSummary]:
-        return summarize(self.results, self.thresholds)
+        out = summarize(self.results, self.thresholds)
+        for language, summary in out.items():
+            summary.punctuation_threshold = threshold_for(self.max_punctuation_error_rate or {}, language)
+        return out
 
     @property
     def failed(self) -> list[ItemResult]:
@@ -274,10 +297,30 @@ class Report:
                 if rate is not None and rate > self.max_hallucination_rate:
                     out.append(f"{lang}: {s.suspects} of {s.scored} transcript(s) suspected of hallucination "
                                f"({rate:.3f}), above --max-hallucination-rate {self.max_hallucination_rate:g}")
+        out += self.punctuation_breaches()
         failed = self.failed
         if failed:
             out.append(f"{len(failed)} utterance(s) got no transcript ({', '.join(r.id for r in failed[:5])}"
                        f"{', ...' if len(failed) > 5 else ''})")
+        return out
+
+    def punctuation_breaches(self) -> list[str]:
+        """The punctuation gate: a PER above its language's limit, or nothing to judge at all."""
+        if self.max_punctuation_error_rate is None:
+            return []
+        out = []
+        judged = 0
+        for lang, s in self.languages.items():
+            rate, limit = s.punctuation_error_rate, s.punctuation_threshold
+            if rate is None or limit is None:
+                continue  # no reference of it has marks, or no limit covers it
+            judged += 1
+            if rate > limit:
+                out.append(f"{lang}: punctuation error rate {rate:.4f} is above --max-punctuation-error-rate "
+                           f"{limit:g} ({s.punctuation.errors} of {s.punctuation.operations} marks)")
+        if not judged:  # a gate that judged nothing must not pass by accident
+            out.append("--max-punctuation-error-rate judged no language: no reference with punctuation marks "
+                       "(. , ? !) in a language it covers")
         return out
 
     @property
@@ -300,17 +343,20 @@ class Report:
             "unused_thresholds": self.unused_thresholds(),
             "max_skipped": self.max_skipped, "allow_unthresholded": self.allow_unthresholded,
             "unthresholded": self.unthresholded(), "max_hallucination_rate": self.max_hallucination_rate,
+            "max_punctuation_error_rate": self.max_punctuation_error_rate,
         }
 
 
 def run(manifest: Manifest, client: clients.WhisperClient, thresholds: Optional[dict[str, float]] = None,
         worst_n: int = 10, progress: Optional[Callable[[int, int, ItemResult], None]] = None,
         max_skipped: Optional[int] = 0, allow_unthresholded: bool = False,
-        max_hallucination_rate: Optional[float] = None) -> Report:
+        max_hallucination_rate: Optional[float] = None,
+        max_punctuation_error_rate: Optional[dict[str, float]] = None) -> Report:
     """Every item of the manifest once, one after another."""
     report = Report(manifest=manifest, target=client.url, api=client.api, model=client.model,
                     thresholds=dict(thresholds or {}), worst_n=worst_n, max_skipped=max_skipped,
-                    allow_unthresholded=allow_unthresholded, max_hallucination_rate=max_hallucination_rate)
+                    allow_unthresholded=allow_unthresholded, max_hallucination_rate=max_hallucination_rate,
+                    max_punctuation_error_rate=max_punctuation_error_rate)
     started = time.monotonic()
     total = len(manifest.items)
     for n, item in enumerate(manifest.items, start=1):
@@ -349,6 +395,21 @@ def table(rows: list[list[str]], right: Iterable[int] = ()) -> list[str]:
     return out
 
 
+def punctuation_table(report: Report) -> list[str]:
+    """PER per language, for the languages whose references have marks (empty when none has)."""
+    languages = {k: s for k, s in report.languages.items() if s.punctuation_scored}
+    if not languages:
+        return []
+    rows = [["language", "utterances", "marks", "C", "S", "D", "I", "PER", "limit", ""]]
+    for lang, s in languages.items():
+        p, limit, rate = s.punctuation, s.punctuation_threshold, s.punctuation_error_rate
+        verdict = "" if limit is None or rate is None else ("ok" if rate <= limit else "FAIL")
+        rows.append([lang, str(s.punctuation_scored), str(p.operations), str(p.total("correct")),
+                     str(p.total("substituted")), str(p.total("deleted")), str(p.total("inserted")),
+                     _rate(rate), "-" if limit is None else f"{limit:g}", verdict])
+    return ["", "Punctuation (. , ? ! of the utterances whose reference has marks):"] + table(rows, right=range(1, 9))
+
+
 def text_report(report: Report) -> str:
     m = report.manifest
     lines = [
@@ -367,6 +428,7 @@ def text_report(report: Report) -> str:
                      str(s.substitutions), str(s.deletions), str(s.insertions), _rate(s.error_rate),
                      "-" if s.threshold is None else f"{s.threshold:g}", str(s.suspects), verdict])
     lines += table(rows, right=range(2, 11))
+    lines += punctuation_table(report)
     suspected = [r for r in report.results if r.suspects]
     if suspected:
         lines += ["", f"Suspected hallucinations ({len(suspected)}):"]

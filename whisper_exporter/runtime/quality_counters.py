@@ -7,6 +7,7 @@ each family appears once per scrape whatever the number of collectors feeding
 it, and none vanishes while one of them is overdue.
 
     counters = shared.use_quality()
+    counters.seed("en", "canary")                  # exported at 0 before its first count
     counters.record(score, set_="canary")          # one scored utterance
     counters.record_failure("en", "canary")       # one utterance without a transcript
     counters.end_round("canary")                  # error-rate gauges for this round
@@ -26,6 +27,8 @@ from typing import Any, Iterable, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from whisper_exporter.runtime.punctuation_counters import PunctuationCounters
+from whisper_exporter.whisper.punctuation import Punctuation
 from whisper_exporter.whisper.scoring import Score, base_language, unit_for
 
 ERROR_TYPES = ("substitution", "deletion", "insertion")
@@ -58,6 +61,7 @@ class QualityCounters:
         self._languages: set[str] = set()
         self.max_languages = max_languages
         self.folded_total = 0  # utterances whose language was folded into "other"
+        self.punctuation = PunctuationCounters()  # rendered with these, its languages folded by these
 
     def _language(self, language: str) -> str:
         language = base_language(language) or "unknown"
@@ -68,6 +72,20 @@ class QualityCounters:
             return OTHER
         self._languages.add(language)
         return language
+
+    def seed(self, language: str, set_: str) -> None:
+        """Export (language, set) at 0 before its first count."""
+        # Prometheus takes a new series' first sample as its baseline: a series that first
+        # appears with a batch in it hides that batch from rate() and increase().
+        with self._lock:
+            self._totals.setdefault((self._language(language), set_, unit_for(language)), _Totals())
+
+    def has(self, language: str, set_: str) -> bool:
+        """Whether (language, set) is exported already (seeded or counted)."""
+        key = (base_language(language) or "unknown", set_, unit_for(language))
+        with self._lock:
+            return key in self._totals or (key[0] not in self._languages
+                                           and len(self._languages) >= self.max_languages)
 
     def record(self, score: Score, set_: str) -> None:
         """Count one scored utterance into its (language, set, unit) and the open round."""
@@ -82,6 +100,12 @@ class QualityCounters:
             pending = self._round.setdefault(key, [0, 0])
             pending[0] += score.errors
             pending[1] += score.reference_units
+
+    def record_punctuation(self, language: str, set_: str, p: Punctuation) -> None:
+        """Count one utterance's punctuation (whisper/punctuation.py) into its (language, set)."""
+        with self._lock:
+            language = self._language(language)
+        self.punctuation.add(language, set_, p)
 
     def record_failure(self, language: str, set_: str) -> None:
         """Count one utterance that could not be scored (no transcript came back)."""
@@ -152,7 +176,8 @@ class QualityCounters:
                 if key in self._rate:
                     rate.add_metric(values, self._rate[key])
                     evaluated.add_metric(values, self._evaluated[key])
-        return [units_family, errors, utterances, rate, evaluated]
+            keys = {(language, set_) for language, set_, _ in self._totals}
+        return [units_family, errors, utterances, rate, evaluated, *self.punctuation.families(keys)]
 
 
 def review_queue_families(queue: Any) -> list[Metric]:

@@ -171,8 +171,30 @@ class RequestMetrics:
         self.durations: dict[str, _Hist] = {}  # by endpoint
         self.queue = _Hist(QUEUE_BUCKETS)
         self.by_language: dict[str, _Language] = {}
+        self.seeded_languages: set[str] = set()  # audio families rendered at 0 before any request
         self.canaries: dict[str, int] = {}  # source -> the exporter's own requests seen
         self.spoofed: dict[str, int] = {}  # source -> requests marked as canaries without the token
+
+    def seed(self, endpoints: Iterable[str], status_codes: Iterable[int], languages: Iterable[str],
+             audio: bool = False) -> None:
+        """Export these series at 0 before their first request (runtime/seeds.py picks them)."""
+        # Prometheus takes a new series' first sample as its baseline: the first 502 of a series
+        # that appears with it is invisible to rate() and increase().
+        labels = self.labels
+        with self.lock:
+            eps = [e for e in (labels.endpoints.get(logparse.normalize_endpoint(x)) for x in endpoints) if e]
+            codes = [labels.status[int(c)] for c in status_codes if int(c) in labels.status]
+            langs = [lang for lang in languages if lang == UNKNOWN or lang in labels.languages]
+            for ep in eps:
+                self.durations.setdefault(ep, _Hist(LATENCY_BUCKETS))
+                for code in codes:
+                    for lang in langs:
+                        if len(self.requests) < self.max_series:
+                            self.requests.setdefault((ep, code, lang), 0)
+            if audio:
+                for lang in langs:
+                    self.by_language.setdefault(lang, _Language())
+                    self.seeded_languages.add(lang)
 
     def observe_all(self, records: Sequence[logparse.Record]) -> None:
         """Count a batch of records under one lock."""
@@ -261,6 +283,7 @@ class RequestMetrics:
                 "folded": dict(self.labels.folded),
                 "canaries": dict(self.canaries),
                 "spoofed": dict(self.spoofed),
+                "seeded_languages": set(self.seeded_languages),
             }
 
     def families(self) -> Iterable[Metric]:
@@ -299,13 +322,14 @@ class RequestMetrics:
         processed = CounterMetricFamily(
             "whisper_audio_processed_seconds_total", "Seconds of audio the server processed.",
             labels=["language"])
+        seeded = snap["seeded_languages"]
         for lang, stats in sorted(snap["by_language"].items()):
             if sum(stats.inference.counts):
                 inference.add_metric([lang], stats.inference.buckets(), stats.inference.sum)
-            if sum(stats.audio.counts):
+            if sum(stats.audio.counts) or lang in seeded:
                 audio.add_metric([lang], stats.audio.buckets(), stats.audio.sum)
                 processed.add_metric([lang], stats.processed)
-            if sum(stats.rtf.counts):
+            if sum(stats.rtf.counts) or lang in seeded:
                 rtf.add_metric([lang], stats.rtf.buckets(), stats.rtf.sum)
         yield from (inference, audio, processed, rtf)
 

@@ -131,6 +131,30 @@ class Scheduler:
                 except Exception as err:  # stop() must not raise; if it does, say so and go on
                     log.warning("collector %s: stop failed: %s", state.name, describe(err))
 
+    def start_now(self, collector: Collector) -> None:
+        """Start one collector in the caller's thread, so that its failure raises there (a required
+        collector cannot wait for its first scheduled run)."""
+        for c, state in self.entries:
+            if c is collector and not state.started:
+                collector.start()
+                state.started = True
+
+    def halt(self, collector: Collector) -> None:
+        """Stop one collector and its thread now (a reload frees what it holds for its successor)."""
+        self.stop(keep=[c for c, _ in self.entries if c is not collector])
+        self._stops.pop(id(collector), None)
+        self._threads.pop(id(collector), None)
+        for c, state in self.entries:
+            if c is collector:
+                state.started = False  # stopped once: a later stop() leaves it alone
+
+    def put(self, old: Collector, new: Collector) -> None:
+        """Put `new` in `old`'s place, with its state (a refused reload restores what it halted);
+        start() runs it."""
+        for i, (c, state) in enumerate(self.entries):
+            if c is old:
+                self.entries[i] = (new, state)
+
     def ready(self) -> bool:
         """Every collector has finished at least one run (successful or not)."""
         return all(state.runs > 0 for _, state in self.entries)

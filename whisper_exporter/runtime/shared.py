@@ -7,6 +7,7 @@ never vanishes because one of its feeders is overdue.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -70,6 +71,11 @@ class Shared:
     probe_view: Optional[ProbeView] = None
     quality_view: Optional[QualityView] = None
     page_authenticated: bool = False  # the status page requires auth: it may show production text
+    # Which collectors (by section name) hold a part a reload may replace ("requests", "sampler"),
+    # noted while `building` names the collector whose factory runs: a reload that replaces a part
+    # builds its holders anew, and only them.
+    building: Optional[str] = None
+    holders: dict[str, set[str]] = field(default_factory=dict)
     # The last minutes of the request metrics, for the status page's Service section; sampled on
     # each scrape and each page view.
     recent_requests: RecentRequests = field(init=False)
@@ -80,21 +86,35 @@ class Shared:
     @classmethod
     def build(cls, config: Config) -> "Shared":
         """Everything shared, from the configuration: label bounds come from the logs section."""
-        logs = getattr(config.collectors, "logs", None)
-        labels = Labels(logs.endpoints, logs.status_codes, logs.languages) if logs else Labels(None, None, None)
-        shared = cls(config, requests=RequestMetrics(labels, logs.max_series if logs else 5000))
-        quality = getattr(config.collectors, "quality", None)
-        if quality is not None:
-            path = resolve_path(quality.production.queue, config_dir(config.source))
-            if path:
-                from whisper_exporter.quality.sampling import ReviewQueue
+        return cls(config, requests=_request_metrics(config), review_queue=_review_queue(config))
 
-                shared.review_queue = ReviewQueue(path, quality.production.max_queue)
-        return shared
+    def renewed(self, new: Config) -> tuple["Shared", set[str]]:
+        """For a reload: the shared state for `new`, keeping every part whose inputs did not change
+        (counters and all), and the collectors that hold a replaced part (to be built anew).
+        `self` is left as it is, so a reload that fails keeps running on it."""
+        parts: dict[str, Any] = {}
+        rebuild: set[str] = set()
+        if _request_inputs(new) != _request_inputs(self.config):
+            parts["requests"] = _request_metrics(new)
+            rebuild |= self.holders.get("requests", set())
+        if _queue_inputs(new) != _queue_inputs(self.config):
+            parts["review_queue"] = _review_queue(new)
+        if _queue_inputs(new) != _queue_inputs(self.config) or _fraction(new) != _fraction(self.config):
+            rebuild |= self.holders.get("sampler", set())
+        renewed = dataclasses.replace(self, config=new, building=None,
+                                      holders={part: set(names) for part, names in self.holders.items()}, **parts)
+        if "requests" not in parts:
+            renewed.recent_requests = self.recent_requests  # the same metrics: their recent history holds
+        return renewed, rebuild
+
+    def _hold(self, part: str) -> None:
+        if self.building is not None:
+            self.holders.setdefault(part, set()).add(self.building)
 
     def use_requests(self) -> RequestMetrics:
         """The request metrics, for a collector that feeds them (they are rendered from now on)."""
         self.requests.in_use = True
+        self._hold("requests")
         return self.requests
 
     def use_quality(self) -> QualityCounters:
@@ -109,6 +129,7 @@ class Shared:
 
     def production_sampler(self) -> Optional["ProductionSampler"]:
         """A sampler of real requests into the review queue, when `quality.production.queue` is set."""
+        self._hold("sampler")  # asked for, even when there is none: a reload that adds a queue gives it one
         if self.review_queue is None:
             return None
         from whisper_exporter.quality.sampling import ProductionSampler
@@ -126,3 +147,37 @@ class Shared:
             yield from self.hallucinations.families()
         if self.review_queue is not None:
             yield from review_queue_families(self.review_queue)
+
+
+def _request_inputs(config: Config) -> tuple:
+    """What the request metrics are built from: the logs section's label bounds."""
+    logs = getattr(config.collectors, "logs", None)
+    return (logs.endpoints, logs.status_codes, logs.languages, logs.max_series) if logs else ()
+
+
+def _request_metrics(config: Config) -> RequestMetrics:
+    logs = getattr(config.collectors, "logs", None)
+    labels = Labels(logs.endpoints, logs.status_codes, logs.languages) if logs else Labels(None, None, None)
+    return RequestMetrics(labels, logs.max_series if logs else 5000)
+
+
+def _queue_inputs(config: Config) -> tuple:
+    """What the review queue is built from: its file and size."""
+    quality = getattr(config.collectors, "quality", None)
+    if quality is None:
+        return ()
+    return resolve_path(quality.production.queue, config_dir(config.source)), quality.production.max_queue
+
+
+def _fraction(config: Config) -> Optional[float]:
+    quality = getattr(config.collectors, "quality", None)
+    return quality.production.fraction if quality is not None else None
+
+
+def _review_queue(config: Config) -> Optional["ReviewQueue"]:
+    path = _queue_inputs(config)[0] if _queue_inputs(config) else None
+    if not path:
+        return None
+    from whisper_exporter.quality.sampling import ReviewQueue
+
+    return ReviewQueue(path, config.collectors.quality.production.max_queue)

@@ -18,8 +18,14 @@ DEFAULT_TAP_LISTEN = f"127.0.0.1:{DEFAULT_TAP_PORT}"
 class TapConfig:
     enabled: bool = False
     listen: str = DEFAULT_TAP_LISTEN  # HOST:PORT the tap accepts clients on
+    # The tap is in the request path: an address it cannot bind stops the exporter from starting
+    # (exit 1), and a reload to one is refused. false: start without it, retried every interval.
+    required: bool = True
     upstream: Optional[str] = None  # the Whisper server; null: service.url
     connect_timeout: Duration = Duration(10)  # to connect to the upstream
+    # An upstream connection idle for less than this is reused; 0: one connection per request.
+    # Keep it below the server's keep-alive timeout (uvicorn 5 s, gunicorn 2 s): docs/tap.md.
+    upstream_keepalive: Duration = Duration(1)
     # No answer (or no next byte) from the upstream for this long ends the request with 504.
     # Long files take minutes to transcribe, so the default is generous.
     read_timeout: Duration = Duration(600)

@@ -14,12 +14,14 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable, Optional
 
 import aiohttp
 from aiohttp import web
+from aiohttp.connector import Connection
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -159,13 +161,8 @@ class Tap:
             _clean_spool(cfg.spool_dir)
         timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout, sock_read=cfg.read_timeout)
         self._session = aiohttp.ClientSession(
-            timeout=timeout, auto_decompress=False,
-            # One upstream connection per request, as nginx's proxy_pass does by default: a pooled
-            # connection the server is closing (its keep-alive ran out: gunicorn 2 s, uvicorn 5 s;
-            # or uvicorn after an unhandled 500, without saying so) fails the POST sent on it with a
-            # 502, and a POST cannot be retried. A loopback connect costs well under a millisecond.
-            connector=aiohttp.TCPConnector(limit=0, force_close=True),
-            cookie_jar=aiohttp.DummyCookieJar())
+            timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            connector=_connector(cfg.upstream_keepalive), response_class=_Answer)
         # auto_decompress=False: a compressed upload is forwarded as sent (and not analysed);
         # handler_cancellation: a client that goes away cancels its upstream request.
         server = web.Server(self._handle, auto_decompress=False, handler_cancellation=True,
@@ -246,16 +243,20 @@ class Tap:
                 allow_redirects=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding",
                                                           "Content-Type"))
         except asyncio.TimeoutError:
+            await _read_rest(body, flight)
             return self._fail(record, "timeout", 504, "upstream timed out")
         except aiohttp.ClientConnectorError:
+            await _read_rest(body, flight)
             return self._fail(record, "connect", 502, "upstream unreachable")
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
             if record.error is not None:  # the client's side failed first
                 return _client_gone_response(record)
+            await _read_rest(body, flight)
             return self._fail(record, "closed", 502, "upstream closed the connection")
         except aiohttp.ClientError as err:
             if record.error is not None:
                 return _client_gone_response(record)
+            await _read_rest(body, flight)
             return self._fail(record, "protocol", 502, f"upstream error ({type(err).__name__})")
         async with upstream:
             if not 200 <= upstream.status <= 599:
@@ -280,8 +281,9 @@ class Tap:
         timeout = self.config.client_timeout
         while True:
             try:
-                # wait_for, not asyncio.timeout(): Python 3.10 is supported (pyproject)
-                chunk = await asyncio.wait_for(content.readany(), timeout)
+                # readchunk, not readany: readany joins what is buffered into a new bytes (a copy of
+                # the upload: about 1 ms of CPU per 1 MB upload, benchmarks/bench_tap.py)
+                chunk, end_of_chunk = await _within(content.readchunk(), timeout)
             except asyncio.TimeoutError:
                 record.error = "client_timeout"
                 raise _ClientGone() from None
@@ -289,6 +291,8 @@ class Tap:
                 record.error = "client_gone"
                 raise _ClientGone() from None
             if not chunk:
+                if end_of_chunk:  # an HTTP chunk of a chunked upload ended here, not the body
+                    continue
                 break
             record.request_bytes += len(chunk)
             if analyzer is not None:
@@ -475,6 +479,43 @@ class Tap:
                 spool.discard()  # after the callback: sampling may have moved the file away
 
 
+def _connector(keepalive: float) -> aiohttp.TCPConnector:
+    """The upstream connections: reused while idle for less than `keepalive` seconds (0: never).
+
+    A kept-alive connection the server is closing fails the POST sent on it with a 502, and a
+    POST cannot be retried: so a connection is reused only while well inside the server's own
+    keep-alive (gunicorn's 2 s, uvicorn's 5 s) and never after a 5xx (uvicorn closes then without
+    saying so); an answer with `Connection: close` or an unfinished exchange closes it too.
+    Reuse saves a connect per request: 0.4-0.9 ms of CPU at 1 MB (benchmarks/bench_tap.py)."""
+    if keepalive <= 0:  # one connection per request, as nginx's proxy_pass does by default
+        return aiohttp.TCPConnector(limit=0, force_close=True)
+    return aiohttp.TCPConnector(limit=0, keepalive_timeout=keepalive)
+
+
+class _Answer(aiohttp.ClientResponse):
+    """An upstream answer; after a 5xx its connection is not reused (uvicorn closes after an
+    unhandled error's 500 without saying so)."""
+
+    async def start(self, connection: Connection) -> aiohttp.ClientResponse:
+        protocol = connection.protocol
+        await super().start(connection)
+        if self.status >= 500 and protocol is not None:
+            if self.connection is None:  # the whole answer came with its head: already back in the pool
+                protocol.close()
+            else:
+                protocol.force_close()  # closed, not pooled, once its body has been read
+        return self
+
+
+if sys.version_info >= (3, 11):
+    async def _within(awaitable: Any, seconds: float) -> Any:
+        """`awaitable`'s result, or TimeoutError after `seconds`; no task of its own, unlike wait_for."""
+        async with asyncio.timeout(seconds):
+            return await awaitable
+else:  # Python 3.10 (pyproject): wait_for runs each read in a task of its own
+    _within = asyncio.wait_for
+
+
 def origin_form(method: str, target: str) -> bool:
     """Whether a request may be forwarded: not CONNECT, and its target origin-form (/path?query)."""
     return method.upper() != "CONNECT" and target.startswith("/") and "#" not in target
@@ -502,6 +543,18 @@ def _clean_spool(folder: str) -> None:
 
 class _ClientGone(Exception):
     """The client's upload stopped (connection lost, or silent for client_timeout)."""
+
+
+async def _read_rest(body: Any, flight: _Flight) -> None:
+    """The rest of an upload the upstream never took, through the analyzer: its form fields
+    (language, model) label the failed request as they label a forwarded one."""
+    if body is None or flight.analyzer is None:
+        return
+    try:
+        async for _ in body:  # the client timeout and the analyzer's bounds hold as when forwarding
+            pass
+    except (_ClientGone, RuntimeError):  # the client left, or the body was already consumed
+        pass
 
 
 def _client_gone_response(record: TapRecord) -> web.Response:

@@ -135,6 +135,8 @@ def quality_rows(scheduler: Scheduler) -> dict[str, list[dict]]:
     rates = []
     if counters is not None:
         for (language, set_, unit), v in sorted(counters.snapshot().items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            if not v["scored"] and not v["failed"]:
+                continue  # exported at 0 for Prometheus, nothing evaluated yet: nothing to show
             rates.append({
                 "language": language, "set": set_, "unit": unit,
                 "error_rate": "" if v["error_rate"] is None else f"{v['error_rate']:.4f}",

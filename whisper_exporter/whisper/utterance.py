@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from whisper_exporter.whisper import audio, clients, hallucination, scoring
+from whisper_exporter.whisper import audio, clients, hallucination, punctuation, scoring
+from whisper_exporter.whisper.punctuation import Punctuation
 
 MAX_TRANSCRIPT_CHARS = 20000  # kept and scored at most: alignment is quadratic, and a hostile answer can be megabytes
 
@@ -59,6 +60,7 @@ class Utterance:
     audio_duration: Optional[float] = None  # seconds, from the file's header
     transcript: Optional[str] = None  # as the server returned it (clipped to MAX_TRANSCRIPT_CHARS)
     score: Optional[scoring.Score] = None
+    punctuation: Optional[Punctuation] = None  # marks of the raw texts (whisper/punctuation.py)
     signals: Signals = field(default_factory=Signals)
     suspects: tuple[str, ...] = ()  # why the transcript looks hallucinated (whisper/hallucination.py)
     server_language: Optional[str] = None
@@ -89,6 +91,7 @@ def run(client: clients.WhisperClient, path: str, reference: str, language: str,
     u.transcript = t.text[:MAX_TRANSCRIPT_CHARS]
     u.server_language, u.server_duration = t.language, t.duration
     u.score = scoring.score(reference, u.transcript, language)
+    u.punctuation = punctuation.score(reference, u.transcript)
     u.signals = Signals.of(t.segments)
     u.suspects = check(u.transcript, language, duration if duration is not None else t.duration, t.segments)
     return u
