@@ -41,20 +41,11 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from whisper_exporter.config import Config, Duration, KeyPath, config_dir, one_of, positive, resolve_path
-from whisper_exporter.quality import manifest as manifest_module
-from whisper_exporter.quality.evaluate import FAILED, SCORED, ItemResult, evaluate_item, threshold_for, worst
-from whisper_exporter.quality.manifest import ManifestError
-from whisper_exporter.quality.manifest import load as load_manifest
-from whisper_exporter.quality.sampling import (
-    ReviewQueue,
-    StratifiedSampler,
-    load_references,
-)
 from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
 from whisper_exporter.runtime.language_id_counters import LanguageIdCounters
@@ -62,6 +53,12 @@ from whisper_exporter.runtime.quality_counters import QualityCounters, review_qu
 from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.whisper import clients, language_id, punctuation, scoring
 from whisper_exporter.whisper.languages import language_code
+
+# The quality package (manifest, sampling, evaluation) is imported when a collector is built:
+# an exporter with this collector off (the default) need not hold it.
+if TYPE_CHECKING:
+    from whisper_exporter.quality.evaluate import ItemResult
+    from whisper_exporter.quality.sampling import ReviewQueue
 
 log = logging.getLogger("whisper_exporter.quality")
 
@@ -149,6 +146,8 @@ class QualityCollector:
         self.config = config
         self.url = url or config.service.url
         base = config_dir(config.source)
+        from whisper_exporter.quality.sampling import ReviewQueue, StratifiedSampler
+
         self.manifest_path = resolve_path(section.manifest, base)
         self.sampler = StratifiedSampler(resolve_path(section.state_file, base))
         production = section.production
@@ -189,6 +188,9 @@ class QualityCollector:
 
     def _seed_known(self) -> None:
         """Export the manifest's and the queue's languages at 0 before the first run counts."""
+        from whisper_exporter.quality.manifest import ManifestError
+        from whisper_exporter.quality.manifest import load as load_manifest
+
         if self.manifest_path:
             try:
                 self._seed(load_manifest(self.manifest_path, check_audio=False).languages(), self._sets())
@@ -208,8 +210,11 @@ class QualityCollector:
         if self.language_mode == language_id.GIVEN or not self.manifest_path:
             return
         if languages is None:
+            from whisper_exporter.quality.manifest import ManifestError
+            from whisper_exporter.quality.manifest import load as load_manifest
+
             try:
-                languages = manifest_module.load(self.manifest_path, check_audio=False).languages()
+                languages = load_manifest(self.manifest_path, check_audio=False).languages()
             except (ManifestError, OSError):
                 return  # the first run reports it
         for language in languages:
@@ -224,6 +229,8 @@ class QualityCollector:
     # -- a run ------------------------------------------------------------------------------
 
     def update(self) -> None:
+        from whisper_exporter.quality.manifest import ManifestError
+
         with self._lock:
             problems: list[str] = []
             parts: list[str] = []
@@ -250,6 +257,10 @@ class QualityCollector:
         log.log(level, "quality: %s", message)
 
     def _reference_round(self, problems: list[str]) -> str:
+        from whisper_exporter.quality.evaluate import SCORED, evaluate_item
+        from whisper_exporter.quality.manifest import ManifestError
+        from whisper_exporter.quality.manifest import load as load_manifest
+
         assert self.manifest_path is not None  # update() runs this round only with a manifest
         manifest = load_manifest(self.manifest_path)
         for problem in manifest.problems:
@@ -329,6 +340,9 @@ class QualityCollector:
 
     def _production_round(self, problems: list[str]) -> str:
         # update() runs this round only with both files configured (QualityConfig.check).
+        from whisper_exporter.quality.evaluate import SCORED, ItemResult
+        from whisper_exporter.quality.sampling import load_references
+
         assert self.references_path is not None and self.queue is not None
         references, bad = load_references(self.references_path)
         for problem in bad:
@@ -410,6 +424,8 @@ class QualityCollector:
                                        labels=["language"])
             languages = {k for k in thresholds if k != "default"}
             languages |= {key[0] for key in self.quality.snapshot() if key[1] != "canary"}
+            from whisper_exporter.quality.evaluate import threshold_for
+
             for language in sorted(languages):
                 rate = threshold_for(thresholds, language)
                 if rate is not None:
@@ -432,6 +448,8 @@ class QualityCollector:
 
     def worst_items(self, n: int = WORST) -> dict[str, list[ItemResult]]:
         """Per set, the worst items of its last round (production: of the recent ones)."""
+        from whisper_exporter.quality.evaluate import FAILED, worst
+
         with self._state_lock:
             latest = {k: list(v) for k, v in self._latest.items()}
             recent = list(self._recent_production)

@@ -16,13 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from whisper_exporter.config import config_dir, masked_url, resolve_path
 from whisper_exporter.logfiles.parse import Record
-from whisper_exporter.quality.sampling import AudioKeeper, ProductionSampler
 from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
 from whisper_exporter.runtime.requests import LATENCY_BUCKETS, Labels, RequestMetrics, _Hist
@@ -31,6 +30,9 @@ from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.tap import TapConfig, TapRecord
 from whisper_exporter.tap.record import ANALYSIS_REASONS, CLIENT_REASONS, UPSTREAM_REASONS
 from whisper_exporter.whisper import hallucination
+
+if TYPE_CHECKING:  # the sampling module is imported only for a tap that keeps samples
+    from whisper_exporter.quality.sampling import AudioKeeper, ProductionSampler
 
 log = logging.getLogger("whisper_exporter.tap")
 
@@ -196,6 +198,8 @@ def make(section: TapConfig, shared: Shared) -> TapCollector:
     sampler, keeper = None, None
     folder = resolve_path(section.sample_dir, config_dir(config.source))
     if folder:
+        from whisper_exporter.quality.sampling import AudioKeeper
+
         sampler = shared.production_sampler()  # TapConfig.check: the review queue is configured
         keeper = AudioKeeper(folder, section.sample_max_files, section.sample_max_bytes, section.sample_retention)
     requests = shared.use_requests()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -74,6 +75,8 @@ class FakeWhisper:
         self.answers = answers
         self.drip_interval = drip_interval
         self.requests: list[Request] = []
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -82,8 +85,16 @@ class FakeWhisper:
         self.thread.start()
 
     def close(self) -> None:
+        """Stop as a killed server does: no more connections, and the kept-alive ones closed too."""
         self.server.shutdown()
         self.server.server_close()
+        with self._lock:
+            conns, self._connections = list(self._connections), set()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def __enter__(self) -> "FakeWhisper":
         return self
@@ -96,6 +107,16 @@ class FakeWhisper:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with fake._lock:
+                    fake._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with fake._lock:
+                    fake._connections.discard(self.connection)
+                super().finish()
 
             def log_message(self, *args: object) -> None:
                 pass

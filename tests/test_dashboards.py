@@ -541,9 +541,9 @@ def exposition(whisper_server, tmp_path_factory) -> set[str]:
     the probe against the real faster-whisper-server."""
     from fake_nvml import FakeNVML
 
+    from whisper_exporter import wiring as daemon
     from whisper_exporter.collectors import gpu
     from whisper_exporter.config import from_dict
-    from whisper_exporter.runtime import wiring as daemon
     from whisper_exporter.runtime.collector import plugins
     from whisper_exporter.runtime.scheduler import Scheduler
     from whisper_exporter.runtime.shared import Shared

@@ -15,11 +15,17 @@ from typing import Any, Callable, NoReturn, Optional
 import click
 
 from whisper_exporter import __version__
-from whisper_exporter.config import APIS, Config, ConfigError, each_error, listen_hint, load, parse_listen
-from whisper_exporter.runtime.collector import plugin_names
+from whisper_exporter import config as config_file
+from whisper_exporter.config import APIS, Config, ConfigError, each_error, listen_hint, parse_listen
+from whisper_exporter.runtime.collector import plugin_names, plugin_sections
 
 EXIT_CONFIG = 2
 ENV_PREFIX = "WHISPER_EXPORTER_"
+
+
+def load(path: Optional[str]) -> Config:
+    """The configuration at `path` (or the defaults), with the installed collectors' sections."""
+    return config_file.load(path, sections=plugin_sections())
 
 
 def _config_or_exit(path: Optional[str], listen: Optional[str] = None, log_level: Optional[str] = None,
@@ -128,7 +134,7 @@ def _run(config_path: Optional[str], listen: Optional[str], log_level: Optional[
          collectors: Optional[dict[str, Optional[bool]]] = None, log_format: str = "logfmt",
          enable_lifecycle: bool = False) -> None:
     _hold_signals()
-    from whisper_exporter.runtime import wiring as daemon  # imports the collectors; keep `version` and `--help` fast
+    from whisper_exporter import wiring as daemon  # imports the collectors; keep `version` and `--help` fast
     from whisper_exporter.web.webconfig import load_web_config
 
     config = _config_or_exit(config_path, listen, log_level, collectors)
