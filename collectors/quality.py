@@ -364,7 +364,9 @@ class QualityCollector:
         except OSError as err:
             problems.append(f"cannot rewrite the review queue {self.queue.path} ({err.strerror or err})")
             self._once(problems[-1])
-        text = f"production: {len(fresh)} scored, {flagged} flagged, {len(self.queue)} waiting for review"
+        text = f"production: {len(fresh)} scored, {len(self.queue)} waiting for review"
+        if flagged:
+            text += f"; {flagged} flagged by reviewers (not scored)"
         if deferred:
             text += f" ({deferred} of a new language scored next run)"
         return text
