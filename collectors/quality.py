@@ -149,7 +149,10 @@ class QualityCollector:
         queue_path = resolve_path(production.queue, base)
         # Shared state (runtime/shared.py) is rendered by the runtime; standalone, this renders its own.
         self.standalone = quality is None
-        self.queue = queue or (ReviewQueue(queue_path, production.max_queue) if queue_path else None)
+        # "is not None": an empty queue is falsy (len 0), and a second object on the file would keep
+        # the tap's in-memory ids after this one took items off (the queue looked full for ever).
+        self.queue = queue if queue is not None else (
+            ReviewQueue(queue_path, production.max_queue) if queue_path else None)
         self.quality = quality or QualityCounters()
         self.hallucinations = hallucinations or HallucinationCounters()
         self.reviews = reviews or ReviewCounters()

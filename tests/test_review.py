@@ -308,3 +308,26 @@ def test_records_with_flags_parse_and_bad_ones_are_named(tmp_path):
         append_reference(str(path), "f", "")
     with pytest.raises(ValueError):
         append_reference(str(path), "f", "x", flags=["sneeze"])
+
+
+def test_an_empty_queue_at_start_is_the_one_queue_the_tap_fills_and_the_quality_run_empties(tmp_path):
+    """An empty ReviewQueue is falsy (len 0): the quality collector built a second one on the same
+    file, so the queue the tap appends to never saw items go, and looked full for ever."""
+    from whisper_exporter.quality.sampling import QueueItem
+    from whisper_exporter.runtime.shared import Shared
+
+    queue, refs = tmp_path / "review" / "queue.jsonl", tmp_path / "review" / "verified.jsonl"
+    config = from_dict({"collectors": {"quality": {"enabled": True, "production": {
+        "queue": str(queue), "references": str(refs), "max_queue": 1}}}}, source=str(tmp_path / "config.yml"))
+    shared = Shared.build(config)
+    import collectors.quality as quality_module
+
+    collector = quality_module.make(config.collectors.quality, shared)
+    item = QueueItem(OLD, str(tmp_path / "a.wav"), SPOKEN, "en", 2.0, "0-5s", time.time())
+    assert shared.review_queue.add(item)  # what the tap does
+    collector.update()  # seeds en
+    append_reference(str(refs), OLD, SPOKEN, "en")
+    collector.update()  # scores it and takes it off the queue
+    assert len(shared.review_queue) == 0
+    later = QueueItem(NEW, str(tmp_path / "b.wav"), SPOKEN, "en", 2.0, "0-5s", time.time())
+    assert shared.review_queue.add(later)  # room again (max_queue 1)
