@@ -28,13 +28,17 @@ The review queue (`ReviewQueue`) is a JSON-lines file, one item per line:
      "duration": 7.2, "duration_band": "5-15s", "sampled_at": 1718000000.0}
 
 bounded by `max_items`: a sample drawn while it is full is dropped and counted.
-Reviewers write the verified reference of an item into the references file
-(JSON lines, keyed by the queue's id; `language` optional, to correct it):
+Reviewers write the verified record of an item into the references file (JSON
+lines, keyed by the queue's id; the review page and `review import` write through
+`append_reference`; only id and reference are required):
 
-    {"id": "3f2a...", "reference": "what was really said"}
+    {"id": "3f2a...", "reference": "what was really said", "language": "en", "flags": ["no_speech"],
+     "reviewer": "ana", "seconds": 41.5, "original": "the server's transcript", "reviewed_at": 1718003600.0,
+     "source": "page", "note": "..."}
 
-The quality collector scores each referenced item (set="production") and takes
-it off the queue.
+`reference` may be "" only with flags. The quality collector scores each
+unflagged reviewed item (set="production"), counts the flagged ones, and takes
+them off the queue.
 """
 from __future__ import annotations
 
