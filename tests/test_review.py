@@ -331,3 +331,46 @@ def test_an_empty_queue_at_start_is_the_one_queue_the_tap_fills_and_the_quality_
     assert len(shared.review_queue) == 0
     later = QueueItem(NEW, str(tmp_path / "b.wav"), SPOKEN, "en", 2.0, "0-5s", time.time())
     assert shared.review_queue.add(later)  # room again (max_queue 1)
+
+
+def test_with_required_client_certificates_the_reviewer_is_the_certificates_name(files, tmp_path):
+    from test_web import openssl
+
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+            "-keyout", "ca.key", "-out", "ca.crt", cwd=pki)
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("bo", "extendedKeyUsage=clientAuth")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                "-out", f"{name}.csr", cwd=pki)
+        (pki / f"{name}.ext").write_text(ext + "\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=pki)
+    config = from_dict({"listen": "127.0.0.1:0", "collectors": {
+        "gpu": {"enabled": False}, "process": {"enabled": False}, "probe": {"enabled": False},
+        "quality": {"enabled": True, "production": {"queue": str(files / "review" / "queue.jsonl"),
+                                                    "references": str(files / "review" / "verified.jsonl")}}}},
+        source=str(files / "config.yml"))
+    tls = f"tls_server_config:\n  cert_file: {pki}/server.crt\n  key_file: {pki}/server.key\n"
+    for auth, status in (("NoClientCert", 403), ("RequireAndVerifyClientCert", 200)):
+        web = files / f"{auth}.yml"
+        web.write_text(tls + f"  client_auth_type: {auth}\n  client_ca_file: {pki}/ca.crt\n")
+        running = daemon.start(config, web=load_web_config(str(web)))
+        try:
+            url = running.url.replace("http://", "https://") + "/review"
+            page = requests.get(url, cert=(str(pki / "bo.crt"), str(pki / "bo.key")), verify=str(pki / "ca.crt"),
+                                timeout=10)
+            assert page.status_code == status, page.text
+            if status == 403:  # TLS alone is not authentication
+                assert "client_auth_type" in page.text
+                continue
+            assert "Signed in as <b>bo</b>" in page.text
+            answer = requests.post(url + "/submit", cert=(str(pki / "bo.crt"), str(pki / "bo.key")),
+                                   verify=str(pki / "ca.crt"), allow_redirects=False, timeout=10,
+                                   headers={"Origin": url.rsplit("/review", 1)[0]},
+                                   data={"id": OLD, "token": token(page.text), "action": "submit",
+                                         "reference": "hello", "language": "en"})
+            assert answer.status_code == 303
+            assert records(files)[-1]["reviewer"] == "bo"
+        finally:
+            running.close()
