@@ -50,8 +50,9 @@ from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
 from whisper_exporter.runtime.language_id_counters import LanguageIdCounters
 from whisper_exporter.runtime.quality_counters import QualityCounters, review_queue_families
+from whisper_exporter.runtime.review_counters import ReviewCounters
 from whisper_exporter.runtime.shared import Shared
-from whisper_exporter.whisper import clients, language_id, punctuation, scoring
+from whisper_exporter.whisper import clients, hallucination, language_id, punctuation, scoring
 from whisper_exporter.whisper.languages import language_code
 
 # The quality package (manifest, sampling, evaluation) is imported when a collector is built:
@@ -141,7 +142,7 @@ class QualityCollector:
     def __init__(self, section: QualityConfig, config: Config, url: Optional[str] = None,
                  quality: Optional[QualityCounters] = None, queue: Optional[ReviewQueue] = None,
                  hallucinations: Optional[HallucinationCounters] = None,
-                 identified: Optional[LanguageIdCounters] = None):
+                 identified: Optional[LanguageIdCounters] = None, reviews: Optional[ReviewCounters] = None):
         self.section = section
         self.config = config
         self.url = url or config.service.url
@@ -155,12 +156,16 @@ class QualityCollector:
         queue_path = resolve_path(production.queue, base)
         # Shared state (runtime/shared.py) is rendered by the runtime; standalone, this renders its own.
         self.standalone = quality is None
-        self.queue = queue or (ReviewQueue(queue_path, production.max_queue) if queue_path else None)
+        # "is not None": an empty queue is falsy (len 0), and a second object on the file would keep
+        # the tap's in-memory ids after this one took items off (the queue looked full for ever).
+        self.queue = queue if queue is not None else (
+            ReviewQueue(queue_path, production.max_queue) if queue_path else None)
         self.quality = quality or QualityCounters()
         self.hallucinations = hallucinations or HallucinationCounters()
         self.language_mode = language_id.resolve_mode(section.language, config.service.api)
         self.identified = identified or LanguageIdCounters()
         self._seed_identified()
+        self.reviews = reviews or ReviewCounters()
         self.status = "no run yet"
         self.problems: list[str] = []
         self._stop = threading.Event()
@@ -198,7 +203,10 @@ class QualityCollector:
                 pass  # the first run reports it
         if PRODUCTION in self._sets():
             assert self.queue is not None  # in _sets() only with a queue
-            self._seed({q.language for q in self.queue.items()}, [PRODUCTION])
+            languages = {q.language for q in self.queue.items()}
+            self._seed(languages, [PRODUCTION])
+            for language in languages:
+                self.reviews.seed(language)
 
     def client(self) -> clients.WhisperClient:
         return clients.make_client(self.config.service, url=self.url, timeout=self.section.timeout,
@@ -350,37 +358,50 @@ class QualityCollector:
         waiting = self.queue.items()
         done_ids: list[str] = []
         fresh: list[ItemResult] = []
-        deferred = 0
+        deferred = flagged = 0
         for queued in waiting:
             ref = references.get(queued.id)
             if ref is None:
                 self.quality.seed(queued.language, PRODUCTION)  # exported at 0 while it waits for review
+                self.reviews.seed(queued.language)
                 continue
             language = ref.language or queued.language
-            if queued.id not in self._scored_ids and not self.quality.has(language, PRODUCTION):
+            if queued.id not in self._scored_ids and not (self.quality.has(language, PRODUCTION)
+                                                          and self.reviews.has(language)):
                 # Queued and reviewed between two runs (or a reference in another language): its
                 # series goes out at 0 now and the item is scored next run, so rate() sees it.
                 self.quality.seed(language, PRODUCTION)
+                self.reviews.seed(language)
                 deferred += 1
                 continue
             done_ids.append(queued.id)
             if queued.id in self._scored_ids:
                 continue  # scored already; a queue rewrite failed last time
+            self._scored_ids[queued.id] = None
+            if len(self._scored_ids) > MAX_SCORED_IDS:
+                self._scored_ids.popitem(last=False)
+            had_text = bool(queued.transcript.strip())
+            # The detector's verdict on the transcript the reviewer judged (text and duration: the
+            # queue keeps no segments), against the reviewer's.
+            suspected = had_text and bool(hallucination.suspect(queued.transcript, language, queued.duration))
+            self.reviews.reviewed(language, ref.flags, had_text, suspected)
+            if ref.language and "no_speech" not in ref.flags:
+                # the reviewer named the language: the queued one is what the server went by
+                self.identified.count(ref.language, queued.language, PRODUCTION)
+            if ref.flags:
+                flagged += 1
+                continue  # a flagged item is never scored as WER
             score = scoring.score(ref.reference, queued.transcript, language)
             self.quality.record(score, PRODUCTION)
             # Scored only where the reviewer kept punctuation (the reference has a mark).
             marks = punctuation.score(ref.reference, queued.transcript)
             self.quality.record_punctuation(language, PRODUCTION, marks)
-            if ref.language:  # the reviewer named the language: the queued one is what the server went by
-                self.identified.count(ref.language, queued.language, PRODUCTION)
-            self._scored_ids[queued.id] = None
-            if len(self._scored_ids) > MAX_SCORED_IDS:
-                self._scored_ids.popitem(last=False)
             fresh.append(ItemResult(
                 id=queued.id, line=ref.line, audio=queued.audio, language=scoring.base_language(language),
                 unit=score.unit, strata={"duration_band": queued.duration_band}, reference=ref.reference,
                 result=SCORED, outcome=clients.SUCCESS, transcript=queued.transcript, score=score, punctuation=marks,
                 audio_duration=queued.duration or 0.0, started=time.time(), set=PRODUCTION))
+        self.reviews.mark_reviewed(q.id for q in waiting if q.id in references)
         if fresh:
             self.quality.end_round(PRODUCTION)
             with self._state_lock:
@@ -388,10 +409,13 @@ class QualityCollector:
                 self._recent_production.extendleft(fresh)
         try:
             self.queue.remove(done_ids)
+            self.reviews.forget(done_ids)
         except OSError as err:
             problems.append(f"cannot rewrite the review queue {self.queue.path} ({err.strerror or err})")
             self._once(problems[-1])
         text = f"production: {len(fresh)} scored, {len(self.queue)} waiting for review"
+        if flagged:
+            text += f"; {flagged} flagged by reviewers (not scored)"
         if deferred:
             text += f" ({deferred} of a new language scored next run)"
         return text
@@ -434,6 +458,7 @@ class QualityCollector:
         if self.standalone:
             if self.queue is not None:
                 out.extend(review_queue_families(self.queue))
+                out.extend(self.reviews.families(self.queue))
             out.extend(self.quality.families())
             out.extend(self.hallucinations.families())
             out.extend(self.identified.families())
@@ -463,7 +488,8 @@ class QualityCollector:
 
 def make(section: QualityConfig, shared: Shared) -> QualityCollector:
     collector = QualityCollector(section, shared.config, quality=shared.use_quality(), queue=shared.review_queue,
-                                 hallucinations=shared.use_hallucinations(), identified=shared.use_language_id())
+                                 hallucinations=shared.use_hallucinations(), identified=shared.use_language_id(),
+                                 reviews=shared.reviews)
     shared.quality_view = collector
     return collector
 

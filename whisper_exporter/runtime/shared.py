@@ -21,6 +21,7 @@ from whisper_exporter.runtime.language_id_counters import LanguageIdCounters
 from whisper_exporter.runtime.quality_counters import QualityCounters, review_queue_families
 from whisper_exporter.runtime.recent import RecentRequests
 from whisper_exporter.runtime.requests import Labels, RequestMetrics
+from whisper_exporter.runtime.review_counters import ReviewCounters
 
 if TYPE_CHECKING:
     from whisper_exporter.quality.sampling import ProductionSampler, ReviewQueue
@@ -65,6 +66,7 @@ class Shared:
     requests: RequestMetrics = field(default_factory=RequestMetrics)
     process_watch: ProcessWatch = field(default_factory=ProcessWatch)
     review_queue: Optional["ReviewQueue"] = None
+    reviews: ReviewCounters = field(default_factory=ReviewCounters)  # the review page's and the quality collector's
     quality_in_use: bool = False
     hallucinations: HallucinationCounters = field(default_factory=HallucinationCounters)
     hallucinations_in_use: bool = False
@@ -157,6 +159,7 @@ class Shared:
             yield from self.language_id.families()
         if self.review_queue is not None:
             yield from review_queue_families(self.review_queue)
+            yield from self.reviews.families(self.review_queue)
 
 
 def _request_inputs(config: Config) -> tuple:

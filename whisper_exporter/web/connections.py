@@ -20,6 +20,9 @@ with the connection policy aiohttp does not have.
 
 The policy (Policy, Listener) is shared with the request tap (tap/proxy.py), which has its own
 limit, deadlines and metric names.
+
+- A POST's body (at most MAX_BODY) reaches the app as wsgi.input; a file the app answers with
+  (`FileBody`, the review page's audio) is streamed by aiohttp, with Range and HEAD.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -53,6 +56,19 @@ MAX_HEAD_LINE = 8190  # request line and each header, aiohttp's defaults
 MAX_HEADERS = 100
 MAX_HEAD_BYTES = 16384  # a whole request head; Prometheus sends well under 1 KiB
 ACCEPT_LOG_EVERY = 10.0  # seconds between two log lines about accept() running out of descriptors
+MAX_BODY = 256 * 1024  # bytes of a request body (the review page's form); more is 413
+BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+class FileBody:
+    """A WSGI app's answer naming a file to send: aiohttp's FileResponse streams it and answers
+    Range (206, 416), If-Range and HEAD itself, with the app's headers."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(())
 
 
 def connection_limit(share: int = 2, most: Optional[int] = None) -> int:
@@ -387,7 +403,17 @@ class Listener:
             self.pool.discard(gate)
 
 
-def _environ(request: web.BaseRequest, scheme: str) -> dict:
+def _client_cn(request: web.BaseRequest) -> Optional[str]:
+    """The common name of a verified client certificate (mutual TLS), else None."""
+    cert = request.transport.get_extra_info("peercert") if request.transport else None
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName" and isinstance(value, str) and value:
+                return value
+    return None
+
+
+def _environ(request: web.BaseRequest, scheme: str, body: bytes = b"") -> dict:
     host, port = (request.transport.get_extra_info("sockname") or ("", 0))[:2] if request.transport else ("", 0)
     peer = request.transport.get_extra_info("peername") if request.transport else None
     environ = {
@@ -403,12 +429,15 @@ def _environ(request: web.BaseRequest, scheme: str) -> dict:
         "CONTENT_LENGTH": request.headers.get("Content-Length", ""),
         "wsgi.version": (1, 0),
         "wsgi.url_scheme": scheme,
-        "wsgi.input": io.BytesIO(b""),  # no endpoint reads a body
+        "wsgi.input": io.BytesIO(body),
         "wsgi.errors": sys.stderr,
         "wsgi.multithread": True,
         "wsgi.multiprocess": False,
         "wsgi.run_once": False,
     }
+    cn = _client_cn(request) if scheme == "https" else None
+    if cn is not None:
+        environ["SSL_CLIENT_S_DN_CN"] = cn  # as mod_ssl names it: who the certificate says the client is
     for name, value in request.headers.items():
         key = "HTTP_" + name.upper().replace("-", "_")
         if key not in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):
@@ -416,7 +445,20 @@ def _environ(request: web.BaseRequest, scheme: str) -> dict:
     return environ
 
 
-def _call_wsgi(app: Callable, environ: dict) -> tuple[int, str, list[tuple[str, str]], bytes]:
+async def _body(request: web.BaseRequest) -> Optional[bytes]:
+    """The request's body, or None when it is longer than MAX_BODY (read no further than that)."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return None
+    data = bytearray()
+    while len(data) <= MAX_BODY:
+        chunk = await request.content.read(MAX_BODY + 1 - len(data))
+        if not chunk:
+            return bytes(data)
+        data += chunk
+    return None
+
+
+def _call_wsgi(app: Callable, environ: dict) -> tuple[int, str, list[tuple[str, str]], "bytes | FileBody"]:
     answer: dict = {}
 
     def start_response(status: str, headers: list, exc_info: Any = None) -> Callable:
@@ -424,6 +466,9 @@ def _call_wsgi(app: Callable, environ: dict) -> tuple[int, str, list[tuple[str, 
         return lambda data: None
 
     chunks = app(environ, start_response)
+    if isinstance(chunks, FileBody):
+        code, _, reason = answer["status"].partition(" ")
+        return int(code), reason, answer["headers"], chunks
     try:
         body = b"".join(chunks)
     finally:
@@ -459,13 +504,18 @@ class HttpServer:
         if gate is not None:
             gate.started()
         try:
+            data = await _body(request) if request.method in BODY_METHODS else b""
+            if data is None:
+                return web.Response(status=413, text=f"A request body may have at most {MAX_BODY} bytes.\n")
             code, reason, headers, body = await self.loop.run_in_executor(
-                self.executor, _call_wsgi, self.app, _environ(request, self.scheme))
+                self.executor, _call_wsgi, self.app, _environ(request, self.scheme, data))
         finally:
             if gate is not None:
                 gate.finished()
         # aiohttp sets Content-Length from the body and leaves the body out for HEAD.
         headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        if isinstance(body, FileBody):
+            return web.FileResponse(body.path, headers=headers)
         return web.Response(status=code, reason=reason or None, headers=headers, body=body)
 
     def _run(self) -> None:
