@@ -28,6 +28,7 @@ from yarl import URL
 import whisper_exporter.tap.spool as spool_folder
 from whisper_exporter import logsetup
 from whisper_exporter.config import KeyPath
+from whisper_exporter.runtime.occupancy import Occupancy
 from whisper_exporter.tap.analysis import (
     Capture,
     UploadAnalyzer,
@@ -93,13 +94,15 @@ class Tap:
     """The reverse proxy. start() binds and serves in a background thread; stop() ends it."""
 
     def __init__(self, config: TapConfig, upstream: str, on_record: Callable[[TapRecord], None],
-                 wants_audio: Optional[Callable[[TapRecord], bool]] = None):
+                 wants_audio: Optional[Callable[[TapRecord], bool]] = None,
+                 occupancy: Optional[Occupancy] = None):
         config.check(KeyPath("<tap>", "whisper_exporter.collectors.tap"))  # raises ConfigError naming the field
         self.config = config
         self.upstream = upstream.rstrip("/")
         self._base = URL(self.upstream)  # parsed once; each request's URL is built from its parts
         self.on_record = on_record
         self.wants_audio = wants_audio  # sampling's hook: keep the upload on disk for this record?
+        self.occupancy = occupancy or Occupancy()  # busy time of transcription requests (docs/capacity.md)
         self.stats = TapStats()
         self.port: Optional[int] = None  # the bound port, once started (listen may say 0)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -214,6 +217,10 @@ class Tap:
         flight = _Flight(record, t0)
         stats = self.stats
         stats.in_flight += 1
+        # Only transcription requests occupy the server: a health check or model list is not work.
+        occupancy = self.occupancy if api is not None else None
+        if occupancy is not None:
+            occupancy.begin()
         try:
             return await self._proxy(request, flight)
         except asyncio.CancelledError:
@@ -223,6 +230,8 @@ class Tap:
             raise
         finally:
             stats.in_flight -= 1
+            if occupancy is not None:
+                occupancy.end()
             record.duration = time.perf_counter() - t0
             self._finish(flight)
 
