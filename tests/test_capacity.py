@@ -186,7 +186,6 @@ class KnownSpeedServer:
 
     def __init__(self) -> None:
         self.busy: list[tuple[float, float, float]] = []  # (start, end, audio seconds), wall clock, disjoint
-        self.served: list[tuple[float, float]] = []  # (start of transcription, audio seconds)
         self._lock: asyncio.Lock | None = None
         self.upstream = Upstream({"/v1/audio/transcriptions": self.transcribe})
 
@@ -200,10 +199,8 @@ class KnownSpeedServer:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            start = time.time()
             await asyncio.sleep(SECONDS_PER_AUDIO_SECOND * seconds)
             self.busy.append((max(arrived, self.busy[-1][1] if self.busy else arrived), time.time(), seconds))
-            self.served.append((start, seconds))
         return web.json_response({"text": "known speed"})
 
     def busy_ratio(self, start: float, end: float) -> float:
