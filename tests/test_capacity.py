@@ -264,7 +264,13 @@ def test_busy_ratio_and_headroom_on_a_real_prometheus_are_within_5_percent(prome
         for load, b, tb, h, th in lines:
             assert abs(tb - load) < 0.05, f"the load offered is not {load:.0%}: {tb:.4f}"
             assert b == pytest.approx(tb, rel=0.05)
-            assert h == pytest.approx(th, rel=0.05)
+            if load < 0.9:
+                assert h == pytest.approx(th, rel=0.05)
+            else:
+                # Near saturation headroom is a tenth of capacity, and the tap's own forwarding time
+                # (counted as busy, 2-6 ms a request here) moves it by several percent of itself:
+                # held to 1% of capacity (docs/capacity.md, "Where the model breaks").
+                assert abs(h - th) <= 0.01 / SECONDS_PER_AUDIO_SECOND
     finally:
         stop.set()
         for t in threads:
