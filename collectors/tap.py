@@ -64,7 +64,8 @@ class TapCollector:
         self.ttfb: dict[str, _Hist] = {}  # by endpoint label
         self._cells: dict[int, tuple[str, str]] = {}  # id(record) -> its sampling cell, drawn in wants_audio
         self.tap = Tap(section, upstream, on_record=self.observe,
-                       wants_audio=self.wants_audio if sampler is not None and keeper is not None else None)
+                       wants_audio=self.wants_audio if sampler is not None and keeper is not None else None,
+                       occupancy=self.requests.occupancy)
         self.status = f"proxying {section.listen} -> {masked_url(upstream)}"
 
     def start(self) -> None:
@@ -204,6 +205,7 @@ def make(section: TapConfig, shared: Shared) -> TapCollector:
         keeper = AudioKeeper(folder, section.sample_max_files, section.sample_max_bytes, section.sample_retention)
     requests = shared.use_requests()
     requests.tap_on = True  # the tap is the one source of request counts (docs/tap.md)
+    requests.max_concurrency = config.service.max_concurrency  # the capacity model (docs/capacity.md)
     seed_requests(requests, config, audio=True)  # the tap measures every request's audio
     return TapCollector(section, section.upstream or config.service.url, requests=requests,
                         hallucinations=shared.use_hallucinations(), sampler=sampler, keeper=keeper)

@@ -70,6 +70,11 @@ PUNCTUATION_NONE = ("No punctuation scored in this range: no reference of this l
                     ". , ? ! (or collectors.quality off)")
 NO_LANGUAGE_ID = ("No item sent without a language in this range (collectors.quality.language: given, probe "
                   "language: given, or no reviewer named a language); load rules/recording.yml")
+# Capacity and efficiency (rules/capacity.yml, docs/capacity.md).
+CAPACITY_EMPTY = ("No busy time measured: capacity needs the request tap (collectors.tap), a replica that served "
+                  "in the last hour, and rules/capacity.yml")
+EFFICIENCY_EMPTY = ("No audio completed or no GPU readings in the last hour: needs the tap, the gpu collector and "
+                    "rules/capacity.yml")
 NO_DATA_BY_PREFIX = (
     ("ALERTS", "No Whisper alert pending or firing"),
     ("slo:", "No SLO records: load rules/slo.yml into Prometheus"),
@@ -82,6 +87,11 @@ NO_DATA_BY_PREFIX = (
     ("whisper_inference", LOG_TIMINGS),
     ("job:whisper_hallucination", "No transcripts checked: enable the request tap (collectors.tap) or log transcripts"),
     ("job:whisper_realtime_factor", "No request timings: enable the request tap (collectors.tap), or a log with durations"),
+    *((prefix, CAPACITY_EMPTY) for prefix in (
+        "job:whisper_audio_capacity", "job:whisper_audio_headroom", "job:whisper_server_", "job_instance:whisper_server_",
+        "job_instance:whisper_audio_headroom", "job_instance:whisper_audio_capacity",
+        "job_instance:whisper_audio_seconds_per", "job_instance:whisper_requests_in_flight")),
+    *((prefix, EFFICIENCY_EMPTY) for prefix in ("job:whisper_gpu_", "job_instance:whisper_gpu_", "job_name:whisper_gpu_")),
     ("job:", "No requests in this range: enable the request tap (collectors.tap) or a log; load rules/recording.yml and rules/slo.yml"),
     ("job_instance", "No requests in this range: enable the request tap (collectors.tap) or a log; load rules/recording.yml"),
     ("whisper_request", "No request timings: enable the request tap (collectors.tap), or a log with durations"),
@@ -559,10 +569,68 @@ def fleet() -> dict:
                    "short", "1 when the replica's last speech canaries succeeded, 0 when one failed; a gap is a "
                    "stale canary (WhisperProbeStale).", min_=0, max_=1, width=8),
     ]
+    panels += capacity_panels()
     return dashboard("whisper-fleet", "Whisper / Fleet",
                      "The replicas of a Whisper service side by side: the service's totals, the outlier, "
-                     "and each replica's traffic, errors, latency and canary.",
-                     panels, [JOB_VAR, INSTANCE_VAR])
+                     "each replica's traffic, errors, latency and canary, and the service's capacity, "
+                     "headroom, energy and cost per audio hour.",
+                     panels, [JOB_VAR, INSTANCE_VAR, GPU_HOUR_COST_VAR])
+
+
+# The price of one GPU-hour, typed in on the dashboard: cost per audio hour is GPU-hours per audio hour times it.
+GPU_HOUR_COST_VAR = {"name": "gpu_hour_cost", "label": "Cost per GPU-hour", "type": "textbox", "query": "2.50",
+                     "current": {"selected": False, "text": "2.50", "value": "2.50"},
+                     "options": [{"selected": True, "text": "2.50", "value": "2.50"}], "hide": 0,
+                     "skipUrlSync": False}
+
+
+def capacity_panels() -> list[dict]:
+    """Capacity, headroom and efficiency (rules/capacity.yml; the model is in docs/capacity.md)."""
+    by_instance = "{{instance}}"
+    return [
+        row("Capacity and efficiency"),
+        timeseries("Demand and measured capacity",
+                   targets((f"job:whisper_audio_capacity_seconds:rate1h{{{J}}}", "capacity {{job}}"),
+                           (f"job:whisper_audio_processed_seconds:rate5m{{{J}}}", "demand {{job}}")),
+                   "none", "Audio seconds per second: done (demand) and what the replicas that served in the "
+                   "last hour can do (capacity). WhisperCapacityRunningOut warns when demand's 6-hour trend "
+                   "crosses capacity within 4 hours.", min_=0, width=8),
+        timeseries("Headroom",
+                   targets((f"job:whisper_audio_headroom_seconds:rate1m{{{J}}}", "service {{job}}"),
+                           (f"job_instance:whisper_audio_headroom_seconds:rate1m{{{JI}}}", by_instance)),
+                   "none", "Audio seconds per second each replica can still take at its measured capacity.",
+                   min_=0, width=8),
+        timeseries("Saturation",
+                   targets((f"job_instance:whisper_server_saturation:ratio_rate1m{{{JI}}}", by_instance)),
+                   "percentunit", "Busy ratio (time with a transcription in flight), or for a batching server "
+                   "with service.max_concurrency the mean in flight over it.", min_=0, width=8),
+        timeseries("Throughput while busy",
+                   targets((f"job_instance:whisper_audio_seconds_per_busy_second:ratio_rate1h{{{JI}}}", by_instance)),
+                   "none", "Audio seconds done per busy second over the last hour: a one-at-a-time server's "
+                   "capacity. For a batching server it rises with concurrency: read it beside the next panel.",
+                   min_=0, width=8),
+        timeseries("Mean requests in flight",
+                   targets((f"job_instance:whisper_requests_in_flight:avg_rate1m{{{JI}}}", by_instance)),
+                   "short", "The integral of requests in flight over the minute: the concurrency the "
+                   "throughput was measured at (queued requests included).", min_=0, width=8),
+        timeseries("Energy per audio hour",
+                   targets((f"job_instance:whisper_gpu_energy_joules_per_audio_hour:ratio_rate1h{{{JI}}}",
+                            "total " + by_instance),
+                           (f"job_instance:whisper_gpu_active_energy_joules_per_audio_hour:ratio_rate1h{{{JI}}}",
+                            "active " + by_instance)),
+                   "joule", "GPU energy over audio done, per audio hour. Active: above the idle floor (the "
+                   "power of minutes with nothing in flight, over a day), as Kepler splits it.", min_=0, width=8),
+        timeseries("Energy per audio hour by GPU model",
+                   targets((f"job_name:whisper_gpu_energy_joules_per_audio_hour:ratio_rate1h{{{J}}}", "{{name}}")),
+                   "joule", "Each replica's audio credited to its GPUs' model.", min_=0, width=8),
+        stat("GPU-seconds per audio hour",
+             targets((f"job:whisper_gpu_seconds_per_audio_hour:ratio_rate1h{{{J}}}", "{{job}}")), "s",
+             "GPU utilisation over audio throughput, over the last hour.", width=4),
+        stat("Cost per audio hour",
+             targets((f"job:whisper_gpu_hours_per_audio_hour:ratio_rate1h{{{J}}} * $gpu_hour_cost", "{{job}}")),
+             "short", "GPUs held (busy or not) over audio hours done per hour, times the cost per GPU-hour "
+             "typed in above.", decimals=3, width=4),
+    ]
 
 
 def performance() -> dict:

@@ -90,10 +90,16 @@ def recorded_names() -> set[str]:
             if "record" in rule}
 
 
+# Dashboard variables that stand for a number typed in (a textbox), not a label matcher.
+NUMBER_VARIABLES = {"gpu_hour_cost": "2.50"}
+
+
 def substitute(expr: str, rate_interval: str = "1m") -> str:
     """Grafana's variables -> values Prometheus can run: $__rate_interval -> a duration, the
     template variables -> .* (what "All" sends)."""
     expr = expr.replace("$__rate_interval", rate_interval)
+    for name, value in NUMBER_VARIABLES.items():
+        expr = re.sub(r"\$\{?" + name + r"\b\}?", value, expr)
     return re.sub(r"\$\{?(\w+)\}?", ".*", expr)
 
 
@@ -187,7 +193,7 @@ def test_variables():
         "whisper-overview": {"datasource", "job", "instance", "gpu"},
         "whisper-performance": {"datasource", "job", "instance", "language"},
         "whisper-quality": {"datasource", "job", "instance", "language", "set"},
-        "whisper-fleet": {"datasource", "job", "instance"},
+        "whisper-fleet": {"datasource", "job", "instance", "gpu_hour_cost"},
         "whisper-resources": {"datasource", "job", "instance", "gpu"},
         "whisper-exporter": {"datasource", "job", "instance"},
     }
@@ -205,6 +211,7 @@ def test_variables():
                     continue
                 assert name in variables, f"{where}: ${name} is not defined"
             bare = re.sub(r'\w+=~"\$\w+"', "", expr)
+            bare = re.sub(r"\$\{?(" + "|".join(NUMBER_VARIABLES) + r")\b\}?", "", bare)  # a number, not a matcher
             assert not re.search(r"\$(?!__rate_interval)", bare), f"{where}: a variable outside a =~ matcher: {expr}"
         # each defined variable is used
         used = " ".join(expr for _, expr in queries(d))
@@ -564,13 +571,18 @@ def exposition(whisper_server, tmp_path_factory) -> set[str]:
     manifest.write_text('{"audio": "missing.wav", "reference": "hello", "language": "en"}\n')
     config = from_dict({
         "listen": "127.0.0.1:0",
-        "service": {"url": whisper_server.url, "model": whisper_server.model},
+        "service": {"url": whisper_server.url, "model": whisper_server.model, "max_concurrency": 1},
         "collectors": {
             "gpu": {"interval": "200ms"},
+            # the tap: busy time and requests in flight (rules/capacity.yml), no client needed
+            "tap": {"enabled": True, "listen": "127.0.0.1:0"},
             "process": {"interval": "200ms", "match": marker},
             "probe": {"interval": "1s"},
             "quality": {"enabled": True, "interval": "1h", "manifest": str(manifest),
-                        "thresholds": {"en": 0.1, "default": 0.2}},
+                        "thresholds": {"en": 0.1, "default": 0.2},
+                        # a review queue: the review metrics (rules/review.yml)
+                        "production": {"queue": str(folder / "queue.jsonl"),
+                                       "references": str(folder / "verified.jsonl")}},
             "logs": {"enabled": True, "interval": "200ms", "start_at": "beginning", "files": [
                 {"path": str(log), "format": "json-request"},
                 {"path": str(whisper_server.log_path), "format": "uvicorn-access"},
@@ -665,3 +677,18 @@ def test_quality_dashboard_shows_which_language_is_taken_for_which():
     assert "by (language, detected)" in expr and "whisper_quality_language_identified" in expr
     accuracy = [p for p in panels(quality) if "language_id_accuracy" in json.dumps(p.get("targets", []))]
     assert accuracy, "no panel shows the identification accuracy per language"
+
+
+def test_fleet_dashboard_shows_capacity_efficiency_and_cost():
+    """Issue 25: capacity, headroom and efficiency from rules/capacity.yml; cost per audio hour is
+    GPU-hours per audio hour times the cost per GPU-hour typed into the dashboard."""
+    fleet = load_dashboards()["whisper-fleet.json"]
+    exprs = {p["title"]: [t["expr"] for t in p.get("targets", [])] for p in fleet["panels"]}
+    assert any("job:whisper_audio_capacity_seconds:rate1h" in e for e in exprs["Demand and measured capacity"])
+    assert any("job_instance:whisper_audio_headroom_seconds:rate1m" in e for e in exprs["Headroom"])
+    assert any("job_name:whisper_gpu_energy_joules_per_audio_hour" in e
+               for e in exprs["Energy per audio hour by GPU model"])
+    assert any("active_energy" in e for e in exprs["Energy per audio hour"])
+    assert exprs["Cost per audio hour"] == ['job:whisper_gpu_hours_per_audio_hour:ratio_rate1h{job=~"$job"} * $gpu_hour_cost']
+    cost = next(v for v in fleet["templating"]["list"] if v["name"] == "gpu_hour_cost")
+    assert cost["type"] == "textbox" and float(cost["query"]) > 0

@@ -173,12 +173,17 @@ class ServiceConfig:
     api_key_env: Optional[str] = None
     api_key_file: Optional[str] = None
     headers: dict[str, str] = field(default_factory=dict)
+    # Requests a batching server (vLLM) processes together at full speed; null: one at a time,
+    # so capacity is throughput while busy (docs/capacity.md).
+    max_concurrency: Optional[int] = None
 
     def check(self, at: KeyPath) -> None:
         if not re.match(r"^https?://[^/\s]+", self.url):
             raise at.error("url", "an http:// or https:// URL", self.url)
         one_of(at, "api", self.api, APIS)
         positive(at, "timeout", self.timeout)
+        if self.max_concurrency is not None:
+            positive(at, "max_concurrency", self.max_concurrency, "a whole number of requests, 1 or more, or null")
 
 
 class Sections(types.SimpleNamespace):

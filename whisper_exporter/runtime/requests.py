@@ -20,10 +20,11 @@ import threading
 from bisect import bisect_left
 from typing import Any, Iterable, Optional, Sequence
 
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from whisper_exporter.logfiles import parse as logparse
 from whisper_exporter.logfiles.parse import OTHER, UNKNOWN
+from whisper_exporter.runtime.occupancy import Occupancy
 from whisper_exporter.whisper import marker
 
 CANARY_MARK = marker.QUERY + "="
@@ -174,6 +175,10 @@ class RequestMetrics:
         self.seeded_languages: set[str] = set()  # audio families rendered at 0 before any request
         self.canaries: dict[str, int] = {}  # source -> the exporter's own requests seen
         self.spoofed: dict[str, int] = {}  # source -> requests marked as canaries without the token
+        # Busy time and requests in flight, fed by the tap (only it sees when a request starts);
+        # here so that they carry on over a reload as the request counts do (docs/capacity.md).
+        self.occupancy = Occupancy()
+        self.max_concurrency: Optional[int] = None  # service.max_concurrency, exported when set
 
     def seed(self, endpoints: Iterable[str], status_codes: Iterable[int], languages: Iterable[str],
              audio: bool = False) -> None:
@@ -354,3 +359,22 @@ class RequestMetrics:
         for source, n in sorted(snap["spoofed"].items()):
             spoofed.add_metric([source], n)
         yield spoofed
+        if self.tap_on:
+            yield from self.capacity_families()
+
+    def capacity_families(self) -> Iterable[Metric]:
+        """The busy and in-flight counters, from 0 while the tap runs (read up to this scrape)."""
+        busy, integral = self.occupancy.totals()
+        yield CounterMetricFamily(
+            "whisper_server_busy_seconds_total",
+            "Seconds during which at least one transcription request was in flight through the tap.",
+            value=busy)
+        yield CounterMetricFamily(
+            "whisper_requests_in_flight_seconds_total",
+            "The integral over time of transcription requests in flight through the tap (request-seconds).",
+            value=integral)
+        if self.max_concurrency is not None:
+            yield GaugeMetricFamily(
+                "whisper_server_max_concurrency",
+                "Requests the server processes together at full throughput (service.max_concurrency).",
+                value=self.max_concurrency)

@@ -29,6 +29,7 @@ from yarl import URL
 import whisper_exporter.tap.spool as spool_folder
 from whisper_exporter import logsetup
 from whisper_exporter.config import KeyPath
+from whisper_exporter.runtime.occupancy import Occupancy
 from whisper_exporter.tap.analysis import (
     Capture,
     UploadAnalyzer,
@@ -96,13 +97,15 @@ class Tap:
     """The reverse proxy. start() binds and serves in a background thread; stop() ends it."""
 
     def __init__(self, config: TapConfig, upstream: str, on_record: Callable[[TapRecord], None],
-                 wants_audio: Optional[Callable[[TapRecord], bool]] = None):
+                 wants_audio: Optional[Callable[[TapRecord], bool]] = None,
+                 occupancy: Optional[Occupancy] = None):
         config.check(KeyPath("<tap>", "whisper_exporter.collectors.tap"))  # raises ConfigError naming the field
         self.config = config
         self.upstream = upstream.rstrip("/")
         self._base = URL(self.upstream)  # parsed once; each request's URL is built from its parts
         self.on_record = on_record
         self.wants_audio = wants_audio  # sampling's hook: keep the upload on disk for this record?
+        self.occupancy = occupancy or Occupancy()  # busy time of transcription requests (docs/capacity.md)
         self.stats = TapStats()
         limit = config.max_connections or connection_limit(share=4, most=512)
         self.connections = ConnectionStats(limit, prefix="whisper_tap", what="the tap", reasons=CLOSE_REASONS,
@@ -234,6 +237,10 @@ class Tap:
         gate = self._listener.gate(request) if self._listener is not None else None
         if gate is not None:
             gate.started()  # the head deadline no longer applies; the upload's own do
+        # Only transcription requests occupy the server: a health check or model list is not work.
+        occupancy = self.occupancy if api is not None else None
+        if occupancy is not None:
+            occupancy.begin()
         try:
             return await self._proxy(request, flight)
         except asyncio.CancelledError:
@@ -245,6 +252,8 @@ class Tap:
             if gate is not None:
                 gate.finished()
             stats.in_flight -= 1
+            if occupancy is not None:
+                occupancy.end()
             record.duration = time.perf_counter() - t0
             self._finish(flight)
 
