@@ -313,6 +313,9 @@ class QualityCollector:
             if ref is None:
                 self.quality.seed(queued.language, PRODUCTION)  # exported at 0 while it waits for review
                 continue
+            if ref.flags:  # no speech, unintelligible ...: never scored as WER (reference may be "")
+                done_ids.append(queued.id)
+                continue
             language = ref.language or queued.language
             if queued.id not in self._scored_ids and not self.quality.has(language, PRODUCTION):
                 # Queued and reviewed between two runs (or a reference in another language): its

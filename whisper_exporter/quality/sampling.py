@@ -379,12 +379,49 @@ class ProductionSampler:
 @dataclass(frozen=True)
 class VerifiedReference:
     id: str
-    reference: str
+    reference: str  # "" only when flags is not empty
     language: Optional[str]  # a correction of the queue item's language, when given
     line: int
+    flags: tuple[str, ...] = ()  # a subset of FLAGS: an item with flags is never scored as WER
+    reviewer: Optional[str] = None
+    seconds: Optional[float] = None  # time the reviewer spent
+    original: Optional[str] = None  # the server's transcript the reviewer saw
+    reviewed_at: Optional[float] = None  # unix seconds
+    source: Optional[str] = None  # one of SOURCES
+    note: Optional[str] = None
 
 
-REFERENCE_KEYS = ("id", "reference", "language", "note")
+REFERENCE_KEYS = ("id", "reference", "language", "flags", "reviewer", "seconds", "original", "reviewed_at",
+                  "source", "note")
+FLAGS = ("no_speech", "unintelligible", "wrong_language", "personal_data")
+SOURCES = ("page", "label-studio")
+
+
+def _number(value: object) -> Optional[float]:
+    """A finite, non-negative JSON number, else None (a bool is no number here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return None
+    return float(value)
+
+
+def _reference_problem(obj: dict) -> Optional[str]:
+    """What is wrong with the optional keys of a references line, or None."""
+    flags = obj.get("flags")
+    if flags is not None:
+        if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+            return "flags is not a list of strings"
+        unknown = [f for f in flags if f not in FLAGS]
+        if unknown:
+            return f"unknown flag {unknown[0]!r} (known: {', '.join(FLAGS)})"
+    for key in ("reviewer", "original", "note"):
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            return f"{key} is not a string"
+    for key in ("seconds", "reviewed_at"):
+        if obj.get(key) is not None and _number(obj[key]) is None:
+            return f"{key} is not a number of seconds"
+    if obj.get("source") is not None and obj["source"] not in SOURCES:
+        return f"unknown source {obj['source']!r} (known: {', '.join(SOURCES)})"
+    return None
 
 
 def load_references(path: str) -> tuple[dict[str, VerifiedReference], list[Problem]]:
@@ -408,7 +445,12 @@ def load_references(path: str) -> tuple[dict[str, VerifiedReference], list[Probl
         if not isinstance(ident, str) or not ident.strip():
             problems.append(Problem(number, "no id"))
             continue
-        if not isinstance(reference, str) or not reference.strip():
+        problem = _reference_problem(obj)
+        if problem:
+            problems.append(Problem(number, problem))
+            continue
+        flags = tuple(obj.get("flags") or ())
+        if not isinstance(reference, str) or (not reference.strip() and not flags):
             problems.append(Problem(number, "empty reference"))
             continue
         language = None
@@ -417,23 +459,36 @@ def load_references(path: str) -> tuple[dict[str, VerifiedReference], list[Probl
             if language is None:
                 problems.append(Problem(number, f"unknown language {obj['language']!r}"))
                 continue
-        refs[ident.strip()] = VerifiedReference(ident.strip(), reference, language, number)
+        refs[ident.strip()] = VerifiedReference(
+            ident.strip(), reference, language, number, flags=flags, reviewer=obj.get("reviewer"),
+            seconds=_number(obj.get("seconds")), original=obj.get("original"),
+            reviewed_at=_number(obj.get("reviewed_at")), source=obj.get("source"), note=obj.get("note"))
     return refs, problems
 
 
 def append_reference(path: str, ident: str, reference: str, language: Optional[str] = None,
-                     note: Optional[str] = None) -> None:
+                     note: Optional[str] = None, *, flags: Sequence[str] = (), reviewer: Optional[str] = None,
+                     seconds: Optional[float] = None, original: Optional[str] = None,
+                     reviewed_at: Optional[float] = None, source: Optional[str] = None) -> None:
     """Add a verified reference to the references file as one whole line: the file is 0600 (it
     holds what users said), never followed through a link, in a 0700 folder (private_files). The
-    one writer of the file in the exporter (the review pages write through it). Raises OSError,
-    and ValueError for an empty id or reference."""
-    if not ident.strip() or not reference.strip():
-        raise ValueError("a verified reference needs an id and a reference")
-    obj: dict[str, str] = {"id": ident.strip(), "reference": reference}
+    one writer of the file in the exporter (the review page and `review import` write through it).
+    Raises OSError, and ValueError for an empty id, an empty reference without flags, or a value
+    load_references would skip."""
+    if not ident.strip() or (not reference.strip() and not flags):
+        raise ValueError("a verified reference needs an id and a reference (or flags)")
+    obj: dict[str, object] = {"id": ident.strip(), "reference": reference}
     if language:
         obj["language"] = language
-    if note:
-        obj["note"] = note
+    if flags:
+        obj["flags"] = list(flags)
+    for key, value in (("reviewer", reviewer), ("seconds", seconds), ("original", original),
+                       ("reviewed_at", reviewed_at), ("source", source), ("note", note)):
+        if value is not None and value != "":
+            obj[key] = value
+    problem = _reference_problem(obj)
+    if problem:
+        raise ValueError(f"not a verified reference: {problem}")
     private_dir(os.path.dirname(os.path.abspath(path)), own=False)
     append_line(path, (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8", "replace"))
 
