@@ -33,8 +33,11 @@ Reviewers write the verified reference of an item into the references file
 
     {"id": "3f2a...", "reference": "what was really said"}
 
+and what a review adds (REFERENCE_KEYS): "flags" (of FLAGS; the reference may
+then be ""), "reviewer", "seconds" spent, the "original" transcript,
+"reviewed_at" (unix seconds), "source" ("page" or "label-studio"), "note".
 The quality collector scores each referenced item (set="production") and takes
-it off the queue.
+it off the queue; a flagged one is never scored as WER.
 """
 from __future__ import annotations
 
