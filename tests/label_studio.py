@@ -96,6 +96,10 @@ class LabelStudio:
                           params={"exportType": "JSON", "download_all_tasks": "true"})
         return list(answer.json())
 
+    def export_min(self, project: int) -> list:
+        """The project's JSON-MIN export (one flat record per annotation)."""
+        return list(self.api("GET", f"/api/projects/{project}/export", params={"exportType": "JSON_MIN"}).json())
+
     def export_snapshot(self, project: int) -> list:
         """The JSON export through a snapshot with the annotators expanded (the Export page's way)."""
         made = self.api("POST", f"/api/projects/{project}/exports/",

@@ -237,6 +237,15 @@ def test_an_export_that_is_not_one_exits_1_and_says_what_it_is(setup):
     assert missing.exit_code == 1 and "cannot read" in missing.stderr
 
 
+def test_a_json_min_export_is_refused_saying_which_export_to_take(setup):
+    """Label Studio's JSON-MIN (export-json-min.json, from the same project) writes the chosen
+    `language` over the task data's own `language` and drops skipped annotations."""
+    result = run("review", "import", str(DATA / "export-json-min.json"), "--config", str(setup / "exporter.yml"))
+    assert result.exit_code == 1
+    assert "a JSON-MIN export: export with Export type JSON" in result.stderr
+    assert not (setup / "review" / "verified.jsonl").exists()
+
+
 def test_import_without_a_references_file_in_the_config_exits_2_naming_the_key(tmp_path):
     config = tmp_path / "exporter.yml"
     config.write_text("collectors:\n  quality:\n    production:\n      queue: q.jsonl\n")
@@ -260,3 +269,26 @@ def test_map_task_reads_both_completed_by_shapes_and_the_choice_of_annotation():
     skipped = labelstudio.map_task({"id": 5, "data": {"item_id": "y"},
                                     "annotations": [{"was_cancelled": True, "result": []}]})
     assert skipped == labelstudio.Unreviewed("5", "y", "skipped in Label Studio")
+
+
+def test_a_full_disk_mid_import_leaves_whole_records_and_a_second_import_finishes(setup):
+    import resource
+    import signal
+
+    config, verified = str(setup / "exporter.yml"), setup / "review" / "verified.jsonl"
+    first = json.dumps(expected_records("export.json", "x")[0], ensure_ascii=False).encode()
+    # The file-size limit stands in for a full disk: room for one record and a half, then EFBIG.
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(first) * 3 // 2, old_limit[1]))
+    try:
+        full = run("review", "import", str(DATA / "export.json"), "--config", config, "--reviewer", "x")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert full.exit_code == 1
+    assert "cannot write" in full.stderr and "the records before it are written, each whole" in full.stderr
+    assert records(verified) == expected_records("export.json", "x")[:1]  # no half line
+    again = run("review", "import", str(DATA / "export.json"), "--config", config, "--reviewer", "x")
+    assert "4 verified record(s) written" in again.stdout and "1 verified already" in again.stdout
+    assert records(verified) == expected_records("export.json", "x")

@@ -139,6 +139,11 @@ def read_export(path: str) -> list:
         data = [data]
     if not isinstance(data, list):
         raise ExportError("not a list of tasks (export with Export type JSON)")
+    if any(isinstance(t, dict) and "annotation_id" in t and "annotations" not in t for t in data):
+        # JSON-MIN puts the answers beside the task data under the controls' names: the
+        # `language` chosen and the queue's `language` are one key, skipped annotations are gone.
+        raise ExportError("a JSON-MIN export: export with Export type JSON (JSON-MIN merges the task data and "
+                          "the answers under the same names)")
     return data
 
 

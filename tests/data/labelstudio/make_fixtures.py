@@ -4,8 +4,9 @@
 
 `review export` turns queue.jsonl into tasks.json and tasks.json.label-config.xml; the tasks go
 into a fresh project and are annotated through the REST API as listed in PLAN; then the
-project is exported both ways Label Studio has: export.json (the export API, completed_by a user
-id) and export-snapshot.json (an export snapshot with the annotators expanded). No audio is
+project is exported: export.json (the export API, completed_by a user id), export-snapshot.json
+(an export snapshot with the annotators expanded) and export-json-min.json (JSON-MIN, which the
+import refuses). No audio is
 needed: annotating through the API does not play it. Transcripts here are made up.
 """
 from __future__ import annotations
@@ -69,6 +70,8 @@ def main() -> None:
             for annotation in PLAN.get(item, [{"result": [text("hand-made task")]}] if item is None else []):
                 studio.annotate(task["id"], **annotation)
         (HERE / "export.json").write_text(json.dumps(studio.export(project), indent=1, ensure_ascii=False) + "\n")
+        (HERE / "export-json-min.json").write_text(
+            json.dumps(studio.export_min(project), indent=1, ensure_ascii=False) + "\n")
         (HERE / "export-snapshot.json").write_text(
             json.dumps(studio.export_snapshot(project), indent=1, ensure_ascii=False) + "\n")
         print(f"label-studio {VERSION}: {len(listed)} tasks exported into {HERE}")
