@@ -13,8 +13,8 @@ import jiwer
 import pytest
 from click.testing import CliRunner
 
-from collectors.quality import QualityCollector
 from whisper_exporter.cli import main
+from whisper_exporter.collectors.quality import QualityCollector
 from whisper_exporter.config import from_dict
 from whisper_exporter.quality.sampling import QueueItem, item_id
 
