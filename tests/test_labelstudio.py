@@ -292,3 +292,18 @@ def test_a_full_disk_mid_import_leaves_whole_records_and_a_second_import_finishe
     again = run("review", "import", str(DATA / "export.json"), "--config", config, "--reviewer", "x")
     assert "4 verified record(s) written" in again.stdout and "1 verified already" in again.stdout
     assert records(verified) == expected_records("export.json", "x")
+
+
+def test_a_wide_review_folder_is_named_once_per_import_not_once_per_record(setup, caplog):
+    """append_reference checks the folder for every record: 10,000 records logged the same
+    warning 10,000 times. Shown as root, whose folders private_files never changes."""
+    import logging
+    import os
+
+    os.chmod(setup / "review", 0o755)
+    with caplog.at_level(logging.WARNING, logger="whisper_exporter.private_files"):
+        run("review", "import", str(DATA / "export.json"), "--config", str(setup / "exporter.yml"))
+    folder = [r for r in caplog.records if r.name == "whisper_exporter.private_files" and "review is mode" in
+              r.getMessage()]
+    assert len(records(setup / "review" / "verified.jsonl")) == 5
+    assert len(folder) <= 1  # as root: 1 (left 0755, said once); as its owner: 1 (made 0700) or none

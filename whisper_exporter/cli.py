@@ -562,9 +562,10 @@ def review_import(export_file: str, config_path: Optional[str], reviewer: Option
     except labelstudio.ExportError as err:
         click.echo(f"whisper-exporter review import: {export_file}: {err}", err=True)
         sys.exit(1)
-    queued = {i.id: i for i in ReviewQueue(queue_path, config.collectors.quality.production.max_queue).items()}
     try:
-        report = labelstudio.import_export(tasks, references, queued, reviewer)
+        with labelstudio.folder_warnings_once():
+            queue = ReviewQueue(queue_path, config.collectors.quality.production.max_queue)
+            report = labelstudio.import_export(tasks, references, {i.id: i for i in queue.items()}, reviewer)
     except OSError as err:
         click.echo(f"whisper-exporter review import: cannot write {references}: {err.strerror or err} "
                    "(the records before it are written, each whole)", err=True)

@@ -20,11 +20,13 @@ transcript text: they are printed and logged.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
@@ -240,7 +242,9 @@ def map_task(obj: Any, reviewer: Optional[str] = None) -> Outcome:
     ident = obj.get("id")
     name = str(ident) if isinstance(ident, (int, str)) and not isinstance(ident, bool) else "?"
     data = obj.get("data")
-    item = data.get(ITEM_ID) if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        data = {}
+    item = data.get(ITEM_ID)
     if not isinstance(item, str) or not item.strip():
         return Unmapped(name, f"no data.{ITEM_ID}: not a task from `whisper-exporter review export`")
     item = item.strip()
@@ -266,7 +270,7 @@ def map_task(obj: Any, reviewer: Optional[str] = None) -> Outcome:
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
             or seconds < 0:
         seconds = None
-    original = data.get("transcript") if isinstance(data, dict) else None
+    original = data.get("transcript")
     annotation_id = chosen.get("id")
     record = {
         "ident": item, "reference": text or "", "language": language, "flags": tuple(flags),
@@ -294,9 +298,9 @@ def import_export(tasks: list, references: str, queued: dict[str, QueueItem],
     """Append a verified record for every mapped task whose item waits in the review queue.
 
     An item the references file has already (reviewed on the page, or imported before) is not
-    written again. The original transcript is the queue's (what will be scored), else the
-    task's. Raises OSError when the references file cannot be read or written (the records
-    before it are in the file, each whole)."""
+    written again. The original transcript is the queue's (the one the collector scores).
+    Raises OSError when the references file cannot be read or written (the records before it
+    are in the file, each whole)."""
     existing, _problems = load_references(references)  # a bad line is the quality collector's to report
     done = set(existing)
     report = ImportReport()
@@ -320,3 +324,30 @@ def import_export(tasks: list, references: str, queued: dict[str, QueueItem],
             done.add(outcome.item)
             report.written.append(outcome)
     return report
+
+
+class _Once(logging.Filter):
+    """Lets each message through once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+@contextmanager
+def folder_warnings_once() -> Iterator[None]:
+    """Say each private_files warning once: the queue's open and every append_reference check the
+    folder, and 10,000 records logged its mode 10,000 times."""
+    folder_log, once = logging.getLogger("whisper_exporter.private_files"), _Once()
+    folder_log.addFilter(once)
+    try:
+        yield
+    finally:
+        folder_log.removeFilter(once)
