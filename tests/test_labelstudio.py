@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 from whisper_exporter.cli import main
 from whisper_exporter.quality import labelstudio
-from whisper_exporter.quality.sampling import FLAGS, load_references
+from whisper_exporter.quality.flags import FLAGS
+from whisper_exporter.quality.sampling import append_reference, load_references
 from whisper_exporter.whisper.languages import WHISPER_LANGUAGES
 
 DATA = Path(__file__).parent / "data" / "labelstudio"
@@ -307,3 +308,57 @@ def test_a_wide_review_folder_is_named_once_per_import_not_once_per_record(setup
               r.getMessage()]
     assert len(records(setup / "review" / "verified.jsonl")) == 5
     assert len(folder) <= 1  # as root: 1 (left 0755, said once); as its owner: 1 (made 0700) or none
+
+
+# -- the verified-record format both writers share (quality/sampling.py) ------------------------
+
+
+def test_a_verified_record_carries_the_review_and_reads_back(tmp_path):
+    path = str(tmp_path / "review" / "verified.jsonl")
+    append_reference(path, "q1", "Hello, world.", "en", "checked twice", flags=["personal_data"], reviewer="ana",
+                     seconds=12.5, original="hello world", reviewed_at=1764700000.0, source="label-studio")
+    append_reference(path, "q2", "", flags=["no_speech"], source="page")  # nothing said: no text, a flag
+    assert [json.loads(line) for line in open(path, encoding="utf-8")] == [
+        {"id": "q1", "reference": "Hello, world.", "language": "en", "flags": ["personal_data"], "reviewer": "ana",
+         "seconds": 12.5, "original": "hello world", "reviewed_at": 1764700000.0, "source": "label-studio",
+         "note": "checked twice"},
+        {"id": "q2", "reference": "", "flags": ["no_speech"], "source": "page"}]
+    refs, problems = load_references(path)
+    assert problems == []
+    assert refs["q1"].flags == ("personal_data",) and refs["q1"].reviewer == "ana" and refs["q1"].seconds == 12.5
+    assert refs["q1"].original == "hello world" and refs["q1"].reviewed_at == 1764700000.0
+    assert refs["q1"].source == "label-studio" and refs["q1"].note == "checked twice"
+    assert refs["q2"].reference == "" and refs["q2"].flags == ("no_speech",) and refs["q2"].reviewer is None
+
+
+@pytest.mark.parametrize("kwargs, said", [
+    ({"reference": ""}, "needs an id and a reference"),
+    ({"flags": ["boring"]}, "unknown flag 'boring'"),
+    ({"source": "excel"}, "unknown source 'excel'"),
+])
+def test_append_reference_refuses_what_load_references_would_skip(tmp_path, kwargs, said):
+    path = tmp_path / "verified.jsonl"
+    with pytest.raises(ValueError, match=said):
+        append_reference(str(path), "q1", **{"reference": "x", **kwargs})
+    assert not path.exists()
+
+
+def test_bad_review_fields_are_named_with_their_line(tmp_path):
+    path = tmp_path / "refs.jsonl"
+    path.write_text(
+        '{"id": "a", "reference": "", "flags": ["no_speech"]}\n'
+        '{"id": "b", "reference": "", "flags": []}\n'
+        '{"id": "c", "reference": "x", "flags": "no_speech"}\n'
+        '{"id": "d", "reference": "x", "flags": ["loud"]}\n'
+        '{"id": "e", "reference": "x", "seconds": "ten"}\n'
+        '{"id": "f", "reference": "x", "seconds": true}\n'
+        '{"id": "g", "reference": "x", "source": "excel"}\n'
+        '{"id": "h", "reference": "x", "reviewer": 7}\n'
+        '{"id": "i", "reference": "x", "reviewed_at": 1764700000, "original": "y", "seconds": 3}\n',
+        encoding="utf-8")
+    refs, problems = load_references(str(path))
+    assert sorted(refs) == ["a", "i"]
+    assert [p.line for p in problems] == [2, 3, 4, 5, 6, 7, 8]
+    assert problems[0].message == "empty reference" and "flags" in problems[1].message
+    assert "seconds" in problems[3].message and "source" in problems[5].message and "reviewer" in problems[6].message
+    assert refs["i"].seconds == 3.0 and refs["i"].reviewed_at == 1764700000.0

@@ -12,7 +12,6 @@ from whisper_exporter.quality.sampling import (
     QueueItem,
     ReviewQueue,
     StratifiedSampler,
-    append_reference,
     interleave,
     item_id,
     load_references,
@@ -246,60 +245,3 @@ def test_references_file_problems_are_named(tmp_path):
     assert [p.line for p in problems] == [2, 3, 4, 5, 7]
     assert "unknown key 'speaker'" in problems[2].message
     assert load_references(str(tmp_path / "none.jsonl")) == ({}, [])
-
-
-def test_a_verified_record_carries_the_review_and_reads_back(tmp_path):
-    """The shared verified-record format the review page and `review import` write (issue 23)."""
-    path = str(tmp_path / "review" / "verified.jsonl")
-    append_reference(path, "q1", "Hello, world.", "en", "checked twice", flags=["personal_data"], reviewer="ana",
-                     seconds=12.5, original="hello world", reviewed_at=1764700000.0, source="label-studio")
-    append_reference(path, "q2", "", flags=["no_speech"], source="page")  # nothing said: no text, a flag
-    lines = [json.loads(line) for line in open(path, encoding="utf-8")]
-    assert lines == [
-        {"id": "q1", "reference": "Hello, world.", "language": "en", "flags": ["personal_data"], "reviewer": "ana",
-         "seconds": 12.5, "original": "hello world", "reviewed_at": 1764700000.0, "source": "label-studio",
-         "note": "checked twice"},
-        {"id": "q2", "reference": "", "flags": ["no_speech"], "source": "page"}]
-    refs, problems = load_references(path)
-    assert problems == []
-    assert refs["q1"].flags == ("personal_data",) and refs["q1"].reviewer == "ana" and refs["q1"].seconds == 12.5
-    assert refs["q1"].original == "hello world" and refs["q1"].reviewed_at == 1764700000.0
-    assert refs["q1"].source == "label-studio" and refs["q1"].note == "checked twice"
-    assert refs["q2"].reference == "" and refs["q2"].flags == ("no_speech",) and refs["q2"].reviewer is None
-
-
-@pytest.mark.parametrize("kwargs, said", [
-    ({"reference": ""}, "needs an id and a reference"),
-    ({"flags": ["boring"]}, "unknown flag 'boring'"),
-    ({"source": "excel"}, "unknown source 'excel'"),
-    ({"seconds": -1.0}, "seconds is not a number of seconds"),
-    ({"reviewed_at": float("nan")}, "reviewed_at is not a number of seconds"),
-])
-def test_append_reference_refuses_what_load_references_would_skip(tmp_path, kwargs, said):
-    path = tmp_path / "verified.jsonl"
-    with pytest.raises(ValueError, match=said):
-        append_reference(str(path), "q1", **{"reference": "x", **kwargs})
-    assert not path.exists()
-
-
-def test_bad_review_fields_are_named_with_their_line(tmp_path):
-    path = tmp_path / "refs.jsonl"
-    path.write_text(
-        '{"id": "a", "reference": "", "flags": ["no_speech"]}\n'
-        '{"id": "b", "reference": "", "flags": []}\n'
-        '{"id": "c", "reference": "x", "flags": "no_speech"}\n'
-        '{"id": "d", "reference": "x", "flags": ["loud"]}\n'
-        '{"id": "e", "reference": "x", "seconds": "ten"}\n'
-        '{"id": "f", "reference": "x", "seconds": true}\n'
-        '{"id": "g", "reference": "x", "source": "excel"}\n'
-        '{"id": "h", "reference": "x", "reviewer": 7}\n'
-        '{"id": "i", "reference": "x", "reviewed_at": 1764700000, "original": "y", "seconds": 3}\n',
-        encoding="utf-8")
-    refs, problems = load_references(str(path))
-    assert sorted(refs) == ["a", "i"]
-    assert [(p.line, p.message) for p in problems] == [
-        (2, "empty reference"), (3, "flags is not a list of strings"),
-        (4, "unknown flag 'loud' (known: no_speech, unintelligible, wrong_language, personal_data)"),
-        (5, "seconds is not a number of seconds"), (6, "seconds is not a number of seconds"),
-        (7, "unknown source 'excel' (known: page, label-studio)"), (8, "reviewer is not a string")]
-    assert refs["i"].seconds == 3.0 and refs["i"].reviewed_at == 1764700000.0

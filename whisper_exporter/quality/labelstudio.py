@@ -30,8 +30,9 @@ from typing import Any, Iterable, Iterator, Optional, Union
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
+from whisper_exporter.quality.flags import FLAGS
 from whisper_exporter.quality.manifest import MAX_FILE_BYTES, read_regular
-from whisper_exporter.quality.sampling import FLAGS, QueueItem, append_reference, load_references
+from whisper_exporter.quality.sampling import QueueItem, append_reference, load_references
 from whisper_exporter.whisper.languages import WHISPER_LANGUAGES, language_code
 
 AUDIO = "audio"  # the Audio tag's name: every result's to_name

@@ -28,16 +28,17 @@ The review queue (`ReviewQueue`) is a JSON-lines file, one item per line:
      "duration": 7.2, "duration_band": "5-15s", "sampled_at": 1718000000.0}
 
 bounded by `max_items`: a sample drawn while it is full is dropped and counted.
-Reviewers write the verified reference of an item into the references file
-(JSON lines, keyed by the queue's id; `language` optional, to correct it):
+Reviewers write the verified record of an item into the references file (JSON
+lines, keyed by the queue's id; the review page and `review import` write through
+`append_reference`; only id and reference are required):
 
-    {"id": "3f2a...", "reference": "what was really said"}
+    {"id": "3f2a...", "reference": "what was really said", "language": "en", "flags": ["no_speech"],
+     "reviewer": "ana", "seconds": 41.5, "original": "the server's transcript", "reviewed_at": 1718003600.0,
+     "source": "page", "note": "..."}
 
-and what a review adds (REFERENCE_KEYS): "flags" (of FLAGS; the reference may
-then be ""), "reviewer", "seconds" spent, the "original" transcript,
-"reviewed_at" (unix seconds), "source" ("page" or "label-studio"), "note".
-The quality collector scores each referenced item (set="production") and takes
-it off the queue; a flagged one is never scored as WER.
+`reference` may be "" only with flags. The quality collector scores each
+unflagged reviewed item (set="production"), counts the flagged ones, and takes
+them off the queue.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ from whisper_exporter.private_files import (
     read_private,
     write_atomically,
 )
+from whisper_exporter.quality.flags import FLAGS
 from whisper_exporter.quality.manifest import MAX_FILE_BYTES, Item, Problem, duration_band, jsonl_records, read_regular
 from whisper_exporter.whisper.languages import language_code
 
@@ -379,15 +381,18 @@ class ProductionSampler:
 # -- the references file ---------------------------------------------------------------------
 
 
+SOURCES = ("page", "label-studio")  # which tool wrote a verified record
+
+
 @dataclass(frozen=True)
 class VerifiedReference:
     id: str
-    reference: str  # "" only when flags is not empty
+    reference: str  # "" only when flags is non-empty
     language: Optional[str]  # a correction of the queue item's language, when given
     line: int
-    flags: tuple[str, ...] = ()  # a subset of FLAGS: an item with flags is never scored as WER
+    flags: tuple[str, ...] = ()  # a subset of FLAGS, in that order
     reviewer: Optional[str] = None
-    seconds: Optional[float] = None  # time the reviewer spent
+    seconds: Optional[float] = None  # time the reviewer spent on it
     original: Optional[str] = None  # the server's transcript the reviewer saw
     reviewed_at: Optional[float] = None  # unix seconds
     source: Optional[str] = None  # one of SOURCES
@@ -396,35 +401,47 @@ class VerifiedReference:
 
 REFERENCE_KEYS = ("id", "reference", "language", "flags", "reviewer", "seconds", "original", "reviewed_at",
                   "source", "note")
-FLAGS = ("no_speech", "unintelligible", "wrong_language", "personal_data")
-SOURCES = ("page", "label-studio")
 
 
 def _number(value: object) -> Optional[float]:
-    """A finite, non-negative JSON number, else None (a bool is no number here)."""
+    """A finite number of 0 or more, else None (booleans are not numbers here)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         return None
     return float(value)
 
 
-def _reference_problem(obj: dict) -> Optional[str]:
-    """What is wrong with the optional keys of a references line, or None."""
+def _reference(number: int, obj: dict) -> "VerifiedReference | Problem":
+    """One line of the references file, or why it cannot be used."""
+    unknown = [k for k in obj if k not in REFERENCE_KEYS]
+    if unknown:
+        return Problem(number, f"unknown key {unknown[0]!r} (known: {', '.join(REFERENCE_KEYS)})")
+    ident, reference = obj.get("id"), obj.get("reference")
+    if not isinstance(ident, str) or not ident.strip():
+        return Problem(number, "no id")
     flags = obj.get("flags")
-    if flags is not None:
-        if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
-            return "flags is not a list of strings"
-        unknown = [f for f in flags if f not in FLAGS]
-        if unknown:
-            return f"unknown flag {unknown[0]!r} (known: {', '.join(FLAGS)})"
+    if flags is None:
+        flags = []
+    if not isinstance(flags, list) or not all(isinstance(f, str) and f in FLAGS for f in flags):
+        return Problem(number, f"flags must be a list of {', '.join(FLAGS)}")
+    if not isinstance(reference, str) or (not reference.strip() and not flags):
+        return Problem(number, "empty reference")
+    language = None
+    if obj.get("language") not in (None, ""):
+        language = language_code(obj["language"]) if isinstance(obj["language"], str) else None
+        if language is None:
+            return Problem(number, f"unknown language {obj['language']!r}")
     for key in ("reviewer", "original", "note"):
         if obj.get(key) is not None and not isinstance(obj[key], str):
-            return f"{key} is not a string"
+            return Problem(number, f"{key} must be a string")
     for key in ("seconds", "reviewed_at"):
         if obj.get(key) is not None and _number(obj[key]) is None:
-            return f"{key} is not a number of seconds"
+            return Problem(number, f"{key} must be a number of 0 or more")
     if obj.get("source") is not None and obj["source"] not in SOURCES:
-        return f"unknown source {obj['source']!r} (known: {', '.join(SOURCES)})"
-    return None
+        return Problem(number, f"source must be one of {', '.join(SOURCES)}")
+    return VerifiedReference(
+        ident.strip(), reference, language, number, flags=tuple(f for f in FLAGS if f in flags),
+        reviewer=obj.get("reviewer"), seconds=_number(obj.get("seconds")), original=obj.get("original"),
+        reviewed_at=_number(obj.get("reviewed_at")), source=obj.get("source"), note=obj.get("note"))
 
 
 def load_references(path: str) -> tuple[dict[str, VerifiedReference], list[Problem]]:
@@ -440,32 +457,11 @@ def load_references(path: str) -> tuple[dict[str, VerifiedReference], list[Probl
         if isinstance(obj, Problem):
             problems.append(Problem(number, "not a JSON object"))
             continue
-        unknown = [k for k in obj if k not in REFERENCE_KEYS]
-        if unknown:
-            problems.append(Problem(number, f"unknown key {unknown[0]!r} (known: {', '.join(REFERENCE_KEYS)})"))
-            continue
-        ident, reference = obj.get("id"), obj.get("reference")
-        if not isinstance(ident, str) or not ident.strip():
-            problems.append(Problem(number, "no id"))
-            continue
-        problem = _reference_problem(obj)
-        if problem:
-            problems.append(Problem(number, problem))
-            continue
-        flags = tuple(obj.get("flags") or ())
-        if not isinstance(reference, str) or (not reference.strip() and not flags):
-            problems.append(Problem(number, "empty reference"))
-            continue
-        language = None
-        if obj.get("language") not in (None, ""):
-            language = language_code(obj["language"]) if isinstance(obj["language"], str) else None
-            if language is None:
-                problems.append(Problem(number, f"unknown language {obj['language']!r}"))
-                continue
-        refs[ident.strip()] = VerifiedReference(
-            ident.strip(), reference, language, number, flags=flags, reviewer=obj.get("reviewer"),
-            seconds=_number(obj.get("seconds")), original=obj.get("original"),
-            reviewed_at=_number(obj.get("reviewed_at")), source=obj.get("source"), note=obj.get("note"))
+        ref = _reference(number, obj)
+        if isinstance(ref, Problem):
+            problems.append(ref)
+        else:
+            refs[ref.id] = ref
     return refs, problems
 
 
@@ -476,22 +472,23 @@ def append_reference(path: str, ident: str, reference: str, language: Optional[s
     """Add a verified reference to the references file as one whole line: the file is 0600 (it
     holds what users said), never followed through a link, in a 0700 folder (private_files). The
     one writer of the file in the exporter (the review page and `review import` write through it).
-    Raises OSError, and ValueError for an empty id, an empty reference without flags, or a value
-    load_references would skip."""
+    Raises OSError, and ValueError for an empty id, an empty reference without flags, an unknown
+    flag or source."""
+    unknown = [f for f in flags if f not in FLAGS]
+    if unknown:
+        raise ValueError(f"unknown flag {unknown[0]!r} (known: {', '.join(FLAGS)})")
+    if source is not None and source not in SOURCES:
+        raise ValueError(f"unknown source {source!r} (known: {', '.join(SOURCES)})")
     if not ident.strip() or (not reference.strip() and not flags):
-        raise ValueError("a verified reference needs an id and a reference (or flags)")
+        raise ValueError("a verified reference needs an id and a reference (or a flag)")
     obj: dict[str, object] = {"id": ident.strip(), "reference": reference}
     if language:
         obj["language"] = language
     if flags:
-        obj["flags"] = list(flags)
-    for key, value in (("reviewer", reviewer), ("seconds", seconds), ("original", original),
-                       ("reviewed_at", reviewed_at), ("source", source), ("note", note)):
-        if value is not None and value != "":
-            obj[key] = value
-    problem = _reference_problem(obj)
-    if problem:
-        raise ValueError(f"not a verified reference: {problem}")
+        obj["flags"] = [f for f in FLAGS if f in flags]
+    optional = {"reviewer": reviewer, "seconds": seconds, "original": original, "reviewed_at": reviewed_at,
+                "source": source, "note": note}
+    obj.update({k: v for k, v in optional.items() if v is not None and v != ""})
     private_dir(os.path.dirname(os.path.abspath(path)), own=False)
     append_line(path, (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8", "replace"))
 
