@@ -313,9 +313,6 @@ class QualityCollector:
             if ref is None:
                 self.quality.seed(queued.language, PRODUCTION)  # exported at 0 while it waits for review
                 continue
-            if ref.flags:  # no speech, unintelligible ...: never scored as WER (reference may be "")
-                done_ids.append(queued.id)
-                continue
             language = ref.language or queued.language
             if queued.id not in self._scored_ids and not self.quality.has(language, PRODUCTION):
                 # Queued and reviewed between two runs (or a reference in another language): its
@@ -326,6 +323,8 @@ class QualityCollector:
             done_ids.append(queued.id)
             if queued.id in self._scored_ids:
                 continue  # scored already; a queue rewrite failed last time
+            if ref.flags:  # no speech, unintelligible ...: never scored as WER (the reference may be "")
+                continue
             score = scoring.score(ref.reference, queued.transcript, language)
             self.quality.record(score, PRODUCTION)
             # Scored only where the reviewer kept punctuation (the reference has a mark).
