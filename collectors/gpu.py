@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
@@ -67,10 +68,25 @@ def load_nvml() -> Any:
     return pynvml
 
 
+def nvml_library_loads() -> bool:
+    """Whether NVML's shared library loads, by the name pynvml loads it by on Linux (elsewhere
+    pynvml looks in other places: leave it to pynvml)."""
+    if not sys.platform.startswith("linux"):
+        return True
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return False
+    return True
+
+
 def nvml_library_present(nvml: Any = None) -> bool:
     """False only when NVML's shared library is not there at all. A library that loads but fails
     (driver not loaded, no GPU, version mismatch) counts as present: that is a fault to report."""
-    nvml = nvml or load_nvml()
+    if nvml is None:
+        if not nvml_library_loads():  # a CPU-only host: no need to import pynvml (~1.5 MB) to learn it
+            return False
+        nvml = load_nvml()
     try:
         nvml.nvmlInit()
     except nvml.NVMLError as err:

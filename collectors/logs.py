@@ -15,13 +15,12 @@ import os
 import time
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from typing import Any, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from whisper_exporter.config import Duration, KeyPath, one_of, positive, warning
 from whisper_exporter.logfiles import parse as logparse
-from whisper_exporter.logfiles.follow import Follower
 from whisper_exporter.logfiles.parse import LineError
 from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
@@ -30,6 +29,9 @@ from whisper_exporter.runtime.seeds import seed_requests
 from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.whisper import hallucination
 from whisper_exporter.whisper.languages import language_code
+
+if TYPE_CHECKING:  # the follower (and bz2, gzip, lzma for rotated files) is imported when a log is followed
+    from whisper_exporter.logfiles.follow import Follower
 
 log = logging.getLogger("whisper_exporter.logs")
 
@@ -171,6 +173,8 @@ class LogsCollector:
 
         def on_error(reason: str, sample: bytes) -> None:
             self._bad_line(source, reason, sample, locked=False)
+
+        from whisper_exporter.logfiles.follow import Follower
 
         parser = logparse.make_parser(entry.format, entry.pattern, entry.fields)
         follower = Follower(entry.path, on_lines=on_lines, on_error=on_error, start_at_end=start_at_end,

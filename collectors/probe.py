@@ -22,7 +22,10 @@ of the last probes with their times. What a scrape sees is that latest result:
   `max_error_rate`).
 
 Scores also count into the shared `whisper_quality_*` families with
-set="canary". A failed probe is a result, not a collector failure; the
+set="canary". With `language: detect` or `both` the speech canaries also
+count into `whisper_quality_language_identified_total{set="canary"}`: detect
+sends them without a language (everything above from that answer), both sends
+each once more without it, for the identification alone. A failed probe is a result, not a collector failure; the
 collector is down only when it cannot probe at all (an unreadable canary file,
 an API key that cannot be read).
 """
@@ -52,9 +55,10 @@ from whisper_exporter.config import (
 )
 from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
+from whisper_exporter.runtime.language_id_counters import LanguageIdCounters
 from whisper_exporter.runtime.quality_counters import QualityCounters
 from whisper_exporter.runtime.shared import Shared
-from whisper_exporter.whisper import audio, clients, scoring, utterance
+from whisper_exporter.whisper import audio, clients, language_id, scoring, utterance
 from whisper_exporter.whisper.punctuation import Punctuation
 
 log = logging.getLogger(__name__)
@@ -107,6 +111,10 @@ class ProbeConfig:
     # to service.url: the path users take, so the canary also tests the tap, and the tap's
     # whisper_canary_requests_seen_total{source="tap"} shows it carries traffic. Needs the tap on.
     via_tap: bool = False
+    # given: canaries carry their language; detect: speech canaries go without it and the server's
+    # detected language is counted (whisper_quality_language_identified_total{set="canary"});
+    # both: sent with it, then once more without it for the identification alone (twice the requests).
+    language: str = language_id.GIVEN
 
     @property
     def run_timeout(self) -> float:
@@ -123,6 +131,10 @@ class ProbeConfig:
 
     def check(self, at: KeyPath) -> None:
         one_of(at, "response_format", self.response_format, ("json", "verbose_json"))
+        one_of(at, "language", self.language, language_id.MODES)
+        if self.language != language_id.GIVEN and self.response_format != "verbose_json":
+            raise at.error("language", "given, or response_format verbose_json (a json answer names no language)",
+                           self.language)
         if self.max_error_rate < 0:
             raise at.error("max_error_rate", "an error rate of 0 or more (0.5 = one error in two words)",
                            self.max_error_rate)
@@ -211,6 +223,7 @@ class ProbeRecord:
     server_language: Optional[str] = None
     server_duration: Optional[float] = None
     exchange: clients.Exchange = field(default_factory=clients.Exchange)
+    detected: Optional[str] = None  # the language detected (a label) when the canary went without one
 
     @property
     def success(self) -> bool:
@@ -237,16 +250,23 @@ class ProbeRecord:
         return data
 
 
-def probe_canary(client: clients.WhisperClient, canary: ResolvedCanary, max_error_rate: float) -> ProbeRecord:
+def probe_canary(client: clients.WhisperClient, canary: ResolvedCanary, max_error_rate: float,
+                 mode: str = language_id.GIVEN) -> ProbeRecord:
     """Probe one canary now. Raises audio.AudioError when its audio cannot be read;
     everything the server does becomes the record's result."""
     reference = canary.reference
-    u = utterance.run(client, canary.audio, reference, canary.language)
+    speech = bool(reference.strip())  # non-speech has no language to identify: always sent with one
+    u = utterance.run(client, canary.audio, reference, canary.language, detect=speech and mode == language_id.DETECT)
+    detected = None
+    if speech and mode != language_id.GIVEN:
+        d = u if mode == language_id.DETECT else utterance.run(client, canary.audio, reference, canary.language,
+                                                                detect=True)
+        detected = language_id.detected_label(d.server_language) if d.transcript is not None else None
     record = ProbeRecord(
         canary=canary.name, started=u.started, result=u.outcome, duration=u.elapsed,
         status_code=u.status_code, reason=u.reason, language=canary.language, unit=u.unit,
         audio_path=canary.audio, audio_duration=u.audio_duration or 0.0, target=client.url, api=client.api,
-        reference=reference, max_error_rate=max_error_rate, exchange=u.exchange,
+        reference=reference, max_error_rate=max_error_rate, exchange=u.exchange, detected=detected,
     )
     if u.transcript is None or u.score is None:
         return record
@@ -277,11 +297,17 @@ class ProbeCollector:
 
     def __init__(self, section: ProbeConfig, config: Config, url: Optional[str] = None,
                  quality: Optional[QualityCounters] = None,
-                 hallucinations: Optional[HallucinationCounters] = None):
+                 hallucinations: Optional[HallucinationCounters] = None,
+                 identified: Optional[LanguageIdCounters] = None):
         self.section = section
         self.config = config
         self.url = url or (tap_url(config) if section.via_tap else config.service.url)
         self.canaries = resolve_canaries(section, config)
+        self.identified = identified or LanguageIdCounters()
+        if section.language != language_id.GIVEN:
+            for canary in self.canaries:
+                if canary.reference.strip():  # the speech canaries' correct answers, at 0 before the first
+                    self.identified.seed(canary.language, QUALITY_SET)
         # Shared counters are rendered by the runtime; standalone (the probe command) renders its own.
         self.owns_quality = quality is None
         self.quality = quality or QualityCounters()
@@ -312,7 +338,7 @@ class ProbeCollector:
             records = []
             for canary in self.canaries:
                 try:
-                    record = probe_canary(client, canary, self.section.max_error_rate)
+                    record = probe_canary(client, canary, self.section.max_error_rate, self.section.language)
                 except audio.AudioError as err:
                     problems.append(f"canary {canary.name}: {err}")
                     continue
@@ -336,6 +362,8 @@ class ProbeCollector:
             self.quality.record_failure(record.language, QUALITY_SET)
         if record.transcript is not None:
             self.hallucinations.count(record.language, "canary", record.suspects, record.transcript)
+        if record.detected is not None:
+            self.identified.count(record.language, record.detected, QUALITY_SET)
         with self._state_lock:
             previous = self._latest.get(record.canary)
             self._latest[record.canary] = record
@@ -435,6 +463,8 @@ class ProbeCollector:
         if self.owns_quality:
             out.extend(self.quality.families())
             out.extend(self.hallucinations.families())
+            if self.section.language != language_id.GIVEN:
+                out.extend(self.identified.families())
         return out
 
     def stop(self) -> None:
@@ -443,7 +473,8 @@ class ProbeCollector:
 
 def make(section: ProbeConfig, shared: Shared) -> ProbeCollector:
     collector = ProbeCollector(section, shared.config, quality=shared.use_quality(),
-                               hallucinations=shared.use_hallucinations())
+                               hallucinations=shared.use_hallucinations(),
+                               identified=shared.use_language_id() if section.language != language_id.GIVEN else None)
     shared.probe_view = collector
     return collector
 
@@ -499,6 +530,8 @@ def debug_text(record: ProbeRecord) -> str:
         if record.server_language or record.server_duration:
             lines.append(f"  server says: language {record.server_language or '-'}, "
                          f"audio {_fmt(record.server_duration, '.2f')} s")
+        if record.detected is not None:
+            lines.append(f"  sent without a language, identified as: {record.detected}")
     verdict = f"Result: {record.result}"
     if record.reason:
         verdict += f" ({record.reason})"

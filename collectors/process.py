@@ -118,11 +118,36 @@ def _listens(conns: Iterable, port: int) -> list:
     return [c for c in conns if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port]
 
 
+_TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
+_TCP_LISTEN = b"0A"  # the kernel's TCP_LISTEN, as /proc/net/tcp writes the state
+
+
+def _anyone_listens(port: int) -> Optional[bool]:
+    """Whether a TCP socket in this network namespace listens on `port`, read from the kernel's
+    socket tables line by line; None where there are none to read (not Linux)."""
+    suffix = b":%04X" % port
+    read = False
+    for path in _TCP_TABLES:
+        try:
+            with open(path, "rb") as table:
+                read = True
+                next(table, None)  # the header
+                for line in table:
+                    fields = line.split(None, 4)  # sl, local address, remote address, state
+                    if len(fields) > 3 and fields[3] == _TCP_LISTEN and fields[1].endswith(suffix):
+                        return True
+        except OSError:
+            continue
+    return False if read else None
+
+
 def _listeners(port: int, cached: frozenset[int]) -> tuple[set[int], bool]:
     """Pids listening on TCP `port`, and whether a listener exists that the exporter cannot see.
 
     The pids found last time are asked first (one process's sockets: cheap); the full table
-    (every process's fds) is walked only when none of them listens any more.
+    (every process's fds) is walked only when none of them listens any more and the kernel's
+    socket table says someone does: while the server is down that walk would run every
+    interval (~9 MB and 0.3 s on a host with 20,000 sockets).
     """
     still = set()
     for pid in cached:
@@ -135,6 +160,8 @@ def _listeners(port: int, cached: frozenset[int]) -> tuple[set[int], bool]:
             still.add(pid)
     if still:
         return still, False
+    if _anyone_listens(port) is False:
+        return set(), False
     try:
         conns = psutil.net_connections("tcp")
     except psutil.AccessDenied:  # e.g. macOS without root: nothing can be said about owners

@@ -41,25 +41,25 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from whisper_exporter.config import Config, Duration, KeyPath, config_dir, positive, resolve_path
-from whisper_exporter.quality.evaluate import FAILED, SCORED, ItemResult, evaluate_item, threshold_for, worst
-from whisper_exporter.quality.manifest import ManifestError
-from whisper_exporter.quality.manifest import load as load_manifest
-from whisper_exporter.quality.sampling import (
-    ReviewQueue,
-    StratifiedSampler,
-    load_references,
-)
+from whisper_exporter.config import Config, Duration, KeyPath, config_dir, one_of, positive, resolve_path
 from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
+from whisper_exporter.runtime.language_id_counters import LanguageIdCounters
 from whisper_exporter.runtime.quality_counters import QualityCounters, review_queue_families
+from whisper_exporter.runtime.review_counters import ReviewCounters
 from whisper_exporter.runtime.shared import Shared
-from whisper_exporter.whisper import clients, punctuation, scoring
+from whisper_exporter.whisper import clients, hallucination, language_id, punctuation, scoring
 from whisper_exporter.whisper.languages import language_code
+
+# The quality package (manifest, sampling, evaluation) is imported when a collector is built:
+# an exporter with this collector off (the default) need not hold it.
+if TYPE_CHECKING:
+    from whisper_exporter.quality.evaluate import ItemResult
+    from whisper_exporter.quality.sampling import ReviewQueue
 
 log = logging.getLogger("whisper_exporter.quality")
 
@@ -91,6 +91,9 @@ class QualityConfig:
     max_server_share: float = 0.1  # at most this share of wall time busy with our requests
     state_file: Optional[str] = None  # keeps the sampling cursor across restarts; null: in memory
     thresholds: dict[str, float] = dataclass_field(default_factory=dict)  # language (or "default") -> max error rate
+    # given | detect | both (docs/quality.md, "Language identification"); null: both where the API
+    # reports the detected language
+    language: Optional[str] = None
     production: ProductionConfig = dataclass_field(default_factory=ProductionConfig)
 
     @property
@@ -105,6 +108,8 @@ class QualityConfig:
         return self.run_budget + 3 * self.timeout + 60.0
 
     def check(self, at: KeyPath) -> None:
+        if self.language is not None:
+            one_of(at, "language", self.language, language_id.MODES)
         positive(at, "per_run", self.per_run, "a number greater than 0")
         if not 0 < self.max_server_share <= 1:
             raise at.error("max_server_share", "a share of the server's time above 0 and at most 1 (0.1 = 10%)",
@@ -136,11 +141,14 @@ class QualityCollector:
 
     def __init__(self, section: QualityConfig, config: Config, url: Optional[str] = None,
                  quality: Optional[QualityCounters] = None, queue: Optional[ReviewQueue] = None,
-                 hallucinations: Optional[HallucinationCounters] = None):
+                 hallucinations: Optional[HallucinationCounters] = None,
+                 identified: Optional[LanguageIdCounters] = None, reviews: Optional[ReviewCounters] = None):
         self.section = section
         self.config = config
         self.url = url or config.service.url
         base = config_dir(config.source)
+        from whisper_exporter.quality.sampling import ReviewQueue, StratifiedSampler
+
         self.manifest_path = resolve_path(section.manifest, base)
         self.sampler = StratifiedSampler(resolve_path(section.state_file, base))
         production = section.production
@@ -148,9 +156,16 @@ class QualityCollector:
         queue_path = resolve_path(production.queue, base)
         # Shared state (runtime/shared.py) is rendered by the runtime; standalone, this renders its own.
         self.standalone = quality is None
-        self.queue = queue or (ReviewQueue(queue_path, production.max_queue) if queue_path else None)
+        # "is not None": an empty queue is falsy (len 0), and a second object on the file would keep
+        # the tap's in-memory ids after this one took items off (the queue looked full for ever).
+        self.queue = queue if queue is not None else (
+            ReviewQueue(queue_path, production.max_queue) if queue_path else None)
         self.quality = quality or QualityCounters()
         self.hallucinations = hallucinations or HallucinationCounters()
+        self.language_mode = language_id.resolve_mode(section.language, config.service.api)
+        self.identified = identified or LanguageIdCounters()
+        self._seed_identified()
+        self.reviews = reviews or ReviewCounters()
         self.status = "no run yet"
         self.problems: list[str] = []
         self._stop = threading.Event()
@@ -178,6 +193,9 @@ class QualityCollector:
 
     def _seed_known(self) -> None:
         """Export the manifest's and the queue's languages at 0 before the first run counts."""
+        from whisper_exporter.quality.manifest import ManifestError
+        from whisper_exporter.quality.manifest import load as load_manifest
+
         if self.manifest_path:
             try:
                 self._seed(load_manifest(self.manifest_path, check_audio=False).languages(), self._sets())
@@ -185,11 +203,30 @@ class QualityCollector:
                 pass  # the first run reports it
         if PRODUCTION in self._sets():
             assert self.queue is not None  # in _sets() only with a queue
-            self._seed({q.language for q in self.queue.items()}, [PRODUCTION])
+            languages = {q.language for q in self.queue.items()}
+            self._seed(languages, [PRODUCTION])
+            for language in languages:
+                self.reviews.seed(language)
 
     def client(self) -> clients.WhisperClient:
         return clients.make_client(self.config.service, url=self.url, timeout=self.section.timeout,
-                                   response_format="json")
+                                   response_format=language_id.response_format(self.language_mode,
+                                                                               self.config.service.api))
+
+    def _seed_identified(self, languages: Optional[Iterable[str]] = None) -> None:
+        """Export each manifest language's correct-identification series at 0 before its first count."""
+        if self.language_mode == language_id.GIVEN or not self.manifest_path:
+            return
+        if languages is None:
+            from whisper_exporter.quality.manifest import ManifestError
+            from whisper_exporter.quality.manifest import load as load_manifest
+
+            try:
+                languages = load_manifest(self.manifest_path, check_audio=False).languages()
+            except (ManifestError, OSError):
+                return  # the first run reports it
+        for language in languages:
+            self.identified.seed(language, REFERENCE)
 
     def start(self) -> None:
         pass
@@ -200,6 +237,8 @@ class QualityCollector:
     # -- a run ------------------------------------------------------------------------------
 
     def update(self) -> None:
+        from whisper_exporter.quality.manifest import ManifestError
+
         with self._lock:
             problems: list[str] = []
             parts: list[str] = []
@@ -226,6 +265,10 @@ class QualityCollector:
         log.log(level, "quality: %s", message)
 
     def _reference_round(self, problems: list[str]) -> str:
+        from whisper_exporter.quality.evaluate import SCORED, evaluate_item
+        from whisper_exporter.quality.manifest import ManifestError
+        from whisper_exporter.quality.manifest import load as load_manifest
+
         assert self.manifest_path is not None  # update() runs this round only with a manifest
         manifest = load_manifest(self.manifest_path)
         for problem in manifest.problems:
@@ -240,6 +283,7 @@ class QualityCollector:
         fresh = {lang for lang in manifest.languages() if not self.quality.has(lang, REFERENCE)}
         self._seed(manifest.languages(), self._sets())
         batch = [item for item in batch if item.language not in fresh]
+        self._seed_identified(manifest.languages())
         client = self.client() if batch else None
         share = self.section.max_server_share
         deadline = self.clock() + self.section.run_budget
@@ -254,13 +298,17 @@ class QualityCollector:
                 stopped = f"run budget of {self.section.run_budget:g}s used up"
                 break
             assert client is not None  # made above for a non-empty batch
-            result = evaluate_item(client, item, REFERENCE)
+            result = evaluate_item(client, item, REFERENCE, self.language_mode)
             self.sampler.done(item)
             if result.outcome == "audio_error":
                 problems.append(f"{item.id} (line {item.line}): {result.reason}")
                 self._once(f"{self.manifest_path}: line {item.line}: {result.reason} (skipped)")
                 continue
             results.append(result)
+            if result.detected is not None:
+                self.identified.count(item.language, result.detected, REFERENCE)
+            elif result.detect_outcome:
+                self._once(f"{item.id}: detection request: {result.detect_outcome}", logging.INFO)
             if result.score is not None:
                 self.quality.record(result.score, REFERENCE)
                 if result.punctuation is not None:
@@ -275,7 +323,7 @@ class QualityCollector:
                 stopped = f"{down} {result.outcome.replace('_', ' ')}s in a row"
                 break
             if n + 1 < len(batch) and share < 1:
-                pause = result.elapsed * (1 - share) / share
+                pause = (result.elapsed + result.detect_elapsed) * (1 - share) / share
                 pause = min(pause, max(0.0, deadline - self.clock()))
                 if pause > 0:
                     self.wait(pause)
@@ -300,6 +348,9 @@ class QualityCollector:
 
     def _production_round(self, problems: list[str]) -> str:
         # update() runs this round only with both files configured (QualityConfig.check).
+        from whisper_exporter.quality.evaluate import SCORED, ItemResult
+        from whisper_exporter.quality.sampling import load_references
+
         assert self.references_path is not None and self.queue is not None
         references, bad = load_references(self.references_path)
         for problem in bad:
@@ -307,37 +358,50 @@ class QualityCollector:
         waiting = self.queue.items()
         done_ids: list[str] = []
         fresh: list[ItemResult] = []
-        deferred = 0
+        deferred = flagged = 0
         for queued in waiting:
             ref = references.get(queued.id)
             if ref is None:
                 self.quality.seed(queued.language, PRODUCTION)  # exported at 0 while it waits for review
+                self.reviews.seed(queued.language)
                 continue
             language = ref.language or queued.language
-            if queued.id not in self._scored_ids and not self.quality.has(language, PRODUCTION):
+            if queued.id not in self._scored_ids and not (self.quality.has(language, PRODUCTION)
+                                                          and self.reviews.has(language)):
                 # Queued and reviewed between two runs (or a reference in another language): its
                 # series goes out at 0 now and the item is scored next run, so rate() sees it.
                 self.quality.seed(language, PRODUCTION)
+                self.reviews.seed(language)
                 deferred += 1
                 continue
             done_ids.append(queued.id)
             if queued.id in self._scored_ids:
                 continue  # scored already; a queue rewrite failed last time
-            if ref.flags:  # no speech, unintelligible ...: never scored as WER (the reference may be "")
-                continue
+            self._scored_ids[queued.id] = None
+            if len(self._scored_ids) > MAX_SCORED_IDS:
+                self._scored_ids.popitem(last=False)
+            had_text = bool(queued.transcript.strip())
+            # The detector's verdict on the transcript the reviewer judged (text and duration: the
+            # queue keeps no segments), against the reviewer's.
+            suspected = had_text and bool(hallucination.suspect(queued.transcript, language, queued.duration))
+            self.reviews.reviewed(language, ref.flags, had_text, suspected)
+            if ref.language and "no_speech" not in ref.flags:
+                # the reviewer named the language: the queued one is what the server went by
+                self.identified.count(ref.language, queued.language, PRODUCTION)
+            if ref.flags:
+                flagged += 1
+                continue  # a flagged item is never scored as WER
             score = scoring.score(ref.reference, queued.transcript, language)
             self.quality.record(score, PRODUCTION)
             # Scored only where the reviewer kept punctuation (the reference has a mark).
             marks = punctuation.score(ref.reference, queued.transcript)
             self.quality.record_punctuation(language, PRODUCTION, marks)
-            self._scored_ids[queued.id] = None
-            if len(self._scored_ids) > MAX_SCORED_IDS:
-                self._scored_ids.popitem(last=False)
             fresh.append(ItemResult(
                 id=queued.id, line=ref.line, audio=queued.audio, language=scoring.base_language(language),
                 unit=score.unit, strata={"duration_band": queued.duration_band}, reference=ref.reference,
                 result=SCORED, outcome=clients.SUCCESS, transcript=queued.transcript, score=score, punctuation=marks,
                 audio_duration=queued.duration or 0.0, started=time.time(), set=PRODUCTION))
+        self.reviews.mark_reviewed(q.id for q in waiting if q.id in references)
         if fresh:
             self.quality.end_round(PRODUCTION)
             with self._state_lock:
@@ -345,10 +409,13 @@ class QualityCollector:
                 self._recent_production.extendleft(fresh)
         try:
             self.queue.remove(done_ids)
+            self.reviews.forget(done_ids)
         except OSError as err:
             problems.append(f"cannot rewrite the review queue {self.queue.path} ({err.strerror or err})")
             self._once(problems[-1])
         text = f"production: {len(fresh)} scored, {len(self.queue)} waiting for review"
+        if flagged:
+            text += f"; {flagged} flagged by reviewers (not scored)"
         if deferred:
             text += f" ({deferred} of a new language scored next run)"
         return text
@@ -381,6 +448,8 @@ class QualityCollector:
                                        labels=["language"])
             languages = {k for k in thresholds if k != "default"}
             languages |= {key[0] for key in self.quality.snapshot() if key[1] != "canary"}
+            from whisper_exporter.quality.evaluate import threshold_for
+
             for language in sorted(languages):
                 rate = threshold_for(thresholds, language)
                 if rate is not None:
@@ -389,8 +458,10 @@ class QualityCollector:
         if self.standalone:
             if self.queue is not None:
                 out.extend(review_queue_families(self.queue))
+                out.extend(self.reviews.families(self.queue))
             out.extend(self.quality.families())
             out.extend(self.hallucinations.families())
+            out.extend(self.identified.families())
         return out
 
     # -- the landing page -------------------------------------------------------------------
@@ -402,6 +473,8 @@ class QualityCollector:
 
     def worst_items(self, n: int = WORST) -> dict[str, list[ItemResult]]:
         """Per set, the worst items of its last round (production: of the recent ones)."""
+        from whisper_exporter.quality.evaluate import FAILED, worst
+
         with self._state_lock:
             latest = {k: list(v) for k, v in self._latest.items()}
             recent = list(self._recent_production)
@@ -415,7 +488,8 @@ class QualityCollector:
 
 def make(section: QualityConfig, shared: Shared) -> QualityCollector:
     collector = QualityCollector(section, shared.config, quality=shared.use_quality(), queue=shared.review_queue,
-                                 hallucinations=shared.use_hallucinations())
+                                 hallucinations=shared.use_hallucinations(), identified=shared.use_language_id(),
+                                 reviews=shared.reviews)
     shared.quality_view = collector
     return collector
 

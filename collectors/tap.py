@@ -16,13 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from whisper_exporter.config import config_dir, masked_url, resolve_path
 from whisper_exporter.logfiles.parse import Record
-from whisper_exporter.quality.sampling import AudioKeeper, ProductionSampler
 from whisper_exporter.runtime.collector import Plugin
 from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
 from whisper_exporter.runtime.requests import LATENCY_BUCKETS, Labels, RequestMetrics, _Hist
@@ -31,6 +30,9 @@ from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.tap import TapConfig, TapRecord
 from whisper_exporter.tap.record import ANALYSIS_REASONS, CLIENT_REASONS, UPSTREAM_REASONS
 from whisper_exporter.whisper import hallucination
+
+if TYPE_CHECKING:  # the sampling module is imported only for a tap that keeps samples
+    from whisper_exporter.quality.sampling import AudioKeeper, ProductionSampler
 
 log = logging.getLogger("whisper_exporter.tap")
 
@@ -153,7 +155,8 @@ class TapCollector:
         yield errors
         client = CounterMetricFamily(
             "whisper_tap_client_errors_total",
-            "Requests the client abandoned (client_gone), stalled mid-upload (client_timeout), or sent with a "
+            "Requests the client abandoned (client_gone), stalled mid-upload (client_timeout), uploaded too slowly "
+            "(upload_too_slow: under upload_min_rate after the grace, or past upload_timeout; 408), or sent with a "
             "target that is not origin-form (bad_target: CONNECT, http://host/, host:port, *; refused with 400).",
             labels=["reason"])
         for reason in CLIENT_REASONS:
@@ -171,6 +174,7 @@ class TapCollector:
             "whisper_tap_audio_duration_mismatches_total",
             "WAV uploads whose header claimed more audio than the bytes received hold; the bytes' "
             "duration was counted.", value=stats["duration_mismatches"])
+        yield from self.tap.connections.collect()  # whisper_tap_connections*, whisper_tap_accept_errors_total
         yield CounterMetricFamily("whisper_tap_request_bytes_total", "Request body bytes passed to the server.",
                                   value=stats["request_bytes"])
         yield CounterMetricFamily("whisper_tap_response_bytes_total", "Answer body bytes passed to clients.",
@@ -194,6 +198,8 @@ def make(section: TapConfig, shared: Shared) -> TapCollector:
     sampler, keeper = None, None
     folder = resolve_path(section.sample_dir, config_dir(config.source))
     if folder:
+        from whisper_exporter.quality.sampling import AudioKeeper
+
         sampler = shared.production_sampler()  # TapConfig.check: the review queue is configured
         keeper = AudioKeeper(folder, section.sample_max_files, section.sample_max_bytes, section.sample_retention)
     requests = shared.use_requests()

@@ -68,6 +68,8 @@ QUALITY_EMPTY = ("No utterance of this set scored in this range (reference: coll
 # Punctuation is scored only where a reference keeps its marks (docs/quality.md).
 PUNCTUATION_NONE = ("No punctuation scored in this range: no reference of this language and set has "
                     ". , ? ! (or collectors.quality off)")
+NO_LANGUAGE_ID = ("No item sent without a language in this range (collectors.quality.language: given, probe "
+                  "language: given, or no reviewer named a language); load rules/recording.yml")
 NO_DATA_BY_PREFIX = (
     ("ALERTS", "No Whisper alert pending or firing"),
     ("slo:", "No SLO records: load rules/slo.yml into Prometheus"),
@@ -87,6 +89,8 @@ NO_DATA_BY_PREFIX = (
     ("whisper_audio", "No request timings: enable the request tap (collectors.tap), or a log with durations"),
     ("whisper_tap", "The request tap is off (collectors.tap)"),
     ("whisper_hallucination", "No transcripts checked: enable the request tap (collectors.tap) or log transcripts"),
+    ("language:whisper_quality_language_id", NO_LANGUAGE_ID),
+    ("language_detected:", NO_LANGUAGE_ID),
     ("language:whisper_quality_punctuation", PUNCTUATION_NONE),
     ("whisper_quality_punctuation", PUNCTUATION_NONE),
     ("language:", QUALITY_EMPTY + "; load rules/recording.yml"),
@@ -643,6 +647,32 @@ def performance() -> dict:
                      panels, [JOB_VAR, INSTANCE_VAR, REQUEST_LANGUAGE_VAR])
 
 
+def language_id_panels(ql: str) -> list[dict]:
+    """Language identification: accuracy per language, and which language is taken for which."""
+    accuracy = f"language:whisper_quality_language_id_accuracy:ratio_rate6h{{{ql}}}"
+    confusion = table("Which language is taken for which (1d)",
+                      [instant(target(f"sum by (language, detected) "
+                                      f"(language_detected:whisper_quality_language_identified:increase1d{{{ql}}})",
+                                      ""))],
+                      "short", "Items of each labelled language (rows) by the language the server detected "
+                      "(columns) over the last day, sent without a language: the diagonal is right, the rest "
+                      "is what it was mistaken for (unknown: the answer named none).", width=16)
+    confusion["transformations"] = [{"id": "groupingToMatrix", "options": {
+        "columnField": "detected", "rowField": "language", "valueField": "Value", "emptyValue": "zero"}}]
+    return [
+        row("Language identification"),
+        bargauge("Language identified correctly (6h)",
+                 [instant(target(accuracy, "{{language}} ({{set}})"))],
+                 "percentunit", "Share of each language's items (sent without a language) that the server "
+                 "identified as that language, over 6 hours (whisper_quality_language_identified_total).",
+                 thresholds=steps((0.9, "yellow"), (0.98, "green"), base="red"), max_=1, width=8),
+        confusion,
+        timeseries("Language identified correctly (6h window)", targets((accuracy, "{{language}} ({{set}})")),
+                   "percentunit", "The 6-hour identification accuracy per language and set, over time: a "
+                   "model or detection-threshold change shows as a step.", min_=0, max_=1, width=24),
+    ]
+
+
 def quality() -> dict:
     ql = f'job=~"$job",{LANG},{SET}'  # recorded corpus rates are per job (summed over instances)
     qsel = f"{JI},{LANG},{SET}"
@@ -731,6 +761,7 @@ def quality() -> dict:
                             "{{mark}} {{result}}")),
                    "percentunit", "Per mark, the share of its marks substituted (on the reference's mark), "
                    "deleted or inserted: which mark the server loses or adds.", stack=True, min_=0, width=12),
+        *language_id_panels(ql),
         row("Hallucinations"),
         timeseries("Suspected hallucinations (1h)",
                    targets(('job:whisper_hallucination_suspected:ratio_rate1h{job=~"$job"}', "{{source}}")),

@@ -9,6 +9,10 @@ import requests
 import yaml
 from helpers import free_port, require_tool
 
+# The runtime hands the installed collectors' sections to config.load/from_dict (config imports no
+# runtime), so tests that only import config get them too.
+import whisper_exporter.runtime.collector  # noqa: F401
+
 
 @dataclass
 class Prometheus:

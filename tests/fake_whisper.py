@@ -6,7 +6,10 @@ It reads the whole request, records it, waits `delay` seconds, then answers by `
 - ok: 200, verbose JSON of `text` (by default the bundled canary's reference, so the probe's
   default canary scores 0) with two segments (the probe reads their worst values);
   with `answers` set, the answer is per uploaded file name instead: a string is that file's
-  transcript ({"text": ...}), an int an HTTP status with a JSON error body;
+  transcript ({"text": ...}), an int an HTTP status with a JSON error body, a dict the whole
+  JSON answer, except that a request naming a language gets that language back (as real
+  servers answer; a dict's own `language` is what the fake "detects" for a request without one or
+  with "auto");
 - 500: 500 with a plain-text body;
 - html: 200 with an HTML page (a proxy's or a default site's);
 - malformed: 200, Content-Type JSON, a body that is not JSON;
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -64,13 +68,15 @@ class FakeWhisper:
     """The server; its attributes (mode, delay, text, answers) may be changed while it runs."""
 
     def __init__(self, mode: str = "ok", text: Optional[str] = None, delay: float = 0.0,
-                 answers: Optional[dict[str, Union[str, int]]] = None, drip_interval: float = 0.05):
+                 answers: Optional[dict[str, Union[str, int, dict]]] = None, drip_interval: float = 0.05):
         self.mode = mode
         self.text = bundled_canary().reference if text is None else text
         self.delay = delay
         self.answers = answers
         self.drip_interval = drip_interval
         self.requests: list[Request] = []
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -79,8 +85,16 @@ class FakeWhisper:
         self.thread.start()
 
     def close(self) -> None:
+        """Stop as a killed server does: no more connections, and the kept-alive ones closed too."""
         self.server.shutdown()
         self.server.server_close()
+        with self._lock:
+            conns, self._connections = list(self._connections), set()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def __enter__(self) -> "FakeWhisper":
         return self
@@ -93,6 +107,16 @@ class FakeWhisper:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with fake._lock:
+                    fake._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with fake._lock:
+                    fake._connections.discard(self.connection)
+                super().finish()
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -124,6 +148,9 @@ class FakeWhisper:
                     answer = fake.answers.get(request.filename or "", "")
                     if isinstance(answer, int):
                         self._send(answer, json.dumps({"detail": "boom"}).encode(), "application/json")
+                    elif isinstance(answer, dict):
+                        told = {"language": request.language} if request.language not in (None, "auto") else {}
+                        self._send(200, json.dumps({**answer, **told}).encode(), "application/json")
                     else:
                         self._send(200, json.dumps({"text": answer}).encode(), "application/json")
                 else:

@@ -51,6 +51,7 @@ class Exporter:
     proc: subprocess.Popen
     url: str
     port: int
+    tap_port: Optional[int] = None  # with the tap on (tap_upstream given)
 
     @property
     def ps(self) -> psutil.Process:
@@ -58,15 +59,22 @@ class Exporter:
 
 
 @contextmanager
-def exporter_under_fd_limit(tmp: Path, pythonpath: Optional[str] = None) -> Iterator[Exporter]:
+def exporter_under_fd_limit(tmp: Path, pythonpath: Optional[str] = None, tap_upstream: Optional[str] = None,
+                            tap: Optional[dict] = None) -> Iterator[Exporter]:
     """The CLI with the process collector on (it opens /proc files: it notices descriptor
-    exhaustion) and nothing else, under `ulimit -n 1024`."""
+    exhaustion) and nothing else, under `ulimit -n 1024`; with `tap_upstream`, the tap too
+    (`tap`: more of its settings)."""
     port = free_port()
     config = tmp / "config.yml"
-    config.write_text(yaml.safe_dump({"listen": f"127.0.0.1:{port}", "collectors": {
+    collectors: dict = {
         "gpu": {"enabled": False}, "quality": {"enabled": False}, "probe": {"enabled": False},
         "logs": {"enabled": False}, "process": {"enabled": True, "interval": "1s", "match": "python"},
-    }}))
+    }
+    tap_port = free_port() if tap_upstream else None
+    if tap_upstream:
+        collectors["tap"] = {"enabled": True, "listen": f"127.0.0.1:{tap_port}", "upstream": tap_upstream,
+                             **(tap or {})}
+    config.write_text(yaml.safe_dump({"listen": f"127.0.0.1:{port}", "collectors": collectors}))
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
@@ -74,7 +82,7 @@ def exporter_under_fd_limit(tmp: Path, pythonpath: Optional[str] = None) -> Iter
     proc = subprocess.Popen([sys.executable, "-m", "whisper_exporter", "run", "--config", str(config)],
                             cwd=pythonpath or ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
                             preexec_fn=_limit_fds)
-    exporter = Exporter(proc, f"http://127.0.0.1:{port}", port)
+    exporter = Exporter(proc, f"http://127.0.0.1:{port}", port, tap_port)
     try:
         def up() -> bool:
             assert proc.poll() is None, (tmp / "exporter.stderr").read_text()

@@ -120,3 +120,28 @@ def test_masked_hides_a_password_in_the_service_url():
     c = from_dict({"service": {"url": "https://asr:hunter2@whisper.internal:8443/base"}})
     assert config.masked(c)["service"]["url"] == "https://asr:<masked>@whisper.internal:8443/base"
     assert config.masked_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000"
+
+
+def test_the_loader_validates_the_sections_it_is_handed(tmp_path):
+    """Configuration knows no collector: the caller (the runtime, the CLI) hands it the sections."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Echo:
+        enabled: bool = False
+        interval: config.Duration = config.Duration(5)
+        timeout: config.Duration = config.Duration(1)
+        word: str = "hi"
+
+    c = from_dict({"collectors": {"echo": {"word": "ho"}}}, sections={"echo": Echo})
+    assert [name for name, _ in c.collectors.items()] == ["echo"] and c.collectors.echo.word == "ho"
+    with pytest.raises(ConfigError) as err:  # a bundled collector's name is unknown to this loader
+        from_dict({"collectors": {"gpu": {}}}, sections={"echo": Echo})
+    assert err.value.key == "collectors.gpu"
+    with pytest.raises(ConfigError) as err:
+        from_dict({"collectors": {"echo": {"interval": "soon"}}}, sections={"echo": Echo})
+    assert err.value.key == "collectors.echo.interval"
+    assert load(None, sections={"echo": Echo}).collectors.echo.word == "hi"
+    path = tmp_path / "c.yml"
+    path.write_text("collectors:\n  echo: {word: yo}\n")
+    assert load(str(path), sections={"echo": Echo}).collectors.echo.word == "yo"

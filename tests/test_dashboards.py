@@ -541,9 +541,9 @@ def exposition(whisper_server, tmp_path_factory) -> set[str]:
     the probe against the real faster-whisper-server."""
     from fake_nvml import FakeNVML
 
+    from whisper_exporter import wiring as daemon
     from whisper_exporter.collectors import gpu
     from whisper_exporter.config import from_dict
-    from whisper_exporter.runtime import wiring as daemon
     from whisper_exporter.runtime.collector import plugins
     from whisper_exporter.runtime.scheduler import Scheduler
     from whisper_exporter.runtime.shared import Shared
@@ -653,3 +653,15 @@ def test_empty_wer_panels_say_what_feeds_each_set():
             assert "no reference set" not in text, f"{seen[-1]}: {text!r}"
             assert all(word in text for word in ("reference", "production", "canary")), f"{seen[-1]}: {text!r}"
     assert any(s.startswith("whisper-quality / ") for s in seen), seen
+
+
+def test_quality_dashboard_shows_which_language_is_taken_for_which():
+    quality = load_dashboards()["whisper-quality.json"]
+    panel = next(p for p in panels(quality) if p["title"].startswith("Which language is taken for which"))
+    assert panel["transformations"][0]["id"] == "groupingToMatrix"
+    options = panel["transformations"][0]["options"]
+    assert (options["rowField"], options["columnField"]) == ("language", "detected")
+    expr = panel["targets"][0]["expr"]
+    assert "by (language, detected)" in expr and "whisper_quality_language_identified" in expr
+    accuracy = [p for p in panels(quality) if "language_id_accuracy" in json.dumps(p.get("targets", []))]
+    assert accuracy, "no panel shows the identification accuracy per language"

@@ -7,8 +7,8 @@ import requests
 from helpers import samples, wait_for
 from prometheus_client.core import GaugeMetricFamily
 
+from whisper_exporter import wiring as daemon
 from whisper_exporter.config import from_dict
-from whisper_exporter.runtime import wiring as daemon
 from whisper_exporter.runtime.scheduler import Scheduler
 
 

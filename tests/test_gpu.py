@@ -563,7 +563,7 @@ def test_auto_is_the_default_and_other_words_are_refused():
 
 
 def test_auto_without_the_driver_library_is_off_with_one_info_line(monkeypatch, caplog):
-    from whisper_exporter.runtime.wiring import build_scheduler
+    from whisper_exporter.wiring import build_scheduler
 
     fake = FakeNVML()
     fake.library_missing = True
@@ -582,11 +582,12 @@ def test_auto_without_the_driver_library_is_off_with_one_info_line(monkeypatch, 
 
 
 def test_auto_with_a_failing_driver_stays_on_down_and_counted(monkeypatch):
-    from whisper_exporter.runtime.wiring import build_scheduler
+    from whisper_exporter.wiring import build_scheduler
 
     fake = FakeNVML()
     fake.errors["nvmlInit"] = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
     monkeypatch.setattr(gpu, "load_nvml", lambda: fake)
+    monkeypatch.setattr(gpu, "nvml_library_loads", lambda: True)  # the library is there, the driver is not
     scheduler = build_scheduler(Config())
     (collector, state), = [(c, s) for c, s in scheduler.entries if s.name == "gpu"]
     scheduler.run_once(collector, state)

@@ -11,10 +11,10 @@ from fake_whisper import FakeWhisper
 from helpers import samples
 from prometheus_client import generate_latest
 
+from whisper_exporter import wiring
 from whisper_exporter.collectors.logs import LogsCollector
 from whisper_exporter.collectors.probe import ProbeCollector, bundled_canary, bundled_negative_canary
 from whisper_exporter.config import ConfigError, from_dict
-from whisper_exporter.runtime import wiring
 from whisper_exporter.runtime.exporter import make_registry
 from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
 from whisper_exporter.web import status

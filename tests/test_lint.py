@@ -11,9 +11,9 @@ from helpers import require_tool, wait_for
 from test_probe import FakeWhisper
 
 import whisper_exporter.collectors.gpu as gpu
+from whisper_exporter import wiring
 from whisper_exporter.collectors.probe import bundled_canary
 from whisper_exporter.config import from_dict
-from whisper_exporter.runtime import wiring
 
 ACCESS_LINE = '127.0.0.1:50312 - "POST /v1/audio/transcriptions HTTP/1.1" 200 OK\n'
 

@@ -15,12 +15,12 @@ import pytest
 import requests
 from helpers import samples as values
 
+from whisper_exporter import wiring as daemon
 from whisper_exporter.collectors.logs import LogsCollector
 from whisper_exporter.config import ConfigError, from_dict
 from whisper_exporter.logfiles import parse as logparse
 from whisper_exporter.logfiles.parse import LineError, make_parser
 from whisper_exporter.runtime import requests as request_metrics
-from whisper_exporter.runtime import wiring as daemon
 from whisper_exporter.runtime.collector import plugins
 
 DATA = Path(__file__).parent / "data" / "logs"

@@ -11,8 +11,8 @@ import pytest
 import requests
 from helpers import samples
 
+from whisper_exporter import wiring as daemon
 from whisper_exporter.config import from_dict
-from whisper_exporter.runtime import wiring as daemon
 from whisper_exporter.runtime.collector import plugins
 
 pytestmark = pytest.mark.integration

@@ -164,6 +164,19 @@ def test_import_graph_has_no_cycles_and_domain_packages_build_no_metrics():
         for name, deps in graph.items():
             if name.startswith(package):
                 assert "prometheus_client" not in deps, f"{name} builds metrics; only collectors and runtime may"
+    # Arrows run one way: wiring (the composition root) -> web -> runtime -> config. Configuration
+    # is handed the plugin sections by the runtime and never reaches up into it (imports inside
+    # functions count too).
+    layers = ["whisper_exporter.wiring", "whisper_exporter.web", "whisper_exporter.runtime", "whisper_exporter.config"]
+
+    def layer(module: str) -> int:
+        return next((i for i, top in enumerate(layers) if module == top or module.startswith(top + ".")), -1)
+
+    for name, deps in graph.items():
+        if layer(name) < 0:
+            continue
+        for dep in deps:
+            assert not 0 <= layer(dep) < layer(name), f"{name} imports {dep}: arrows run {' -> '.join(layers)}"
     # Depth-first search for a cycle (imports inside functions included: a cycle is a cycle).
     state: dict[str, int] = {}
 

@@ -15,11 +15,11 @@ from click.testing import CliRunner
 from fake_whisper import FakeWhisper
 from helpers import free_port, wav
 
+from whisper_exporter import wiring as daemon
 from whisper_exporter.cli import main
 from whisper_exporter.collectors import probe
 from whisper_exporter.collectors.probe import ProbeCollector, bundled_canary, probe_canary, resolve_canaries
 from whisper_exporter.config import ConfigError, from_dict, load
-from whisper_exporter.runtime import wiring as daemon
 from whisper_exporter.runtime.scheduler import Scheduler
 from whisper_exporter.web import status as landing
 from whisper_exporter.whisper import clients, marker

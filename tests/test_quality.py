@@ -7,12 +7,12 @@ import pytest
 from helpers import wait_for, wav
 from prometheus_client import CollectorRegistry, generate_latest
 
+from whisper_exporter import wiring as daemon
 from whisper_exporter.collectors.logs import LogsCollector
 from whisper_exporter.collectors.quality import QualityCollector
 from whisper_exporter.config import ConfigError, from_dict
 from whisper_exporter.logfiles import parse as logparse
 from whisper_exporter.quality.sampling import item_id
-from whisper_exporter.runtime import wiring as daemon
 from whisper_exporter.runtime.exporter import make_registry
 from whisper_exporter.runtime.scheduler import Scheduler
 from whisper_exporter.runtime.shared import Shared
@@ -61,8 +61,9 @@ def labeled(tmp_path):
 
 
 def make(tmp_path, client=None, probe=False, logs=False, **quality):
+    # One request per item (language identification's second request: tests/test_language_id.py).
     section = {"enabled": True, "manifest": str(tmp_path / "refs.jsonl"), "per_run": 50,
-               "max_server_share": 1.0, **quality}
+               "max_server_share": 1.0, "language": "given", **quality}
     config = from_dict({"collectors": {"quality": section, "probe": {"enabled": probe},
                                        "logs": {"enabled": logs}, "gpu": {"enabled": False},
                                        "process": {"enabled": False}}},
@@ -229,11 +230,12 @@ def test_broken_manifest_lines_are_logged_once_and_counted(labeled, caplog):
 
 
 def test_audio_gone_at_send_time_is_skipped_not_failed(labeled, monkeypatch):
-    import whisper_exporter.collectors.quality as quality_module
     from whisper_exporter.quality import manifest
 
-    # the file vanishes between loading the manifest and sending it
-    monkeypatch.setattr(quality_module, "load_manifest", lambda path, **_: manifest.load(path, check_audio=False))
+    # the file vanishes between loading the manifest and sending it (the collector imports
+    # manifest.load when it is needed)
+    load = manifest.load
+    monkeypatch.setattr(manifest, "load", lambda path, **_: load(path, check_audio=False))
     (labeled / "audio" / "de-1.wav").unlink()
     client = FakeClient({})
     _, collector = make(labeled, client)

@@ -6,8 +6,8 @@ import pytest
 import requests
 from helpers import require_tool
 
+from whisper_exporter import wiring as daemon
 from whisper_exporter.config import from_dict
-from whisper_exporter.runtime import wiring as daemon
 
 pytestmark = pytest.mark.integration
 

@@ -544,7 +544,7 @@ def test_tap_upstream_user_info_is_masked_where_shown(reporter):
 
 
 def test_status_page_masks_the_tap_upstream(reporter):
-    from whisper_exporter.runtime import wiring as daemon
+    from whisper_exporter import wiring as daemon
 
     upstream = f"http://admin:{PASSWORD}@127.0.0.1:{reporter.port}"
     c = configuration.from_dict({"listen": "127.0.0.1:0", "collectors": {

@@ -13,9 +13,9 @@ from helpers import free_port, sample, wait_for
 from prometheus_client import generate_latest
 from tap_helpers import Upstream, wav_bytes
 
+from whisper_exporter import wiring
 from whisper_exporter.config import from_dict
 from whisper_exporter.quality.sampling import AudioKeeper
-from whisper_exporter.runtime import wiring
 from whisper_exporter.runtime.exporter import make_registry
 
 TRANSCRIPTIONS = "/v1/audio/transcriptions"

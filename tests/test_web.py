@@ -7,8 +7,8 @@ import pytest
 import requests
 from helpers import sample
 
+from whisper_exporter import wiring as daemon
 from whisper_exporter.config import ConfigError, from_dict
-from whisper_exporter.runtime import wiring as daemon
 from whisper_exporter.runtime.scheduler import Scheduler
 from whisper_exporter.web.webconfig import load_web_config
 

@@ -16,11 +16,17 @@ from typing import Any, Callable, NoReturn, Optional
 import click
 
 from whisper_exporter import __version__
-from whisper_exporter.config import APIS, Config, ConfigError, each_error, listen_hint, load, parse_listen
-from whisper_exporter.runtime.collector import plugin_names
+from whisper_exporter import config as config_file
+from whisper_exporter.config import APIS, Config, ConfigError, each_error, listen_hint, parse_listen
+from whisper_exporter.runtime.collector import plugin_names, plugin_sections
 
 EXIT_CONFIG = 2
 ENV_PREFIX = "WHISPER_EXPORTER_"
+
+
+def load(path: Optional[str]) -> Config:
+    """The configuration at `path` (or the defaults), with the installed collectors' sections."""
+    return config_file.load(path, sections=plugin_sections())
 
 
 def _config_or_exit(path: Optional[str], listen: Optional[str] = None, log_level: Optional[str] = None,
@@ -129,7 +135,7 @@ def _run(config_path: Optional[str], listen: Optional[str], log_level: Optional[
          collectors: Optional[dict[str, Optional[bool]]] = None, log_format: str = "logfmt",
          enable_lifecycle: bool = False) -> None:
     _hold_signals()
-    from whisper_exporter.runtime import wiring as daemon  # imports the collectors; keep `version` and `--help` fast
+    from whisper_exporter import wiring as daemon  # imports the collectors; keep `version` and `--help` fast
     from whisper_exporter.web.webconfig import load_web_config
 
     config = _config_or_exit(config_path, listen, log_level, collectors)
@@ -355,12 +361,20 @@ def probe(config_path: Optional[str], target: Optional[str], api: Optional[str],
 @click.option("--max-punctuation-error-rate", "max_punctuation_error_rate", default=None, metavar="LANG=RATE,...",
               help="Fail when a language's punctuation error rate (. , ? ! of the references that have marks, "
                    "docs/quality.md) is above it; e.g. 0.3 or en=0.2,0.5; default: reported, not judged.")
+@click.option("--language", "language_mode", default=None, type=click.Choice(("given", "detect", "both")),
+              help="given: send each item's language; detect: send none, score what the server makes of it; "
+                   "both: send it, then once more without it to measure language identification "
+                   "(default: collectors.quality.language, else both where the API reports a detected language).")
+@click.option("--min-language-id-accuracy", "min_language_id_accuracy", default=None, type=click.FloatRange(0, 1),
+              metavar="RATE", help="Fail when the server identifies a language correctly in a smaller share of "
+                                   "its items (sent without a language); default: reported, not judged.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress on stderr: a bar on a terminal, a line every 10%% (or 30 s) otherwise.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (with every item's transcript).")
 def evaluate(manifest: Optional[str], target: Optional[str], config_path: Optional[str], api: Optional[str],
              model: Optional[str], timeout: Optional[float], max_error_rate: Optional[str], worst_n: int,
-             max_skipped: int, allow_unthresholded: bool, max_hallucination_rate: Optional[float], progress: bool,
+             max_skipped: int, allow_unthresholded: bool, max_hallucination_rate: Optional[float],
+             language_mode: Optional[str], min_language_id_accuracy: Optional[float], progress: bool,
              as_json: bool, max_punctuation_error_rate: Optional[str] = None) -> None:
     """Evaluate the Whisper server on a labeled set once: error rates per language, the worst items.
 
@@ -376,6 +390,7 @@ def evaluate(manifest: Optional[str], target: Optional[str], config_path: Option
 
     from whisper_exporter.quality import evaluate as ev
     from whisper_exporter.quality import manifest as mf
+    from whisper_exporter.whisper import language_id
     from whisper_exporter.whisper.clients import ClientSetupError, make_client
 
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
@@ -410,6 +425,11 @@ def evaluate(manifest: Optional[str], target: Optional[str], config_path: Option
             usage(f"--max-punctuation-error-rate: {err} (expected RATE or LANG=RATE,... such as 0.3 or en=0.2)")
     overrides: dict[str, Any] = {k: v for k, v in (("api", api), ("model", model)) if v}
     service = dataclasses.replace(config.service, **overrides)
+    mode = language_id.resolve_mode(language_mode or section.language, service.api)
+    if mode != language_id.GIVEN and not language_id.supports_detection(service.api):
+        usage(f"--language: {mode} needs an API whose answers name the detected language ({service.api}'s do not)")
+    if min_language_id_accuracy is not None and mode == language_id.GIVEN:
+        usage("--min-language-id-accuracy: nothing to judge with --language given (use detect or both)")
     try:
         loaded = mf.load(manifest)
     except mf.ManifestError as err:
@@ -420,7 +440,7 @@ def evaluate(manifest: Optional[str], target: Optional[str], config_path: Option
         usage(f"--manifest: {manifest}: no usable line ({len(loaded.problems)} skipped)")
     try:
         client = make_client(service, url=target, timeout=section.timeout if timeout is None else timeout,
-                             response_format="json")
+                             response_format=language_id.response_format(mode, service.api))
     except ClientSetupError as err:
         usage(str(err))
 
@@ -430,7 +450,8 @@ def evaluate(manifest: Optional[str], target: Optional[str], config_path: Option
     try:
         report = ev.run(loaded, client, thresholds, worst_n=worst_n, progress=shown,
                         max_skipped=max_skipped, allow_unthresholded=allow_unthresholded,
-                        max_hallucination_rate=max_hallucination_rate,
+                        max_hallucination_rate=max_hallucination_rate, language_mode=mode,
+                        min_language_id_accuracy=min_language_id_accuracy,
                         max_punctuation_error_rate=punctuation_limits)
     finally:
         if shown is not None:

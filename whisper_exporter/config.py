@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -191,11 +191,30 @@ class Sections(types.SimpleNamespace):
         return vars(self)[name]
 
 
-def default_sections() -> Sections:
-    """Every installed plugin's section with its built-in defaults."""
-    from whisper_exporter.runtime.collector import plugins  # entry points are read at run time
+# Collector name -> its section dataclass. The runtime knows the plugins and hands their sections
+# over (runtime/collector.py): configuration never imports the runtime.
+SectionTypes = Mapping[str, type]
+_installed: Optional[Callable[[], SectionTypes]] = None
 
-    return Sections(**{name: plugin.config() for name, plugin in plugins().items()})
+
+def provide_sections(source: Callable[[], SectionTypes]) -> None:
+    """Set where the sections come from when a loader is not given them (the runtime's plugins)."""
+    global _installed
+    _installed = source
+
+
+def section_types(sections: Optional[SectionTypes] = None) -> SectionTypes:
+    """`sections` when given, else those the runtime provided."""
+    if sections is not None:
+        return sections
+    if _installed is None:
+        raise RuntimeError("no collector sections: pass sections= or import whisper_exporter.runtime.collector")
+    return _installed()
+
+
+def default_sections(sections: Optional[SectionTypes] = None) -> Sections:
+    """Every collector's section with its built-in defaults."""
+    return Sections(**{name: make() for name, make in section_types(sections).items()})
 
 
 @dataclass
@@ -309,9 +328,9 @@ def _convert(source: str, key: str, tp: Any, value: Any) -> Any:
     raise TypeError(f"unsupported config type {tp!r} at {key}")
 
 
-def _build(source: str, prefix: str, cls: type, data: Any) -> Any:
+def _build(source: str, prefix: str, cls: type, data: Any, sections: Optional[SectionTypes] = None) -> Any:
     """`cls` from the mapping `data`. Every problem is collected: one error raises a ConfigError,
-    several a ConfigErrors."""
+    several a ConfigErrors. `sections` are the collector sections a `Sections` field holds."""
     if not isinstance(data, dict):
         raise ConfigError(source, prefix, "a mapping of keys", data)
     hints = typing.get_type_hints(cls)
@@ -326,7 +345,7 @@ def _build(source: str, prefix: str, cls: type, data: Any) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         try:
             if hints[name] is Sections:
-                values[name] = _build_sections(source, key, data.get(name, {}))
+                values[name] = _build_sections(source, key, data.get(name, {}), section_types(sections))
             elif name in data:
                 values[name] = _convert(source, key, hints[name], data[name])
         except ConfigError as err:
@@ -344,11 +363,8 @@ def _build(source: str, prefix: str, cls: type, data: Any) -> Any:
     return obj
 
 
-def _build_sections(source: str, key: str, data: Any) -> Sections:
-    """`collectors:`: each installed plugin's section, validated like any other section."""
-    from whisper_exporter.runtime.collector import plugins
-
-    available = plugins()
+def _build_sections(source: str, key: str, data: Any, available: SectionTypes) -> Sections:
+    """`collectors:`: each collector's section, validated like any other section."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -359,26 +375,27 @@ def _build_sections(source: str, key: str, data: Any) -> Sections:
             errors.append(ConfigError(source, f"{key}.{name}",
                                       "a known key (one of " + ", ".join(sorted(available)) + ")"))
     sections = Sections()
-    for name, plugin in available.items():
+    for name, make in available.items():
         where = f"{key}.{name}"
         try:
-            section = _build(source, where, plugin.config, data.get(name) or {}) if name in data else plugin.config()
+            section = _build(source, where, make, data.get(name) or {}) if name in data else make()
             # What every section has, by the plugin contract (runtime/collector.py).
             at = KeyPath(source, where)
             positive(at, "interval", section.interval)
             positive(at, "timeout", section.timeout)
         except ConfigError as err:
             errors.extend(each_error(err))
-            section = plugin.config()
+            section = make()
         setattr(sections, name, section)
     _raise_all(errors)
     return sections
 
 
-def from_dict(data: Any, source: str = "<config>") -> Config:
+def from_dict(data: Any, source: str = "<config>", sections: Optional[SectionTypes] = None) -> Config:
+    """The configuration in `data`, with the collector `sections` the caller knows (default: the runtime's)."""
     if data is None:
         data = {}
-    config = _build(source, "", Config, data)
+    config = _build(source, "", Config, data, sections)
     config.source = source
     return config
 
@@ -494,11 +511,11 @@ def read_yaml(path: str) -> Any:
         raise ConfigError(path, "", f"valid YAML{where} ({getattr(err, 'problem', None) or err})") from None
 
 
-def load(path: Optional[str]) -> Config:
+def load(path: Optional[str], sections: Optional[SectionTypes] = None) -> Config:
     """Built-in defaults, overridden by the YAML file at `path` when given."""
     if path is None:
-        return Config()
-    return from_dict(read_yaml(path), source=path)
+        return Config(collectors=default_sections(sections))
+    return from_dict(read_yaml(path), source=path, sections=sections)
 
 
 def masked(config: Config) -> dict[str, Any]:

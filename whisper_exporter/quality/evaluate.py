@@ -22,9 +22,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
+from whisper_exporter.quality import language_id as lid
 from whisper_exporter.quality.manifest import Item, Manifest, Problem
 from whisper_exporter.whisper import clients, scoring, utterance
 from whisper_exporter.whisper.audio import AudioError
+from whisper_exporter.whisper.language_id import BOTH, DETECT, GIVEN, detected_label
 from whisper_exporter.whisper.punctuation import Punctuation
 
 DEFAULT_THRESHOLD = "default"  # the thresholds key for "every other language"
@@ -53,6 +55,9 @@ class ItemResult:
     started: float = 0.0  # unix seconds
     set: str = "reference"
     suspects: tuple[str, ...] = ()  # hallucination reasons (whisper/hallucination.py)
+    detected: Optional[str] = None  # the language the server detected (a label), when sent without one
+    detect_outcome: str = ""  # the detection request's outcome; "" when none was sent
+    detect_elapsed: float = 0.0  # seconds of a separate detection request (language: both)
 
     @property
     def error_rate(self) -> Optional[float]:
@@ -76,30 +81,46 @@ class ItemResult:
             "elapsed_seconds": round(self.elapsed, 6), "audio_seconds": self.audio_duration,
             "started": self.started, "suspects": list(self.suspects),
             "punctuation": None if self.punctuation is None else self.punctuation.to_dict(),
+            "detected": self.detected, "detect_outcome": self.detect_outcome,
         }
 
 
-def evaluate_item(client: clients.WhisperClient, item: Item, set_: str = "reference") -> ItemResult:
-    """Send `item`'s audio with its language, score what comes back. Never raises for the
-    server or for the audio file (outcome "audio_error": not sent, not counted)."""
+def evaluate_item(client: clients.WhisperClient, item: Item, set_: str = "reference", mode: str = GIVEN) -> ItemResult:
+    """Send `item`'s audio with its language (mode detect: without it; both: with it, then once
+    more without it), score what comes back. Never raises for the server or for the audio file
+    (outcome "audio_error": not sent, not counted)."""
     result = ItemResult(
         id=item.id, line=item.line, audio=item.audio, language=item.language, unit=item.unit,
         strata=item.tags, reference=item.reference, result=FAILED, outcome="", audio_duration=item.duration,
         started=time.time(), set=set_,
     )
     try:
-        u = utterance.run(client, item.audio, item.reference, item.language, measure_duration=False)
+        u = utterance.run(client, item.audio, item.reference, item.language, measure_duration=False,
+                          detect=mode == DETECT)
+        if mode == BOTH:
+            d = utterance.run(client, item.audio, item.reference, item.language, measure_duration=False,
+                              detect=True)
+            result.detect_elapsed = d.elapsed
+            _identified(result, d)
     except AudioError as err:
         result.outcome = "audio_error"
         result.reason = f"cannot read {err}"
         return result
     result.outcome, result.elapsed, result.reason = u.outcome, u.elapsed, u.reason
+    if mode == DETECT:
+        _identified(result, u)
     if u.transcript is None or u.score is None:
         return result
     result.transcript, result.score, result.result = u.transcript, u.score, SCORED
     result.punctuation = u.punctuation
     result.suspects = u.suspects
     return result
+
+
+def _identified(result: ItemResult, u: utterance.Utterance) -> None:
+    """Note what a request sent without a language said about it."""
+    result.detect_outcome = u.outcome
+    result.detected = detected_label(u.server_language) if u.transcript is not None else None
 
 
 def worst(results: Iterable[ItemResult], n: int) -> list[ItemResult]:
@@ -254,6 +275,12 @@ class Report:
     allow_unthresholded: bool = False  # languages without a threshold are reported, not failed
     max_hallucination_rate: Optional[float] = None  # per language; None: suspects reported, not judged
     max_punctuation_error_rate: Optional[dict[str, float]] = None  # like thresholds; None: PER not judged
+    language_mode: str = GIVEN  # given | detect | both (whisper/language_id.py)
+    min_language_id_accuracy: Optional[float] = None  # per language; None: reported, not judged
+
+    @property
+    def language_id(self) -> dict[str, lid.LanguageIdSummary]:
+        return lid.summarize(self.results)
 
     @property
     def languages(self) -> dict[str, LanguageSummary]:
@@ -298,6 +325,7 @@ class Report:
                     out.append(f"{lang}: {s.suspects} of {s.scored} transcript(s) suspected of hallucination "
                                f"({rate:.3f}), above --max-hallucination-rate {self.max_hallucination_rate:g}")
         out += self.punctuation_breaches()
+        out += lid.breaches(self.language_id, self.min_language_id_accuracy)
         failed = self.failed
         if failed:
             out.append(f"{len(failed)} utterance(s) got no transcript ({', '.join(r.id for r in failed[:5])}"
@@ -344,23 +372,27 @@ class Report:
             "max_skipped": self.max_skipped, "allow_unthresholded": self.allow_unthresholded,
             "unthresholded": self.unthresholded(), "max_hallucination_rate": self.max_hallucination_rate,
             "max_punctuation_error_rate": self.max_punctuation_error_rate,
+            "language_mode": self.language_mode, "min_language_id_accuracy": self.min_language_id_accuracy,
+            "language_id": {k: v.to_dict() for k, v in self.language_id.items()},
         }
 
 
 def run(manifest: Manifest, client: clients.WhisperClient, thresholds: Optional[dict[str, float]] = None,
         worst_n: int = 10, progress: Optional[Callable[[int, int, ItemResult], None]] = None,
         max_skipped: Optional[int] = 0, allow_unthresholded: bool = False,
-        max_hallucination_rate: Optional[float] = None,
+        max_hallucination_rate: Optional[float] = None, language_mode: str = GIVEN,
+        min_language_id_accuracy: Optional[float] = None,
         max_punctuation_error_rate: Optional[dict[str, float]] = None) -> Report:
     """Every item of the manifest once, one after another."""
     report = Report(manifest=manifest, target=client.url, api=client.api, model=client.model,
                     thresholds=dict(thresholds or {}), worst_n=worst_n, max_skipped=max_skipped,
                     allow_unthresholded=allow_unthresholded, max_hallucination_rate=max_hallucination_rate,
+                    language_mode=language_mode, min_language_id_accuracy=min_language_id_accuracy,
                     max_punctuation_error_rate=max_punctuation_error_rate)
     started = time.monotonic()
     total = len(manifest.items)
     for n, item in enumerate(manifest.items, start=1):
-        result = evaluate_item(client, item)
+        result = evaluate_item(client, item, mode=language_mode)
         if result.outcome == "audio_error":
             report.not_sent.append(result)
         else:
@@ -434,6 +466,7 @@ def text_report(report: Report) -> str:
         lines += ["", f"Suspected hallucinations ({len(suspected)}):"]
         for r in suspected[: report.worst_n]:
             lines.append(f"  {r.id} (line {r.line}, {r.language}): {', '.join(r.suspects)}: {_clip(r.transcript)!r}")
+    lines += lid.text_lines(report.language_id, report.min_language_id_accuracy, table)
     bad = worst(report.results, report.worst_n)
     if bad:
         lines += ["", f"Worst {len(bad)} item(s):"]

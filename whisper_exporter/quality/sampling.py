@@ -216,6 +216,7 @@ class ReviewQueue:
         self.added_total = 0
         self.dropped: dict[str, int] = {"full": 0, "duplicate": 0, "write_error": 0}
         self._ids: set[str] = set()
+        self._sampled: dict[str, float] = {}  # id -> sampled_at, for the pending metrics without a read
         self._warnings = RateLimitedLog(log)
         with self._lock:
             try:
@@ -228,6 +229,7 @@ class ReviewQueue:
     def _sync(self) -> list[QueueItem]:
         items, _problems = self._read()
         self._ids = {i.id for i in items}
+        self._sampled = {i.id: i.sampled_at for i in items}
         return items
 
     def _read(self) -> tuple[list[QueueItem], list[Problem]]:
@@ -283,6 +285,7 @@ class ReviewQueue:
                                     "(counted; logged once a minute per kind)", self.path, err.strerror or err)
                 return False
             self._ids.add(item.id)
+            self._sampled[item.id] = item.sampled_at
             self.added_total += 1
             return True
 
@@ -295,7 +298,7 @@ class ReviewQueue:
             try:
                 lines = read_private(self.path, MAX_FILE_BYTES).split(b"\n")
             except FileNotFoundError:
-                self._ids = set()
+                self._ids, self._sampled = set(), {}
                 return 0
             kept, removed = [], 0
             for raw in lines:
@@ -312,6 +315,14 @@ class ReviewQueue:
             write_atomically(self.path, "".join(line + "\n" for line in kept).encode("utf-8", "replace"))
             self._sync()
             return removed
+
+    def pending(self, reviewed: Iterable[str]) -> tuple[int, Optional[float]]:
+        """(items waiting that are not in `reviewed`, the oldest one's sampled_at or None), from
+        memory: a scrape reads no file."""
+        done = set(reviewed)
+        with self._lock:
+            times = [t for ident, t in self._sampled.items() if ident not in done]
+        return len(times), (min(times) if times else None)
 
     def stats(self) -> tuple[int, int, dict[str, int]]:
         """(items waiting, added in total, dropped by reason), for the metrics."""

@@ -10,7 +10,8 @@ drops (or keeps, for counters) its state as befits its metrics, then raises.
 
 Bundled and third-party collectors are found the same way: a `Plugin` named in
 the entry-point group `whisper_exporter.collectors` (docs/plugins.md). Nothing
-here imports a collector, so the import graph has no cycle.
+here imports a collector, so the import graph has no cycle. Their config sections are handed
+to the configuration loader from here (`plugin_sections`), which imports nothing of the runtime.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Protocol
 
 from prometheus_client.core import Metric
+
+from whisper_exporter import config
 
 if TYPE_CHECKING:
     from whisper_exporter.runtime.shared import Shared
@@ -109,3 +112,11 @@ def plugins() -> dict[str, Plugin]:
             found[ep.name] = plugin
         _plugins = found
     return _plugins
+
+
+def plugin_sections() -> dict[str, type]:
+    """Each installed plugin's config section by name: what the configuration loader validates."""
+    return {name: plugin.config for name, plugin in plugins().items()}
+
+
+config.provide_sections(plugin_sections)  # config.load/from_dict without sections= use these

@@ -17,9 +17,11 @@ from prometheus_client.core import Metric
 
 from whisper_exporter.config import Config, config_dir, resolve_path
 from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
+from whisper_exporter.runtime.language_id_counters import LanguageIdCounters
 from whisper_exporter.runtime.quality_counters import QualityCounters, review_queue_families
 from whisper_exporter.runtime.recent import RecentRequests
 from whisper_exporter.runtime.requests import Labels, RequestMetrics
+from whisper_exporter.runtime.review_counters import ReviewCounters
 
 if TYPE_CHECKING:
     from whisper_exporter.quality.sampling import ProductionSampler, ReviewQueue
@@ -64,9 +66,12 @@ class Shared:
     requests: RequestMetrics = field(default_factory=RequestMetrics)
     process_watch: ProcessWatch = field(default_factory=ProcessWatch)
     review_queue: Optional["ReviewQueue"] = None
+    reviews: ReviewCounters = field(default_factory=ReviewCounters)  # the review page's and the quality collector's
     quality_in_use: bool = False
     hallucinations: HallucinationCounters = field(default_factory=HallucinationCounters)
     hallucinations_in_use: bool = False
+    language_id: LanguageIdCounters = field(default_factory=LanguageIdCounters)
+    language_id_in_use: bool = False
     # Typed handles for the status page, set by the factories that build these collectors.
     probe_view: Optional[ProbeView] = None
     quality_view: Optional[QualityView] = None
@@ -127,6 +132,11 @@ class Shared:
         self.hallucinations_in_use = True
         return self.hallucinations
 
+    def use_language_id(self) -> LanguageIdCounters:
+        """The language identification counters, for a collector that asks the server to detect."""
+        self.language_id_in_use = True
+        return self.language_id
+
     def production_sampler(self) -> Optional["ProductionSampler"]:
         """A sampler of real requests into the review queue, when `quality.production.queue` is set."""
         self._hold("sampler")  # asked for, even when there is none: a reload that adds a queue gives it one
@@ -145,8 +155,11 @@ class Shared:
             yield from self.quality.families()
         if self.hallucinations_in_use:
             yield from self.hallucinations.families()
+        if self.language_id_in_use:
+            yield from self.language_id.families()
         if self.review_queue is not None:
             yield from review_queue_families(self.review_queue)
+            yield from self.reviews.families(self.review_queue)
 
 
 def _request_inputs(config: Config) -> tuple:

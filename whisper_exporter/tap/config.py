@@ -23,11 +23,25 @@ class TapConfig:
     required: bool = True
     upstream: Optional[str] = None  # the Whisper server; null: service.url
     connect_timeout: Duration = Duration(10)  # to connect to the upstream
+    # An upstream connection idle for less than this is reused; 0: one connection per request.
+    # Keep it below the server's keep-alive timeout (uvicorn 5 s, gunicorn 2 s): docs/tap.md.
+    upstream_keepalive: Duration = Duration(1)
     # No answer (or no next byte) from the upstream for this long ends the request with 504.
     # Long files take minutes to transcribe, so the default is generous.
     read_timeout: Duration = Duration(600)
     # A client that sends nothing for this long mid-upload is dropped.
     client_timeout: Duration = Duration(600)
+    # Connections open at once; null: a quarter of the soft open-file limit, at most 512 (each
+    # request also holds an upstream connection and may spool; the metrics port takes half).
+    # At the limit the longest idle makes room; with every one busy new ones wait to be accepted.
+    max_connections: Optional[int] = None
+    head_timeout: Duration = Duration(10)  # to deliver the request line and headers, in total
+    # An upload slower than upload_min_rate bytes/s on average, once upload_rate_grace has passed,
+    # or not complete after upload_timeout (null: none) is cut with 408. Generous: a phone on a
+    # poor link sends tens of KB/s; 1 KiB/s stops a client that drips to hold a connection.
+    upload_min_rate: int = 1024  # 0: no minimum
+    upload_rate_grace: Duration = Duration(30)
+    upload_timeout: Optional[Duration] = Duration(3600)
     max_in_memory: int = 1048576  # bytes of an uploaded file kept in memory; beyond, spooled to disk
     max_spool_bytes: int = 2147483648  # bytes of one upload copied for analysis; beyond, analysis gives up
     max_response_capture: int = 1048576  # bytes of an answer kept to read transcript and language
@@ -57,6 +71,14 @@ class TapConfig:
             raise at.error("upstream", "an http:// or https:// URL", self.upstream)
         for name in ("connect_timeout", "read_timeout", "client_timeout"):
             positive(at, name, getattr(self, name))
+        for name in ("head_timeout", "upload_rate_grace"):
+            positive(at, name, getattr(self, name))
+        if self.upload_timeout is not None:
+            positive(at, "upload_timeout", self.upload_timeout)
+        if self.max_connections is not None:
+            positive(at, "max_connections", self.max_connections, "a number greater than 0, or null")
+        if not self.upload_min_rate >= 0:
+            raise at.error("upload_min_rate", "bytes per second, 0 or more", self.upload_min_rate)
         for name in ("max_in_memory", "max_spool_bytes", "max_response_capture", "max_transcript_chars"):
             positive(at, name, getattr(self, name), "a number greater than 0")
         positive(at, "sample_max_files", self.sample_max_files, "a number greater than 0")

@@ -14,12 +14,15 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import socket
+import sys
 import threading
 import time
 from typing import Any, Callable, Optional
 
 import aiohttp
 from aiohttp import web
+from aiohttp.connector import Connection
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -36,6 +39,7 @@ from whisper_exporter.tap.analysis import (
 from whisper_exporter.tap.config import TapConfig
 from whisper_exporter.tap.record import TapRecord, TapStats
 from whisper_exporter.tap.upgrade import Upgrade, plan_upgrade, render_json
+from whisper_exporter.web.connections import BACKLOG, ConnectionStats, Listener, Policy, connection_limit
 from whisper_exporter.whisper import marker
 
 log = logging.getLogger("whisper_exporter.tap")
@@ -57,6 +61,7 @@ TRUE = frozenset({"true", "1", "yes", "on"})
 LOG_EVERY = 60.0  # seconds between two warnings of one kind
 GRACE = 10.0  # seconds requests in flight may take to finish when the tap stops
 UPGRADE_MAX = 64 << 20  # bytes of a verbose_json answer the upgrade reads to render it as json
+CLOSE_REASONS = ("head_timeout", "idle_timeout", "evicted")  # connections the tap closes itself
 
 
 def _forward_headers(headers: Any) -> CIMultiDict:
@@ -99,10 +104,14 @@ class Tap:
         self.on_record = on_record
         self.wants_audio = wants_audio  # sampling's hook: keep the upload on disk for this record?
         self.stats = TapStats()
+        limit = config.max_connections or connection_limit(share=4, most=512)
+        self.connections = ConnectionStats(limit, prefix="whisper_tap", what="the tap", reasons=CLOSE_REASONS,
+                                           limit_help="collectors.tap.max_connections")
         self.port: Optional[int] = None  # the bound port, once started (listen may say 0)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
-        self._runner: Optional[web.ServerRunner] = None
+        self._server: Optional[web.Server] = None
+        self._listener: Optional[Listener] = None
         self._session: Optional[aiohttp.ClientSession] = None
         # Reading audio headers and answers, and the callback, run off the loop; one thread,
         # so records come in the order their requests ended.
@@ -159,28 +168,33 @@ class Tap:
             _clean_spool(cfg.spool_dir)
         timeout = aiohttp.ClientTimeout(total=None, connect=cfg.connect_timeout, sock_read=cfg.read_timeout)
         self._session = aiohttp.ClientSession(
-            timeout=timeout, auto_decompress=False,
-            # One upstream connection per request, as nginx's proxy_pass does by default: a pooled
-            # connection the server is closing (its keep-alive ran out: gunicorn 2 s, uvicorn 5 s;
-            # or uvicorn after an unhandled 500, without saying so) fails the POST sent on it with a
-            # 502, and a POST cannot be retried. A loopback connect costs well under a millisecond.
-            connector=aiohttp.TCPConnector(limit=0, force_close=True),
-            cookie_jar=aiohttp.DummyCookieJar())
+            timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            connector=_connector(cfg.upstream_keepalive), response_class=_Answer)
         # auto_decompress=False: a compressed upload is forwarded as sent (and not analysed);
         # handler_cancellation: a client that goes away cancels its upstream request.
-        server = web.Server(self._handle, auto_decompress=False, handler_cancellation=True,
-                            access_log=None)
-        # On stop, requests in flight get GRACE seconds to finish, then are cut.
-        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=GRACE)
-        await self._runner.setup()
+        server = self._server = web.Server(self._handle, auto_decompress=False, handler_cancellation=True,
+                                           access_log=None)
         host, port = cfg.listen_address
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # SO_REUSEADDR, as TCPSite's reuse_address
+        sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
+        sock.setblocking(False)
+        # The metrics port's connection policy (web/connections.py): a limit, a deadline for the
+        # request head, idle keep-alive closed; no deadline on a request itself (its own timeouts).
+        policy = Policy(self.connections.limit, head_timeout=cfg.head_timeout, busy_timeout=None)
+        self._listener = Listener(sock, server, policy, self.connections, name="tap: ", logger=log)
+        await self._listener.start()
+        self.port = sock.getsockname()[1]
 
     async def _close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._listener is not None:
+            self._listener.stop_accepting()
+        if self._server is not None:
+            await asyncio.sleep(0)  # requests that arrived before the close start to be handled
+            self._server.pre_shutdown()  # idle kept-alive connections close now (as ServerRunner does)
+            await self._server.shutdown(GRACE)  # requests in flight get GRACE seconds, then are cut
+        if self._listener is not None:
+            self._listener.close_all()
         if self._session is not None:
             await self._session.close()
 
@@ -217,6 +231,9 @@ class Tap:
         flight = _Flight(record, t0)
         stats = self.stats
         stats.in_flight += 1
+        gate = self._listener.gate(request) if self._listener is not None else None
+        if gate is not None:
+            gate.started()  # the head deadline no longer applies; the upload's own do
         try:
             return await self._proxy(request, flight)
         except asyncio.CancelledError:
@@ -225,6 +242,8 @@ class Tap:
                 record.error = "client_gone"
             raise
         finally:
+            if gate is not None:
+                gate.finished()
             stats.in_flight -= 1
             record.duration = time.perf_counter() - t0
             self._finish(flight)
@@ -281,18 +300,33 @@ class Tap:
         """The request body, chunk by chunk as it arrives; a copy to the analyzer."""
         record, analyzer, upgrade = flight.record, flight.analyzer, flight.upgrade
         content = request.content
-        timeout = self.config.client_timeout
+        cfg = self.config
+        began = time.monotonic()
         while True:
+            # The next chunk is due within client_timeout, and before the upload falls below its
+            # minimum average rate (after the grace) or passes its total deadline.
+            due = upload_due(began, record.request_bytes, cfg.upload_min_rate, cfg.upload_rate_grace,
+                             cfg.upload_timeout)
+            wait = min(float(cfg.client_timeout), due - time.monotonic())
             try:
-                # wait_for, not asyncio.timeout(): Python 3.10 is supported (pyproject)
-                chunk = await asyncio.wait_for(content.readany(), timeout)
+                if wait <= 0:
+                    raise asyncio.TimeoutError
+                # readchunk, not readany: readany joins what is buffered into a new bytes (a copy of
+                # the upload: about 1 ms of CPU per 1 MB upload, benchmarks/bench_tap.py)
+                chunk, end_of_chunk = await _within(content.readchunk(), wait)
             except asyncio.TimeoutError:
-                record.error = "client_timeout"
+                record.error = "upload_too_slow" if time.monotonic() >= due else "client_timeout"
+                if record.error == "upload_too_slow":
+                    self._warn("upload_too_slow", f"tap: cut an upload at {record.request_bytes} bytes after "
+                                                  f"{time.monotonic() - began:.0f} s: slower than upload_min_rate "
+                                                  "or past upload_timeout")
                 raise _ClientGone() from None
             except (ConnectionError, aiohttp.ClientPayloadError, aiohttp.web.HTTPException):
                 record.error = "client_gone"
                 raise _ClientGone() from None
             if not chunk:
+                if end_of_chunk:  # an HTTP chunk of a chunked upload ended here, not the body
+                    continue
                 break
             record.request_bytes += len(chunk)
             if analyzer is not None:
@@ -479,6 +513,43 @@ class Tap:
                 spool.discard()  # after the callback: sampling may have moved the file away
 
 
+def _connector(keepalive: float) -> aiohttp.TCPConnector:
+    """The upstream connections: reused while idle for less than `keepalive` seconds (0: never).
+
+    A kept-alive connection the server is closing fails the POST sent on it with a 502, and a
+    POST cannot be retried: so a connection is reused only while well inside the server's own
+    keep-alive (gunicorn's 2 s, uvicorn's 5 s) and never after a 5xx (uvicorn closes then without
+    saying so); an answer with `Connection: close` or an unfinished exchange closes it too.
+    Reuse saves a connect per request: 0.4-0.9 ms of CPU at 1 MB (benchmarks/bench_tap.py)."""
+    if keepalive <= 0:  # one connection per request, as nginx's proxy_pass does by default
+        return aiohttp.TCPConnector(limit=0, force_close=True)
+    return aiohttp.TCPConnector(limit=0, keepalive_timeout=keepalive)
+
+
+class _Answer(aiohttp.ClientResponse):
+    """An upstream answer; after a 5xx its connection is not reused (uvicorn closes after an
+    unhandled error's 500 without saying so)."""
+
+    async def start(self, connection: Connection) -> aiohttp.ClientResponse:
+        protocol = connection.protocol
+        await super().start(connection)
+        if self.status >= 500 and protocol is not None:
+            if self.connection is None:  # the whole answer came with its head: already back in the pool
+                protocol.close()
+            else:
+                protocol.force_close()  # closed, not pooled, once its body has been read
+        return self
+
+
+if sys.version_info >= (3, 11):
+    async def _within(awaitable: Any, seconds: float) -> Any:
+        """`awaitable`'s result, or TimeoutError after `seconds`; no task of its own, unlike wait_for."""
+        async with asyncio.timeout(seconds):
+            return await awaitable
+else:  # Python 3.10 (pyproject): wait_for runs each read in a task of its own
+    _within = asyncio.wait_for
+
+
 def origin_form(method: str, target: str) -> bool:
     """Whether a request may be forwarded: not CONNECT, and its target origin-form (/path?query)."""
     return method.upper() != "CONNECT" and target.startswith("/") and "#" not in target
@@ -520,11 +591,24 @@ async def _read_rest(body: Any, flight: _Flight) -> None:
         pass
 
 
+def upload_due(began: float, received: int, min_rate: int, grace: float, total: Optional[float]) -> float:
+    """The monotonic time by which an upload that began at `began` must have sent more than
+    `received` bytes: the grace, then `received / min_rate` (an average of min_rate bytes/s), and
+    never past the total deadline."""
+    due = began + max(grace, received / min_rate) if min_rate > 0 else float("inf")
+    return min(due, began + total) if total is not None else due
+
+
 def _client_gone_response(record: TapRecord) -> web.Response:
-    """The client's upload stopped: a silent client gets 408; a gone one nothing (no status)."""
-    if record.error == "client_timeout":
+    """The client's upload stopped: a silent or too slow one gets 408 and the connection closes
+    (after aiohttp's lingering read of at most 10 s, while the connection counts as idle: the
+    first to make room at the limit); a gone one nothing (no status)."""
+    if record.error in ("client_timeout", "upload_too_slow"):
         record.status = 408
-        return web.Response(status=408, text="request body timed out\n")
+        answer = web.Response(status=408, text="request body timed out\n" if record.error == "client_timeout"
+                              else "request body too slow\n")
+        answer.force_close()
+        return answer
     record.status = None
     return web.Response(status=499, text="client closed request\n")  # nobody reads it
 

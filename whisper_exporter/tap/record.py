@@ -8,8 +8,9 @@ from typing import Any, Optional
 # Upstream failures, by reason (the client got 502 or 504, or a cut answer).
 UPSTREAM_REASONS = ("connect", "timeout", "closed", "protocol")
 # The client's side: gone before the answer was complete, or silent mid-upload too long;
-# bad_target: a request target not origin-form (CONNECT, http://host/, host:port, *), refused with 400.
-CLIENT_REASONS = ("client_gone", "client_timeout", "bad_target")
+# bad_target: a request target not origin-form (CONNECT, http://host/, host:port, *), refused with 400;
+# upload_too_slow: under upload_min_rate after the grace, or past upload_timeout (408).
+CLIENT_REASONS = ("client_gone", "client_timeout", "bad_target", "upload_too_slow")
 # The tap's own analysis failed or gave up; the request was proxied all the same.
 ANALYSIS_REASONS = ("multipart", "too_large", "audio", "answer", "internal", "callback", "spool")
 

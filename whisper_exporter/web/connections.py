@@ -8,16 +8,27 @@ with the connection policy aiohttp does not have.
 - A total deadline for a request's head: 10 s from connecting (TLS handshake included) or
   from the first byte of a request on a kept-alive connection, however slowly it drips.
   Idle kept-alive connections close after 75 s, longer than common scrape intervals.
-- accept() backs off for a second on EMFILE/ENFILE (asyncio's own behaviour: one burst of
-  at most BACKLOG attempts, then a pause) instead of spinning, with one log line per 10 s;
-  the limit keeps connections from using more than half the descriptors.
+- With every connection busy, nothing more is accepted until one ends or goes idle: new
+  connections wait in the kernel's listen backlog, holding none of our descriptors.
+- accept() backs off for a second on EMFILE/ENFILE instead of spinning, with one log line
+  per 10 s; the limit keeps connections from using more than half the descriptors.
 - TLS handshakes run on the loop (loop.start_tls), so a silent client stalls nobody.
+- A request head is at most MAX_HEAD_BYTES (16 KiB, plenty for a scrape): beyond, 431 and
+  the connection closes, so 500 heads of 785 KB cannot hold 400 MB (aiohttp's own limits are
+  per line and per header: 100 headers of 8 KB each passed them).
 - The WSGI app runs in a pool of 8 threads: rendering and bcrypt never block the loop.
+
+The policy (Policy, Listener) is shared with the request tap (tap/proxy.py), which has its own
+limit, deadlines and metric names.
+
+- A POST's body (at most MAX_BODY) reaches the app as wsgi.input; a file the app answers with
+  (`FileBody`, the review page's audio) is streamed by aiohttp, with Range and HEAD.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import io
 import logging
 import resource
@@ -27,7 +38,8 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -42,40 +54,75 @@ WORKERS = 8  # threads that run the WSGI app
 BACKLOG = 128  # socketserver's 5 dropped connections from concurrent scrapers (SYN retries: 1, 3, 7 s)
 MAX_HEAD_LINE = 8190  # request line and each header, aiohttp's defaults
 MAX_HEADERS = 100
+MAX_HEAD_BYTES = 16384  # a whole request head; Prometheus sends well under 1 KiB
 ACCEPT_LOG_EVERY = 10.0  # seconds between two log lines about accept() running out of descriptors
+MAX_BODY = 256 * 1024  # bytes of a request body (the review page's form); more is 413
+BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
-def connection_limit() -> int:
-    """Half the soft open-file limit (the other half is the collectors'), at most MAX_CONNECTIONS."""
+class FileBody:
+    """A WSGI app's answer naming a file to send: aiohttp's FileResponse streams it and answers
+    Range (206, 416), If-Range and HEAD itself, with the app's headers."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(())
+
+
+def connection_limit(share: int = 2, most: Optional[int] = None) -> int:
+    """1/share of the soft open-file limit (the rest is the collectors'), at most `most`
+    (MAX_CONNECTIONS by default)."""
+    most = MAX_CONNECTIONS if most is None else most
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        return MAX_CONNECTIONS
-    return max(4, min(MAX_CONNECTIONS, soft // 2))
+        return most
+    return max(4, min(most, soft // share))
 
 
-class _Stats:
-    def __init__(self, limit: int):
+@dataclass(frozen=True)
+class Policy:
+    """What one listener allows: connections, and how long each phase of one may take."""
+
+    limit: int
+    head_timeout: float = HEAD_TIMEOUT
+    idle_timeout: float = IDLE_TIMEOUT
+    busy_timeout: Optional[float] = BUSY_TIMEOUT  # None: the app has its own deadlines (the tap)
+    max_head_bytes: Optional[int] = None  # None: aiohttp's per-line and per-header limits only
+
+
+HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
+                  b"Content-Length: 26\r\nConnection: close\r\n\r\nrequest head is too large\n")
+
+
+class ConnectionStats:
+    """The connection metrics of one listener, named `{prefix}_connections...`."""
+
+    def __init__(self, limit: int, prefix: str = "whisper_exporter_http", what: str = "the exporter's HTTP server",
+                 reasons: Iterable[str] = ("head_timeout", "head_too_large", "idle_timeout", "busy_timeout",
+                                           "evicted", "tls_failed"),
+                 limit_help: str = "half the soft open-file limit, at most 512"):
         self.limit = limit
+        self.prefix, self.what, self.limit_help = prefix, what, limit_help
         self.open = 0
-        self.closed: dict[str, int] = {"head_timeout": 0, "idle_timeout": 0, "busy_timeout": 0,
-                                       "evicted": 0, "refused": 0, "tls_failed": 0}
+        self.closed: dict[str, int] = {reason: 0 for reason in reasons}
         self.accept_errors = 0
 
     def collect(self) -> Iterable[Metric]:
-        yield GaugeMetricFamily("whisper_exporter_http_connections",
-                                "Connections open to the exporter's HTTP server.", value=self.open)
-        yield GaugeMetricFamily("whisper_exporter_http_connections_limit",
-                                "Most connections the HTTP server keeps open (half the soft open-file limit, "
-                                "at most 512).", value=self.limit)
+        prefix, what = self.prefix, self.what
+        yield GaugeMetricFamily(f"{prefix}_connections", f"Connections open to {what}.", value=self.open)
+        yield GaugeMetricFamily(f"{prefix}_connections_limit",
+                                f"Most connections {what} keeps open ({self.limit_help}).", value=self.limit)
         closed = CounterMetricFamily(
-            "whisper_exporter_http_connections_closed_total",
-            "Connections the HTTP server closed itself: head_timeout (request head not complete in time), "
-            "idle_timeout, busy_timeout, evicted (idle, to make room at the limit), refused (at the limit "
-            "with every connection busy), tls_failed.", labels=["reason"])
+            f"{prefix}_connections_closed_total",
+            f"Connections {what} closed itself: head_timeout (request head not complete in time), "
+            "head_too_large (431), idle_timeout, busy_timeout, evicted (idle, to make room at the limit), "
+            "tls_failed. At the limit with every connection busy, new ones wait to be accepted.", labels=["reason"])
         for reason, count in self.closed.items():
             closed.add_metric([reason], count)
         yield closed
-        yield CounterMetricFamily("whisper_exporter_http_accept_errors_total",
+        yield CounterMetricFamily(f"{prefix}_accept_errors_total",
                                   "accept() failures for lack of file descriptors (EMFILE, ENFILE); accepting "
                                   "pauses for a second after them.", value=self.accept_errors)
 
@@ -89,8 +136,9 @@ class _Gate(asyncio.Protocol):
         self.handler: Optional[asyncio.Protocol] = None
         self.pending: list[bytes] = []  # plaintext that came before the handler was attached
         self.busy = False
-        self.deadline = time.monotonic() + HEAD_TIMEOUT
+        self.deadline = time.monotonic() + pool.policy.head_timeout
         self.reason = "head_timeout"
+        self.head_bytes = 0  # of the request head now arriving (counted until the app starts on it)
         self.closing = False
         self.handshake: Optional[asyncio.Future] = None
 
@@ -111,7 +159,7 @@ class _Gate(asyncio.Protocol):
         assert self.raw is not None and self.pool.ssl_context is not None  # set before the handshake starts
         try:
             tls = await loop.start_tls(self.raw, self, self.pool.ssl_context, server_side=True,
-                                       ssl_handshake_timeout=HEAD_TIMEOUT)
+                                       ssl_handshake_timeout=self.pool.policy.head_timeout)
         except Exception as err:  # a bad hello, a timeout, a reset: the connection ends here
             log.debug("TLS handshake failed: %s", err)
             self.close("tls_failed")
@@ -131,9 +179,20 @@ class _Gate(asyncio.Protocol):
         self.pending.clear()
 
     def data_received(self, data: bytes) -> None:
-        if not self.busy and self.reason == "idle_timeout":
-            # The first byte of the next request: its head is due within HEAD_TIMEOUT.
-            self.deadline, self.reason = min(self.deadline, time.monotonic() + HEAD_TIMEOUT), "head_timeout"
+        if self.closing:
+            return
+        if not self.busy:
+            if self.reason == "idle_timeout":
+                # The first byte of the next request: its head is due within head_timeout.
+                self.deadline = min(self.deadline, time.monotonic() + self.pool.policy.head_timeout)
+                self.reason = "head_timeout"
+            self.head_bytes += len(data)
+            most = self.pool.policy.max_head_bytes
+            if most is not None and self.head_bytes > most:
+                # Refused before aiohttp buffers it: its limits are per line and per header.
+                self.close("head_too_large", HEAD_TOO_LARGE)
+                self.pool.discard(self)
+                return
         if self.handler is None:
             self.pending.append(data)
         else:
@@ -158,38 +217,63 @@ class _Gate(asyncio.Protocol):
 
     def started(self) -> None:
         """A complete request head arrived and the app is on it."""
-        self.busy, self.deadline, self.reason = True, time.monotonic() + BUSY_TIMEOUT, "busy_timeout"
+        busy = self.pool.policy.busy_timeout
+        self.busy, self.reason = True, "busy_timeout"
+        self.deadline = time.monotonic() + busy if busy is not None else float("inf")
+        self.head_bytes = 0
         self.pool.touch(self)
 
     def finished(self) -> None:
         """The app answered; sending it and waiting for the next request share the idle deadline."""
-        self.busy, self.deadline, self.reason = False, time.monotonic() + IDLE_TIMEOUT, "idle_timeout"
+        self.busy, self.deadline, self.reason = False, time.monotonic() + self.pool.policy.idle_timeout, "idle_timeout"
+        self.head_bytes = 0
         self.pool.touch(self)
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, farewell: bytes = b"") -> None:
+        """Close now, counted under `reason`; `farewell` (an HTTP answer) is sent first on plain HTTP."""
         if self.closing or self.raw is None:
             return
         self.closing = True
         self.pool.stats.closed[reason] = self.pool.stats.closed.get(reason, 0) + 1
+        if farewell and self.pool.ssl_context is None and not self.raw.is_closing():
+            self.raw.write(farewell)
+            self.raw.close()  # stops reading, flushes the few bytes, then frees the descriptor
+            return
         self.raw.abort()  # no lingering: the point is to free the descriptor now
 
 
 class _Pool:
     """The open connections, oldest activity first, under one limit."""
 
-    def __init__(self, stats: _Stats, web_server: web.Server, ssl_context: Optional[ssl.SSLContext]):
-        self.limit = stats.limit
+    def __init__(self, stats: ConnectionStats, web_server: Callable[[], Any], ssl_context: Optional[ssl.SSLContext],
+                 policy: Optional[Policy] = None):
+        self.policy = policy or Policy(stats.limit)
+        self.limit = self.policy.limit
         self.stats = stats
         self.web_server = web_server
         self.ssl_context = ssl_context
         self.gates: "OrderedDict[_Gate, None]" = OrderedDict()
         self.by_handler: dict[Any, _Gate] = {}
+        self.room: Optional[asyncio.Event] = None  # set when a connection ends or goes idle (made on the loop)
+
+    def has_room(self) -> bool:
+        """Fewer connections than the limit, or an idle one to make room."""
+        return len(self.gates) < self.limit or any(not g.busy for g in self.gates)
+
+    async def wait_for_room(self) -> None:
+        assert self.room is not None  # made by Listener.start()
+        self.room.clear()
+        await self.room.wait()
+
+    def _changed(self) -> None:
+        if self.room is not None:
+            self.room.set()
 
     def admit(self, gate: _Gate) -> bool:
         if len(self.gates) >= self.limit:
             victim = next((g for g in self.gates if not g.busy), None)
             if victim is None:
-                gate.close("refused")
+                gate.close("refused")  # not reached through Listener, which accepts only when there is room
                 return False
             victim.close("evicted")
             self.discard(victim)
@@ -200,10 +284,13 @@ class _Pool:
     def touch(self, gate: _Gate) -> None:
         if gate in self.gates:
             self.gates.move_to_end(gate)
+        if not gate.busy:
+            self._changed()
 
     def discard(self, gate: _Gate) -> None:
         self.gates.pop(gate, None)
         self.stats.open = len(self.gates)
+        self._changed()
 
     def sweep(self) -> None:
         now = time.monotonic()
@@ -212,7 +299,121 @@ class _Pool:
             self.discard(gate)
 
 
-def _environ(request: web.BaseRequest, scheme: str) -> dict:
+class AcceptBackoff:
+    """accept() out of descriptors (or kernel memory): counted, and logged once per ACCEPT_LOG_EVERY
+    however many attempts; the caller pauses accepting for a second."""
+
+    ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+    def __init__(self, stats: ConnectionStats, name: str, logger: logging.Logger = log):
+        self.stats, self.name, self.log = stats, name, logger
+        self._logged = -ACCEPT_LOG_EVERY
+
+    def note(self, err: OSError) -> None:
+        self.stats.accept_errors += 1
+        now = time.monotonic()
+        if now - self._logged >= ACCEPT_LOG_EVERY:
+            self._logged = now
+            self.log.warning("%saccept(): %s (%d times so far); accepting pauses for 1 s each time",
+                             self.name, err, self.stats.accept_errors)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Listener:
+    """A listening socket served by an aiohttp web.Server through the connection policy, on the
+    running loop: start() it, gate(request) from the handler, stop_accepting() and close_all() at the end.
+
+    It accepts only while there is room (fewer than the limit, or an idle connection to evict),
+    checked before each accept(): with every connection busy, new ones wait in the kernel's listen
+    backlog, holding no descriptor of ours, until a request ends (nginx does the same when its
+    worker_connections are used up), rather than being accepted only to be refused."""
+
+    def __init__(self, sock: socket.socket, web_server: Callable[[], Any], policy: Policy, stats: ConnectionStats,
+                 ssl_context: Optional[ssl.SSLContext] = None, name: str = "", logger: logging.Logger = log):
+        self.socket = sock
+        self.pool = _Pool(stats, web_server, ssl_context, policy)
+        self.backoff = AcceptBackoff(stats, name, logger)
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        self.pool.room = asyncio.Event()
+        self.socket.setblocking(False)
+        self._tasks = [asyncio.ensure_future(self._accept()), asyncio.ensure_future(self._sweep())]
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        pool = self.pool
+        fd = self.socket.fileno()
+        while True:
+            while not pool.has_room():
+                await pool.wait_for_room()
+            # Wait for a connection without taking it: room is checked again once one is there.
+            ready = loop.create_future()
+            loop.add_reader(fd, _resolve, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+            for _ in range(BACKLOG):  # a batch per wake-up, as asyncio's own accept loop does
+                if not pool.has_room():
+                    break
+                try:
+                    conn, _ = self.socket.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    break
+                except OSError as err:
+                    if err.errno in AcceptBackoff.ERRNOS:
+                        self.backoff.note(err)
+                        await asyncio.sleep(1.0)  # the connection waits in the backlog meanwhile
+                    else:
+                        self.backoff.log.warning("%saccept(): %s", self.backoff.name, err)
+                        await asyncio.sleep(0.1)
+                    break
+                conn.setblocking(False)
+                try:
+                    await loop.connect_accepted_socket(lambda: _Gate(pool), conn)
+                except OSError:
+                    conn.close()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.pool.sweep()
+
+    def gate(self, request: web.BaseRequest) -> Optional[_Gate]:
+        """The connection a request came on (to mark it busy while the app works on it)."""
+        return self.pool.by_handler.get(request.protocol)
+
+    def stop_accepting(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        try:
+            self.socket.close()
+        except OSError:
+            pass
+
+    def close_all(self) -> None:
+        for gate in list(self.pool.gates):
+            gate.close("idle_timeout")
+            self.pool.discard(gate)
+
+
+def _client_cn(request: web.BaseRequest) -> Optional[str]:
+    """The common name of a verified client certificate (mutual TLS), else None."""
+    cert = request.transport.get_extra_info("peercert") if request.transport else None
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName" and isinstance(value, str) and value:
+                return value
+    return None
+
+
+def _environ(request: web.BaseRequest, scheme: str, body: bytes = b"") -> dict:
     host, port = (request.transport.get_extra_info("sockname") or ("", 0))[:2] if request.transport else ("", 0)
     peer = request.transport.get_extra_info("peername") if request.transport else None
     environ = {
@@ -228,12 +429,15 @@ def _environ(request: web.BaseRequest, scheme: str) -> dict:
         "CONTENT_LENGTH": request.headers.get("Content-Length", ""),
         "wsgi.version": (1, 0),
         "wsgi.url_scheme": scheme,
-        "wsgi.input": io.BytesIO(b""),  # no endpoint reads a body
+        "wsgi.input": io.BytesIO(body),
         "wsgi.errors": sys.stderr,
         "wsgi.multithread": True,
         "wsgi.multiprocess": False,
         "wsgi.run_once": False,
     }
+    cn = _client_cn(request) if scheme == "https" else None
+    if cn is not None:
+        environ["SSL_CLIENT_S_DN_CN"] = cn  # as mod_ssl names it: who the certificate says the client is
     for name, value in request.headers.items():
         key = "HTTP_" + name.upper().replace("-", "_")
         if key not in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):
@@ -241,7 +445,20 @@ def _environ(request: web.BaseRequest, scheme: str) -> dict:
     return environ
 
 
-def _call_wsgi(app: Callable, environ: dict) -> tuple[int, str, list[tuple[str, str]], bytes]:
+async def _body(request: web.BaseRequest) -> Optional[bytes]:
+    """The request's body, or None when it is longer than MAX_BODY (read no further than that)."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return None
+    data = bytearray()
+    while len(data) <= MAX_BODY:
+        chunk = await request.content.read(MAX_BODY + 1 - len(data))
+        if not chunk:
+            return bytes(data)
+        data += chunk
+    return None
+
+
+def _call_wsgi(app: Callable, environ: dict) -> tuple[int, str, list[tuple[str, str]], "bytes | FileBody"]:
     answer: dict = {}
 
     def start_response(status: str, headers: list, exc_info: Any = None) -> Callable:
@@ -249,6 +466,9 @@ def _call_wsgi(app: Callable, environ: dict) -> tuple[int, str, list[tuple[str, 
         return lambda data: None
 
     chunks = app(environ, start_response)
+    if isinstance(chunks, FileBody):
+        code, _, reason = answer["status"].partition(" ")
+        return int(code), reason, answer["headers"], chunks
     try:
         body = b"".join(chunks)
     finally:
@@ -269,12 +489,13 @@ class HttpServer:
         self.scheme = "https" if ssl_context is not None else "http"
         self.app = app
         self.limit = connection_limit()
+        # Module constants read now, so tests can lower them before starting a server.
+        self.policy = Policy(self.limit, HEAD_TIMEOUT, IDLE_TIMEOUT, BUSY_TIMEOUT, MAX_HEAD_BYTES)
         self.pool: Optional[_Pool] = None
-        self.stats = _Stats(self.limit)
+        self.stats = ConnectionStats(self.limit)
         self.executor = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="http-worker")
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
-        self._accept_logged = -ACCEPT_LOG_EVERY
         self._stopped: Optional[asyncio.Event] = None
         self.thread = threading.Thread(target=self._run, name="http", daemon=True)
 
@@ -283,31 +504,22 @@ class HttpServer:
         if gate is not None:
             gate.started()
         try:
+            data = await _body(request) if request.method in BODY_METHODS else b""
+            if data is None:
+                return web.Response(status=413, text=f"A request body may have at most {MAX_BODY} bytes.\n")
             code, reason, headers, body = await self.loop.run_in_executor(
-                self.executor, _call_wsgi, self.app, _environ(request, self.scheme))
+                self.executor, _call_wsgi, self.app, _environ(request, self.scheme, data))
         finally:
             if gate is not None:
                 gate.finished()
         # aiohttp sets Content-Length from the body and leaves the body out for HEAD.
         headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        if isinstance(body, FileBody):
+            return web.FileResponse(body.path, headers=headers)
         return web.Response(status=code, reason=reason or None, headers=headers, body=body)
-
-    def _exception_handler(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        if context.get("message", "").startswith("socket.accept() out of system resource"):
-            # asyncio stops accepting for a second after this (it tries its whole accept batch
-            # first, so this comes in bursts): count each, log one line per ACCEPT_LOG_EVERY.
-            self.stats.accept_errors += 1
-            now = time.monotonic()
-            if now - self._accept_logged >= ACCEPT_LOG_EVERY:
-                self._accept_logged = now
-                log.warning("accept(): %s (%d times so far); accepting pauses for 1 s each time",
-                            context.get("exception"), self.stats.accept_errors)
-            return
-        loop.default_exception_handler(context)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.set_exception_handler(self._exception_handler)
         try:
             self.loop.run_until_complete(self._serve())
         except Exception:  # never silently: the exporter would run on without its port
@@ -321,21 +533,16 @@ class HttpServer:
         web_server = web.Server(self._handle, handler_cancellation=True, access_log=None,
                                 keepalive_timeout=IDLE_TIMEOUT, max_line_size=MAX_HEAD_LINE,
                                 max_field_size=MAX_HEAD_LINE, max_headers=MAX_HEADERS)
-        pool = self.pool = _Pool(self.stats, web_server, self.ssl_context)
-        server = await self.loop.create_server(lambda: _Gate(pool), sock=self.socket, backlog=BACKLOG)
+        listener = Listener(self.socket, web_server, self.policy, self.stats, self.ssl_context)
+        self.pool = listener.pool
+        await listener.start()
         self._stopped = asyncio.Event()
         self._ready.set()
         try:
-            while True:
-                try:
-                    await asyncio.wait_for(self._stopped.wait(), 1.0)
-                    break
-                except asyncio.TimeoutError:
-                    self.pool.sweep()
+            await self._stopped.wait()
         finally:
-            server.close()
-            for gate in list(self.pool.gates):
-                gate.close("idle_timeout")
+            listener.stop_accepting()
+            listener.close_all()
             await web_server.shutdown(1.0)
 
     def start(self) -> None:

@@ -1,4 +1,4 @@
-"""HTTP: /metrics, the landing page /, /-/healthy, /-/ready and /-/reload.
+"""HTTP: /metrics, the landing page /, /-/healthy, /-/ready, /-/reload and the review page /review.
 
 The app is WSGI (prometheus_client's make_wsgi_app renders /metrics, with its
 name[] filter and gzip/OpenMetrics negotiation; basic auth and the configured
@@ -18,6 +18,7 @@ from prometheus_client.core import Metric
 
 from whisper_exporter.config import Config
 from whisper_exporter.runtime.scheduler import Scheduler
+from whisper_exporter.web import review as review_page
 from whisper_exporter.web import status as landing
 from whisper_exporter.web.connections import HttpServer, serve
 
@@ -44,6 +45,7 @@ def make_app(current: Current, registry: CollectorRegistry,
     """The WSGI app. `reload` (given with --web.enable-lifecycle) runs a reload and returns
     None, or the reason it was refused."""
     metrics_app = make_wsgi_app(registry)
+    review = review_page.ReviewPage(current)
 
     def app(environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
@@ -61,6 +63,8 @@ def make_app(current: Current, registry: CollectorRegistry,
             if error is not None:
                 return _text(start_response, "500 Internal Server Error", f"Reload failed: {error}\n")
             return _text(start_response, "200 OK", "Reloaded.\n")
+        if path == review_page.PREFIX or path.startswith(review_page.PREFIX + "/"):
+            return review(environ, start_response)
         if path not in PAGES:
             return _text(start_response, "404 Not Found", "Not found. Try /metrics.\n")
         if method not in READ_METHODS:

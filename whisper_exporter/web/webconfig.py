@@ -166,19 +166,23 @@ class BasicAuth:
         return self._dummies[int.from_bytes(pick[:4], "big") % len(self._dummies)]
 
     def _authorized(self, header: str) -> bool:
+        return self.user(header) is not None
+
+    def user(self, header: str) -> Optional[str]:
+        """The user an Authorization header proves to be, else None."""
         scheme, _, encoded = header.partition(" ")
         if scheme.lower() != "basic":
-            return False
+            return None
         try:
             user, sep, password = b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
         except (ValueError, UnicodeDecodeError):
-            return False
+            return None
         if not sep:
-            return False
+            return None
         hashed = self.users.get(user)
         key = hmac.new(self._secret, f"{user}\0{password}\0".encode() + (hashed or b""), "sha256").digest()
         if hashed is not None and key in self._cache:
-            return True
+            return user
         secret = password.encode()
         too_long = len(secret) > BCRYPT_MAX_PASSWORD
         ok = (self._bcrypt.checkpw(secret[:BCRYPT_MAX_PASSWORD], hashed or self._dummy(user))
@@ -188,11 +192,14 @@ class BasicAuth:
                 if len(self._cache) > 1000:  # bounded: a flood of valid logins cannot grow it
                     self._cache.clear()
                 self._cache.add(key)
-        return ok
+        return user if ok else None
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") in self.open_paths or self._authorized(environ.get("HTTP_AUTHORIZATION", "")):
+        if environ.get("PATH_INFO") in self.open_paths:
             return self.app(environ, start_response)
+        user = self.user(environ.get("HTTP_AUTHORIZATION", ""))
+        if user is not None:
+            return self.app(dict(environ, REMOTE_USER=user), start_response)  # who reviewed, for the review page
         body = b"Unauthorized\n"
         start_response("401 Unauthorized", [
             ("Content-Type", "text/plain; charset=utf-8"),

@@ -13,9 +13,9 @@ import io
 import os
 import re
 import stat
-from typing import BinaryIO, Optional, Union
+from typing import Any, BinaryIO, Optional, Union
 
-import mutagen
+import mutagen  # the package alone is small; its format modules are imported as needed (_kinds)
 
 # The formats the exporter promises; mutagen reads more.
 SUPPORTED = ("wav", "flac", "mp3", "ogg", "opus")
@@ -68,6 +68,23 @@ def _reason(err: Exception) -> str:
     return type(err).__name__
 
 
+def _kinds(head: bytes) -> Optional[list[Any]]:
+    """The mutagen formats to try for a file that starts with `head`: WAV alone for a RIFF/WAVE
+    header (the canaries, most uploads), else None (every format mutagen knows). mutagen.File
+    imports every format module it tries (~1.6 MB); for such a header WAVE is the one it picks."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        from mutagen.wave import WAVE
+
+        return [WAVE]
+    return None
+
+
+def _header(handle: BinaryIO) -> bytes:
+    head = handle.read(12)
+    handle.seek(0)
+    return head
+
+
 def duration_seconds(source: Union[str, os.PathLike, bytes], name: Optional[str] = None) -> float:
     """Length of the audio (a path, or the file's bytes) in seconds, from its header.
     Raises AudioError, naming `name` (default: the path)."""
@@ -75,10 +92,10 @@ def duration_seconds(source: Union[str, os.PathLike, bytes], name: Optional[str]
         name = "<bytes>" if isinstance(source, (bytes, bytearray)) else os.fspath(source)
     try:
         if isinstance(source, (bytes, bytearray)):
-            audio = mutagen.File(io.BytesIO(source))
+            audio = mutagen.File(io.BytesIO(source), options=_kinds(bytes(source[:12])))
         else:
             with open_regular(source, name) as handle:
-                audio = mutagen.File(handle)
+                audio = mutagen.File(handle, options=_kinds(_header(handle)))
     except OSError as err:
         raise AudioError(f"{name}: cannot read ({err.strerror or err})") from None
     except mutagen.MutagenError as err:

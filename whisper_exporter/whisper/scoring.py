@@ -24,8 +24,6 @@ import functools
 from dataclasses import dataclass
 from typing import Callable
 
-import jiwer
-
 # Languages scored in characters. Whisper's evaluation uses CER for the first five;
 # the rest are written without spaces between words, so a "word" would be a phrase.
 CHAR_LANGUAGES = frozenset({"zh", "yue", "ja", "ko", "th", "lo", "my", "km", "bo"})
@@ -113,6 +111,8 @@ def score(reference: str, hypothesis: str, language: str | None) -> Score:
     ref_units, hyp_units = units(ref_norm, unit), units(hyp_norm, unit)
     if not ref_units and not hyp_units:
         return Score(base_language(language), unit, 0, 0, 0, 0, 0, ref_norm, hyp_norm)
+    import jiwer  # on the first score: jiwer and rapidfuzz are ~3 MB an idle exporter need not hold
+
     # jiwer splits on whitespace, so the units go in space-joined (a character unit is
     # never whitespace, and a word never contains any).
     out = jiwer.process_words(" ".join(ref_units), " ".join(hyp_units))

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from whisper_exporter.whisper import audio, clients, hallucination, punctuation, scoring
+from whisper_exporter.whisper import audio, clients, hallucination, language_id, punctuation, scoring
 from whisper_exporter.whisper.punctuation import Punctuation
 
 MAX_TRANSCRIPT_CHARS = 20000  # kept and scored at most: alignment is quadratic, and a hostile answer can be megabytes
@@ -73,15 +73,17 @@ class Utterance:
 
 
 def run(client: clients.WhisperClient, path: str, reference: str, language: str,
-        measure_duration: bool = True) -> Utterance:
-    """Read the audio at `path`, send it with `language`, score the answer against `reference`.
+        measure_duration: bool = True, detect: bool = False) -> Utterance:
+    """Read the audio at `path`, send it with `language` (with `detect`, without it: the server
+    identifies it), score the answer against `reference`.
 
     Raises audio.AudioError when the audio cannot be read (or, with `measure_duration`, has no
     readable duration)."""
     data = audio.read_audio(path)  # a regular file of bounded size, never a FIFO or /dev/zero
     duration = audio.duration_seconds(data, name=path) if measure_duration else None
     started = time.time()
-    outcome = client.transcribe(data, os.path.basename(path), language)
+    sent = language_id.DETECTION.get(client.api, ("", None))[1] if detect else language
+    outcome = client.transcribe(data, os.path.basename(path), sent)
     u = Utterance(audio_path=path, language=language, reference=reference, started=started,
                   outcome=outcome.outcome, elapsed=outcome.elapsed, status_code=outcome.status_code,
                   reason=outcome.reason, audio_duration=duration, exchange=outcome.exchange)

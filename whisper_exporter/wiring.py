@@ -1,4 +1,7 @@
-"""Wiring: configuration -> shared state -> collectors -> scheduler -> registry -> HTTP server.
+"""Wiring, the composition root: configuration -> shared state -> collectors -> scheduler -> registry -> HTTP server.
+
+It sits above both the web side and the runtime, so imports run one way (wiring -> web ->
+runtime -> config; tests/test_plugins.py checks it): nothing below imports it.
 
 The one place where state shared between collectors is built (runtime/shared.py)
 and handed down, as blackbox_exporter builds its probe history in main; and where
