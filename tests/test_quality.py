@@ -415,6 +415,27 @@ def test_log_lines_with_audio_and_transcript_reach_the_queue_and_verified_ones_a
     assert collector.worst_items()["production"][0].id == yue
 
 
+def test_a_flagged_review_leaves_the_queue_and_is_never_scored_as_wer(labeled):
+    """A "no speech" verdict has an empty reference: scored as WER it would count the whole
+    transcript as insertions against nothing. It is taken off the queue unscored."""
+    queue, refs = labeled / "queue.jsonl", labeled / "verified.jsonl"
+    _, collector = make(labeled, FakeClient({}), manifest=None,
+                        production={"queue": str(queue), "references": str(refs)})
+    queue.write_text("".join(json.dumps({"id": ident, "audio": f"/srv/{ident}.wav", "transcript": text,
+                                         "language": "en", "duration": 2.0, "duration_band": "0-5s",
+                                         "sampled_at": 1.0}) + "\n"
+                             for ident, text in (("q1", "thanks for watching"), ("q2", "good morning"))))
+    collector.update()  # both wait: their series go out at 0
+    refs.write_text(json.dumps({"id": "q1", "reference": "", "flags": ["no_speech"], "source": "label-studio"})
+                    + "\n" + json.dumps({"id": "q2", "reference": "good morning"}) + "\n")
+    collector.update()
+    labels = dict(language="en", set="production", unit="word")
+    assert value(collector, "whisper_quality_reference_units_total", **labels) == 2  # q2's two words alone
+    assert value(collector, "whisper_quality_errors_total", type="insertion", **labels) == 0
+    assert value(collector, "whisper_quality_utterances_total", result="scored", **labels) == 1
+    assert queue.read_text() == ""  # the flagged one is done too
+
+
 def test_logparse_maps_the_new_fields():
     parser = logparse.make_parser("json", None, {"audio_path": "file", "transcript": "result.text"})
     record = parser.parse(b'{"file": "/a.wav", "result": {"text": "hi"}, "status_code": 200}')

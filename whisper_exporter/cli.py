@@ -1,4 +1,5 @@
-"""Command line: `whisper-exporter` runs on built-in defaults; `run`, `check-config`, `probe`, `evaluate`, `version`.
+"""Command line: `whisper-exporter` runs on built-in defaults; `run`, `check-config`, `probe`, `evaluate`, `review`,
+`version`.
 
 Exit status: 0 fine, 1 a run-time failure (port taken), 2 bad configuration or usage.
 
@@ -462,6 +463,143 @@ def evaluate(manifest: Optional[str], target: Optional[str], config_path: Option
     sys.exit(0 if report.passed else 1)
 
 
+@main.group()
+def review() -> None:
+    """Production review with Label Studio: export the review queue as tasks, import its annotations."""
+
+
+def _review_paths(config_path: Optional[str], command: str, need_references: bool) -> tuple[Config, str, Optional[str]]:
+    """The review queue's and the references file's paths from the configuration; exit 2 without them."""
+    from whisper_exporter.config import config_dir, resolve_path
+
+    config = _config_or_exit(config_path)
+    production = config.collectors.quality.production
+    base = config_dir(config.source)
+    queue, references = resolve_path(production.queue, base), resolve_path(production.references, base)
+    for key, value in (("queue", queue), ("references", references)):
+        if not value and (key == "queue" or need_references):
+            click.echo(f"whisper-exporter review {command}: bad configuration: collectors.quality.production.{key}: "
+                       f"not set in {config.source} (the review {'queue' if key == 'queue' else 'references file'}; "
+                       "docs/quality.md, Production sampling)", err=True)
+            sys.exit(EXIT_CONFIG)
+    assert queue is not None
+    return config, queue, references
+
+
+_REVIEW_CONFIG = click.option(
+    "--config", "--config.file", "config_path", default=None, metavar="FILE", envvar="WHISPER_EXPORTER_CONFIG",
+    type=click.Path(dir_okay=False),
+    help="YAML configuration: collectors.quality.production's queue and references (env: WHISPER_EXPORTER_CONFIG).")
+
+
+@review.command("export")
+@click.option("--format", "export_format", type=click.Choice(["label-studio"]), default="label-studio",
+              show_default=True, help="The labelling tool's task format.")
+@_REVIEW_CONFIG
+@click.option("--output", "-o", default=None, metavar="FILE", type=click.Path(dir_okay=False),
+              help="Write the tasks here (0600) and the labelling config beside it as FILE.label-config.xml "
+                   "(default: the tasks on stdout).")
+@click.option("--audio-url-prefix", "audio_url_prefix", default=None, metavar="URL",
+              help="What Label Studio plays the audio from: URL + the file's path under --audio-root, "
+                   "percent-encoded (default: /data/local-files/?d=, its local-files storage).")
+@click.option("--audio-root", "audio_root", default="/", show_default=True, metavar="DIR",
+              type=click.Path(file_okay=False),
+              help="The folder the audio URLs are relative to (LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT for local files).")
+@click.option("--label-config", "show_label_config", is_flag=True,
+              help="Print the labelling config XML (for the project's Labeling Interface) instead of the tasks.")
+def review_export(export_format: str, config_path: Optional[str], output: Optional[str],
+                  audio_url_prefix: Optional[str], audio_root: str, show_label_config: bool) -> None:
+    """Export the review queue as Label Studio tasks, oldest first, the server's transcript as a prediction.
+
+    Exit status: 0 written; 1 an item's audio is outside --audio-root (named; the others are written)
+    or the output cannot be written; 2 bad configuration or usage.
+    """
+    import json
+
+    from whisper_exporter.private_files import write_atomically
+    from whisper_exporter.quality import labelstudio
+    from whisper_exporter.quality.sampling import ReviewQueue
+
+    if show_label_config:
+        click.echo(labelstudio.label_config(), nl=False)
+        return
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)  # an unreadable queue says why
+    config, queue_path, _ = _review_paths(config_path, "export", need_references=False)
+    prefix = labelstudio.DEFAULT_AUDIO_URL_PREFIX if audio_url_prefix is None else audio_url_prefix
+    items = sorted(ReviewQueue(queue_path, config.collectors.quality.production.max_queue).items(),
+                   key=lambda i: i.sampled_at)
+    tasks, outside = [], []
+    for item in items:
+        url = labelstudio.audio_url(item.audio, prefix, audio_root)
+        if url is None:
+            outside.append(item.id)
+            continue
+        tasks.append(labelstudio.task(item, url))
+    text = json.dumps(tasks, ensure_ascii=False, indent=1) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        config_file = output + ".label-config.xml"
+        try:
+            write_atomically(output, text.encode("utf-8", "replace"))
+            write_atomically(config_file, labelstudio.label_config().encode("utf-8"))
+        except OSError as err:
+            click.echo(f"whisper-exporter review export: cannot write {err.filename or output}: "
+                       f"{err.strerror or err}", err=True)
+            sys.exit(1)
+        click.echo(f"{len(tasks)} task(s) written to {output}; labelling config: {config_file}", err=True)
+    for ident in outside:
+        click.echo(f"whisper-exporter review export: item {ident}: its audio is not under --audio-root "
+                   f"{audio_root}; not exported", err=True)
+    if outside:
+        sys.exit(1)
+
+
+@review.command("import")
+@click.argument("export_file", metavar="FILE", type=click.Path(dir_okay=False))
+@_REVIEW_CONFIG
+@click.option("--reviewer", default=None, metavar="NAME",
+              help="The reviewer's name where the export gives only Label Studio's user id (default: "
+                   "'label-studio user ID'); an exported email wins.")
+def review_import(export_file: str, config_path: Optional[str], reviewer: Optional[str]) -> None:
+    """Import Label Studio's JSON export: one verified record per annotated task, into the references file.
+
+    Every task that cannot be mapped is named with the reason (never its text). Tasks not
+    annotated yet or skipped, and items verified already, are counted, not written.
+    Exit status: 0 every annotated task mapped; 1 a task could not be mapped, or the file cannot be
+    read or the references file written; 2 bad configuration or usage.
+    """
+    from whisper_exporter.quality import labelstudio
+    from whisper_exporter.quality.sampling import ReviewQueue
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    config, queue_path, references = _review_paths(config_path, "import", need_references=True)
+    assert references is not None
+    try:
+        tasks = labelstudio.read_export(export_file)
+    except OSError as err:
+        click.echo(f"whisper-exporter review import: cannot read {export_file}: {err.strerror or err}", err=True)
+        sys.exit(1)
+    except labelstudio.ExportError as err:
+        click.echo(f"whisper-exporter review import: {export_file}: {err}", err=True)
+        sys.exit(1)
+    try:
+        with labelstudio.folder_warnings_once():
+            queue = ReviewQueue(queue_path, config.collectors.quality.production.max_queue)
+            report = labelstudio.import_export(tasks, references, {i.id: i for i in queue.items()}, reviewer)
+    except OSError as err:
+        click.echo(f"whisper-exporter review import: cannot write {references}: {err.strerror or err} "
+                   "(the records before it are written, each whole)", err=True)
+        sys.exit(1)
+    for bad in report.unmapped:
+        click.echo(f"whisper-exporter review import: task {bad.task}: not imported: {bad.reason}", err=True)
+    click.echo(f"{len(report.written)} verified record(s) written to {references}; {len(report.already)} verified "
+               f"already; {len(report.unreviewed)} not reviewed yet (not annotated or skipped); "
+               f"{len(report.unmapped)} could not be mapped")
+    if report.unmapped:
+        sys.exit(1)
+
+
 @main.command()
 def version() -> None:
     """Print the version."""
@@ -475,6 +613,8 @@ def _environment_names(group: click.Group) -> None:
     (WHISPER_EXPORTER_RUN_LISTEN); one name per flag, whatever the command, is easier to document.
     """
     for command in [group, *group.commands.values()]:
+        if isinstance(command, click.Group) and command is not group:
+            _environment_names(command)  # `review export` and `review import`
         for param in command.params:
             if not isinstance(param, click.Option) or param.envvar or param.name in ("help", "version"):
                 continue
