@@ -64,6 +64,10 @@ WORKER_GRACE = 2.0  # seconds the record in analysis may take to finish after th
 # beyond, it goes to the client as it came, counted: 20 M `{}` segments in 60 MB took RSS to
 # 1.8 GB and blocked the loop for 1.85 s (issue 22, item 6). An hour of speech with word
 # timestamps is about 1 MB and 10,000 objects.
+# What each connection buffers: asyncio reads up to 256 KiB at a time and aiohttp pauses a body's
+# reader past twice its buffer, so 200 uploads held 75+ MB in buffers alone (issue 22, item 3).
+RECV_BYTES = 32768  # per read from a client's socket (asyncio's default: 262144)
+READ_BUFFER = 16384  # aiohttp's body buffer: reading pauses past twice this (its default: 65536)
 UPGRADE_MAX = 8 << 20  # bytes
 UPGRADE_MAX_OBJECTS = 50000  # `{` in the answer: an upper bound on the objects parsing would make
 
@@ -205,6 +209,7 @@ class Tap:
         # auto_decompress=False: a compressed upload is forwarded as sent (and not analysed);
         # handler_cancellation: a client that goes away cancels its upstream request.
         server = web.Server(self._handle, auto_decompress=False, handler_cancellation=True,
+                            read_bufsize=READ_BUFFER,
                             access_log=None)
         # On stop, requests in flight get GRACE seconds to finish, then are cut.
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=GRACE)
@@ -224,6 +229,9 @@ class Tap:
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         t0 = time.perf_counter()
+        transport = request.transport
+        if transport is not None and getattr(transport, "max_size", 0) > RECV_BYTES:
+            transport.max_size = RECV_BYTES  # type: ignore[attr-defined]  # asyncio's selector transport
         if not origin_form(request.method, request.raw_path):
             # CONNECT, absolute-form (http://host/), authority-form (host:port, @host:port) and
             # asterisk-form (*): refused before any upstream connection, so no client can make the
