@@ -13,7 +13,7 @@ new / baseline from the same run:
   RSS, and the slowest of small requests sent meanwhile (the loop blocked).
 - parts: a 50 MB upload of a million tiny parts: CPU seconds, and the slowest small request.
 
-    python benchmarks/bench_tap_work.py [--uploads 200] [--baseline OLD_CHECKOUT] [--only uploads,flac]
+    python benchmarks/bench_tap_work.py [--uploads 200] [--baseline OLD_CHECKOUT] [--only uploads,flac] [--exporter]
 """
 from __future__ import annotations
 
@@ -87,6 +87,15 @@ signal.signal(signal.SIGTERM, lambda *a: done.set())
 done.wait()
 tap.stop()
 print("STOPPED", flush=True)
+'''
+
+
+# --exporter: the whole exporter (whisper-exporter run) with only the tap on, as deployed.
+EXPORTER = r'''
+import sys
+from whisper_exporter.cli import main
+sys.argv = ["whisper-exporter", "run", "--config", sys.argv[1]]
+main()
 '''
 
 
@@ -171,15 +180,32 @@ class Peak:
             time.sleep(0.02)
 
 
+def wait_port(port: int) -> None:
+    for _ in range(600):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+WHOLE = {"exporter": False}
+
+
 def start(checkout: Optional[str], options: dict) -> tuple[Child, Child, int]:
     up_port = free_port()
     upstream = Child(UPSTREAM, [str(up_port)], checkout)
-    for _ in range(600):
-        try:
-            socket.create_connection(("127.0.0.1", up_port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    wait_port(up_port)
+    if WHOLE["exporter"]:
+        port = free_port()
+        config = {"listen": f"127.0.0.1:{free_port()}", "service": {"url": f"http://127.0.0.1:{up_port}"},
+                  "collectors": {"gpu": {"enabled": False}, "probe": {"enabled": False},
+                                 "tap": {"enabled": True, "listen": f"127.0.0.1:{port}", **options}}}
+        path = Path(tempfile.mkdtemp()) / "config.yml"
+        path.write_text(json.dumps(config))  # JSON is YAML
+        tap = Child(EXPORTER, [str(path)], checkout)
+        wait_port(port)
+        return upstream, tap, port
     tap = Child(TAP, [json.dumps({"listen": "127.0.0.1:0", **options}), f"http://127.0.0.1:{up_port}"], checkout)
     port = int(tap.wait_lines("PORT", 1, 60)[0].split()[1])
     return upstream, tap, port
@@ -217,7 +243,10 @@ def uploads(checkout: Optional[str], n: int) -> dict:
         get(upstream, "/release")
         for c in clients:
             c.join()
-        tap.wait_lines("R", n)
+        if WHOLE["exporter"]:
+            time.sleep(2)  # the records are handled in the background
+        else:
+            tap.wait_lines("R", n)
         peak.stop.set()
         return {"rss_start_MB": base / MB, "rss_peak_MB": peak.peak / MB}
     finally:
@@ -292,7 +321,10 @@ def main() -> None:
     parser.add_argument("--uploads", type=int, default=200, help="concurrent 1 MB uploads")
     parser.add_argument("--baseline", help="a checkout of the code before the change (git worktree add ...)")
     parser.add_argument("--only", default="uploads,flac,upgrade,parts")
+    parser.add_argument("--exporter", action="store_true",
+                        help="uploads: run the whole exporter with the tap on, not the tap alone")
     args = parser.parse_args()
+    WHOLE["exporter"] = args.exporter
     scenarios = {"uploads": lambda c: uploads(c, args.uploads), "flac": flac, "upgrade": upgrade, "parts": parts}
     sides = {"this": None} if not args.baseline else {"baseline": args.baseline, "this": None}
     for name in args.only.split(","):
