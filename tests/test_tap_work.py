@@ -169,8 +169,9 @@ def test_rss_stays_bounded_with_100_concurrent_1mb_uploads(held, tmp_path):
     finally:
         tap.stop()
     assert statuses == [200] * 100
-    # 100 MB of uploads; the budget (16 MiB), aiohttp's buffers and the test's own threads stay under 64 MB.
-    assert peak - before < 64 * MB, f"RSS grew {(peak - before) / MB:.0f} MB"
+    # Every copy in memory is 100 MB and more (156 MB before the budget); the budget (16 MiB) plus
+    # the buffers of the tap and of the upstream in this process stay well under the uploads' total.
+    assert peak - before < 100 * MB, f"RSS grew {(peak - before) / MB:.0f} MB"
 
 
 # -- item 5: bounded work per upload, a bounded queue, a stop that does not drain ------------

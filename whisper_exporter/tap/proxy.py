@@ -60,14 +60,15 @@ TRUE = frozenset({"true", "1", "yes", "on"})
 LOG_EVERY = 60.0  # seconds between two warnings of one kind
 GRACE = 10.0  # seconds requests in flight may take to finish when the tap stops
 WORKER_GRACE = 2.0  # seconds the record in analysis may take to finish after that (its work is bounded)
+# What each connection buffers: asyncio reads up to 256 KiB at a time and aiohttp pauses a body's
+# reader past twice its buffer, so 200 uploads held 75+ MB in buffers alone (issue 22, item 3).
+# Smaller reads cost CPU per MB: 32 KiB ones doubled a 25 MB upload's (benchmarks/bench_tap.py).
+RECV_BYTES = 65536  # per read from a client's socket (asyncio's default: 262144)
+READ_BUFFER = 32768  # aiohttp's body buffer: reading pauses past twice this (its default: 65536)
 # A verbose_json answer is rendered as json only within these bounds (and the memory budget);
 # beyond, it goes to the client as it came, counted: 20 M `{}` segments in 60 MB took RSS to
 # 1.8 GB and blocked the loop for 1.85 s (issue 22, item 6). An hour of speech with word
 # timestamps is about 1 MB and 10,000 objects.
-# What each connection buffers: asyncio reads up to 256 KiB at a time and aiohttp pauses a body's
-# reader past twice its buffer, so 200 uploads held 75+ MB in buffers alone (issue 22, item 3).
-RECV_BYTES = 32768  # per read from a client's socket (asyncio's default: 262144)
-READ_BUFFER = 16384  # aiohttp's body buffer: reading pauses past twice this (its default: 65536)
 UPGRADE_MAX = 8 << 20  # bytes
 UPGRADE_MAX_OBJECTS = 50000  # `{` in the answer: an upper bound on the objects parsing would make
 
