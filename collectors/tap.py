@@ -28,7 +28,7 @@ from whisper_exporter.runtime.requests import LATENCY_BUCKETS, Labels, RequestMe
 from whisper_exporter.runtime.seeds import seed_requests
 from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.tap import TapConfig, TapRecord
-from whisper_exporter.tap.record import ANALYSIS_REASONS, CLIENT_REASONS, UPSTREAM_REASONS
+from whisper_exporter.tap.record import ANALYSIS_REASONS, CLIENT_REASONS, DROP_REASONS, UPSTREAM_REASONS
 from whisper_exporter.whisper import hallucination
 
 if TYPE_CHECKING:  # the sampling module is imported only for a tap that keeps samples
@@ -167,10 +167,30 @@ class TapCollector:
             "whisper_tap_analysis_errors_total",
             "Requests the tap proxied but could not analyse, by reason (multipart: malformed upload, "
             "audio: no readable audio header, too_large, answer, internal, callback, spool: the upload could not be "
-            "written to spool_dir).", labels=["reason"])
+            "written to spool_dir, too_many_parts, audio_work: the audio header took too much work, upgrade: a "
+            "verbose_json answer too large to render as json, passed as it came).", labels=["reason"])
         for reason in ANALYSIS_REASONS:
             analysis.add_metric([reason], stats["analysis_errors"].get(reason, 0))
         yield analysis
+        dropped_records = CounterMetricFamily(
+            "whisper_tap_records_dropped_total",
+            "Requests proxied whose record was dropped unanalysed and is missing from the request metrics: the "
+            "record queue was full (queue_full, collectors.tap.record_queue) or the tap stopped (shutdown).",
+            labels=["reason"])
+        for reason in DROP_REASONS:
+            dropped_records.add_metric([reason], stats["dropped"].get(reason, 0))
+        yield dropped_records
+        budget = self.tap.budget
+        yield GaugeMetricFamily("whisper_tap_memory_in_use_bytes",
+                                "Bytes of uploads and upgraded answers the tap holds in memory now.",
+                                value=budget.in_use)
+        yield GaugeMetricFamily("whisper_tap_memory_budget_bytes",
+                                "The most bytes of uploads and upgraded answers the tap holds in memory "
+                                "(collectors.tap.memory_budget); beyond, uploads are spooled to disk.",
+                                value=budget.limit)
+        yield CounterMetricFamily("whisper_tap_memory_budget_refused_total",
+                                  "Uploads spooled to disk (or upgraded answers passed as they came) because the "
+                                  "memory budget was spent.", value=budget.refused)
         yield CounterMetricFamily(
             "whisper_tap_audio_duration_mismatches_total",
             "WAV uploads whose header claimed more audio than the bytes received hold; the bytes' "

@@ -17,6 +17,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 import whisper_exporter.tap.spool as spool_folder
+from whisper_exporter.tap.budget import MemoryBudget
 
 # Form fields that carry the audio: OpenAI API and whisper.cpp use `file`,
 # whisper-asr-webservice `audio_file`.
@@ -25,16 +26,23 @@ MAX_FIELD_BYTES = 4096  # a form field's value kept (language, model, prompt ...
 MAX_FIELDS = 64  # form fields kept per request
 MAX_HEADER_BYTES = 8192  # of one part's headers
 MAX_SEGMENTS = 2000  # verbose_json segments kept on a record
+# Parts of one upload analysed; beyond, the analysis stops (counted) and the bytes pass on.
+# A real upload has a dozen; a million tiny ones stalled the tap's loop for 14 s (issue 22, item 9).
+MAX_PARTS = 256
 
 
 class Spool:
     """The uploaded file: chunks in memory up to a threshold, then a private file on disk.
 
     In memory it keeps the received chunks themselves (a list of references: no copy;
-    a growing BytesIO cost 20 ms per MB in reallocations and page faults)."""
+    a growing BytesIO cost 20 ms per MB in reallocations and page faults). The bytes in memory
+    are taken from the tap's `budget`; when it has none left, the upload goes to disk."""
 
-    def __init__(self, max_in_memory: int, max_bytes: int, spool_dir: Optional[str], suffix: str = ""):
+    def __init__(self, max_in_memory: int, max_bytes: int, spool_dir: Optional[str], suffix: str = "",
+                 budget: Optional[MemoryBudget] = None):
         self.max_in_memory = max_in_memory
+        self.budget = budget
+        self.held = 0  # bytes taken from the budget
         self.max_bytes = max_bytes
         self.spool_dir = spool_dir
         self.suffix = suffix
@@ -60,15 +68,25 @@ class Spool:
             if self.chunks is None:  # discarded
                 return
             self.chunks.append(data)
-            if self.size > self.max_in_memory:
+            if self.size <= self.max_in_memory and self.budget is not None:
+                if self.budget.take(len(data)):
+                    self.held += len(data)
+                    return
+            if self.size > self.max_in_memory or self.budget is not None:
                 # NamedTemporaryFile creates the file 0600 (O_EXCL): only the exporter's user reads uploads.
                 self.file = tempfile.NamedTemporaryFile(
                     prefix="whisper-tap-", suffix=self.suffix, dir=self.spool_dir, delete=False)
                 self.path = self.file.name
                 self.file.writelines(self.chunks)
                 self.chunks = None
+                self._give_back()
         except OSError as err:  # a read-only or full spool: this upload's analysis ends, counted
             self._fail(err)
+
+    def _give_back(self) -> None:
+        if self.budget is not None:
+            self.budget.give(self.held)
+        self.held = 0
 
     def _fail(self, err: OSError) -> None:
         self.failed = True
@@ -100,6 +118,8 @@ class Spool:
                 fd, self.path = tempfile.mkstemp(prefix="whisper-tap-", suffix=self.suffix, dir=self.spool_dir)
                 with os.fdopen(fd, "wb") as handle:
                     handle.writelines(self.chunks)
+                self.chunks = None  # on disk now: the memory goes back to the budget
+                self._give_back()
             except OSError as err:
                 self._fail(err)
         return self.path
@@ -107,6 +127,7 @@ class Spool:
     def discard(self) -> None:
         """Free the memory and delete the spool file."""
         self.chunks = None
+        self._give_back()
         if self.file is not None:
             try:
                 self.file.close()
@@ -173,7 +194,8 @@ def boundary_of(content_type: str) -> Optional[bytes]:
 class UploadAnalyzer:
     """Feeds a copy of a multipart upload to python-multipart; keeps fields and spools the audio."""
 
-    def __init__(self, boundary: bytes, max_in_memory: int, max_bytes: int, spool_dir: Optional[str]):
+    def __init__(self, boundary: bytes, max_in_memory: int, max_bytes: int, spool_dir: Optional[str],
+                 budget: Optional[MemoryBudget] = None):
         self.fields: dict[str, str] = {}  # the first value of each form field (not files)
         self.order: list[str] = []  # every part's name, in order (bounded)
         self.spool: Optional[Spool] = None
@@ -181,6 +203,8 @@ class UploadAnalyzer:
         self.error: Optional[str] = None  # why the analysis stopped (multipart, too_large ...)
         self.complete = False
         self._limits = (max_in_memory, max_bytes, spool_dir)
+        self._budget = budget
+        self.parts = 0  # parts begun, up to MAX_PARTS + 1
         self._headers: dict[str, str] = {}
         self._header_size = 0
         self._name = b""
@@ -208,6 +232,8 @@ class UploadAnalyzer:
             return
         try:
             self.parser.write(chunk)
+        except _TooManyParts:  # raised by a callback: the rest of the chunk is not parsed
+            self.fail("too_many_parts")
         except FormParserError:
             self.fail("multipart")
         except Exception:  # a bug of ours: the request goes on all the same
@@ -230,6 +256,9 @@ class UploadAnalyzer:
     # python-multipart callbacks
 
     def _part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise _TooManyParts()
         self._headers = {}
         self._header_size = 0
         self._name = self._value = b""
@@ -257,7 +286,7 @@ class UploadAnalyzer:
         if filename is not None and name in AUDIO_FIELDS and self.spool is None:
             self.filename = filename.decode("utf-8", "replace")
             suffix = os.path.splitext(os.path.basename(self.filename))[1][:10]
-            self.spool = Spool(*self._limits, suffix=suffix if suffix.isascii() else "")
+            self.spool = Spool(*self._limits, suffix=suffix if suffix.isascii() else "", budget=self._budget)
             self._target = "file"
         elif filename is None and len(self.fields) < MAX_FIELDS:
             self._target = "field"
@@ -283,6 +312,10 @@ class UploadAnalyzer:
 
     def _end(self) -> None:
         self.complete = True
+
+
+class _TooManyParts(Exception):
+    """More than MAX_PARTS parts: python-multipart stops where the callback raised."""
 
 
 class Capture:

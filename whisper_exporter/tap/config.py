@@ -46,6 +46,11 @@ class TapConfig:
     max_spool_bytes: int = 2147483648  # bytes of one upload copied for analysis; beyond, analysis gives up
     max_response_capture: int = 1048576  # bytes of an answer kept to read transcript and language
     max_transcript_chars: int = 10000  # of the transcript kept on the record
+    # Bytes of uploads (and upgraded answers) held in memory by all requests together; beyond,
+    # uploads are spooled to disk. Each request's max_in_memory alone let 200 uploads take 300+ MB.
+    memory_budget: int = 16777216  # 16 MiB
+    # Finished requests waiting for their analysis (one worker); beyond, a record is dropped and counted.
+    record_queue: int = 256
     spool_dir: Optional[str] = None  # where uploads are spooled; null: the system's temp dir
     upgrade_response_format: bool = False  # ask json requests as verbose_json (docs/tap.md)
     # Production sampling from the tap (opt-in, docs/tap.md): with a folder here and the review queue
@@ -79,7 +84,8 @@ class TapConfig:
             positive(at, "max_connections", self.max_connections, "a number greater than 0, or null")
         if not self.upload_min_rate >= 0:
             raise at.error("upload_min_rate", "bytes per second, 0 or more", self.upload_min_rate)
-        for name in ("max_in_memory", "max_spool_bytes", "max_response_capture", "max_transcript_chars"):
+        for name in ("max_in_memory", "max_spool_bytes", "max_response_capture", "max_transcript_chars",
+                     "memory_budget", "record_queue"):
             positive(at, name, getattr(self, name), "a number greater than 0")
         positive(at, "sample_max_files", self.sample_max_files, "a number greater than 0")
         positive(at, "sample_max_bytes", self.sample_max_bytes, "a number greater than 0")

@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import queue
 import socket
 import sys
 import threading
@@ -37,7 +38,9 @@ from whisper_exporter.tap.analysis import (
     read_answer,
     wav_received_seconds,
 )
+from whisper_exporter.tap.budget import MemoryBudget
 from whisper_exporter.tap.config import TapConfig
+from whisper_exporter.tap.duration import TooMuchWork, upload_seconds
 from whisper_exporter.tap.record import TapRecord, TapStats
 from whisper_exporter.tap.upgrade import Upgrade, plan_upgrade, render_json
 from whisper_exporter.web.connections import BACKLOG, ConnectionStats, Listener, Policy, connection_limit
@@ -61,8 +64,19 @@ API_PATHS = {
 TRUE = frozenset({"true", "1", "yes", "on"})
 LOG_EVERY = 60.0  # seconds between two warnings of one kind
 GRACE = 10.0  # seconds requests in flight may take to finish when the tap stops
-UPGRADE_MAX = 64 << 20  # bytes of a verbose_json answer the upgrade reads to render it as json
 CLOSE_REASONS = ("head_timeout", "idle_timeout", "evicted")  # connections the tap closes itself
+WORKER_GRACE = 2.0  # seconds the record in analysis may take to finish after that (its work is bounded)
+# What each connection buffers: asyncio reads up to 256 KiB at a time and aiohttp pauses a body's
+# reader past twice its buffer, so 200 uploads held 75+ MB in buffers alone (issue 22, item 3).
+# Smaller reads cost CPU per MB: 32 KiB ones doubled a 25 MB upload's (benchmarks/bench_tap.py).
+RECV_BYTES = 65536  # per read from a client's socket (asyncio's default: 262144)
+READ_BUFFER = 32768  # aiohttp's body buffer: reading pauses past twice this (its default: 65536)
+# A verbose_json answer is rendered as json only within these bounds (and the memory budget);
+# beyond, it goes to the client as it came, counted: 20 M `{}` segments in 60 MB took RSS to
+# 1.8 GB and blocked the loop for 1.85 s (issue 22, item 6). An hour of speech with word
+# timestamps is about 1 MB and 10,000 objects.
+UPGRADE_MAX = 8 << 20  # bytes
+UPGRADE_MAX_OBJECTS = 50000  # `{` in the answer: an upper bound on the objects parsing would make
 
 
 def _forward_headers(headers: Any) -> CIMultiDict:
@@ -117,8 +131,14 @@ class Tap:
         self._listener: Optional[Listener] = None
         self._session: Optional[aiohttp.ClientSession] = None
         # Reading audio headers and answers, and the callback, run off the loop; one thread,
-        # so records come in the order their requests ended.
-        self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tap-record")
+        # so records come in the order their requests ended. The queue is bounded (record_queue):
+        # beyond it a record is dropped and counted, and on stop what is left is dropped.
+        self.budget = MemoryBudget(config.memory_budget)
+        self._queue: queue.Queue[Optional[_Flight]] = queue.Queue(config.record_queue)
+        self._worker = threading.Thread(target=self._work, name="tap-record", daemon=True)
+        self.stopping = threading.Event()
+        # Upgraded answers are parsed here, off the loop; one at a time bounds the memory parsing takes.
+        self._render = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tap-render")
         self._logged: dict[str, float] = {}
         self.spool_problem: Optional[str] = None  # set at start when the spool cannot be written
 
@@ -154,13 +174,34 @@ class Tap:
         if failure:
             self._thread.join()
             raise failure[0]
+        self._worker.start()
 
     def stop(self) -> None:
-        """Stop accepting, close connections and the loop. Does not raise."""
+        """Stop accepting, close connections and the loop (requests in flight get GRACE seconds),
+        then drop the records still queued: the stop never waits on a queue's worth of analysis.
+        Does not raise."""
         if self._loop is not None and self._thread is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=15)
-        self._workers.shutdown(wait=True)
+        self.stopping.set()
+        while True:
+            try:
+                flight = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if flight is not None:
+                self._drop(flight, "shutdown")
+        try:
+            self._queue.put_nowait(None)  # wakes the worker, which ends after its current record
+        except queue.Full:  # the loop did not stop in time and filled it again: the worker sees stopping
+            pass
+        if self._worker.is_alive():
+            self._worker.join(timeout=WORKER_GRACE)
+        self._render.shutdown(wait=False, cancel_futures=True)
+        dropped = self.stats.snapshot()["dropped"].get("shutdown", 0)
+        if dropped:
+            log.warning("tap: stopped with %d request record(s) not analysed, counted in "
+                        "whisper_tap_records_dropped_total{reason=\"shutdown\"}", dropped)
 
     async def _open(self) -> None:
         cfg = self.config
@@ -176,7 +217,7 @@ class Tap:
         # auto_decompress=False: a compressed upload is forwarded as sent (and not analysed);
         # handler_cancellation: a client that goes away cancels its upstream request.
         server = self._server = web.Server(self._handle, auto_decompress=False, handler_cancellation=True,
-                                           access_log=None)
+                                           read_bufsize=READ_BUFFER, access_log=None)
         host, port = cfg.listen_address
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # SO_REUSEADDR, as TCPSite's reuse_address
@@ -205,6 +246,9 @@ class Tap:
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         t0 = time.perf_counter()
+        transport = request.transport
+        if transport is not None and getattr(transport, "max_size", 0) > RECV_BYTES:
+            transport.max_size = RECV_BYTES  # type: ignore[attr-defined]  # asyncio's selector transport
         if not origin_form(request.method, request.raw_path):
             # CONNECT, absolute-form (http://host/), authority-form (host:port, @host:port) and
             # asterisk-form (*): refused before any upstream connection, so no client can make the
@@ -301,9 +345,10 @@ class Tap:
         boundary = boundary_of(request.headers.get("Content-Type", ""))
         if boundary is None or "Content-Encoding" in request.headers:
             return
-        flight.analyzer = UploadAnalyzer(boundary, cfg.max_in_memory, cfg.max_spool_bytes, cfg.spool_dir)
+        flight.analyzer = UploadAnalyzer(boundary, cfg.max_in_memory, cfg.max_spool_bytes, cfg.spool_dir,
+                                         budget=self.budget)
         if cfg.upgrade_response_format and flight.record.api == "openai":
-            flight.upgrade = plan_upgrade(boundary, request.headers, cfg.max_in_memory)
+            flight.upgrade = plan_upgrade(boundary, request.headers, cfg.max_in_memory, self.budget)
 
     async def _upload(self, request: web.BaseRequest, flight: _Flight):
         """The request body, chunk by chunk as it arrives; a copy to the analyzer."""
@@ -366,6 +411,12 @@ class Tap:
         if flight.upgrade is not None and flight.upgrade.active and 200 <= upstream.status < 300 \
                 and flight.answer_type.startswith("application/json"):
             return await self._answer_upgraded(request, upstream, flight, headers)
+        return await self._stream(request, upstream, flight, headers, [])
+
+    async def _stream(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, flight: _Flight,
+                      headers: CIMultiDict, held: list[bytes]) -> web.StreamResponse:
+        """The answer to the client chunk by chunk as it comes, after the `held` chunks read before."""
+        record = flight.record
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         record.status = upstream.status
         content = upstream.content
@@ -373,6 +424,15 @@ class Tap:
         first = True
         try:
             await response.prepare(request)
+            for chunk in held:
+                if first:
+                    record.ttfb = time.perf_counter() - flight.t0
+                    first = False
+                record.response_bytes += len(chunk)
+                if capture is not None:
+                    capture.add(chunk)
+                await response.write(chunk)
+            held.clear()  # the caller's list too: these bytes are the client's now
             while True:
                 chunk = await content.readany()
                 if first:
@@ -396,30 +456,54 @@ class Tap:
 
     async def _answer_upgraded(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse,
                                flight: _Flight, headers: CIMultiDict) -> web.StreamResponse:
-        """A json request asked as verbose_json: read the whole answer, render it as json."""
+        """A json request asked as verbose_json: read the whole answer, render it as json (off the
+        loop). One over UPGRADE_MAX bytes, UPGRADE_MAX_OBJECTS objects or the memory budget goes to
+        the client as it came (verbose_json), counted as analysis error `upgrade`."""
         record = flight.record
         record.upgraded = True
+        chunks: list[bytes] = []
+        size = taken = 0
         try:
-            chunks, size = [], 0
-            while chunk := await upstream.content.readany():
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > UPGRADE_MAX:
-                    return self._fail(record, "protocol", 502, "verbose_json answer too large to render as json")
+            over = False
+            try:
+                while chunk := await upstream.content.readany():
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > UPGRADE_MAX or not self.budget.take(len(chunk)):
+                        over = True
+                        break
+                    taken += len(chunk)
+            except asyncio.TimeoutError:
+                return self._fail(record, "timeout", 504, "upstream timed out")
+            except aiohttp.ClientError:
+                return self._fail(record, "closed", 502, "upstream closed the connection")
+            if over:
+                self._upgrade_refused(record, f"over {UPGRADE_MAX} bytes or the memory budget")
+                return await self._stream(request, upstream, flight, headers, chunks)
             body = b"".join(chunks)
-        except asyncio.TimeoutError:
-            return self._fail(record, "timeout", 504, "upstream timed out")
-        except aiohttp.ClientError:
-            return self._fail(record, "closed", 502, "upstream closed the connection")
-        record.ttfb = time.perf_counter() - flight.t0
-        rendered = render_json(body) if 200 <= upstream.status < 300 else None
-        if flight.capture is not None:
-            flight.capture.add(body)
-        out = body if rendered is None else rendered
-        headers.popall("Content-Length", None)
-        record.status = upstream.status
-        record.response_bytes = len(out)
-        return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=out)
+            chunks.clear()
+            record.ttfb = time.perf_counter() - flight.t0
+            rendered = None
+            if body.count(b"{") > UPGRADE_MAX_OBJECTS:
+                self._upgrade_refused(record, f"over {UPGRADE_MAX_OBJECTS} objects")
+            else:
+                rendered = await asyncio.get_running_loop().run_in_executor(self._render, render_json, body)
+            if flight.capture is not None:
+                flight.capture.add(body)
+            out = body if rendered is None else rendered
+            if rendered is not None:
+                headers.popall("Content-Length", None)
+            record.status = upstream.status
+            record.response_bytes = len(out)
+            return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=out)
+        finally:
+            self.budget.give(taken)
+
+    def _upgrade_refused(self, record: TapRecord, why: str) -> None:
+        """A verbose_json answer passed as it came instead of rendered: counted, logged a minute apart."""
+        self.stats.count(self.stats.analysis_errors, "upgrade")
+        self._warn("upgrade", f"tap: {record.method} {record.endpoint}: verbose_json answer {why}: passed to the "
+                              "client as it came, not rendered as json")
 
     def _fail(self, record: TapRecord, reason: str, status: int, text: str) -> web.Response:
         record.error = reason
@@ -454,14 +538,39 @@ class Tap:
         stats.response_bytes += record.response_bytes
         if record.error is not None:
             stats.count(stats.errors, record.error)
+        if flight.upgrade is not None:
+            flight.upgrade.close()  # a request that ended mid-hold still gives its bytes back
+        if self.stopping.is_set():
+            self._drop(flight, "shutdown")
+            return
         try:
-            self._workers.submit(self._complete, flight)
-        except RuntimeError:  # shutting down
-            pass
+            self._queue.put_nowait(flight)
+        except queue.Full:
+            self._drop(flight, "queue_full")
+            self._warn("queue_full", f"tap: the record queue is full (record_queue: {self.config.record_queue}); "
+                                     "records are dropped, counted in whisper_tap_records_dropped_total")
+
+    def _drop(self, flight: _Flight, reason: str) -> None:
+        """A record not analysed nor handed on: its spool goes now, and it is counted."""
+        analyzer = flight.analyzer
+        if analyzer is not None and analyzer.spool is not None:
+            analyzer.spool.discard()
+        self.stats.count(self.stats.dropped, reason)
+
+    def _work(self) -> None:
+        """The record worker: one record at a time, until stop() says so."""
+        while True:
+            flight = self._queue.get()
+            if flight is None:
+                return
+            if self.stopping.is_set():
+                self._drop(flight, "shutdown")
+                continue
+            self._complete(flight)
 
     def _complete(self, flight: _Flight) -> None:
         """In a worker thread: audio duration, transcript; then the callback; then the spool goes."""
-        from whisper_exporter.whisper.audio import AudioError, duration_seconds
+        from whisper_exporter.whisper.audio import AudioError
 
         record, analyzer = flight.record, flight.analyzer
         spool = analyzer.spool if analyzer is not None else None
@@ -472,17 +581,17 @@ class Tap:
                     record.analysis_error = analyzer.error
                 elif spool is not None and analyzer.complete:
                     try:
-                        source = spool.path if spool.path is not None else spool.bytes()
-                        if source is None:
-                            raise AudioError("nothing spooled")
-                        record.audio_duration = duration_seconds(source, name="upload")
-                        # A WAV header may claim any length: the bytes received decide (the smaller).
                         with spool.reader() as handle:
+                            record.audio_duration = upload_seconds(handle, spool.size)
+                            # A WAV header may claim any length: the bytes received decide (the smaller).
+                            handle.seek(0)
                             received = wav_received_seconds(handle, spool.size)
                         if received is not None and received < record.audio_duration - 0.001:
                             record.audio_duration = received
                             with self.stats.lock:
                                 self.stats.duration_mismatches += 1
+                    except TooMuchWork:
+                        record.analysis_error = "audio_work"
                     except AudioError:
                         record.analysis_error = "audio"
             if flight.capture is not None and record.status is not None and 200 <= record.status < 300 \

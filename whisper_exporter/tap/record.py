@@ -12,7 +12,12 @@ UPSTREAM_REASONS = ("connect", "timeout", "closed", "protocol")
 # upload_too_slow: under upload_min_rate after the grace, or past upload_timeout (408).
 CLIENT_REASONS = ("client_gone", "client_timeout", "bad_target", "upload_too_slow")
 # The tap's own analysis failed or gave up; the request was proxied all the same.
-ANALYSIS_REASONS = ("multipart", "too_large", "audio", "answer", "internal", "callback", "spool")
+# too_many_parts: over MAX_PARTS parts; audio_work: the audio header took more reads, bytes or CPU
+# than one upload may; upgrade: a verbose_json answer too large to render, passed as it came.
+ANALYSIS_REASONS = ("multipart", "too_large", "audio", "answer", "internal", "callback", "spool",
+                    "too_many_parts", "audio_work", "upgrade")
+# Records not handed on: the record queue was full, or the tap stopped with them still queued.
+DROP_REASONS = ("queue_full", "shutdown")
 
 
 @dataclass
@@ -55,6 +60,7 @@ class TapStats:
     errors: dict[str, int] = field(default_factory=dict)  # upstream and client reasons
     analysis_errors: dict[str, int] = field(default_factory=dict)
     duration_mismatches: int = 0  # WAV uploads whose header claimed more audio than their bytes hold
+    dropped: dict[str, int] = field(default_factory=dict)  # records not analysed nor handed on, by DROP_REASONS
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(self, table: dict[str, int], reason: str) -> None:
@@ -67,5 +73,5 @@ class TapStats:
                 "in_flight": self.in_flight, "requests": self.requests,
                 "request_bytes": self.request_bytes, "response_bytes": self.response_bytes,
                 "errors": dict(self.errors), "analysis_errors": dict(self.analysis_errors),
-                "duration_mismatches": self.duration_mismatches,
+                "duration_mismatches": self.duration_mismatches, "dropped": dict(self.dropped),
             }

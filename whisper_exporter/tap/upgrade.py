@@ -17,6 +17,7 @@ from typing import Any, Optional
 import orjson
 
 from whisper_exporter.tap.analysis import MAX_FIELDS, UploadAnalyzer
+from whisper_exporter.tap.budget import MemoryBudget
 
 FIELD = "response_format"
 
@@ -24,11 +25,13 @@ FIELD = "response_format"
 class Upgrade:
     """One request's upgrade: holds the upload's start until the fields are known."""
 
-    def __init__(self, boundary: bytes, limit: int):
+    def __init__(self, boundary: bytes, limit: int, budget: Optional[MemoryBudget] = None):
         self.delimiter = b"--" + boundary
         self.limit = limit
+        self.budget = budget  # the held bytes are taken from it; without room, the request goes as sent
         self.held: list[bytes] = []
         self.size = 0
+        self.taken = 0
         self.decided = False
         self.active = False  # the request went upstream asking verbose_json
 
@@ -41,6 +44,10 @@ class Upgrade:
             return [chunk]
         self.held.append(chunk)
         self.size += len(chunk)
+        if self.budget is not None and self.size <= self.limit:
+            if not self.budget.take(len(chunk)):
+                return self._release(None)
+            self.taken += len(chunk)
         if analyzer is None or analyzer.error is not None or self.size > self.limit:
             return self._release(None)
         if analyzer.spool is not None:  # the audio part has begun: the fields before it are known
@@ -51,10 +58,20 @@ class Upgrade:
         """The body ended before a decision (no file part): send what is held, unchanged."""
         return [] if self.decided else self._release(None)
 
+    def close(self) -> None:
+        """The request ended: bytes still held go back to the budget."""
+        self.held = []
+        if self.budget is not None:
+            self.budget.give(self.taken)
+        self.taken = 0
+
     def _release(self, analyzer: Optional[UploadAnalyzer]) -> list[bytes]:
         self.decided = True
         held = b"".join(self.held)
         self.held = []
+        if self.budget is not None:
+            self.budget.give(self.taken)
+        self.taken = 0
         rewritten = self._rewrite(held, analyzer) if analyzer is not None else None
         if rewritten is None:
             return [held]
@@ -85,11 +102,12 @@ class Upgrade:
         return self.delimiter + (b"\r\n" + self.delimiter).join(parts)
 
 
-def plan_upgrade(boundary: bytes, headers: Any, limit: int) -> Optional[Upgrade]:
+def plan_upgrade(boundary: bytes, headers: Any, limit: int,
+                 budget: Optional[MemoryBudget] = None) -> Optional[Upgrade]:
     """An Upgrade for this upload, or None when it cannot be one (a compressed body)."""
     if "Content-Encoding" in headers:
         return None
-    return Upgrade(boundary, limit)
+    return Upgrade(boundary, limit, budget)
 
 
 def render_json(body: bytes) -> Optional[bytes]:
