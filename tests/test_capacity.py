@@ -262,7 +262,8 @@ def test_busy_ratio_and_headroom_on_a_real_prometheus_are_within_5_percent(prome
                 print(f"\nload {load:.0%}: busy {b:.4f} (truth {tb:.4f}, {b / tb - 1:+.2%}); "
                       f"headroom {h:.3f} audio-s/s (truth {th:.3f}, {h / th - 1:+.2%})")
         for load, b, tb, h, th in lines:
-            assert abs(tb - load) < 0.05, f"the load offered is not {load:.0%}: {tb:.4f}"
+            # the generator's own pace slips on a loaded machine; the comparison is with the truth
+            assert abs(tb - load) < 0.08 and tb < 0.99, f"the load offered is not {load:.0%}: {tb:.4f}"
             assert b == pytest.approx(tb, rel=0.05)
             if load < 0.9:
                 assert h == pytest.approx(th, rel=0.05)
