@@ -29,6 +29,7 @@ from yarl import URL
 import whisper_exporter.tap.spool as spool_folder
 from whisper_exporter import logsetup
 from whisper_exporter.config import KeyPath
+from whisper_exporter.tap import websocket
 from whisper_exporter.tap.analysis import (
     Capture,
     UploadAnalyzer,
@@ -38,6 +39,7 @@ from whisper_exporter.tap.analysis import (
 )
 from whisper_exporter.tap.config import TapConfig
 from whisper_exporter.tap.record import TapRecord, TapStats
+from whisper_exporter.tap.streaming import StreamStats
 from whisper_exporter.tap.upgrade import Upgrade, plan_upgrade, render_json
 from whisper_exporter.web.connections import BACKLOG, ConnectionStats, Listener, Policy, connection_limit
 from whisper_exporter.whisper import marker
@@ -46,6 +48,7 @@ log = logging.getLogger("whisper_exporter.tap")
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus Expect: the tap's server side answers
 # 100-continue itself, and the upstream request is sent without waiting for one.
+# A WebSocket upgrade never gets here: tap/websocket.py relays it (its own handshake upstream).
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "trailers", "transfer-encoding", "upgrade", "expect",
@@ -104,6 +107,9 @@ class Tap:
         self.on_record = on_record
         self.wants_audio = wants_audio  # sampling's hook: keep the upload on disk for this record?
         self.stats = TapStats()
+        self.streams = StreamStats()  # WebSocket sessions (tap/websocket.py, tap/streaming.py)
+        self.relays: set[Any] = set()  # the sessions in progress, closed with 1001 when the tap stops
+        self.ws_session: Optional[aiohttp.ClientSession] = None  # made on the first upgrade
         limit = config.max_connections or connection_limit(share=4, most=512)
         self.connections = ConnectionStats(limit, prefix="whisper_tap", what="the tap", reasons=CLOSE_REASONS,
                                            limit_help="collectors.tap.max_connections")
@@ -117,6 +123,7 @@ class Tap:
         # so records come in the order their requests ended.
         self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tap-record")
         self._logged: dict[str, float] = {}
+        self.streams.submit = self._submit  # final transcripts are checked in the worker thread
         self.spool_problem: Optional[str] = None  # set at start when the spool cannot be written
 
     # -- life cycle -----------------------------------------------------------
@@ -189,6 +196,7 @@ class Tap:
     async def _close(self) -> None:
         if self._listener is not None:
             self._listener.stop_accepting()
+        await websocket.shutdown(self)
         if self._server is not None:
             await asyncio.sleep(0)  # requests that arrived before the close start to be handled
             self._server.pre_shutdown()  # idle kept-alive connections close now (as ServerRunner does)
@@ -220,6 +228,8 @@ class Tap:
         path = request.path
         api, task = API_PATHS.get(path.rstrip("/") or "/", (None, None))
         mark = marker.classify(request.headers, request.query)
+        if websocket.is_upgrade(request):  # relayed message by message; its own metrics, no TapRecord
+            return await websocket.relay(self, request, canary=mark == marker.GENUINE)
         record = TapRecord(endpoint=path, method=request.method, status=None, duration=0.0, api=api,
                            task=task, started=time.time(), canary=mark == marker.GENUINE,
                            canary_spoofed=mark == marker.SPOOFED)
@@ -428,6 +438,9 @@ class Tap:
         if request.transport is not None:
             request.transport.abort()
         raise asyncio.CancelledError()
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._workers.submit(fn, *args)  # RuntimeError once shut down: the caller drops the work
 
     def _warn(self, kind: str, message: str) -> None:
         now = time.monotonic()
