@@ -109,13 +109,14 @@ async def relay(tap: "Tap", request: web.BaseRequest, canary: bool) -> web.Strea
     headers = CIMultiDict((k, v) for k, v in _forward_headers(request.headers).items()
                           if k.lower() not in HANDSHAKE_HEADERS)
     cfg = tap.config
+    most = cfg.websocket_max_message + 1  # aiohttp refuses a message of max_msg_size bytes: the limit passes
     refusal: list[bytes] = []
     token = _REFUSAL.set(refusal)
     try:
         upstream = await _session(tap).ws_connect(
             upstream_url(tap._base, request.raw_path), protocols=offered,
             headers=headers, autoclose=False, autoping=True, heartbeat=HEARTBEAT, compress=0,
-            max_msg_size=cfg.websocket_max_message, timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT))
+            max_msg_size=most, timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT))
     except aiohttp.WSServerHandshakeError as err:
         stats.bump(stats.upgrades, "refused" if err.status != 101 else "upstream_error")
         if err.status == 101 or not 200 <= err.status <= 599:  # a broken 101 (bad accept key, no upgrade)
@@ -134,7 +135,7 @@ async def relay(tap: "Tap", request: web.BaseRequest, canary: bool) -> web.Strea
     stats.bump(stats.upgrades, "accepted")
     client = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else (),
                                    autoclose=False, autoping=True, heartbeat=HEARTBEAT, compress=False,
-                                   max_msg_size=cfg.websocket_max_message, timeout=CLOSE_TIMEOUT)
+                                   max_msg_size=most, timeout=CLOSE_TIMEOUT)
     gate = tap._listener.gate(request) if tap._listener is not None else None
     if gate is not None:
         gate.started()  # a session in progress: counted, never evicted as idle
@@ -168,19 +169,22 @@ class _Bridge:
         self.last = time.monotonic()
         self.ending = False
         self.reader: Optional[asyncio.Task] = None
+        self.closing: Optional[asyncio.Future] = None  # the closing handshake, once begun
 
     async def run(self) -> None:
         self.reader = asyncio.ensure_future(self._from_upstream())
         try:
             await self._from_client()
         except asyncio.CancelledError:  # the client's connection was lost (handler cancellation)
-            await asyncio.shield(self.end(1001, "client gone", "client", None))
+            await self.end(1001, "client gone", "client", None)
             raise
         finally:
             # Shielded: the handler's own cancellation (the client's connection closing after the
             # close handshake) must not cut the upstream reader's last steps.
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(self.reader), CLOSE_TIMEOUT)
+            for task in (self.reader, self.closing):
+                if task is not None:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await asyncio.wait_for(asyncio.shield(task), CLOSE_TIMEOUT)
 
     async def _from_client(self) -> None:
         """Client to upstream, in the handler task (the only task that may read this leg)."""
@@ -218,19 +222,25 @@ class _Bridge:
         if self.ending:
             return
         self.ending = True
-        if self.reader is not None:
-            self.reader.cancel()  # this task reads the upstream's answer to the close now
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.reader
-        with contextlib.suppress(Exception):
-            await self.upstream.close(code=wire_code(code), message=reason.encode()[:123])
-        answer = self.upstream.close_code
+        await self._finish(self._pass_client_close(code, reason))
+
+    async def _pass_client_close(self, code: int, reason: str) -> None:
+        # The upstream reader is not cancelled: it gets CLOSING and stops, and close() reads the
+        # answer here (a cancelled receive() would mark the leg 1006 and lose the upstream's answer).
         try:
-            await self.client.close(code=wire_code(answer if answer and answer != 1006 else code))
-        except Exception:  # the client is gone already
-            pass
+            with contextlib.suppress(Exception):
+                await self.upstream.close(code=wire_code(code), message=reason.encode()[:123])
+            answer = self.upstream.close_code
+            with contextlib.suppress(Exception):
+                await self.client.close(code=wire_code(answer if answer and answer != 1006 else code))
         finally:
             self.session.closed(code, "client", time.monotonic())
+
+    async def _finish(self, closing: Any) -> None:
+        """Run the closing handshake in a task of its own, shielded: the client's connection ending
+        cancels the handler task, and a cancelled close() would cut the other leg without its frame."""
+        self.closing = asyncio.ensure_future(closing)
+        await asyncio.shield(self.closing)
 
     async def _from_upstream(self) -> None:
         """Upstream to client, in its own task."""
@@ -264,7 +274,9 @@ class _Bridge:
         if self.ending:
             return
         self.ending = True
-        message = reason.encode()[:123]
+        await self._finish(self._close_both(send, reason.encode()[:123], by, code))
+
+    async def _close_both(self, send: int, message: bytes, by: str, code: Optional[int]) -> None:
         try:
             await asyncio.gather(self.client.close(code=wire_code(send), message=message),
                                  self.upstream.close(code=wire_code(send), message=message),
