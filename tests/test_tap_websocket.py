@@ -13,8 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
-
 from tap_helpers import Records, Upstream, start_tap
+
 from whisper_exporter.tap import TapConfig
 
 BIG = 3 * 1024 * 1024  # a 3 MB message, under the default websocket_max_message (16 MiB)
