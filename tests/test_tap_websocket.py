@@ -317,3 +317,45 @@ def test_websocket_settings_are_checked_naming_the_key():
         assert err.value.key == f"collectors.tap.{name}"
     tap = from_dict({"collectors": {"tap": {"websocket_idle_timeout": "2m"}}}).collectors.tap
     assert tap.websocket_idle_timeout == 120 and TapConfig().websocket_max_message == 16 << 20
+
+
+@pytest.mark.integration
+def test_200_idle_websocket_sessions_under_1024_fds_leave_metrics_answering(tmp_path, upstream):
+    """The exporter under `ulimit -n 1024`: 200 sessions through its tap hold 400 descriptors (both
+    legs) of its 256-connection tap limit, and scrapes, and a new session, still work."""
+    from helpers import sample
+    from slowloris import FD_LIMIT, exporter_under_fd_limit, raise_own_fd_limit, scrape_like_prometheus
+
+    raise_own_fd_limit(4096)
+    with exporter_under_fd_limit(tmp_path, tap_upstream=upstream.url) as exporter:
+        base = f"http://127.0.0.1:{exporter.tap_port}"
+        opened: list[Any] = []
+        peak = {"fds": 0}
+
+        async def hold() -> tuple:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+                for _ in range(200):
+                    ws = await client.ws_connect(base + "/idle")
+                    await ws.receive()
+                    opened.append(ws)
+                peak["fds"] = exporter.ps.num_fds()
+                loop = asyncio.get_running_loop()
+                scrapes = await loop.run_in_executor(None, scrape_like_prometheus, exporter.url, 5.0)
+                text = await loop.run_in_executor(None, lambda: requests.get(exporter.url + "/metrics", timeout=10).text)
+                async with client.ws_connect(base + "/one-more") as ws:  # a 201st session is served
+                    await ws.receive()
+                    await ws.send_str("still here")
+                    echoed = (await ws.receive()).data
+                for ws in opened:
+                    await ws.close()
+                return scrapes, text, echoed
+
+        import requests
+
+        scrapes, text, echoed = asyncio.run(hold())
+        print(f"\n{len(scrapes.latencies)} scrapes answered, failures {scrapes.failures}; exporter fds {peak['fds']}")
+        assert scrapes.failures == [] and len(scrapes.latencies) >= 3
+        assert echoed == "still here"
+        assert sample(text, "whisper_stream_sessions_in_flight", protocol="other") == 200
+        assert sample(text, "whisper_tap_connections") >= 200
+        assert 400 <= peak["fds"] < FD_LIMIT - 100
