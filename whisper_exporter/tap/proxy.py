@@ -27,9 +27,9 @@ from multidict import CIMultiDict
 from yarl import URL
 
 import whisper_exporter.tap.spool as spool_folder
+import whisper_exporter.tap.websocket as websocket
 from whisper_exporter import logsetup
 from whisper_exporter.config import KeyPath
-from whisper_exporter.tap import websocket
 from whisper_exporter.tap.analysis import (
     Capture,
     UploadAnalyzer,
@@ -229,7 +229,8 @@ class Tap:
         api, task = API_PATHS.get(path.rstrip("/") or "/", (None, None))
         mark = marker.classify(request.headers, request.query)
         if websocket.is_upgrade(request):  # relayed message by message; its own metrics, no TapRecord
-            return await websocket.relay(self, request, canary=mark == marker.GENUINE)
+            return await websocket.relay(self, request, _forward_headers(request.headers),
+                                         upstream_url(self._base, request.raw_path), canary=mark == marker.GENUINE)
         record = TapRecord(endpoint=path, method=request.method, status=None, duration=0.0, api=api,
                            task=task, started=time.time(), canary=mark == marker.GENUINE,
                            canary_spoofed=mark == marker.SPOOFED)

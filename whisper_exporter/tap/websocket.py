@@ -24,6 +24,7 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
 from multidict import CIMultiDict
+from yarl import URL
 
 from whisper_exporter.tap.streaming import Session
 
@@ -96,25 +97,24 @@ def _session(tap: "Tap") -> aiohttp.ClientSession:
     return tap.ws_session
 
 
-async def relay(tap: "Tap", request: web.BaseRequest, canary: bool) -> web.StreamResponse:
-    """Answer one upgrade request: the upstream's refusal, a 502/504, or the relayed session."""
-    from whisper_exporter.tap.proxy import _forward_headers, upstream_url
-
+async def relay(tap: "Tap", request: web.BaseRequest, forward: CIMultiDict, url: URL,
+                canary: bool) -> web.StreamResponse:
+    """Answer one upgrade request: the upstream's refusal, a 502/504, or the relayed session.
+    `forward`: the request's headers less hop-by-hop ones; `url`: the upstream's URL for it."""
     stats = tap.streams
     offered = offered_protocols(request.headers)
     probe = web.WebSocketResponse(protocols=offered)
     if not probe.can_prepare(request).ok:  # not a valid WebSocket handshake (key, version)
         stats.bump(stats.upgrades, "bad_request")
         return web.Response(status=400, text="invalid WebSocket handshake\n")
-    headers = CIMultiDict((k, v) for k, v in _forward_headers(request.headers).items()
-                          if k.lower() not in HANDSHAKE_HEADERS)
+    headers = CIMultiDict((k, v) for k, v in forward.items() if k.lower() not in HANDSHAKE_HEADERS)
     cfg = tap.config
     most = cfg.websocket_max_message + 1  # aiohttp refuses a message of max_msg_size bytes: the limit passes
     refusal: list[bytes] = []
     token = _REFUSAL.set(refusal)
     try:
         upstream = await _session(tap).ws_connect(
-            upstream_url(tap._base, request.raw_path), protocols=offered,
+            url, protocols=offered,
             headers=headers, autoclose=False, autoping=True, heartbeat=HEARTBEAT, compress=0,
             max_msg_size=most, timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT))
     except aiohttp.WSServerHandshakeError as err:
