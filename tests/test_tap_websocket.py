@@ -359,3 +359,39 @@ def test_200_idle_websocket_sessions_under_1024_fds_leave_metrics_answering(tmp_
         assert sample(text, "whisper_stream_sessions_in_flight", protocol="other") == 200
         assert sample(text, "whisper_tap_connections") >= 200
         assert 400 <= peak["fds"] < FD_LIMIT - 100
+
+
+def test_a_client_vanishing_closes_the_upstream_with_1001(upstream):
+    tap = start_tap(upstream.url, Records())
+    seen.closes.clear()
+    try:
+        async def go() -> None:
+            async with aiohttp.ClientSession() as client:
+                ws = await client.ws_connect(f"http://127.0.0.1:{tap.port}/ws")
+                await ws.receive()
+                ws._response.connection.transport.abort()  # no close frame: the connection just ends
+        run(go())
+        assert ended(tap) == {("other", "1006", "client"): 1}
+        deadline = time.monotonic() + 10
+        while not seen.closes and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert seen.closes == [1001]
+    finally:
+        tap.stop()
+
+
+def test_stopping_the_tap_closes_open_sessions_with_1001(upstream):
+    tap = start_tap(upstream.url, Records())
+
+    async def go() -> tuple:
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(f"http://127.0.0.1:{tap.port}/ws") as ws:
+                await ws.receive()
+                loop = asyncio.get_running_loop()
+                stopping = loop.run_in_executor(None, tap.stop)
+                msg = await ws.receive(timeout=30)
+                await stopping
+                return msg.type, msg.data
+
+    assert run(go()) == (WSMsgType.CLOSE, 1001)
+    assert tap.streams.snapshot()["sessions"] == {("other", "1001", "tap"): 1}

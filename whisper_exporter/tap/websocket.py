@@ -114,8 +114,7 @@ async def relay(tap: "Tap", request: web.BaseRequest, forward: CIMultiDict, url:
     token = _REFUSAL.set(refusal)
     try:
         upstream = await _session(tap).ws_connect(
-            url, protocols=offered,
-            headers=headers, autoclose=False, autoping=True, heartbeat=HEARTBEAT, compress=0,
+            url, protocols=offered, headers=headers, autoclose=False, autoping=True, heartbeat=HEARTBEAT, compress=0,
             max_msg_size=most, timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT))
     except aiohttp.WSServerHandshakeError as err:
         stats.bump(stats.upgrades, "refused" if err.status != 101 else "upstream_error")
@@ -146,6 +145,10 @@ async def relay(tap: "Tap", request: web.BaseRequest, forward: CIMultiDict, url:
         await client.prepare(request)
         await bridge.run()
     finally:
+        if bridge.reader is None:  # the client went before its 101 was sent: the upstream leg goes too
+            with contextlib.suppress(Exception):
+                await asyncio.shield(upstream.close(code=1001, message=b"client gone"))
+            bridge.session.closed(None, "client", time.monotonic())
         tap.relays.discard(bridge)
         if gate is not None:
             gate.finished()
