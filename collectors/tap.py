@@ -29,6 +29,7 @@ from whisper_exporter.runtime.seeds import seed_requests
 from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.tap import TapConfig, TapRecord
 from whisper_exporter.tap.record import ANALYSIS_REASONS, CLIENT_REASONS, DROP_REASONS, UPSTREAM_REASONS
+from whisper_exporter.tap.streaming import ERROR_TYPES, PROTOCOLS, UPGRADE_RESULTS, Hist
 from whisper_exporter.whisper import hallucination
 
 if TYPE_CHECKING:  # the sampling module is imported only for a tap that keeps samples
@@ -67,6 +68,9 @@ class TapCollector:
                        wants_audio=self.wants_audio if sampler is not None and keeper is not None else None,
                        occupancy=self.requests.occupancy)
         self.status = f"proxying {section.listen} -> {masked_url(upstream)}"
+        streams = self.tap.streams
+        streams.on_final = self.stream_final  # in the tap's worker thread
+        streams.on_canary = lambda: self.requests.canary_seen("tap")  # a marked session: no user metric
 
     def start(self) -> None:
         try:
@@ -132,7 +136,14 @@ class TapCollector:
             if kept is not None and record.transcript is not None:
                 self.sampler.queue_item(cell, kept, record.transcript, record.audio_duration)
 
+    def stream_final(self, text: str, language: Optional[str], audio: Optional[float]) -> None:
+        """A streaming session's final transcript (a completed turn, a WhisperLive session's segments)."""
+        if self.hallucinations is not None:
+            reasons = hallucination.suspect(text, language, audio)
+            self.hallucinations.count(self.requests.labels.language(language), "traffic", reasons, text)
+
     def families(self) -> Iterable[Metric]:
+        yield from stream_families(self.tap.streams.snapshot())
         if self.owns_requests:
             yield from self.requests.families()
         with self._lock:
@@ -212,6 +223,100 @@ class TapCollector:
             for reason, n in sorted(self.keeper.dropped.items()):
                 dropped.add_metric([reason], n)
             yield dropped
+
+
+STREAM_HISTOGRAMS = (  # StreamStats' name, metric, help
+    ("duration", "whisper_stream_session_duration_seconds", "WebSocket sessions' length, handshake to close."),
+    ("ready", "whisper_stream_ready_seconds",
+     "Time to the server's ready: OpenAI Realtime session.created after the handshake, WhisperLive SERVER_READY "
+     "after the client's options."),
+    ("first_partial", "whisper_stream_first_partial_seconds",
+     "Time from a turn's first audio (WhisperLive: the session's) to its first partial transcript (a delta; "
+     "a completed transcript when the server sends no delta)."),
+    ("finalisation", "whisper_stream_finalisation_lag_seconds",
+     "Time from the end of a turn (the client's commit, or the server's speech_stopped) to its completed "
+     "transcript."),
+    ("transcript_lag", "whisper_stream_transcript_lag_seconds",
+     "Audio sent minus the end of the last completed segment, at each transcript message (WhisperLive): it "
+     "grows when the server falls behind."),
+    ("partials", "whisper_stream_partials_per_turn",
+     "Partial transcripts per turn (OpenAI Realtime deltas; WhisperLive segment messages per session)."),
+)
+STREAM_COUNTERS = (
+    ("audio_seconds", "whisper_stream_audio_seconds", "Seconds of audio the clients sent (appended or streamed)."),
+    ("turns", "whisper_stream_turns", "Turns committed (OpenAI Realtime input_audio_buffer.committed)."),
+    ("disconnects", "whisper_stream_server_disconnects", "Sessions the server ended with DISCONNECT (WhisperLive)."),
+    ("unparsed", "whisper_stream_messages_unparsed",
+     "Messages too large to parse (over 256 KiB) or unreadable; passed on unchanged all the same."),
+)
+
+
+def _cumulative(h: Hist) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    total = 0
+    for bound, n in zip(h.bounds, h.counts):
+        total += n
+        out.append((repr(float(bound)), total))
+    out.append(("+Inf", total + h.counts[-1]))
+    return out
+
+
+def stream_families(snap: dict) -> Iterable[Metric]:
+    """The whisper_stream_* families: the same names, labels and buckets for every protocol, each
+    protocol's series exported at 0 before its first session."""
+    inflight = GaugeMetricFamily("whisper_stream_sessions_in_flight",
+                                 "WebSocket sessions through the tap now, by protocol (other until recognised).",
+                                 labels=["protocol"])
+    for protocol in PROTOCOLS:
+        inflight.add_metric([protocol], snap["in_flight"].get(protocol, 0))
+    yield inflight
+    sessions = CounterMetricFamily(
+        "whisper_stream_sessions", "WebSocket sessions ended, by protocol, close code (as the closing side sent "
+        "it; 1006: without a close frame, never sent on) and who closed (client, server, tap: idle, size, stop).",
+        labels=["protocol", "close_code", "closed_by"])
+    for (protocol, code, by), n in sorted(snap["sessions"].items()):
+        sessions.add_metric([protocol, code, by], n)
+    yield sessions
+    for name, metric, text in STREAM_HISTOGRAMS:
+        hist = HistogramMetricFamily(metric, text, labels=["protocol"])
+        for protocol in PROTOCOLS:
+            h = snap["hists"].get((name, protocol))
+            if h is not None:
+                hist.add_metric([protocol], _cumulative(h), h.sum)
+        yield hist
+    for name, metric, text in STREAM_COUNTERS:
+        counter = CounterMetricFamily(metric, text, labels=["protocol"])
+        for protocol in PROTOCOLS:
+            counter.add_metric([protocol], snap["counters"].get((name, protocol), 0.0))
+        yield counter
+    errors = CounterMetricFamily(
+        "whisper_stream_errors", "Error events by protocol and type (OpenAI Realtime error.type, "
+        "transcription_failed, response_failed; WhisperLive server_error).", labels=["protocol", "type"])
+    for key, n in sorted(snap["errors"].items()):
+        errors.add_metric(list(key), n)
+    for kind in ERROR_TYPES:
+        if (PROTOCOLS[0], kind) not in snap["errors"]:
+            errors.add_metric([PROTOCOLS[0], kind], 0)
+    yield errors
+    rejections = CounterMetricFamily("whisper_stream_rejections", "Sessions the server turned away (WhisperLive "
+                                     "WAIT: all its clients busy).", labels=["protocol", "reason"])
+    rejections.add_metric(["whisperlive", "wait"], snap["rejections"].get(("whisperlive", "wait"), 0))
+    yield rejections
+    upgrades = CounterMetricFamily(
+        "whisper_stream_upgrades", "WebSocket handshakes at the tap: accepted, refused (the upstream's status "
+        "went to the client), upstream_error (502/504), bad_request (400).", labels=["result"])
+    for result in UPGRADE_RESULTS:
+        upgrades.add_metric([result], snap["upgrades"].get(result, 0))
+    yield upgrades
+    messages = CounterMetricFamily("whisper_stream_messages", "WebSocket messages relayed, by direction "
+                                   "(upstream: client to server).", labels=["direction"])
+    size = CounterMetricFamily("whisper_stream_message_bytes", "Payload bytes of the WebSocket messages relayed.",
+                               labels=["direction"])
+    for direction in ("upstream", "downstream"):
+        messages.add_metric([direction], snap["messages"].get(direction, 0))
+        size.add_metric([direction], snap["message_bytes"].get(direction, 0))
+    yield messages
+    yield size
 
 
 def make(section: TapConfig, shared: Shared) -> TapCollector:

@@ -60,6 +60,10 @@ class TapConfig:
     sample_max_files: int = 1000
     sample_max_bytes: int = 1073741824  # 1 GiB
     sample_retention: Duration = Duration(7 * 86400)  # kept audio older than this is deleted
+    # WebSocket sessions through the tap (docs/streaming.md): a message larger than this closes the
+    # session with 1009 (both legs); no message either way for websocket_idle_timeout closes it with 1001.
+    websocket_max_message: int = 16777216  # 16 MiB: OpenAI Realtime clients send audio in JSON, base64
+    websocket_idle_timeout: Duration = Duration(300)
     interval: Duration = Duration(1)  # the collector's update interval (it only reads counters)
     timeout: Duration = Duration(5)
 
@@ -76,7 +80,7 @@ class TapConfig:
             raise at.error("upstream", "an http:// or https:// URL", self.upstream)
         for name in ("connect_timeout", "read_timeout", "client_timeout"):
             positive(at, name, getattr(self, name))
-        for name in ("head_timeout", "upload_rate_grace"):
+        for name in ("head_timeout", "upload_rate_grace", "websocket_idle_timeout"):
             positive(at, name, getattr(self, name))
         if self.upload_timeout is not None:
             positive(at, "upload_timeout", self.upload_timeout)
@@ -85,7 +89,7 @@ class TapConfig:
         if not self.upload_min_rate >= 0:
             raise at.error("upload_min_rate", "bytes per second, 0 or more", self.upload_min_rate)
         for name in ("max_in_memory", "max_spool_bytes", "max_response_capture", "max_transcript_chars",
-                     "memory_budget", "record_queue"):
+                     "memory_budget", "record_queue", "websocket_max_message"):
             positive(at, name, getattr(self, name), "a number greater than 0")
         positive(at, "sample_max_files", self.sample_max_files, "a number greater than 0")
         positive(at, "sample_max_bytes", self.sample_max_bytes, "a number greater than 0")

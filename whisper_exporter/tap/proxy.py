@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import os
 import queue
@@ -19,7 +20,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import aiohttp
 from aiohttp import web
@@ -28,6 +29,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 import whisper_exporter.tap.spool as spool_folder
+import whisper_exporter.tap.websocket as websocket
 from whisper_exporter import logsetup
 from whisper_exporter.config import KeyPath
 from whisper_exporter.runtime.occupancy import Occupancy
@@ -42,6 +44,7 @@ from whisper_exporter.tap.budget import MemoryBudget
 from whisper_exporter.tap.config import TapConfig
 from whisper_exporter.tap.duration import TooMuchWork, upload_seconds
 from whisper_exporter.tap.record import TapRecord, TapStats
+from whisper_exporter.tap.streaming import StreamStats
 from whisper_exporter.tap.upgrade import Upgrade, plan_upgrade, render_json
 from whisper_exporter.web.connections import BACKLOG, ConnectionStats, Listener, Policy, connection_limit
 from whisper_exporter.whisper import marker
@@ -50,6 +53,7 @@ log = logging.getLogger("whisper_exporter.tap")
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus Expect: the tap's server side answers
 # 100-continue itself, and the upstream request is sent without waiting for one.
+# A WebSocket upgrade never gets here: tap/websocket.py relays it (its own handshake upstream).
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "trailers", "transfer-encoding", "upgrade", "expect",
@@ -121,6 +125,9 @@ class Tap:
         self.wants_audio = wants_audio  # sampling's hook: keep the upload on disk for this record?
         self.occupancy = occupancy or Occupancy()  # busy time of transcription requests (docs/capacity.md)
         self.stats = TapStats()
+        self.streams = StreamStats()  # WebSocket sessions (tap/websocket.py, tap/streaming.py)
+        self.relays: set[Any] = set()  # the sessions in progress, closed with 1001 when the tap stops
+        self.ws_session: Optional[aiohttp.ClientSession] = None  # made on the first upgrade
         limit = config.max_connections or connection_limit(share=4, most=512)
         self.connections = ConnectionStats(limit, prefix="whisper_tap", what="the tap", reasons=CLOSE_REASONS,
                                            limit_help="collectors.tap.max_connections")
@@ -134,12 +141,14 @@ class Tap:
         # so records come in the order their requests ended. The queue is bounded (record_queue):
         # beyond it a record is dropped and counted, and on stop what is left is dropped.
         self.budget = MemoryBudget(config.memory_budget)
-        self._queue: queue.Queue[Optional[_Flight]] = queue.Queue(config.record_queue)
+        # Records, and streams' final transcripts to check (callables): one bounded queue, one worker.
+        self._queue: queue.Queue[Union[None, _Flight, Callable[[], Any]]] = queue.Queue(config.record_queue)
         self._worker = threading.Thread(target=self._work, name="tap-record", daemon=True)
         self.stopping = threading.Event()
         # Upgraded answers are parsed here, off the loop; one at a time bounds the memory parsing takes.
         self._render = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tap-render")
         self._logged: dict[str, float] = {}
+        self.streams.submit = self._submit  # final transcripts are checked in the worker thread
         self.spool_problem: Optional[str] = None  # set at start when the spool cannot be written
 
     # -- life cycle -----------------------------------------------------------
@@ -189,7 +198,7 @@ class Tap:
                 flight = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if flight is not None:
+            if isinstance(flight, _Flight):
                 self._drop(flight, "shutdown")
         try:
             self._queue.put_nowait(None)  # wakes the worker, which ends after its current record
@@ -233,6 +242,7 @@ class Tap:
     async def _close(self) -> None:
         if self._listener is not None:
             self._listener.stop_accepting()
+        await websocket.shutdown(self)
         if self._server is not None:
             await asyncio.sleep(0)  # requests that arrived before the close start to be handled
             self._server.pre_shutdown()  # idle kept-alive connections close now (as ServerRunner does)
@@ -267,6 +277,9 @@ class Tap:
         path = request.path
         api, task = API_PATHS.get(path.rstrip("/") or "/", (None, None))
         mark = marker.classify(request.headers, request.query)
+        if websocket.is_upgrade(request):  # relayed message by message; its own metrics, no TapRecord
+            return await websocket.relay(self, request, _forward_headers(request.headers),
+                                         upstream_url(self._base, request.raw_path), canary=mark == marker.GENUINE)
         record = TapRecord(endpoint=path, method=request.method, status=None, duration=0.0, api=api,
                            task=task, started=time.time(), canary=mark == marker.GENUINE,
                            canary_spoofed=mark == marker.SPOOFED)
@@ -522,6 +535,17 @@ class Tap:
             request.transport.abort()
         raise asyncio.CancelledError()
 
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run fn(*args) in the record worker, in turn with the records; RuntimeError when the
+        tap is stopping or the queue is full: the caller drops the work (counted as a record)."""
+        if self.stopping.is_set():
+            raise RuntimeError("the tap is stopping")
+        try:
+            self._queue.put_nowait(functools.partial(fn, *args))
+        except queue.Full:
+            self.stats.count(self.stats.dropped, "queue_full")
+            raise RuntimeError("the record queue is full") from None
+
     def _warn(self, kind: str, message: str) -> None:
         now = time.monotonic()
         if now - self._logged.get(kind, -LOG_EVERY) >= LOG_EVERY:
@@ -563,6 +587,13 @@ class Tap:
             flight = self._queue.get()
             if flight is None:
                 return
+            if not isinstance(flight, _Flight):  # a stream's final transcript to check
+                if not self.stopping.is_set():
+                    try:
+                        flight()
+                    except Exception:  # noqa: BLE001 - a check's failure must not end the worker
+                        log.exception("tap: checking a stream's transcript failed")
+                continue
             if self.stopping.is_set():
                 self._drop(flight, "shutdown")
                 continue

@@ -1,0 +1,397 @@
+"""WebSocket through the tap: real aiohttp (and `websockets`) clients, a real aiohttp upstream.
+
+Each transparency check runs the same client session directly against the upstream and through
+the tap, and compares what the client saw: messages, subprotocol, close code and reason.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType, web
+from tap_helpers import Records, Upstream, start_tap
+
+from whisper_exporter.tap import TapConfig
+
+BIG = 3 * 1024 * 1024  # a 3 MB message, under the default websocket_max_message (16 MiB)
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.handshakes: list[dict[str, Any]] = []
+        self.closes: list[Any] = []
+        self.go = asyncio.Event  # replaced per test with a threading.Event where needed
+
+
+seen = Seen()
+
+
+async def echo(request: web.Request) -> web.WebSocketResponse:
+    """Echoes every message; `close:CODE` closes with CODE; the first message says what it was asked."""
+    ws = web.WebSocketResponse(protocols=("v2.speech", "v1.speech"), max_msg_size=1 << 25)
+    await ws.prepare(request)
+    seen.handshakes.append({"query": request.query_string, "auth": request.headers.get("Authorization"),
+                            "protocol": ws.ws_protocol, "path": request.path})
+    await ws.send_str(f"hello {request.query_string}")
+    async for msg in ws:
+        if msg.type is WSMsgType.TEXT and msg.data.startswith("close:"):
+            await ws.close(code=int(msg.data[6:]), message=b"as asked")
+            break
+        if msg.type is WSMsgType.TEXT:
+            await ws.send_str(msg.data)
+        elif msg.type is WSMsgType.BINARY:
+            await ws.send_bytes(msg.data)
+    seen.closes.append(ws.close_code)
+    return ws
+
+
+async def refuse(request: web.Request) -> web.Response:
+    return web.json_response({"detail": "invalid api key"}, status=403)
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    server = Upstream({"/v1/realtime": echo, "/refuse": refuse, "/{tail:.*}": echo})
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def tap(upstream):
+    tap = start_tap(upstream.url, Records())
+    yield tap
+    tap.stop()
+
+
+async def _session(base: str, path: str, steps: list[Any], protocols=("v1.speech", "v2.speech")) -> dict:
+    """Run `steps` (messages to send, each answered; or ('close', code) from the client) and say what came."""
+    out: dict[str, Any] = {"got": []}
+    async with aiohttp.ClientSession() as client:
+        async with client.ws_connect(base + path, protocols=protocols, max_msg_size=1 << 25,
+                                     headers={"Authorization": "Bearer sk-test"}) as ws:
+            out["protocol"] = ws.protocol
+            out["got"].append((await ws.receive()).data)
+            for step in steps:
+                if isinstance(step, tuple):
+                    await ws.close(code=step[1], message=b"client done")
+                    break
+                await (ws.send_str(step) if isinstance(step, str) else ws.send_bytes(step))
+                msg = await ws.receive()
+                if msg.type is WSMsgType.CLOSE:
+                    out["close"] = (msg.data, msg.extra)
+                    await ws.close()
+                    break
+                out["got"].append(msg.data)
+            out["close_code"] = ws.close_code
+    return out
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def ended(tap, n: int = 1) -> dict:
+    """The tap's ended-session counts, once `n` sessions have ended (the client may see its close first)."""
+    deadline = time.monotonic() + 15
+    while sum(tap.streams.snapshot()["sessions"].values()) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return tap.streams.snapshot()["sessions"]
+
+
+def test_a_session_through_the_tap_is_the_same_as_directly(upstream, tap):
+    payload = os.urandom(BIG)
+    text = "é" * (BIG // 2)
+    steps = ["plain", payload, text, b"", "close:4001"]
+    offered = ("v3.unknown", "v2.speech")  # the upstream knows only the second
+    direct = run(_session(upstream.url, "/v1/realtime?model=x&intent=transcription", steps, offered))
+    seen.handshakes.clear()
+    tapped = run(_session(f"http://127.0.0.1:{tap.port}", "/v1/realtime?model=x&intent=transcription", steps,
+                          offered))
+    assert tapped == direct
+    assert tapped["protocol"] == "v2.speech"  # the upstream's choice, not the client's first
+    assert tapped["close"] == (4001, "as asked") and tapped["got"][2] == payload and tapped["got"][3] == text
+    assert seen.handshakes == [{"query": "model=x&intent=transcription", "auth": "Bearer sk-test",
+                                "protocol": "v2.speech", "path": "/v1/realtime"}]
+
+
+def test_a_client_close_code_reaches_the_upstream_and_its_answer_the_client(upstream, tap):
+    steps = ["x", ("close", 4002)]
+    seen.closes.clear()
+    direct = run(_session(upstream.url, "/any/path", steps))
+    tapped = run(_session(f"http://127.0.0.1:{tap.port}", "/any/path", steps))
+    assert tapped == direct and direct["close_code"] == 1000  # aiohttp's upstream answers 1000
+    deadline = time.monotonic() + 10
+    while len(seen.closes) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert seen.closes == [4002, 4002]  # what the upstream got: directly, and through the tap
+
+
+def test_no_subprotocol_when_the_upstream_chooses_none(upstream, tap):
+    out = run(_session(f"http://127.0.0.1:{tap.port}", "/other", ["a"], protocols=("unknown",)))
+    assert out["protocol"] is None and out["got"] == ["hello ", "a"]
+
+
+def test_the_websockets_package_client_through_the_tap(upstream, tap):
+    websockets = pytest.importorskip("websockets.asyncio.client")
+
+    async def go(base: str) -> tuple:
+        async with websockets.connect(base + "/ws?a=1", subprotocols=["v1.speech"], max_size=1 << 25) as ws:
+            hello = await ws.recv()
+            await ws.send(b"\x00" * BIG)
+            echoed = await ws.recv()
+            await ws.send("close:1000")
+            try:
+                await ws.recv()
+            except Exception:
+                pass
+            return hello, len(echoed), ws.subprotocol, ws.close_code, ws.close_reason
+
+    direct = run(go(upstream.url.replace("http", "ws")))
+    tapped = run(go(f"ws://127.0.0.1:{tap.port}"))
+    assert tapped == direct == ("hello a=1", BIG, "v1.speech", 1000, "as asked")
+
+
+def test_a_refused_handshake_gives_the_client_the_upstreams_status_and_body(tap):
+    async def go() -> tuple:
+        async with aiohttp.ClientSession() as client:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                await client.ws_connect(f"http://127.0.0.1:{tap.port}/refuse")
+            headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                       "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+            async with client.get(f"http://127.0.0.1:{tap.port}/refuse", headers=headers) as answer:
+                return err.value.status, answer.status, await answer.json()
+
+    assert run(go()) == (403, 403, {"detail": "invalid api key"})
+    assert tap.streams.snapshot()["upgrades"]["refused"] == 2
+
+
+def test_an_upstream_that_is_down_gives_502_and_the_tap_keeps_serving(upstream):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    tap = start_tap(f"http://127.0.0.1:{dead}", Records())
+    try:
+        async def go() -> int:
+            async with aiohttp.ClientSession() as client:
+                with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                    await client.ws_connect(f"http://127.0.0.1:{tap.port}/v1/realtime")
+                return err.value.status
+        assert run(go()) == 502
+        assert run(go()) == 502
+        assert tap.streams.snapshot()["upgrades"]["upstream_error"] == 2
+    finally:
+        tap.stop()
+
+
+def test_a_message_over_the_limit_closes_both_legs_with_1009(upstream):
+    tap = start_tap(upstream.url, Records(), websocket_max_message=65536)
+    seen.closes.clear()
+    try:
+        async def go() -> tuple:
+            async with aiohttp.ClientSession() as client:
+                async with client.ws_connect(f"http://127.0.0.1:{tap.port}/ws") as ws:
+                    await ws.receive()
+                    await ws.send_bytes(b"x" * 65536)  # at the limit: passes
+                    ok = len((await ws.receive()).data)
+                    await ws.send_bytes(b"x" * 65537)
+                    msg = await ws.receive()
+                    return ok, msg.type, msg.data
+        assert run(go()) == (65536, WSMsgType.CLOSE, 1009)
+        deadline = time.monotonic() + 10
+        while not seen.closes and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert seen.closes == [1009]
+        assert ended(tap) == {("other", "1009", "tap"): 1}
+    finally:
+        tap.stop()
+
+
+def test_an_idle_session_is_closed_with_1001(upstream):
+    tap = start_tap(upstream.url, Records(), websocket_idle_timeout=0.5)
+    try:
+        async def go() -> tuple:
+            async with aiohttp.ClientSession() as client:
+                async with client.ws_connect(f"http://127.0.0.1:{tap.port}/ws") as ws:
+                    await ws.receive()
+                    msg = await ws.receive(timeout=30)
+                    return msg.type, msg.data, msg.extra
+        assert run(go()) == (WSMsgType.CLOSE, 1001, "idle timeout")
+        assert ended(tap) == {("other", "1001", "tap"): 1}
+    finally:
+        tap.stop()
+
+
+def test_the_upstream_vanishing_sends_1011_never_1006():
+    async def vanish(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.receive()
+        assert request.transport is not None
+        request.transport.abort()  # no close frame
+        return ws
+
+    server = Upstream({"/ws": vanish})
+    tap = start_tap(server.url, Records())
+    try:
+        async def go() -> tuple:
+            async with aiohttp.ClientSession() as client:
+                async with client.ws_connect(f"http://127.0.0.1:{tap.port}/ws") as ws:
+                    await ws.send_str("x")
+                    msg = await ws.receive(timeout=30)
+                    return msg.type, msg.data
+        assert run(go()) == (WSMsgType.CLOSE, 1011)
+        assert ended(tap) == {("other", "1006", "server"): 1}
+    finally:
+        tap.stop()
+        server.stop()
+
+
+def test_a_client_flooding_a_slow_upstream_is_held_back_not_buffered():
+    """Backpressure: while the upstream reads nothing, the client can get only a few socket
+    buffers ahead (no queue between the legs); once it reads, every message arrives in order."""
+    import threading
+
+    release = threading.Event()
+    received: list[int] = []
+
+    async def slow(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=1 << 21)
+        await ws.prepare(request)
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, 60)
+        async for msg in ws:
+            if msg.type is WSMsgType.BINARY:
+                received.append(int.from_bytes(msg.data[:4], "big"))
+                if len(received) == TOTAL:
+                    await ws.send_str("all")
+        return ws
+
+    TOTAL, SIZE = 256, 1 << 20  # 256 MB offered
+    server = Upstream({"/ws": slow})
+    tap = start_tap(server.url, Records())
+    sent = [0]
+    try:
+        async def go() -> str:
+            async with aiohttp.ClientSession() as client:
+                async with client.ws_connect(f"http://127.0.0.1:{tap.port}/ws", max_msg_size=1 << 21) as ws:
+                    async def flood() -> None:
+                        body = bytearray(SIZE)
+                        for i in range(TOTAL):
+                            body[:4] = i.to_bytes(4, "big")
+                            await ws.send_bytes(bytes(body))
+                            sent[0] = i + 1
+                    task = asyncio.ensure_future(flood())
+                    last, still = -1, 0
+                    while still < 4 and not task.done():  # until the client's sends stop advancing
+                        await asyncio.sleep(0.25)
+                        still = still + 1 if sent[0] == last else 0
+                        last = sent[0]
+                    held = sent[0]
+                    release.set()
+                    await task
+                    answer = await ws.receive(timeout=120)
+                    return f"{held}:{answer.data}"
+        held, answer = run(go()).split(":")
+        assert int(held) < 64, f"the client got {held} MB ahead of an upstream that reads nothing"
+        assert answer == "all" and received == list(range(TOTAL))
+    finally:
+        release.set()
+        tap.stop()
+        server.stop()
+
+
+def test_websocket_settings_are_checked_naming_the_key():
+    from whisper_exporter.config import ConfigError, from_dict
+
+    for bad, name in (({"websocket_max_message": 0}, "websocket_max_message"),
+                      ({"websocket_idle_timeout": 0}, "websocket_idle_timeout"),
+                      ({"websocket_idle_timeout": "soon"}, "websocket_idle_timeout"),
+                      ({"websocket_max_message": "big"}, "websocket_max_message")):
+        with pytest.raises(ConfigError) as err:
+            from_dict({"collectors": {"tap": bad}})
+        assert err.value.key == f"collectors.tap.{name}"
+    tap = from_dict({"collectors": {"tap": {"websocket_idle_timeout": "2m"}}}).collectors.tap
+    assert tap.websocket_idle_timeout == 120 and TapConfig().websocket_max_message == 16 << 20
+
+
+@pytest.mark.integration
+def test_200_idle_websocket_sessions_under_1024_fds_leave_metrics_answering(tmp_path, upstream):
+    """The exporter under `ulimit -n 1024`: 200 sessions through its tap hold 400 descriptors (both
+    legs) of its 256-connection tap limit, and scrapes, and a new session, still work."""
+    from helpers import sample
+    from slowloris import FD_LIMIT, exporter_under_fd_limit, raise_own_fd_limit, scrape_like_prometheus
+
+    raise_own_fd_limit(4096)
+    with exporter_under_fd_limit(tmp_path, tap_upstream=upstream.url) as exporter:
+        base = f"http://127.0.0.1:{exporter.tap_port}"
+        opened: list[Any] = []
+        peak = {"fds": 0}
+
+        async def hold() -> tuple:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+                for _ in range(200):
+                    ws = await client.ws_connect(base + "/idle")
+                    await ws.receive()
+                    opened.append(ws)
+                peak["fds"] = exporter.ps.num_fds()
+                loop = asyncio.get_running_loop()
+                scrapes = await loop.run_in_executor(None, scrape_like_prometheus, exporter.url, 5.0)
+                text = await loop.run_in_executor(None, lambda: requests.get(exporter.url + "/metrics", timeout=10).text)
+                async with client.ws_connect(base + "/one-more") as ws:  # a 201st session is served
+                    await ws.receive()
+                    await ws.send_str("still here")
+                    echoed = (await ws.receive()).data
+                for ws in opened:
+                    await ws.close()
+                return scrapes, text, echoed
+
+        import requests
+
+        scrapes, text, echoed = asyncio.run(hold())
+        print(f"\n{len(scrapes.latencies)} scrapes answered, failures {scrapes.failures}; exporter fds {peak['fds']}")
+        assert scrapes.failures == [] and len(scrapes.latencies) >= 3
+        assert echoed == "still here"
+        assert sample(text, "whisper_stream_sessions_in_flight", protocol="other") == 200
+        assert sample(text, "whisper_tap_connections") >= 200
+        assert 400 <= peak["fds"] < FD_LIMIT - 100
+
+
+def test_a_client_vanishing_closes_the_upstream_with_1001(upstream):
+    tap = start_tap(upstream.url, Records())
+    seen.closes.clear()
+    try:
+        async def go() -> None:
+            async with aiohttp.ClientSession() as client:
+                ws = await client.ws_connect(f"http://127.0.0.1:{tap.port}/ws")
+                await ws.receive()
+                ws._response.connection.transport.abort()  # no close frame: the connection just ends
+        run(go())
+        assert ended(tap) == {("other", "1006", "client"): 1}
+        deadline = time.monotonic() + 10
+        while not seen.closes and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert seen.closes == [1001]
+    finally:
+        tap.stop()
+
+
+def test_stopping_the_tap_closes_open_sessions_with_1001(upstream):
+    tap = start_tap(upstream.url, Records())
+
+    async def go() -> tuple:
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(f"http://127.0.0.1:{tap.port}/ws") as ws:
+                await ws.receive()
+                loop = asyncio.get_running_loop()
+                stopping = loop.run_in_executor(None, tap.stop)
+                msg = await ws.receive(timeout=30)
+                await stopping
+                return msg.type, msg.data
+
+    assert run(go()) == (WSMsgType.CLOSE, 1001)
+    assert tap.streams.snapshot()["sessions"] == {("other", "1001", "tap"): 1}
