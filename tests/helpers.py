@@ -22,6 +22,7 @@ PACKAGES = {
     "prometheus": "prometheus", "promtool": "prometheus", "amtool": "prometheus-alertmanager", "prometheus-alertmanager": "prometheus-alertmanager",
     "espeak-ng": "espeak-ng", "sox": "sox", "chromium": "chromium", "chromedriver": "chromium-driver",
     "nginx": "nginx", "curl": "curl", "stress-ng": "stress-ng", "systemd-analyze": "systemd",
+    "victoria-metrics": "victoria-metrics", "vmalert": "victoria-metrics",
 }
 
 
