@@ -136,7 +136,7 @@ def test_no_subprotocol_when_the_upstream_chooses_none(upstream, tap):
 
 
 def test_the_websockets_package_client_through_the_tap(upstream, tap):
-    websockets = pytest.importorskip("websockets.asyncio.client")
+    import websockets.asyncio.client as websockets
 
     async def go(base: str) -> tuple:
         async with websockets.connect(base + "/ws?a=1", subprotocols=["v1.speech"], max_size=1 << 25) as ws:
