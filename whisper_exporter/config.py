@@ -161,7 +161,8 @@ def valid_regex(at: KeyPath, name: str, value: Optional[str]) -> None:
 
 
 # The Whisper server APIs, one client class each (whisper/clients.py); config, CLI and clients read this.
-APIS = ("openai", "asr-webservice", "whispercpp")
+APIS = ("openai", "asr-webservice", "whispercpp", "wyoming")
+STREAMING_APIS = ("wyoming",)  # spoken to over a connection, paced (whisper/streaming_clients.py)
 
 
 @dataclass
@@ -175,9 +176,12 @@ class ServiceConfig:
     headers: dict[str, str] = field(default_factory=dict)
 
     def check(self, at: KeyPath) -> None:
-        if not re.match(r"^https?://[^/\s]+", self.url):
-            raise at.error("url", "an http:// or https:// URL", self.url)
         one_of(at, "api", self.api, APIS)
+        if self.api == "wyoming":  # a Wyoming server listens on TCP, not HTTP (port 10300 by default)
+            if not re.fullmatch(r"tcp://[^/\s@]+(:\d+)?/?", self.url):
+                raise at.error("url", "a tcp://host:port URL (api wyoming)", masked_url(self.url))
+        elif not re.match(r"^https?://[^/\s]+", self.url):
+            raise at.error("url", "an http:// or https:// URL", self.url)
         positive(at, "timeout", self.timeout)
 
 
@@ -245,6 +249,9 @@ class Config:
         # collectors.probe.via_tap sends the canaries to the tap, which must then be there.
         probe = getattr(self.collectors, "probe", None)
         if probe is not None and probe.enabled and getattr(probe, "via_tap", False):
+            if self.service.api == "wyoming":
+                raise at.error("collectors.probe.via_tap", "false with service.api wyoming (the tap "
+                               "proxies HTTP; a Wyoming server is spoken to over TCP)", True)
             if tap is None or not tap.enabled:
                 raise at.error("collectors.probe.via_tap", "false, or the request tap on to send the canaries "
                                "through (collectors.tap.enabled: true)", True)
