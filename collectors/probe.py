@@ -486,7 +486,7 @@ class ProbeCollector:
                 if value is not None:
                     family.add_metric([name], float(value))
         out: list[Metric] = [success, duration, status, last, rtf, audio_len, wer, logprob, ratio, silence,
-                             fallback, total, info]
+                             fallback, first_partial, final_lag, total, info]
         if self.config.service.api == "wyoming":
             out.extend(health_families(self.health))
         if self.owns_quality:
@@ -545,7 +545,16 @@ def debug_text(record: ProbeRecord) -> str:
         "  form: " + ", ".join(f"{k}={v}" for k, v in ex.fields.items())
         + f"{', ' if ex.fields else ''}{ex.file_field}=@{ex.file_name} ({ex.file_bytes} bytes)",
     ]
-    if ex.status_code is None:
+    if record.stream is not None:  # a streaming API: events, not an HTTP answer
+        st = record.stream
+        got = "a transcript" if record.transcript is not None else "no transcript"
+        lines.append(f"Answer: {got}, {ex.body_bytes} bytes of events in {record.duration:.3f} s "
+                     f"({st.audio_seconds:.2f} s of audio sent at pace {st.pace:g})")
+        lines.append(f"  first partial: {_fmt(st.first_partial)} s ({st.partials} partials); "
+                     f"finalisation lag (audio-stop to transcript): {_fmt(st.finalization_lag)} s")
+        if not record.success and ex.body_excerpt:
+            lines.append(f"  last event: {ex.body_excerpt}")
+    elif ex.status_code is None:
         lines.append(f"Answer: none after {record.duration:.3f} s")
     else:
         lines.append(f"Answer: HTTP {ex.status_code} {ex.content_type or '(no Content-Type)'}, "
