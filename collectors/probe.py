@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from dataclasses import field as dataclass_field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -60,7 +60,9 @@ from whisper_exporter.runtime.quality_counters import QualityCounters
 from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.whisper import audio, clients, language_id, scoring, utterance
 from whisper_exporter.whisper.punctuation import Punctuation
-from whisper_exporter.whisper.streaming_clients import StreamTimes
+
+if TYPE_CHECKING:
+    from whisper_exporter.whisper.streaming_clients import StreamTimes
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +232,7 @@ class ProbeRecord:
     server_duration: Optional[float] = None
     exchange: clients.Exchange = field(default_factory=clients.Exchange)
     detected: Optional[str] = None  # the language detected (a label) when the canary went without one
-    stream: Optional[StreamTimes] = None  # first partial and finalisation lag (streaming APIs)
+    stream: Optional["StreamTimes"] = None  # first partial and finalisation lag (streaming APIs)
 
     @property
     def success(self) -> bool:
