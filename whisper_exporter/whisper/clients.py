@@ -41,6 +41,7 @@ reason, excerpt, URL and repr this module produces.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -471,19 +472,21 @@ class WhisperCppClient(WhisperClient):
 
 
 _CLIENTS = {c.api: c for c in (OpenAIClient, AsrWebserviceClient, WhisperCppClient)}
+# The streaming APIs' clients live in their own modules, which import this one (module:class).
+_STREAMING_CLIENTS = {"wyoming": "whisper_exporter.whisper.wyoming:WyomingClient"}
 
 
 def make_client(service: Any, *, url: Optional[str] = None, timeout: Optional[float] = None,
                 response_format: str = "verbose_json", pace: Optional[float] = None) -> WhisperClient:
     """The client for `service` (a ServiceConfig). `url` and `timeout` override its own; `pace`
     is the streaming APIs' (1.0: real time). Reads the API key now; raises ClientSetupError when it cannot."""
-    if service.api == "wyoming":  # imported here: only a Wyoming setup pays for it
-        from whisper_exporter.whisper.wyoming import WyomingClient
-
+    if service.api in _STREAMING_CLIENTS:  # imported here: only a setup that uses one pays for it
+        module, name = _STREAMING_CLIENTS[service.api].split(":")
+        streaming = getattr(importlib.import_module(module), name)
         try:
-            return WyomingClient(url or service.url, model=service.model,
-                                 timeout=service.timeout if timeout is None else timeout,
-                                 pace=1.0 if pace is None else pace)
+            return streaming(url or service.url, model=service.model,
+                             timeout=service.timeout if timeout is None else timeout,
+                             pace=1.0 if pace is None else pace)
         except ValueError as err:
             raise ClientSetupError(f"service.url: expected {err}, got {masked_url(url or service.url)!r}") from None
     cls = _CLIENTS.get(service.api)
