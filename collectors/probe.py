@@ -489,8 +489,7 @@ class ProbeCollector:
                     family.add_metric([name], float(value))
         out: list[Metric] = [success, duration, status, last, rtf, audio_len, wer, logprob, ratio, silence,
                              fallback, first_partial, final_lag, total, info]
-        if self.config.service.api == "wyoming":
-            out.extend(health_families(self.health))
+        out.extend(health_families(self.health))  # declared always, samples only for api wyoming
         if self.owns_quality:
             out.extend(self.quality.families())
             out.extend(self.hallucinations.families())
