@@ -450,7 +450,7 @@ class ProbeCollector:
                                           "Streaming APIs: time from the first audio sent to the first partial "
                                           "transcript, last scheduled run (absent when the server sends none).",
                                           labels=label)
-        final_lag = GaugeMetricFamily("whisper_probe_finalization_lag_seconds",
+        final_lag = GaugeMetricFamily("whisper_probe_finalisation_lag_seconds",
                                       "Streaming APIs: time from the end of the audio (audio-stop) to the final "
                                       "transcript, last scheduled run.", labels=label)
         info = GaugeMetricFamily("whisper_probe_info", "Always 1; the canary's language, scoring unit and kind "
@@ -484,7 +484,7 @@ class ProbeCollector:
             for family, value in ((logprob, r.avg_logprob), (ratio, r.compression_ratio),
                                   (silence, r.no_speech_prob), (fallback, r.fallback_segments),
                                   (first_partial, stream.first_partial if stream else None),
-                                  (final_lag, stream.finalization_lag if stream else None)):
+                                  (final_lag, stream.finalisation_lag if stream else None)):
                 if value is not None:
                     family.add_metric([name], float(value))
         out: list[Metric] = [success, duration, status, last, rtf, audio_len, wer, logprob, ratio, silence,
@@ -552,7 +552,7 @@ def debug_text(record: ProbeRecord) -> str:
         lines.append(f"Answer: {got}, {ex.body_bytes} bytes of events in {record.duration:.3f} s "
                      f"({st.audio_seconds:.2f} s of audio sent at pace {st.pace:g})")
         lines.append(f"  first partial: {_fmt(st.first_partial)} s ({st.partials} partials); "
-                     f"finalisation lag (audio-stop to transcript): {_fmt(st.finalization_lag)} s")
+                     f"finalisation lag (audio-stop to transcript): {_fmt(st.finalisation_lag)} s")
         if not record.success and ex.body_excerpt:
             lines.append(f"  last event: {ex.body_excerpt}")
     elif ex.status_code is None:

@@ -644,7 +644,7 @@ def performance() -> dict:
                 "Requests per second in each audio-length bucket: longer audio, longer requests."),
         row("Streaming"),
         timeseries("Canary finalisation lag",
-                   targets((f"whisper_probe_finalization_lag_seconds{{{JI}}}", "{{probe}} {{instance}}")),
+                   targets((f"whisper_probe_finalisation_lag_seconds{{{JI}}}", "{{probe}} {{instance}}")),
                    "s", "Streaming canaries (service.api wyoming): from the end of the canary's audio to its "
                    "final transcript, what a speaker waits after they stop talking (alert "
                    "WhisperStreamingLagGrowing: twice the day before's median).", min_=0, width=10,

@@ -167,7 +167,7 @@ def test_success_with_partials_and_lag(serve):
     assert st.partials == 1 and st.pace == 4.0
     # The partial came after the 20th chunk was sent, and that one was due 19 chunks into the audio.
     assert st.first_partial >= send_time(19 * 1024 / 16000, 4.0)
-    assert record.duration >= st.audio_seconds / 4.0 and st.finalization_lag >= 0
+    assert record.duration >= st.audio_seconds / 4.0 and st.finalisation_lag >= 0
     assert server.seen[:3] == ["describe", "transcribe", "audio-start"] and server.seen[-1] == "audio-stop"
     assert server.seen.count("audio-chunk") == len(read_pcm(EN.read_bytes()).chunks(1024))
     names = {m.name: m for m in collector.families()}
@@ -257,7 +257,7 @@ def test_a_server_that_finalises_early_stops_the_sending(serve):
                 return
     server = serve(handle)
     _, record = probe(server.url, pace=4.0)
-    assert record.result == "success" and record.stream.finalization_lag == 0.0
+    assert record.result == "success" and record.stream.finalisation_lag == 0.0
     assert "audio-stop" not in server.seen
 
 

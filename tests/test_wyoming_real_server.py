@@ -57,12 +57,12 @@ def test_paced_canary_succeeds_with_an_independent_wer_and_a_lag(wyoming_server,
     assert stream.audio_seconds == pytest.approx(record.audio_duration, abs=0.01)
     # Sent as spoken: the exchange cannot end before the audio's own length has passed.
     assert record.duration >= stream.audio_seconds
-    assert 0 < stream.finalization_lag < record.duration
+    assert 0 < stream.finalisation_lag < record.duration
     assert stream.first_partial is None and stream.partials == 0  # faster-whisper answers once
     metrics = exported(collector)
     assert metrics[("whisper_probe_success", (("probe", "hard"),))] == 1.0
-    assert metrics[("whisper_probe_finalization_lag_seconds", (("probe", "hard"),))] == pytest.approx(
-        stream.finalization_lag)
+    assert metrics[("whisper_probe_finalisation_lag_seconds", (("probe", "hard"),))] == pytest.approx(
+        stream.finalisation_lag)
     assert ("whisper_probe_first_partial_seconds", (("probe", "hard"),)) not in metrics
     assert metrics[("whisper_probe_word_error_rate", (("probe", "hard"),))] == pytest.approx(jiwer.wer(ref, hyp))
     assert metrics[("whisper_wyoming_up", ())] == 1.0
@@ -88,7 +88,7 @@ def test_probe_command_with_api_wyoming(wyoming_server):
     assert result.exit_code == 0, result.output
     (record,) = json.loads(result.output)["records"]
     assert record["api"] == "wyoming" and record["result"] == "success"
-    assert record["stream"]["finalization_lag"] > 0 and record["stream"]["pace"] == 0
+    assert record["stream"]["finalisation_lag"] > 0 and record["stream"]["pace"] == 0
     text = CliRunner().invoke(main, ["probe", "--api", "wyoming", "--target", wyoming_server.url, "--pace", "0",
                                      "--canary", "en-short"])
     assert text.exit_code == 0, text.output

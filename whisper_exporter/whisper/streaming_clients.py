@@ -27,7 +27,7 @@ class StreamTimes:
     pace: float  # audio seconds sent per wall-clock second; 0: unpaced
     audio_seconds: float  # of audio sent
     first_partial: Optional[float] = None
-    finalization_lag: Optional[float] = None
+    finalisation_lag: Optional[float] = None
     partials: int = 0  # partial transcripts received
 
 

@@ -364,4 +364,4 @@ class _Turn:
         if self.final is not None:
             lag = max(0.0, self.final_at - self.audio_end) if self.audio_end else 0.0
         return StreamTimes(pace=pace, audio_seconds=audio_seconds, first_partial=first,
-                           finalization_lag=lag, partials=self.partials)
+                           finalisation_lag=lag, partials=self.partials)
