@@ -453,6 +453,9 @@ class ProbeCollector:
         final_lag = GaugeMetricFamily("whisper_probe_finalisation_lag_seconds",
                                       "Streaming APIs: time from the end of the audio (audio-stop) to the final "
                                       "transcript, last scheduled run.", labels=label)
+        transcript_lag = GaugeMetricFamily("whisper_probe_transcript_lag_seconds",
+                                           "WhisperLive: audio sent minus the end of the last completed segment "
+                                           "when the canary's audio ended, last scheduled run.", labels=label)
         info = GaugeMetricFamily("whisper_probe_info", "Always 1; the canary's language, scoring unit and kind "
                                  "(speech, or negative: non-speech whose expected transcript is empty).",
                                  labels=["probe", "language", "unit", "kind"])
@@ -484,11 +487,12 @@ class ProbeCollector:
             for family, value in ((logprob, r.avg_logprob), (ratio, r.compression_ratio),
                                   (silence, r.no_speech_prob), (fallback, r.fallback_segments),
                                   (first_partial, stream.first_partial if stream else None),
-                                  (final_lag, stream.finalisation_lag if stream else None)):
+                                  (final_lag, stream.finalisation_lag if stream else None),
+                                  (transcript_lag, stream.transcript_lag if stream else None)):
                 if value is not None:
                     family.add_metric([name], float(value))
         out: list[Metric] = [success, duration, status, last, rtf, audio_len, wer, logprob, ratio, silence,
-                             fallback, first_partial, final_lag, total, info]
+                             fallback, first_partial, final_lag, transcript_lag, total, info]
         out.extend(health_families(self.health))  # declared always, samples only for api wyoming
         if self.owns_quality:
             out.extend(self.quality.families())
@@ -553,6 +557,9 @@ def debug_text(record: ProbeRecord) -> str:
                      f"({st.audio_seconds:.2f} s of audio sent at pace {st.pace:g})")
         lines.append(f"  first partial: {_fmt(st.first_partial)} s ({st.partials} partials); "
                      f"finalisation lag (audio-stop to transcript): {_fmt(st.finalisation_lag)} s")
+        if st.ready is not None or st.transcript_lag is not None:
+            lines.append(f"  server ready after {_fmt(st.ready)} s; transcript lag at the end of the audio "
+                         f"{_fmt(st.transcript_lag)} s")
         if not record.success and ex.body_excerpt:
             lines.append(f"  last event: {ex.body_excerpt}")
     elif ex.status_code is None:

@@ -253,6 +253,10 @@ def _target_problem(target: Optional[str], api: str, url: str) -> str:
             return f"{where}: expected a tcp://HOST:PORT URL (Wyoming's port is 10300 by default)" + (
                 f", got {target!r}" if target is not None else "")
         return ""
+    if api in ("openai-realtime", "whisperlive"):  # WebSocket servers
+        if target is not None and not re.match(r"^(https?|wss?)://[^/\s]+", target):
+            return f"--target: expected an http(s):// or ws(s):// URL, got {target!r}"
+        return ""
     if target is not None and not re.match(r"^https?://[^/\s]+", target):
         return f"--target: expected an http:// or https:// URL, got {target!r}"
     return ""

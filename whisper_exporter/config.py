@@ -161,8 +161,9 @@ def valid_regex(at: KeyPath, name: str, value: Optional[str]) -> None:
 
 
 # The Whisper server APIs, one client class each (whisper/clients.py); config, CLI and clients read this.
-APIS = ("openai", "asr-webservice", "whispercpp", "wyoming")
-STREAMING_APIS = ("wyoming",)  # spoken to over a connection, paced (whisper/streaming_clients.py)
+APIS = ("openai", "asr-webservice", "whispercpp", "wyoming", "openai-realtime", "whisperlive")
+# Spoken to over a connection, the canary paced (whisper/wyoming.py, whisper/streaming_clients.py).
+STREAMING_APIS = ("wyoming", "openai-realtime", "whisperlive")
 
 
 @dataclass
@@ -180,6 +181,9 @@ class ServiceConfig:
         if self.api == "wyoming":  # a Wyoming server listens on TCP, not HTTP (port 10300 by default)
             if not re.fullmatch(r"tcp://[^/\s@]+(:\d+)?/?", self.url):
                 raise at.error("url", "a tcp://host:port URL (api wyoming)", masked_url(self.url))
+        elif self.api in STREAMING_APIS:  # WebSocket servers: ws:// as given, http:// turned into it
+            if not re.match(r"^(https?|wss?)://[^/\s]+", self.url):
+                raise at.error("url", f"an http(s):// or ws(s):// URL (api {self.api})", masked_url(self.url))
         elif not re.match(r"^https?://[^/\s]+", self.url):
             raise at.error("url", "an http:// or https:// URL", self.url)
         positive(at, "timeout", self.timeout)

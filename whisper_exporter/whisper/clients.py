@@ -473,7 +473,9 @@ class WhisperCppClient(WhisperClient):
 
 _CLIENTS = {c.api: c for c in (OpenAIClient, AsrWebserviceClient, WhisperCppClient)}
 # The streaming APIs' clients live in their own modules, which import this one (module:class).
-_STREAMING_CLIENTS = {"wyoming": "whisper_exporter.whisper.wyoming:WyomingClient"}
+_STREAMING_CLIENTS = {"wyoming": "whisper_exporter.whisper.wyoming:WyomingClient",
+                      "openai-realtime": "whisper_exporter.whisper.streaming_clients:RealtimeClient",
+                      "whisperlive": "whisper_exporter.whisper.streaming_clients:WhisperLiveClient"}
 
 
 def make_client(service: Any, *, url: Optional[str] = None, timeout: Optional[float] = None,
@@ -486,6 +488,7 @@ def make_client(service: Any, *, url: Optional[str] = None, timeout: Optional[fl
         try:
             return streaming(url or service.url, model=service.model,
                              timeout=service.timeout if timeout is None else timeout,
+                             headers=service.headers, api_key=load_api_key(service.api_key_env, service.api_key_file),
                              pace=1.0 if pace is None else pace)
         except ValueError as err:
             raise ClientSetupError(f"service.url: expected {err}, got {masked_url(url or service.url)!r}") from None

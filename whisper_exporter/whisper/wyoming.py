@@ -231,8 +231,8 @@ class WyomingClient(clients.WhisperClient):
     def __init__(self, url: str, model: str = "whisper-1", timeout: float = 30.0,
                  headers: Optional[dict[str, str]] = None, api_key: Optional[clients.Secret] = None,
                  response_format: str = "verbose_json", pace: float = 1.0):
-        super().__init__(url, model=model, timeout=timeout, headers=headers, api_key=api_key,
-                         response_format=response_format)
+        super().__init__(url, model=model, timeout=timeout, headers=None, api_key=None,
+                         response_format=response_format)  # no HTTP: headers and API keys have no place
         self.host, self.port = parse_url(url)
         self.pace = float(pace)
 
