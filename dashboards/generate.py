@@ -643,12 +643,15 @@ def performance() -> dict:
         heatmap("Audio duration distribution", "whisper_audio_duration_seconds", f"{JI},{LANG}", "s",
                 "Requests per second in each audio-length bucket: longer audio, longer requests."),
         row("Streaming"),
-        timeseries("Canary finalisation lag",
-                   targets((f"whisper_probe_finalisation_lag_seconds{{{JI}}}", "{{probe}} {{instance}}")),
-                   "s", "Streaming canaries (service.api wyoming): from the end of the canary's audio to its "
-                   "final transcript, what a speaker waits after they stop talking (alert "
-                   "WhisperStreamingLagGrowing: twice the day before's median).", min_=0, width=10,
-                   no_value="No streaming canary (service.api wyoming), or none answered"),
+        timeseries("Canary lag behind the speech",
+                   targets((f"whisper_probe_finalisation_lag_seconds{{{JI}}}", "finalisation {{probe}} {{instance}}"),
+                           (f"whisper_probe_transcript_lag_seconds{{{JI}}}", "transcript {{probe}} {{instance}}")),
+                   "s", "Streaming canaries (service.api wyoming, openai-realtime, whisperlive): finalisation, "
+                   "from the end of the canary's audio to its final transcript (what a speaker waits after "
+                   "they stop talking); transcript (WhisperLive), the audio sent minus the end of the last "
+                   "completed segment when the audio ended. Alert WhisperStreamingLagGrowing: twice the day "
+                   "before's median.", min_=0, width=10,
+                   no_value="No streaming canary (service.api wyoming, openai-realtime, whisperlive), or none answered"),
         timeseries("Canary first partial",
                    targets((f"whisper_probe_first_partial_seconds{{{JI}}}", "{{probe}} {{instance}}")),
                    "s", f"From the canary's first audio to its first partial transcript. Line: "
