@@ -80,8 +80,8 @@ def test_realtime_deltas_give_the_first_partial(started):
     st = record.stream
     appends = sum(1 for _, k in server.sessions[0].messages if k == "input_audio_buffer.append")
     assert st.partials == appends - 9  # one delta per append from the 10th on
-    # The 10th append was due 0.9 s of audio in, at four times real time.
-    assert st.first_partial >= 0.9 / 4.0
+    # The 10th append was due once spoken, 1.0 s of audio in, at four times real time.
+    assert st.first_partial >= 1.0 / 4.0
     assert st.finalisation_lag >= 0.3  # the server held its completed event that long
     assert metric(collector, "whisper_probe_first_partial_seconds") == [st.first_partial]
 
@@ -145,8 +145,8 @@ def test_whisperlive_canary_with_known_lags(started):
     # there, so at the end of the audio the last completed segment is the second (ends 2.6 s).
     assert st.transcript_lag == pytest.approx(record.audio_duration - 2.6, abs=0.11)  # one 0.1 s frame
     assert st.ready is not None and st.ready >= 0
-    # The first segments came once 1.7 s of audio had arrived: after the frame at 1.6 s, due at 1.6 / 4.
-    assert st.first_partial >= 1.6 / 4.0
+    # The first segments came once 1.7 s of audio had arrived: the frame ending at 1.7 s, due at 1.7 / 4.
+    assert st.first_partial >= 1.7 / 4.0
     assert st.finalisation_lag >= 0
     (session,) = server.sessions
     assert len(session.audio) / 4 / 16000 == pytest.approx(record.audio_duration, abs=0.01)  # float32 16 kHz

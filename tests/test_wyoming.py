@@ -165,8 +165,8 @@ def test_success_with_partials_and_lag(serve):
     assert record.transcript == "hello" and record.error_rate == 0
     st = record.stream
     assert st.partials == 1 and st.pace == 4.0
-    # The partial came after the 20th chunk was sent, and that one was due 19 chunks into the audio.
-    assert st.first_partial >= send_time(19 * 1024 / 16000, 4.0)
+    # The partial came after the 20th chunk was sent, due once spoken: 20 chunks into the audio.
+    assert st.first_partial >= send_time(20 * 1024 / 16000, 4.0)
     assert record.duration >= st.audio_seconds / 4.0 and st.finalisation_lag >= 0
     assert server.seen[:3] == ["describe", "transcribe", "audio-start"] and server.seen[-1] == "audio-stop"
     assert server.seen.count("audio-chunk") == len(read_pcm(EN.read_bytes()).chunks(1024))

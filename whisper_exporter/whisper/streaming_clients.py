@@ -4,7 +4,8 @@ A streaming client sends the audio as it would be spoken (`pace` 1.0; 2.0 sends
 twice as fast; 0 sends it as fast as the connection takes) and reads the
 server's events meanwhile, so the times are those a live speaker sees:
 
-- first partial: from the first audio sent to the first partial transcript
+- first partial: from the start of the audio (the speaker starts talking;
+  each chunk goes out once it has been spoken) to the first partial transcript
   (None when the server sends none: wyoming-faster-whisper answers once);
 - finalisation lag: from the end of the audio (audio-stop, commit) to the
   final transcript; 0 when the server finalised before the audio ended;
@@ -99,7 +100,7 @@ def read_pcm(data: bytes, name: str = "audio") -> Pcm:
 
 
 def send_time(offset: float, pace: float) -> float:
-    """When (seconds after the first chunk) the audio at `offset` seconds is due: real time / pace."""
+    """When (seconds after the audio began) the audio up to `offset` seconds is due: real time / pace."""
     return 0.0 if pace <= 0 else offset / pace
 
 
@@ -286,7 +287,8 @@ class WebSocketClient(clients.WhisperClient):
 
     async def _paced(self, session: _Session, chunks: list[tuple[float, bytes]], send: Any,
                      stop: asyncio.Event) -> None:
-        """Send each chunk when it is due (real time / pace); stops early when `stop` is set."""
+        """Send each chunk when it is due (`chunks` hold the offset of each one's end: a microphone client
+        sends a chunk once it has been spoken), at real time / pace; stops early when `stop` is set."""
         session.first_audio = time.perf_counter()
         loop = asyncio.get_running_loop()
         begun = loop.time()
@@ -347,7 +349,8 @@ class RealtimeClient(WebSocketClient):
     async def _converse(self, ws, pcm, language, session):
         audio = mono16(pcm, self.RATE)
         step = int(self.RATE * CHUNK_SECONDS) * 2
-        chunks = [(i / (2.0 * self.RATE), audio[i:i + step]) for i in range(0, len(audio), step)]
+        chunks = [((i + len(audio[i:i + step])) / (2.0 * self.RATE), audio[i:i + step])
+                  for i in range(0, len(audio), step)]
         transcription: dict[str, Any] = {"model": self.model}
         if language:
             transcription["language"] = language
@@ -425,7 +428,8 @@ class WhisperLiveClient(WebSocketClient):
                 session.ready_at = time.perf_counter()
         audio = float32(mono16(pcm, self.RATE))
         step = int(self.RATE * CHUNK_SECONDS) * 4
-        chunks = [(i / (4.0 * self.RATE), audio[i:i + step]) for i in range(0, len(audio), step)]
+        chunks = [((i + len(audio[i:i + step])) / (4.0 * self.RATE), audio[i:i + step])
+                  for i in range(0, len(audio), step)]
         completed: dict[float, str] = {}  # by start time: the server resends its last segments
         last_partial: list[str] = []
         sent = {"seconds": 0.0}

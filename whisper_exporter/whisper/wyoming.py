@@ -291,8 +291,10 @@ class WyomingClient(clients.WhisperClient):
             conn.send(encode("transcribe", {"language": language} if language else None)
                       + encode("audio-start", {**fmt, "timestamp": 0}))
             state.first_audio = time.perf_counter()
+            per_second = float(pcm.rate * pcm.width * pcm.channels)
             for offset, chunk in chunks:
-                due = state.first_audio + send_time(offset, self.pace)
+                # Due once it has been spoken, as a microphone client sends it: at its end.
+                due = state.first_audio + send_time(offset + len(chunk) / per_second, self.pace)
                 while time.perf_counter() < due and state.final is None:
                     state.take(conn.events_until(due))  # partials as they come, not after the audio
                 if state.final is not None:
