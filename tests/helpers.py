@@ -1,5 +1,5 @@
 """Helpers every test module shares: a free port, waiting for an event, reading an exposition,
-making WAV files, starting and stopping processes and loopback HTTP servers, and the one policy
+making WAV files and labelled sets, starting and stopping processes and loopback HTTP servers, and the one policy
 for a missing external tool.
 
 Import them inside tests or at module top (`from helpers import free_port`): tests/ is on
@@ -7,6 +7,7 @@ sys.path under pytest, as for fake_nvml and whisper_server.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -144,4 +145,16 @@ def wav(path: Path, seconds: float = 1.0, rate: int = 16000) -> Path:
         w.setsampwidth(2)
         w.setframerate(rate)
         w.writeframes(b"\0\0" * int(seconds * rate))
+    return path
+
+
+def write_manifest(folder: Path, entries: Iterable[tuple[str, str, str]]) -> Path:
+    """A labelled set in `folder`: a silent WAV per (id, language, reference) and refs.jsonl naming them."""
+    lines = []
+    for ident, language, reference in entries:
+        wav(folder / "audio" / f"{ident}.wav")
+        lines.append(json.dumps({"id": ident, "audio": f"audio/{ident}.wav", "reference": reference,
+                                 "language": language}, ensure_ascii=False))
+    path = folder / "refs.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
