@@ -47,6 +47,14 @@ def to_log_record(record: TapRecord) -> Record:
                   record.audio_path, record.transcript)
 
 
+def by_reason(name: str, documentation: str, reasons: Iterable[str], counts: dict[str, int]) -> CounterMetricFamily:
+    """A counter family with a sample for every reason in `reasons` (0 where `counts` has none)."""
+    family = CounterMetricFamily(name, documentation, labels=["reason"])
+    for reason in reasons:
+        family.add_metric([reason], counts.get(reason, 0))
+    return family
+
+
 class TapCollector:
     name = "tap"
 
@@ -158,39 +166,29 @@ class TapCollector:
         for endpoint, h in sorted(ttfb.items()):
             hist.add_metric([endpoint], h.buckets(), h.sum)
         yield hist
-        errors = CounterMetricFamily(
+        yield by_reason(
             "whisper_tap_upstream_errors_total",
             "Requests the Whisper server failed at the transport level, by reason (connect, timeout, "
-            "closed, protocol); the client got 502/504 or a cut answer.", labels=["reason"])
-        for reason in UPSTREAM_REASONS:
-            errors.add_metric([reason], stats["errors"].get(reason, 0))
-        yield errors
-        client = CounterMetricFamily(
+            "closed, protocol); the client got 502/504 or a cut answer.",
+            UPSTREAM_REASONS, stats["errors"])
+        yield by_reason(
             "whisper_tap_client_errors_total",
             "Requests the client abandoned (client_gone), stalled mid-upload (client_timeout), uploaded too slowly "
             "(upload_too_slow: under upload_min_rate after the grace, or past upload_timeout; 408), or sent with a "
             "target that is not origin-form (bad_target: CONNECT, http://host/, host:port, *; refused with 400).",
-            labels=["reason"])
-        for reason in CLIENT_REASONS:
-            client.add_metric([reason], stats["errors"].get(reason, 0))
-        yield client
-        analysis = CounterMetricFamily(
+            CLIENT_REASONS, stats["errors"])
+        yield by_reason(
             "whisper_tap_analysis_errors_total",
             "Requests the tap proxied but could not analyse, by reason (multipart: malformed upload, "
             "audio: no readable audio header, too_large, answer, internal, callback, spool: the upload could not be "
             "written to spool_dir, too_many_parts, audio_work: the audio header took too much work, upgrade: a "
-            "verbose_json answer too large to render as json, passed as it came).", labels=["reason"])
-        for reason in ANALYSIS_REASONS:
-            analysis.add_metric([reason], stats["analysis_errors"].get(reason, 0))
-        yield analysis
-        dropped_records = CounterMetricFamily(
+            "verbose_json answer too large to render as json, passed as it came).",
+            ANALYSIS_REASONS, stats["analysis_errors"])
+        yield by_reason(
             "whisper_tap_records_dropped_total",
             "Requests proxied whose record was dropped unanalysed and is missing from the request metrics: the "
             "record queue was full (queue_full, collectors.tap.record_queue) or the tap stopped (shutdown).",
-            labels=["reason"])
-        for reason in DROP_REASONS:
-            dropped_records.add_metric([reason], stats["dropped"].get(reason, 0))
-        yield dropped_records
+            DROP_REASONS, stats["dropped"])
         budget = self.tap.budget
         yield GaugeMetricFamily("whisper_tap_memory_in_use_bytes",
                                 "Bytes of uploads and upgraded answers the tap holds in memory now.",

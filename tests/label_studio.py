@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional
 
 import pytest
 import requests
-from helpers import free_port
+from helpers import free_port, read_log, stop_process, wait_started
 
 VERSION = "1.23.2"  # the version the fixture files were exported with
 STARTUP_TIMEOUT = 600.0  # seconds: its first start migrates a new database (30 s on a quiet machine, over 240 s on a loaded one)
@@ -114,21 +114,10 @@ class LabelStudio:
                              params={"exportType": "JSON"}).json())
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
+        stop_process(self.proc, self._log, grace=20)
 
 
 def start_label_studio(workdir: Optional[Path] = None, files_root: Optional[Path] = None) -> LabelStudio:
@@ -162,19 +151,14 @@ def start_label_studio(workdir: Optional[Path] = None, files_root: Optional[Path
         stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env,
     )
     studio = LabelStudio(f"http://127.0.0.1:{port}", token, proc, data_dir, files_root, log_path, log)
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            studio.stop()
-            raise RuntimeError(f"label-studio exited with {proc.returncode}:\n{studio.log()[-5000:]}")
-        try:
-            if requests.get(studio.url + "/health", timeout=2).json().get("status") == "UP":
-                return studio
-        except (requests.RequestException, ValueError):
-            pass
-        time.sleep(0.5)
-    studio.stop()
-    raise RuntimeError(f"label-studio did not answer /health in {STARTUP_TIMEOUT:g}s:\n{studio.log()[-5000:]}")
+    try:
+        wait_started("label-studio", proc,
+                     lambda: requests.get(studio.url + "/health", timeout=2).json().get("status") == "UP",
+                     lambda: studio.log()[-5000:], STARTUP_TIMEOUT, interval=0.5)
+    except BaseException:
+        studio.stop()
+        raise
+    return studio
 
 
 @pytest.fixture(scope="session")

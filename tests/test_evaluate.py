@@ -6,7 +6,7 @@ import re
 import pytest
 from click.testing import CliRunner
 from fake_whisper import FakeWhisper
-from helpers import wav
+from helpers import wav, write_manifest
 
 from whisper_exporter.cli import main
 from whisper_exporter.quality.evaluate import DEFAULT_THRESHOLD, parse_thresholds
@@ -31,14 +31,7 @@ def server():
 
 @pytest.fixture
 def manifest(tmp_path):
-    lines = []
-    for ident, language, reference, _ in SET:
-        wav(tmp_path / "audio" / f"{ident}.wav")
-        lines.append(json.dumps({"id": ident, "audio": f"audio/{ident}.wav", "reference": reference,
-                                 "language": language}, ensure_ascii=False))
-    path = tmp_path / "refs.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_manifest(tmp_path, (row[:3] for row in SET))
 
 
 def evaluate(*args):

@@ -8,6 +8,7 @@ quarter of its requests with 500.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -15,11 +16,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import requests
 import yaml
-from helpers import free_port
+from helpers import free_port, http_ok, read_log, stop_process, wait_started
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.integration
@@ -87,33 +89,27 @@ class Replica:
                    if s.name == "whisper_requests_total" and WORK.match(s.labels["endpoint"]))
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.output.close()
+        stop_process(self.proc, self.output)
 
 
-@pytest.fixture
-def fleet(tmp_path):
-    replicas = [Replica(tmp_path, i) for i in range(3)]
+@contextlib.contextmanager
+def running_replicas(folder: Path, count: int = 3) -> Iterator[list[Replica]]:
+    """`count` replicas, each answering /metrics; all stopped at the end."""
+    replicas = [Replica(folder, i) for i in range(count)]
     try:
         for r in replicas:
-            deadline = time.monotonic() + 30
-            while True:
-                assert r.proc.poll() is None, (tmp_path / f"replica-{r.index}.out").read_text()
-                try:
-                    if requests.get(f"http://{r.address}/metrics", timeout=1).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    pass
-                assert time.monotonic() < deadline, "exporter did not start"
-                time.sleep(0.2)
+            wait_started(f"exporter replica {r.index}", r.proc, http_ok(f"http://{r.address}/metrics"),
+                         lambda r=r: read_log(folder / f"replica-{r.index}.out"))
         yield replicas
     finally:
         for r in replicas:
             r.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    with running_replicas(tmp_path) as replicas:
+        yield replicas
 
 
 def values(result: list[dict], label: str = "instance") -> dict[str, float]:

@@ -12,17 +12,16 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 import requests
 import yaml
-from helpers import free_port, require_tool
-from test_fleet import BAD, ROUNDS, RULE_FILES, Replica
+from helpers import LoopbackHTTP, free_port, http_ok, require_tool, stop_process, wait_started
+from test_fleet import BAD, ROUNDS, RULE_FILES, Replica, running_replicas
 
 ROOT = Path(__file__).resolve().parent.parent
 HOLD = "2s"  # every alert's `for:` in the copy both engines evaluate (see shortened_rules)
@@ -45,7 +44,7 @@ def shortened_rules(folder: Path) -> list[str]:
     return paths
 
 
-class Notifications:
+class Notifications(LoopbackHTTP):
     """An Alertmanager stand-in: keeps every alert posted to /api/v2/alerts."""
 
     def __init__(self) -> None:
@@ -64,13 +63,7 @@ class Notifications:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 class Processes:
@@ -84,48 +77,20 @@ class Processes:
         log = open(self.folder / f"{name}.log", "w")
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         self.started.append((name, proc))
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, f"{name} exited: {self.log(name)}"
-            try:
-                if requests.get(ready, timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, f"{name} did not start: {self.log(name)}"
-            time.sleep(0.2)
+        wait_started(name, proc, http_ok(ready), lambda: self.log(name))
 
     def log(self, name: str) -> str:
         return (self.folder / f"{name}.log").read_text()[-3000:]
 
     def stop(self) -> None:
         for _, proc in reversed(self.started):
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)
 
 
 @pytest.fixture
 def replicas(tmp_path) -> Iterator[list[Replica]]:
-    started = [Replica(tmp_path, i) for i in range(3)]
-    try:
-        for r in started:
-            deadline = time.monotonic() + 30
-            while True:
-                assert r.proc.poll() is None, (tmp_path / f"replica-{r.index}.out").read_text()
-                try:
-                    if requests.get(f"http://{r.address}/metrics", timeout=1).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    pass
-                assert time.monotonic() < deadline, "exporter did not start"
-                time.sleep(0.2)
+    with running_replicas(tmp_path) as started:
         yield started
-    finally:
-        for r in started:
-            r.stop()
 
 
 @pytest.fixture

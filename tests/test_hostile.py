@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import LoopbackHTTP
 
 from whisper_exporter import config
 from whisper_exporter.config import ConfigError
@@ -214,12 +215,11 @@ def test_the_timeout_is_a_total_deadline_against_a_dripping_server(mode):
 
 # -- malicious answers under the 8 MiB cap (item 4) ---------------------------------------------------
 
-class AnswerServer:
+class AnswerServer(LoopbackHTTP):
     """A loopback Whisper server that answers every request with one fixed body."""
 
     def __init__(self, body: bytes, content_type: str = "application/json"):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server's name
@@ -233,13 +233,7 @@ class AnswerServer:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import pytest
 import requests
 import yaml
-from helpers import free_port, sample
+from helpers import free_port, http_ok, read_log, sample, stop_process, wait_started
 from tap_helpers import Upstream
 from test_fleet import exporter_command
 
@@ -157,17 +157,8 @@ class TapReplica:
         return requests.get(f"http://{self.address}/metrics", timeout=10).text
 
     def wait_started(self) -> None:
-        deadline = time.monotonic() + 30
-        while True:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                if requests.get(f"http://{self.address}/metrics", timeout=1).status_code == 200:
-                    requests.get(self.tap + "/health", timeout=1)  # the tap answers (any status)
-                    return
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, f"exporter did not start: {self.log.read_text()}"
-            time.sleep(0.2)
+        wait_started("exporter", self.proc, http_ok(f"http://{self.address}/metrics"), lambda: read_log(self.log))
+        wait_started("tap", self.proc, http_ok(self.tap + "/health", None), lambda: read_log(self.log))  # any status
 
     def hold(self, n: int) -> None:
         """Send n uploads that stay in flight until the gate opens, and wait until the tap counts them."""
@@ -182,12 +173,7 @@ class TapReplica:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.output.close()
+        stop_process(self.proc, self.output)
 
 
 @pytest.fixture

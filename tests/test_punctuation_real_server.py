@@ -8,11 +8,9 @@ import pytest
 from click.testing import CliRunner
 from test_punctuation import independent
 from test_punctuation_wiring import MARKS, RESULTS, marks, per
-from test_quality_real_server import labeled_set  # noqa: F401 (a fixture)
+from test_quality_real_server import labeled_set, six_language_collector  # noqa: F401 (a fixture)
 
 from whisper_exporter.cli import main
-from whisper_exporter.collectors.quality import QualityCollector
-from whisper_exporter.config import from_dict
 
 pytest_plugins = ["whisper_server"]
 pytestmark = pytest.mark.integration
@@ -61,12 +59,7 @@ def test_evaluate_per_equals_the_independent_implementation(whisper_server, labe
 
 
 def test_quality_collector_counters_equal_the_independent_implementation(whisper_server, labeled_set):  # noqa: F811
-    config = from_dict({
-        "service": {"url": whisper_server.url, "model": whisper_server.model},
-        "collectors": {"probe": {"enabled": False},
-                       "quality": {"enabled": True, "manifest": str(labeled_set), "per_run": 6,
-                                   "max_server_share": 1.0}}})
-    collector = QualityCollector(config.collectors.quality, config)
+    collector = six_language_collector(whisper_server, labeled_set)
     collector.update()
     results = collector.last_round("reference")
     assert sorted(r.language for r in results) == ["de", "en", "es", "fr", "yue", "zh"]

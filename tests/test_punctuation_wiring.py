@@ -6,7 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 from fake_whisper import FakeWhisper
-from helpers import wav
+from helpers import write_manifest
 from test_punctuation import independent
 from test_quality import FakeClient, make, samples
 
@@ -53,12 +53,7 @@ def marks(collector_or_counters, **labels):
 
 @pytest.fixture
 def labeled(tmp_path):
-    lines = []
-    for ident, language, reference, _ in SET:
-        wav(tmp_path / "audio" / f"{ident}.wav")
-        lines.append(json.dumps({"id": ident, "audio": f"audio/{ident}.wav", "reference": reference,
-                                 "language": language}, ensure_ascii=False))
-    (tmp_path / "refs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_manifest(tmp_path, (row[:3] for row in SET))
     return tmp_path
 
 

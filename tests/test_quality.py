@@ -4,7 +4,7 @@ import json
 
 import jiwer
 import pytest
-from helpers import wait_for, wav
+from helpers import wait_for, wav, write_manifest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from whisper_exporter import wiring as daemon
@@ -51,12 +51,7 @@ SET = [
 
 @pytest.fixture
 def labeled(tmp_path):
-    lines = []
-    for ident, language, reference, _ in SET:
-        wav(tmp_path / "audio" / f"{ident}.wav")
-        lines.append(json.dumps({"id": ident, "audio": f"audio/{ident}.wav", "reference": reference,
-                                 "language": language}, ensure_ascii=False))
-    (tmp_path / "refs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_manifest(tmp_path, (row[:3] for row in SET))
     return tmp_path
 
 

@@ -129,13 +129,18 @@ def test_broken_lines_are_named_and_the_gate_exits_1_above_and_0_at_the_threshol
     assert report["languages"]["en"]["error_rate"] == rate  # the same transcripts at temperature 0
 
 
-def test_quality_collector_samples_across_languages_and_counts_exactly(whisper_server, labeled_set):
+def six_language_collector(whisper_server, labeled_set: Path) -> QualityCollector:
+    """A standalone quality collector scoring six items of the labelled set (one a language) a round."""
     config = from_dict({
         "service": {"url": whisper_server.url, "model": whisper_server.model},
         "collectors": {"probe": {"enabled": False},
                        "quality": {"enabled": True, "manifest": str(labeled_set), "per_run": 6,
                                    "max_server_share": 1.0}}})
-    collector = QualityCollector(config.collectors.quality, config)
+    return QualityCollector(config.collectors.quality, config)
+
+
+def test_quality_collector_samples_across_languages_and_counts_exactly(whisper_server, labeled_set):
+    collector = six_language_collector(whisper_server, labeled_set)
     assert collector.standalone  # built outside the wiring: it renders the quality families itself
     collector.update()
     results = collector.last_round("reference")

@@ -29,14 +29,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import IO, Iterator, Optional
 
 import pytest
-import requests
-from helpers import free_port, require_tool
+from helpers import free_port, http_ok, read_log, require_tool, stop_process, wait_started
 
 MODEL_NAME = "tiny"
 STARTUP_TIMEOUT = 90.0
@@ -49,24 +47,13 @@ class WhisperServer:
     proc: subprocess.Popen
     workdir: Path
     log_path: Path  # the server's output: uvicorn's access log among it
-    _log: object = field(default=None, repr=False)
+    _log: Optional[IO[str]] = field(default=None, repr=False)
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
+        stop_process(self.proc, self._log)
 
 
 def _server_command() -> list[str]:
@@ -109,19 +96,12 @@ def start_server(workdir: Optional[Path] = None, port: Optional[int] = None) -> 
         stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env,
     )
     server = WhisperServer(f"http://127.0.0.1:{port}", MODEL_NAME, proc, workdir, log_path, log)
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            server.stop()
-            raise RuntimeError(f"faster-whisper-server exited with {proc.returncode}:\n{server.log()}")
-        try:
-            if requests.get(server.url + "/health", timeout=1).status_code == 200:
-                return server
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"faster-whisper-server did not answer /health in {STARTUP_TIMEOUT:g}s:\n{server.log()}")
+    try:
+        wait_started("faster-whisper-server", proc, http_ok(server.url + "/health"), server.log, STARTUP_TIMEOUT)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def make_speech(text: str, path: Path, voice: str = "en", rate: int = 16000) -> Path:

@@ -155,6 +155,17 @@ async def relay(tap: "Tap", request: web.BaseRequest, forward: CIMultiDict, url:
     return client
 
 
+async def pass_on(msg: aiohttp.WSMessage, to: Any) -> None:
+    """Send a data frame on to the other leg as it came (text or binary)."""
+    try:
+        if msg.type is WSMsgType.TEXT:
+            await to.send_str(msg.data)
+        else:
+            await to.send_bytes(msg.data)
+    except (ConnectionError, RuntimeError):
+        pass  # that leg went away: its own reader ends the session
+
+
 async def shutdown(tap: "Tap") -> None:
     """The tap is stopping: every session is closed with 1001 (going away) on both legs."""
     await asyncio.gather(*(b.end(1001, "tap shutting down", "tap", 1001) for b in list(tap.relays)),
@@ -203,21 +214,12 @@ class _Bridge:
             if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
                 self.last = time.monotonic()
                 session.client_message(msg.data, self.last)
-                try:
-                    if msg.type is WSMsgType.TEXT:
-                        await self.upstream.send_str(msg.data)
-                    else:
-                        await self.upstream.send_bytes(msg.data)
-                except (ConnectionError, RuntimeError):
-                    pass  # the upstream went away: its reader ends the session
+                await pass_on(msg, self.upstream)
                 continue
             if msg.type is WSMsgType.CLOSE:
                 await self._client_closed(msg.data, msg.extra or "")
             elif msg.type is WSMsgType.ERROR or msg.type is WSMsgType.CLOSED:
-                code = msg.data.code if isinstance(msg.data, WebSocketError) else None
-                too_big = code == 1009
-                await self.end(code or 1001, "message too big" if too_big else "client gone",
-                               "tap" if too_big else "client", code)
+                await self._leg_lost(msg, 1001, "client gone", "client")
             return  # CLOSING: the session is being ended from the other reader
 
     async def _client_closed(self, code: int, reason: str) -> None:
@@ -253,23 +255,20 @@ class _Bridge:
             if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
                 self.last = time.monotonic()
                 session.server_message(msg.data, self.last)
-                try:
-                    if msg.type is WSMsgType.TEXT:
-                        await self.client.send_str(msg.data)
-                    else:
-                        await self.client.send_bytes(msg.data)
-                except (ConnectionError, RuntimeError):
-                    pass  # the client went away: its reader ends the session
+                await pass_on(msg, self.client)
                 continue
             if msg.type is WSMsgType.CLOSE:
                 code, reason = msg.data, msg.extra or ""
                 await self.end(wire_code(code), reason, "server", code)
             elif msg.type is WSMsgType.ERROR or msg.type is WSMsgType.CLOSED:
-                code = msg.data.code if isinstance(msg.data, WebSocketError) else None
-                too_big = code == 1009
-                await self.end(code or 1011, "message too big" if too_big else "upstream gone",
-                               "tap" if too_big else "server", code)
+                await self._leg_lost(msg, 1011, "upstream gone", "server")
             return
+
+    async def _leg_lost(self, msg: aiohttp.WSMessage, default: int, reason: str, by: str) -> None:
+        """A leg failed or closed without a frame: end the session (a too-big message is the tap's doing)."""
+        code = msg.data.code if isinstance(msg.data, WebSocketError) else None
+        too_big = code == 1009
+        await self.end(code or default, "message too big" if too_big else reason, "tap" if too_big else by, code)
 
     async def end(self, send: int, reason: str, by: str, code: Optional[int]) -> None:
         """End the session from this side: both legs get close frame `send`; counted as closed by
