@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -339,6 +340,11 @@ def test_the_record_queue_is_bounded_and_drops_are_counted(answering, tmp_path):
         assert records.entered.wait(30)  # the worker holds the first record
         for _ in range(7):
             assert post(tap, body, headers).status_code == 200  # proxied all the same
+        # A request's record is queued after its answer went out: wait for the last one's turn.
+        deadline = time.monotonic() + 30
+        while sum(tap.stats.snapshot()["dropped"].values()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)  # a fifth drop, were there one, would come in this time
         dropped = tap.stats.snapshot()["dropped"]
         spooled = [p for p in os.listdir(tmp_path) if p.startswith("whisper-tap-")]
         records.release.set()
