@@ -1,10 +1,13 @@
 // Rewrites a PromQL expression for the mixin's _config: adds label matchers to every selector of
-// a whisper metric (whisper_*, recorded series with a ':' in their name, and up) and labels to
+// a series the rules and dashboards read (whisper_*, recorded series with a ':' in their name, the
+// exporter's own process_*, and Prometheus' up, scrape_* and ALERTS) and labels to
 // every by (...) and on (...), so that aggregations and joins keep a cluster or namespace apart.
 // Strings, label matchers and [ranges] are copied as they are; nothing changes when both are empty.
 local isAlpha(c) = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || c == ':';
 local isWord(c) = isAlpha(c) || (c >= '0' && c <= '9');
-local isMetric(t) = std.startsWith(t, 'whisper_') || std.member(t, ':') || t == 'up';
+local isMetric(t) =
+  std.startsWith(t, 'whisper_') || std.member(t, ':') || std.startsWith(t, 'process_') || std.startsWith(t, 'scrape_')
+  || t == 'up' || t == 'ALERTS';
 local isSpace(c) = c == ' ' || c == '\n' || c == '\t';
 
 local rewrite(expr, matchers, labels) =
@@ -48,7 +51,15 @@ local rewrite(expr, matchers, labels) =
     else if s.mode == 'code' && s.want then wanting(s, c)
     else plain(s, c);
   local init = { out: '', mode: 'code', tok: '', comma: '', want: false, q: '', ret: 'code', esc: false };
-  local end = std.foldl(step, std.stringChars(expr), init);
+  // A flat copy at each step, its fields evaluated now: a chain of extended objects, or of lazy
+  // fields, would make every lookup walk it (seconds per dashboard, then too deep a stack).
+  local flat(s) =
+    local out = s.out, mode = s.mode, tok = s.tok, comma = s.comma, want = s.want, q = s.q, ret = s.ret, esc = s.esc;
+    // The condition forces each local once (object fields would be evaluated again at each lookup).
+    if std.length(out + mode + tok + comma + q + ret) >= 0 && std.isBoolean(want) && std.isBoolean(esc) then
+      { out: out, mode: mode, tok: tok, comma: comma, want: want, q: q, ret: ret, esc: esc }
+    else error 'unreachable';
+  local end = std.foldl(function(s, c) flat(step(s, c)), std.stringChars(expr), init);
   if matchers == '' && lead == '' then expr
   else if end.tok != '' && isMetric(end.tok) && matchers != '' then end.out + end.tok + '{' + matchers + '}'
   else end.out + end.tok;
