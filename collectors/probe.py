@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from dataclasses import field as dataclass_field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -60,6 +60,9 @@ from whisper_exporter.runtime.quality_counters import QualityCounters
 from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.whisper import audio, clients, language_id, scoring, utterance
 from whisper_exporter.whisper.punctuation import Punctuation
+
+if TYPE_CHECKING:
+    from whisper_exporter.whisper.streaming_clients import StreamTimes
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +118,9 @@ class ProbeConfig:
     # detected language is counted (whisper_quality_language_identified_total{set="canary"});
     # both: sent with it, then once more without it for the identification alone (twice the requests).
     language: str = language_id.GIVEN
+    # Streaming APIs (service.api wyoming): audio seconds sent per second, 1.0 as a live speaker
+    # would; 2.0 twice as fast; 0 as fast as the connection takes. The timeout covers the sending.
+    pace: float = 1.0
 
     @property
     def run_timeout(self) -> float:
@@ -135,6 +141,8 @@ class ProbeConfig:
         if self.language != language_id.GIVEN and self.response_format != "verbose_json":
             raise at.error("language", "given, or response_format verbose_json (a json answer names no language)",
                            self.language)
+        if self.pace < 0:
+            raise at.error("pace", "0 (unpaced) or more: audio seconds sent per second, 1.0 = real time", self.pace)
         if self.max_error_rate < 0:
             raise at.error("max_error_rate", "an error rate of 0 or more (0.5 = one error in two words)",
                            self.max_error_rate)
@@ -224,6 +232,7 @@ class ProbeRecord:
     server_duration: Optional[float] = None
     exchange: clients.Exchange = field(default_factory=clients.Exchange)
     detected: Optional[str] = None  # the language detected (a label) when the canary went without one
+    stream: Optional["StreamTimes"] = None  # first partial and finalisation lag (streaming APIs)
 
     @property
     def success(self) -> bool:
@@ -267,6 +276,7 @@ def probe_canary(client: clients.WhisperClient, canary: ResolvedCanary, max_erro
         status_code=u.status_code, reason=u.reason, language=canary.language, unit=u.unit,
         audio_path=canary.audio, audio_duration=u.audio_duration or 0.0, target=client.url, api=client.api,
         reference=reference, max_error_rate=max_error_rate, exchange=u.exchange, detected=detected,
+        stream=u.stream,
     )
     if u.transcript is None or u.score is None:
         return record
@@ -323,10 +333,11 @@ class ProbeCollector:
         self._history: dict[str, deque[ProbeRecord]] = {c.name: deque(maxlen=HISTORY) for c in self.canaries}
         self._last_failure: dict[str, ProbeRecord] = {}
         self._runs: dict[str, dict[str, int]] = {c.name: dict.fromkeys(RESULTS, 0) for c in self.canaries}
+        self.health: Any = None  # the last `describe` answer (wyoming.Health) where the API has one
 
     def client(self) -> clients.WhisperClient:
         return clients.make_client(self.config.service, url=self.url, timeout=self.section.timeout,
-                                   response_format=self.section.response_format)
+                                   response_format=self.section.response_format, pace=self.section.pace)
 
     def start(self) -> None:
         pass
@@ -334,6 +345,14 @@ class ProbeCollector:
     def update(self) -> None:
         with self._lock:
             client = self.client()  # reads the API key: a missing one marks the collector down
+            describe = getattr(client, "describe", None)
+            if describe is not None:  # Wyoming: the server's own health check, before the canaries
+                health = describe()
+                if self.health is None or self.health.up != health.up:
+                    log.log(logging.INFO if health.up else logging.WARNING, "wyoming describe: %s",
+                            "up" if health.up else f"down: {health.reason}")
+                with self._state_lock:
+                    self.health = health
             problems = []
             records = []
             for canary in self.canaries:
@@ -427,6 +446,16 @@ class ProbeCollector:
         fallback = GaugeMetricFamily("whisper_probe_fallback_segments",
                                      "Segments decoded at temperature > 0 (Whisper's fallback after failed checks), "
                                      "last scheduled run.", labels=label)
+        first_partial = GaugeMetricFamily("whisper_probe_first_partial_seconds",
+                                          "Streaming APIs: time from the first audio sent to the first partial "
+                                          "transcript, last scheduled run (absent when the server sends none).",
+                                          labels=label)
+        final_lag = GaugeMetricFamily("whisper_probe_finalisation_lag_seconds",
+                                      "Streaming APIs: time from the end of the audio (audio-stop) to the final "
+                                      "transcript, last scheduled run.", labels=label)
+        transcript_lag = GaugeMetricFamily("whisper_probe_transcript_lag_seconds",
+                                           "WhisperLive: audio sent minus the end of the last completed segment "
+                                           "when the canary's audio ended, last scheduled run.", labels=label)
         info = GaugeMetricFamily("whisper_probe_info", "Always 1; the canary's language, scoring unit and kind "
                                  "(speech, or negative: non-speech whose expected transcript is empty).",
                                  labels=["probe", "language", "unit", "kind"])
@@ -454,12 +483,17 @@ class ProbeCollector:
                 rtf.add_metric([name], r.realtime_factor)
             if r.error_rate is not None:
                 wer.add_metric([name], r.error_rate)
+            stream = r.stream if r.transcript is not None else None
             for family, value in ((logprob, r.avg_logprob), (ratio, r.compression_ratio),
-                                  (silence, r.no_speech_prob), (fallback, r.fallback_segments)):
+                                  (silence, r.no_speech_prob), (fallback, r.fallback_segments),
+                                  (first_partial, stream.first_partial if stream else None),
+                                  (final_lag, stream.finalisation_lag if stream else None),
+                                  (transcript_lag, stream.transcript_lag if stream else None)):
                 if value is not None:
                     family.add_metric([name], float(value))
         out: list[Metric] = [success, duration, status, last, rtf, audio_len, wer, logprob, ratio, silence,
-                             fallback, total, info]
+                             fallback, first_partial, final_lag, transcript_lag, total, info]
+        out.extend(health_families(self.health))  # declared always, samples only for api wyoming
         if self.owns_quality:
             out.extend(self.quality.families())
             out.extend(self.hallucinations.families())
@@ -469,6 +503,22 @@ class ProbeCollector:
 
     def stop(self) -> None:
         pass
+
+
+def health_families(health: Any) -> list[Metric]:
+    """whisper_wyoming_*: the `describe` health check, as wyoming-faster-whisper's HEALTHCHECK does it."""
+    up = GaugeMetricFamily("whisper_wyoming_up", "1 when the Wyoming server answered describe with an info "
+                           "listing a speech-to-text program (its Docker HEALTHCHECK), else 0.")
+    took = GaugeMetricFamily("whisper_wyoming_describe_duration_seconds",
+                             "Time from connecting to the Wyoming server's info (or to the failure).")
+    info = GaugeMetricFamily("whisper_wyoming_info", "Always 1; the speech-to-text program the Wyoming "
+                             "server's info names first, and its version.", labels=["program", "version"])
+    if health is not None:
+        up.add_metric([], 1.0 if health.up else 0.0)
+        took.add_metric([], health.elapsed)
+        if health.up:
+            info.add_metric([health.program, health.version], 1.0)
+    return [up, took, info]
 
 
 def make(section: ProbeConfig, shared: Shared) -> ProbeCollector:
@@ -500,7 +550,19 @@ def debug_text(record: ProbeRecord) -> str:
         "  form: " + ", ".join(f"{k}={v}" for k, v in ex.fields.items())
         + f"{', ' if ex.fields else ''}{ex.file_field}=@{ex.file_name} ({ex.file_bytes} bytes)",
     ]
-    if ex.status_code is None:
+    if record.stream is not None:  # a streaming API: events, not an HTTP answer
+        st = record.stream
+        got = "a transcript" if record.transcript is not None else "no transcript"
+        lines.append(f"Answer: {got}, {ex.body_bytes} bytes of events in {record.duration:.3f} s "
+                     f"({st.audio_seconds:.2f} s of audio sent at pace {st.pace:g})")
+        lines.append(f"  first partial: {_fmt(st.first_partial)} s ({st.partials} partials); "
+                     f"finalisation lag (audio-stop to transcript): {_fmt(st.finalisation_lag)} s")
+        if st.ready is not None or st.transcript_lag is not None:
+            lines.append(f"  server ready after {_fmt(st.ready)} s; transcript lag at the end of the audio "
+                         f"{_fmt(st.transcript_lag)} s")
+        if not record.success and ex.body_excerpt:
+            lines.append(f"  last event: {ex.body_excerpt}")
+    elif ex.status_code is None:
         lines.append(f"Answer: none after {record.duration:.3f} s")
     else:
         lines.append(f"Answer: HTTP {ex.status_code} {ex.content_type or '(no Content-Type)'}, "

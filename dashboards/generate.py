@@ -44,6 +44,7 @@ ERROR_RATE_ALERT = 0.15  # accuracy < 85%
 MANDARIN_TARGET = 0.08  # accuracy > 92% for Mandarin
 ERROR_RATIO_ALERT = 0.05  # rules/service.yml WhisperErrorRatioHigh
 GPU_TEMPERATURE = 85
+FIRST_PARTIAL_TARGET = 1.5  # s, rules/streaming.yml WhisperStreamingFirstPartialSlow
 LOG_STALLED = 600
 # rules/slo.yml: burn rates that page (1h and 6h windows) and open a ticket (1d).
 BURN_PAGE_FAST = 14.4
@@ -709,6 +710,28 @@ def performance() -> dict:
                    "(WhisperRequestsRejected).", thresholds=steps((0.05, "red")), min_=0),
         heatmap("Audio duration distribution", "whisper_audio_duration_seconds", f"{JI},{LANG}", "s",
                 "Requests per second in each audio-length bucket: longer audio, longer requests."),
+        row("Streaming"),
+        timeseries("Canary lag behind the speech",
+                   targets((f"whisper_probe_finalisation_lag_seconds{{{JI}}}", "finalisation {{probe}} {{instance}}"),
+                           (f"whisper_probe_transcript_lag_seconds{{{JI}}}", "transcript {{probe}} {{instance}}")),
+                   "s", "Streaming canaries (service.api wyoming, openai-realtime, whisperlive): finalisation, "
+                   "from the end of the canary's audio to its final transcript (what a speaker waits after "
+                   "they stop talking); transcript (WhisperLive), the audio sent minus the end of the last "
+                   "completed segment when the audio ended. Alert WhisperStreamingLagGrowing: twice the day "
+                   "before's median.", min_=0, width=10,
+                   no_value="No streaming canary (service.api wyoming, openai-realtime, whisperlive), or none answered"),
+        timeseries("Canary first partial",
+                   targets((f"whisper_probe_first_partial_seconds{{{JI}}}", "{{probe}} {{instance}}")),
+                   "s", f"From the canary's first audio to its first partial transcript. Line: "
+                   f"{FIRST_PARTIAL_TARGET} s (alert WhisperStreamingFirstPartialSlow).",
+                   thresholds=steps((FIRST_PARTIAL_TARGET, "red")), min_=0, width=10,
+                   no_value="No partial transcripts: the server answers once (wyoming-faster-whisper does)"),
+        stat("Wyoming describe",
+             targets((f"whisper_wyoming_up{{{JI}}}", "{{instance}}")),
+             "none", "The Wyoming server's own health check (its Docker HEALTHCHECK): describe answered "
+             "with an info listing a speech-to-text program (alert WhisperWyomingDown).",
+             mappings=UP_DOWN, thresholds=steps((1, "green"), base="red"), width=4, height=8,
+             no_value="No Wyoming server probed (service.api wyoming)"),
     ]
     return dashboard("whisper-performance", "Whisper / Performance",
                      "Latency and real-time factor by language, histograms, queue wait.",

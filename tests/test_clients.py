@@ -308,6 +308,12 @@ def test_make_client_picks_the_api():
         client = make_client(ServiceConfig(url=BASE, api=api), timeout=3)
         assert type(client) is cls and client.timeout == 3
     assert make_client(ServiceConfig(url=BASE), url="http://other.test:1").url == "http://other.test:1"
+    from whisper_exporter.whisper.wyoming import WyomingClient
+
+    wyoming = make_client(ServiceConfig(url="tcp://127.0.0.1:10300", api="wyoming"), timeout=3, pace=2.0)
+    assert type(wyoming) is WyomingClient and (wyoming.timeout, wyoming.pace, wyoming.port) == (3, 2.0, 10300)
+    with pytest.raises(ClientSetupError, match="service.url: expected a tcp://host:port URL"):
+        make_client(ServiceConfig(url="tcp://127.0.0.1:10300", api="wyoming"), url="http://127.0.0.1:1")
 
 
 def test_one_list_of_apis_names_every_client_and_every_choice():
@@ -315,7 +321,7 @@ def test_one_list_of_apis_names_every_client_and_every_choice():
     from click import Choice
 
     from whisper_exporter import cli, config
-    assert set(clients._CLIENTS) == set(config.APIS)
+    assert set(clients._CLIENTS) | set(clients._STREAMING_CLIENTS) == set(config.APIS)
     for command in (cli.probe, cli.evaluate):
         (api,) = [p for p in command.params if p.name == "api"]
         assert isinstance(api.type, Choice) and tuple(api.type.choices) == config.APIS

@@ -243,6 +243,26 @@ def check_config(path: Optional[str], web_config: Optional[str], strict: bool) -
     click.echo(f"{checked}: OK (listen {config.listen}; collectors: {', '.join(running) or 'none'}{note}{also})")
 
 
+def _target_problem(target: Optional[str], api: str, url: str) -> str:
+    """What is wrong with --target (or, for another API than configured, service.url) for `api`; "" if nothing."""
+    import re
+
+    if api == "wyoming":  # a Wyoming server is spoken to over TCP
+        given = target if target is not None else url
+        if not re.fullmatch(r"tcp://[^/\s@]+(:\d+)?/?", given):
+            where = "--target" if target is not None else f"--api wyoming with service.url {given!r}: give --target"
+            return f"{where}: expected a tcp://HOST:PORT URL (Wyoming's port is 10300 by default)" + (
+                f", got {target!r}" if target is not None else "")
+        return ""
+    if api in ("openai-realtime", "whisperlive"):  # WebSocket servers
+        if target is not None and not re.match(r"^(https?|wss?)://[^/\s]+", target):
+            return f"--target: expected an http(s):// or ws(s):// URL, got {target!r}"
+        return ""
+    if target is not None and not re.match(r"^https?://[^/\s]+", target):
+        return f"--target: expected an http:// or https:// URL, got {target!r}"
+    return ""
+
+
 @main.command()
 @click.option("--config", "--config.file", "config_path", default=None, metavar="FILE",
               envvar="WHISPER_EXPORTER_CONFIG", type=click.Path(dir_okay=False),
@@ -262,9 +282,12 @@ def check_config(path: Optional[str], web_config: Optional[str], strict: bool) -
 @click.option("--metrics", "show_metrics", is_flag=True, help="Also print the metrics the probe would export.")
 @click.option("--fail-on-hallucination", "fail_on_hallucination", is_flag=True,
               help="Exit 1 when a negative canary is answered with text (default: reported as a finding, exit 0).")
+@click.option("--pace", default=None, type=float, metavar="RATE",
+              help="Streaming APIs (wyoming): audio seconds sent per second; 1 real time, 0 unpaced "
+                   "(default: collectors.probe.pace, else 1).")
 def probe(config_path: Optional[str], target: Optional[str], api: Optional[str], model: Optional[str],
           audio: Optional[str], reference: Optional[str], language: str, canary_names: tuple[str, ...],
-          as_json: bool, show_metrics: bool, fail_on_hallucination: bool) -> None:
+          as_json: bool, show_metrics: bool, fail_on_hallucination: bool, pace: Optional[float]) -> None:
     """Probe the Whisper server now and say what was measured and why it failed.
 
     Exit status: 0 every canary succeeded (a negative canary answered with text is a finding, not a
@@ -288,8 +311,13 @@ def probe(config_path: Optional[str], target: Optional[str], api: Optional[str],
         click.echo(f"whisper-exporter probe: {message}", err=True)
         sys.exit(EXIT_CONFIG)
 
-    if target is not None and not re.match(r"^https?://[^/\s]+", target):
-        usage(f"--target: expected an http:// or https:// URL, got {target!r}")
+    if pace is not None and not pace >= 0:
+        usage(f"--pace: expected 0 (unpaced) or more audio seconds per second, got {pace:g}")
+    if pace is not None:
+        config.collectors.probe = dataclasses.replace(config.collectors.probe, pace=pace)
+    wrong = _target_problem(target, config.service.api, config.service.url)
+    if wrong:
+        usage(wrong)
     canaries = None
     if audio is not None or reference is not None:
         if audio is None or not reference:
@@ -386,7 +414,6 @@ def evaluate(manifest: Optional[str], target: Optional[str], config_path: Option
     """
     import dataclasses
     import json
-    import re
 
     from whisper_exporter.quality import evaluate as ev
     from whisper_exporter.quality import manifest as mf
@@ -407,8 +434,9 @@ def evaluate(manifest: Optional[str], target: Optional[str], config_path: Option
         from whisper_exporter.config import config_dir, resolve_path
 
         manifest = resolve_path(section.manifest, config_dir(config.source)) or section.manifest
-    if target is not None and not re.match(r"^https?://[^/\s]+", target):
-        usage(f"--target: expected an http:// or https:// URL, got {target!r}")
+    wrong = _target_problem(target, api or config.service.api, config.service.url)
+    if wrong:
+        usage(wrong)
     if timeout is not None and not timeout > 0:
         usage(f"--timeout: expected seconds above 0, got {timeout:g}")
     thresholds = dict(section.thresholds)

@@ -161,7 +161,9 @@ def valid_regex(at: KeyPath, name: str, value: Optional[str]) -> None:
 
 
 # The Whisper server APIs, one client class each (whisper/clients.py); config, CLI and clients read this.
-APIS = ("openai", "asr-webservice", "whispercpp")
+APIS = ("openai", "asr-webservice", "whispercpp", "wyoming", "openai-realtime", "whisperlive")
+# Spoken to over a connection, the canary paced (whisper/wyoming.py, whisper/streaming_clients.py).
+STREAMING_APIS = ("wyoming", "openai-realtime", "whisperlive")
 
 
 @dataclass
@@ -178,9 +180,15 @@ class ServiceConfig:
     max_concurrency: Optional[int] = None
 
     def check(self, at: KeyPath) -> None:
-        if not re.match(r"^https?://[^/\s]+", self.url):
-            raise at.error("url", "an http:// or https:// URL", self.url)
         one_of(at, "api", self.api, APIS)
+        if self.api == "wyoming":  # a Wyoming server listens on TCP, not HTTP (port 10300 by default)
+            if not re.fullmatch(r"tcp://[^/\s@]+(:\d+)?/?", self.url):
+                raise at.error("url", "a tcp://host:port URL (api wyoming)", masked_url(self.url))
+        elif self.api in STREAMING_APIS:  # WebSocket servers: ws:// as given, http:// turned into it
+            if not re.match(r"^(https?|wss?)://[^/\s]+", self.url):
+                raise at.error("url", f"an http(s):// or ws(s):// URL (api {self.api})", masked_url(self.url))
+        elif not re.match(r"^https?://[^/\s]+", self.url):
+            raise at.error("url", "an http:// or https:// URL", self.url)
         positive(at, "timeout", self.timeout)
         if self.max_concurrency is not None:
             positive(at, "max_concurrency", self.max_concurrency, "a whole number of requests, 1 or more, or null")
@@ -250,6 +258,9 @@ class Config:
         # collectors.probe.via_tap sends the canaries to the tap, which must then be there.
         probe = getattr(self.collectors, "probe", None)
         if probe is not None and probe.enabled and getattr(probe, "via_tap", False):
+            if self.service.api == "wyoming":
+                raise at.error("collectors.probe.via_tap", "false with service.api wyoming (the tap "
+                               "proxies HTTP; a Wyoming server is spoken to over TCP)", True)
             if tap is None or not tap.enabled:
                 raise at.error("collectors.probe.via_tap", "false, or the request tap on to send the canaries "
                                "through (collectors.tap.enabled: true)", True)

@@ -1,6 +1,7 @@
 """Clients for the Whisper servers' HTTP APIs, seen from outside like any user would.
 
-Three API shapes (`service.api`):
+Three HTTP API shapes (`service.api`), and `wyoming` (whisper/wyoming.py: the
+Wyoming protocol over TCP, Home Assistant's, with the same `transcribe()`):
 
 - `openai`: `POST {url}/v1/audio/transcriptions`, multipart `file` with form
   fields `model`, `language` and `response_format` (json or verbose_json):
@@ -40,19 +41,23 @@ reason, excerpt, URL and repr this module produces.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
 from whisper_exporter.config import APIS, MASK, masked_headers, masked_url, secret_name
 from whisper_exporter.whisper import languages, marker, transport
+
+if TYPE_CHECKING:
+    from whisper_exporter.whisper.streaming_clients import StreamTimes
 
 SUCCESS = "success"
 HTTP_ERROR = "http_error"
@@ -184,6 +189,7 @@ class TranscribeResult:
     reason: str = ""  # why it failed, "" on success
     transcription: Optional[Transcription] = None
     exchange: Exchange = field(default_factory=Exchange)
+    stream: Optional["StreamTimes"] = None  # the streaming APIs' timings (whisper/streaming_clients.py)
 
     @property
     def ok(self) -> bool:
@@ -466,12 +472,26 @@ class WhisperCppClient(WhisperClient):
 
 
 _CLIENTS = {c.api: c for c in (OpenAIClient, AsrWebserviceClient, WhisperCppClient)}
+# The streaming APIs' clients live in their own modules, which import this one (module:class).
+_STREAMING_CLIENTS = {"wyoming": "whisper_exporter.whisper.wyoming:WyomingClient",
+                      "openai-realtime": "whisper_exporter.whisper.streaming_clients:RealtimeClient",
+                      "whisperlive": "whisper_exporter.whisper.streaming_clients:WhisperLiveClient"}
 
 
 def make_client(service: Any, *, url: Optional[str] = None, timeout: Optional[float] = None,
-                response_format: str = "verbose_json") -> WhisperClient:
-    """The client for `service` (a ServiceConfig). `url` and `timeout` override its own.
-    Reads the API key now; raises ClientSetupError when it cannot."""
+                response_format: str = "verbose_json", pace: Optional[float] = None) -> WhisperClient:
+    """The client for `service` (a ServiceConfig). `url` and `timeout` override its own; `pace`
+    is the streaming APIs' (1.0: real time). Reads the API key now; raises ClientSetupError when it cannot."""
+    if service.api in _STREAMING_CLIENTS:  # imported here: only a setup that uses one pays for it
+        module, name = _STREAMING_CLIENTS[service.api].split(":")
+        streaming = getattr(importlib.import_module(module), name)
+        try:
+            return streaming(url or service.url, model=service.model,
+                             timeout=service.timeout if timeout is None else timeout,
+                             headers=service.headers, api_key=load_api_key(service.api_key_env, service.api_key_file),
+                             pace=1.0 if pace is None else pace)
+        except ValueError as err:
+            raise ClientSetupError(f"service.url: expected {err}, got {masked_url(url or service.url)!r}") from None
     cls = _CLIENTS.get(service.api)
     if cls is None:
         raise ClientSetupError(f"service.api: unknown API {service.api!r} (one of {', '.join(APIS)})")

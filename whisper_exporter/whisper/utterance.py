@@ -12,10 +12,13 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from whisper_exporter.whisper import audio, clients, hallucination, language_id, punctuation, scoring
 from whisper_exporter.whisper.punctuation import Punctuation
+
+if TYPE_CHECKING:
+    from whisper_exporter.whisper.streaming_clients import StreamTimes
 
 MAX_TRANSCRIPT_CHARS = 20000  # kept and scored at most: alignment is quadratic, and a hostile answer can be megabytes
 
@@ -66,6 +69,7 @@ class Utterance:
     server_language: Optional[str] = None
     server_duration: Optional[float] = None
     exchange: clients.Exchange = field(default_factory=clients.Exchange)
+    stream: Optional["StreamTimes"] = None  # first partial, finalisation lag (streaming APIs)
 
     @property
     def unit(self) -> str:
@@ -86,7 +90,8 @@ def run(client: clients.WhisperClient, path: str, reference: str, language: str,
     outcome = client.transcribe(data, os.path.basename(path), sent)
     u = Utterance(audio_path=path, language=language, reference=reference, started=started,
                   outcome=outcome.outcome, elapsed=outcome.elapsed, status_code=outcome.status_code,
-                  reason=outcome.reason, audio_duration=duration, exchange=outcome.exchange)
+                  reason=outcome.reason, audio_duration=duration, exchange=outcome.exchange,
+                  stream=outcome.stream)
     t = outcome.transcription
     if t is None:
         return u
