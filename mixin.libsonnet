@@ -17,6 +17,7 @@ local ruleFiles = {
   'review.yml': importstr 'rules/review.yml',
   'service.yml': importstr 'rules/service.yml',
   'slo.yml': importstr 'rules/slo.yml',
+  'streaming.yml': importstr 'rules/streaming.yml',
 };
 local dashboardFiles = {
   'whisper-exporter.json': import 'dashboards/whisper-exporter.json',
