@@ -115,6 +115,16 @@ def test_promtool_accepts_the_custom_rendering(tmp_path, custom):
     promtool_check(tmp_path, custom)
 
 
+def test_vmalert_accepts_the_custom_rendering(tmp_path, custom):
+    """vmalert, the fleet's other ruler, parses the rendered rules (MetricsQL and its templates) too."""
+    vmalert = require_tool("vmalert")
+    for part in ("alerts", "rules"):
+        (tmp_path / f"{part}.yml").write_text(yaml.safe_dump(custom[part]))
+    checked = subprocess.run([vmalert, "-dryRun", f"-rule={tmp_path}/*.yml"], capture_output=True, text=True,
+                             timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def test_custom_dashboards_carry_the_selector_and_parse(tmp_path, custom):
     """Every dashboard query (targets, variables, annotations) reads only the configured job, and promtool parses it."""
     promtool = require_tool("promtool")
