@@ -195,6 +195,8 @@ def test_agent_to_victoriametrics_with_vmalert_pages_as_prometheus_does(promethe
         # The page fires on each engine once per burn window that holds (1h, and 6h when it does too).
         deadline = time.monotonic() + 60
         while True:
+            for r in replicas:  # traffic goes on while the engines catch up, as in production: the
+                r.write_round()  # descriptions name the replica failing "now" (a loaded machine is slow)
             on_prometheus, on_vmalert = labels(firing(reference.url)), labels(firing(vmalert_url))
             if on_prometheus and on_prometheus == on_vmalert and labels(notifications.alerts):
                 break

@@ -48,7 +48,7 @@ def test_an_alias_bomb_in_check_config_exits_2_with_a_short_message(tmp_path):
     path.write_text(ALIAS_BOMB)
     done = check_config(path)
     assert done.returncode == 2, done.stderr
-    assert len(done.stderr) < 300 and "lol" not in done.stderr
+    assert len(done.stderr.replace(str(path), "FILE")) < 300 and "lol" not in done.stderr  # the path's length aside
 
 
 def test_an_alias_bomb_as_web_config_is_refused(tmp_path):
