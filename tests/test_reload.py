@@ -352,6 +352,8 @@ def test_a_reload_to_a_tap_address_that_cannot_be_bound_is_refused_and_the_old_t
         assert e.value("whisper_exporter_config_last_reload_successful") == 0
         assert upload(first) == 200  # the old tap serves on
         assert e.value("whisper_exporter_collector_up", collector="tap") == 1
+        # counted before the next reload rebuilds the tap (a record still queued then is dropped)
+        assert wait_for(lambda: user_requests(e) == 2, timeout=20), user_requests(e)
 
         e.config.write_text(yaml.safe_dump(tap_config(tmp_path, server.url, second)(e.port)))
         e.signal(signal.SIGHUP)
@@ -387,6 +389,9 @@ def test_a_tap_that_cannot_take_over_its_port_is_put_back_on_the_old_address(exp
         e = exporter(data=data)
         tap = f"http://127.0.0.1:{port}/v1/audio/transcriptions"
         assert requests.post(tap, files={"file": ("a.wav", b"RIFF....WAVE")}, timeout=10).status_code == 200
+        # counted before the reload: a record still queued when a tap is rebuilt is dropped, counted
+        # in whisper_tap_records_dropped_total{reason="shutdown"} (docs/tap.md)
+        assert wait_for(lambda: user_requests(e) == 1, timeout=20), user_requests(e)
         moved = data(e.port)
         moved["collectors"]["tap"]["listen"] = f"0.0.0.0:{port}"
         e.config.write_text(yaml.safe_dump(moved))
