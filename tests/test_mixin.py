@@ -112,7 +112,9 @@ def test_custom_labels_reach_every_aggregation_and_join(custom):
 
 
 def test_promtool_accepts_the_custom_rendering(tmp_path, custom):
-    promtool_check(tmp_path, custom)
+    out = promtool_check(tmp_path, custom)
+    for part in ("alerts", "rules"):  # every rule of both files was read, none lost to the rewriting
+        assert f"SUCCESS: {sum(len(g['rules']) for g in custom[part]['groups'])} rules found" in out, out
 
 
 def test_vmalert_accepts_the_custom_rendering(tmp_path, custom):
