@@ -40,6 +40,8 @@ import requests
 from aiohttp import WSMsgType, web
 from helpers import free_port
 
+from whisper_exporter.whisper import streaming_clients
+
 
 class _Threaded:
     def __init__(self) -> None:
@@ -77,17 +79,8 @@ class _Threaded:
 
 
 def resample(pcm16: bytes, src: int, dst: int) -> bytes:
-    """Linear resampling of 16-bit mono (speaches uses its own resample_audio_data)."""
-    samples = array.array("h", pcm16)
-    n = int(len(samples) * dst / src)
-    step = (len(samples) - 1) / max(1, n - 1)
-    out = array.array("h", bytes(2 * n))
-    for i in range(n):
-        x = i * step
-        j = int(x)
-        k = min(j + 1, len(samples) - 1)
-        out[i] = int(samples[j] + (samples[k] - samples[j]) * (x - j))
-    return out.tobytes()
+    """Linear resampling of 16-bit mono (speaches uses its own resample_audio_data; this, the client's)."""
+    return streaming_clients.resample(array.array("h", pcm16), src, dst).tobytes()
 
 
 def wav16k(pcm16: bytes) -> bytes:

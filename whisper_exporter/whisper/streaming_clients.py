@@ -115,18 +115,23 @@ def mono16(pcm: Pcm, rate: int) -> bytes:
         c = pcm.channels
         samples = array.array("h", (sum(samples[i:i + c]) // c for i in range(0, len(samples), c)))
     if pcm.rate != rate and len(samples) > 1:
-        n = int(len(samples) * rate / pcm.rate)
-        step = (len(samples) - 1) / max(1, n - 1)
-        out = array.array("h", bytes(2 * n))
-        for i in range(n):
-            x = i * step
-            j = int(x)
-            k = min(j + 1, len(samples) - 1)
-            out[i] = int(samples[j] + (samples[k] - samples[j]) * (x - j))
-        samples = out
+        samples = resample(samples, pcm.rate, rate)
     if sys.byteorder == "big":
         samples.byteswap()
     return samples.tobytes()
+
+
+def resample(samples: "array.array[int]", src: int, dst: int) -> "array.array[int]":
+    """16-bit samples at `src` Hz linearly interpolated to `dst` Hz."""
+    n = int(len(samples) * dst / src)
+    step = (len(samples) - 1) / max(1, n - 1)
+    out = array.array("h", bytes(2 * n))
+    for i in range(n):
+        x = i * step
+        j = int(x)
+        k = min(j + 1, len(samples) - 1)
+        out[i] = int(samples[j] + (samples[k] - samples[j]) * (x - j))
+    return out
 
 
 def float32(pcm16: bytes) -> bytes:
