@@ -102,6 +102,13 @@ def engines(tmp_path) -> Iterator[Processes]:
         processes.stop()
 
 
+def victoria_query(vm_url: str, expr: str) -> list[dict]:
+    """An instant query to VictoriaMetrics' Prometheus API; its result list."""
+    body = requests.get(vm_url + "/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
 def test_vmalert_accepts_every_shipped_rule_file(tmp_path):
     """vmalert parses each rule file as it would load it: MetricsQL expressions and Go templates."""
     vmalert = require_tool("vmalert")
@@ -164,9 +171,7 @@ def test_agent_to_victoriametrics_with_vmalert_pages_as_prometheus_does(promethe
 
         # The agent keeps nothing to query: the samples are in VictoriaMetrics.
         def vm_query(expr: str) -> list[dict]:
-            body = requests.get(vm_url + "/api/v1/query", params={"query": expr}, timeout=10).json()
-            assert body["status"] == "success", body
-            return body["data"]["result"]
+            return victoria_query(vm_url, expr)
 
         deadline = time.monotonic() + 30
         while len(vm_query('up{job="whisper"} == 1')) < 3:
@@ -338,9 +343,7 @@ def test_three_failures_at_night_page_nobody_on_vmalert_either(engines, tmp_path
         ], vmalert_url + "/health")
 
         def query(expr: str) -> list[dict]:
-            body = requests.get(vm_url + "/api/v1/query", params={"query": expr}, timeout=10).json()
-            assert body["status"] == "success", body
-            return body["data"]["result"]
+            return victoria_query(vm_url, expr)
 
         # The records the page reads are there (the pipeline works), and say what promtool's test says:
         # 13.3 times the budget over the hour.
