@@ -4,7 +4,8 @@ Two counters, not ratios (docs/capacity.md): the seconds with at least one reque
 flight, and the integral of the number in flight over time (request-seconds). Each is
 brought up to date on every request's start and end, and again when read, so a long
 request in flight is counted as it goes rather than in one step when it ends. The
-source (the tap) calls begin() and end() around each request; the runtime reads
+source (the tap) calls begin() when the server has a request's last byte and end() when its
+answer has been read to the end; the runtime reads
 totals() at scrape time. Ratios, throughput and headroom are recording rules.
 """
 from __future__ import annotations

@@ -367,11 +367,11 @@ class RequestMetrics:
         busy, integral = self.occupancy.totals()
         yield CounterMetricFamily(
             "whisper_server_busy_seconds_total",
-            "Seconds during which at least one transcription request was in flight through the tap.",
+            "Seconds during which the server held at least one whole transcription request (upload's last byte to answer's end), seen by the tap.",
             value=busy)
         yield CounterMetricFamily(
             "whisper_requests_in_flight_seconds_total",
-            "The integral over time of transcription requests in flight through the tap (request-seconds).",
+            "The integral over time of transcription requests the server held, seen by the tap (request-seconds).",
             value=integral)
         if self.max_concurrency is not None:
             yield GaugeMetricFamily(

@@ -99,9 +99,10 @@ def _forward_headers(headers: Any) -> CIMultiDict:
 class _Flight:
     """One request's state while it passes through."""
 
-    __slots__ = ("record", "analyzer", "capture", "answer_type", "answer_encoded", "t0", "upgrade")
+    __slots__ = ("record", "analyzer", "capture", "answer_type", "answer_encoded", "t0", "upgrade",
+                 "occupancy", "held")
 
-    def __init__(self, record: TapRecord, t0: float):
+    def __init__(self, record: TapRecord, t0: float, occupancy: Optional[Occupancy] = None):
         self.record = record
         self.analyzer: Optional[UploadAnalyzer] = None
         self.capture: Optional[Capture] = None
@@ -109,6 +110,20 @@ class _Flight:
         self.answer_encoded = False
         self.t0 = t0
         self.upgrade: Optional[Upgrade] = None
+        self.occupancy = occupancy  # None: not work (a health check), busy time is not counted
+        self.held: Optional[bool] = None  # None: not yet the server's; True: the server's; False: done
+
+    def occupy(self) -> None:
+        """The server has the whole request: busy from now until release() (docs/capacity.md)."""
+        if self.occupancy is not None and self.held is None:
+            self.held = True
+            self.occupancy.begin()
+
+    def release(self) -> None:
+        """The server is done with the request (answered, failed or abandoned); once only."""
+        if self.held and self.occupancy is not None:
+            self.occupancy.end()
+        self.held = False
 
 
 class Tap:
@@ -288,16 +303,13 @@ class Tap:
             record.language = query.get("language") or None
             record.task = query.get("task") or "transcribe"
             record.response_format = query.get("output") or "txt"
-        flight = _Flight(record, t0)
+        # Only transcription requests occupy the server: a health check or model list is not work.
+        flight = _Flight(record, t0, self.occupancy if api is not None else None)
         stats = self.stats
         stats.in_flight += 1
         gate = self._listener.gate(request) if self._listener is not None else None
         if gate is not None:
             gate.started()  # the head deadline no longer applies; the upload's own do
-        # Only transcription requests occupy the server: a health check or model list is not work.
-        occupancy = self.occupancy if api is not None else None
-        if occupancy is not None:
-            occupancy.begin()
         try:
             return await self._proxy(request, flight)
         except asyncio.CancelledError:
@@ -309,8 +321,7 @@ class Tap:
             if gate is not None:
                 gate.finished()
             stats.in_flight -= 1
-            if occupancy is not None:
-                occupancy.end()
+            flight.release()
             record.duration = time.perf_counter() - t0
             self._finish(flight)
 
@@ -324,6 +335,8 @@ class Tap:
             if flight.upgrade is not None:
                 headers = flight.upgrade.headers(headers)
             body = self._upload(request, flight)
+        else:
+            flight.occupy()  # nothing to upload: the server has it all once asked
         assert self._session is not None  # made in start(), before the first request
         try:
             upstream = await self._session.request(
@@ -403,6 +416,8 @@ class Tap:
                     yield piece
             else:
                 yield chunk
+        if upgrade is None and content.exception() is None:
+            flight.occupy()  # the last chunk went as it came, so the server has it all
         if analyzer is not None:
             analyzer.finish()
         if upgrade is not None:
@@ -411,6 +426,9 @@ class Tap:
         if content.exception() is not None:
             record.error = "client_gone"
             raise _ClientGone()
+        # The last byte is the server's: its work starts. The upload before (as slow as the client)
+        # and the tap's own work are not the server's busy time.
+        flight.occupy()  # after an upgrade's last piece; without one, done above
 
     async def _answer(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse,
                       flight: _Flight) -> web.StreamResponse:
@@ -457,6 +475,7 @@ class Tap:
                 if capture is not None:
                     capture.add(chunk)
                 await response.write(chunk)
+            flight.release()  # the server's answer is read to its end: it is done, the client may not be
         except asyncio.TimeoutError:
             return self._cut(request, record, "timeout")
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
@@ -490,9 +509,10 @@ class Tap:
                 return self._fail(record, "timeout", 504, "upstream timed out")
             except aiohttp.ClientError:
                 return self._fail(record, "closed", 502, "upstream closed the connection")
-            if over:
+            if over:  # the rest is streamed, and released at its end
                 self._upgrade_refused(record, f"over {UPGRADE_MAX} bytes or the memory budget")
                 return await self._stream(request, upstream, flight, headers, chunks)
+            flight.release()  # the answer is read whole: rendering it is the tap's work
             body = b"".join(chunks)
             chunks.clear()
             record.ttfb = time.perf_counter() - flight.t0
@@ -731,6 +751,7 @@ class _ClientGone(Exception):
 async def _read_rest(body: Any, flight: _Flight) -> None:
     """The rest of an upload the upstream never took, through the analyzer: its form fields
     (language, model) label the failed request as they label a forwarded one."""
+    flight.release()  # the server failed or refused it: the rest of the upload is not its work
     if body is None or flight.analyzer is None:
         return
     try:
