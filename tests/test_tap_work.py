@@ -138,7 +138,8 @@ def test_memory_gauges_are_exported(held):
     assert values["whisper_tap_memory_in_use_bytes"] == [0]
     assert values["whisper_tap_memory_budget_refused"] == [0]
     dropped = next(m for m in collector.families() if m.name == "whisper_tap_records_dropped")
-    assert {s.labels["reason"]: s.value for s in dropped.samples} == {"queue_full": 0, "shutdown": 0}
+    assert {s.labels["reason"]: s.value for s in dropped.samples} == {"queue_full": 0, "shutdown": 0,
+                                                                      "stream_check_queue_full": 0}
 
 
 def test_rss_stays_bounded_with_100_concurrent_1mb_uploads(held, tmp_path):

@@ -537,13 +537,17 @@ class Tap:
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run fn(*args) in the record worker, in turn with the records; RuntimeError when the
-        tap is stopping or the queue is full: the caller drops the work (counted as a record)."""
+        tap is stopping or the queue is full: the caller drops the work (a full queue counted as
+        stream_check_queue_full, for it is no request record)."""
         if self.stopping.is_set():
             raise RuntimeError("the tap is stopping")
         try:
             self._queue.put_nowait(functools.partial(fn, *args))
         except queue.Full:
-            self.stats.count(self.stats.dropped, "queue_full")
+            self.stats.count(self.stats.dropped, "stream_check_queue_full")
+            self._warn("stream_check_queue_full", "tap: the record queue is full (record_queue: "
+                       f"{self.config.record_queue}); a stream's transcript goes unchecked, counted in "
+                       "whisper_tap_records_dropped_total{reason=\"stream_check_queue_full\"}")
             raise RuntimeError("the record queue is full") from None
 
     def _warn(self, kind: str, message: str) -> None:
