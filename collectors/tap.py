@@ -98,7 +98,11 @@ class TapCollector:
             self.keeper.expire()  # the retention limit holds even while no sample is drawn
 
     def stop(self) -> None:
-        self.tap.stop()
+        self.tap.stop()  # the exporter's exit: records still queued are dropped (docs/tap.md)
+
+    def stop_for_reload(self) -> None:
+        """Replaced by a reload: the tap's queued records are still analysed, for a bounded time."""
+        self.tap.retire()
 
     @staticmethod
     def _eligible(record: TapRecord) -> bool:

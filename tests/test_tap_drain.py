@@ -48,12 +48,12 @@ class Held:
         self.inner(record)
 
 
-def config(upstream_url: str, transcript_chars: int):
+def config(upstream_url: str, transcript_chars: int, **tap):
     return from_dict({"listen": "127.0.0.1:0", "service": {"url": upstream_url}, "collectors": {
         "gpu": {"enabled": False}, "process": {"enabled": False}, "probe": {"enabled": False},
         "quality": {"enabled": False},
         # a changed setting rebuilds the tap; port 0 for both: the old one is halted for the new one
-        "tap": {"enabled": True, "listen": "127.0.0.1:0", "max_transcript_chars": transcript_chars}}})
+        "tap": {"enabled": True, "listen": "127.0.0.1:0", "max_transcript_chars": transcript_chars, **tap}}})
 
 
 def the_tap(running):
@@ -66,9 +66,9 @@ def requests_counted(running) -> float:
     return sample(text, "whisper_requests_total", endpoint=TRANSCRIPTIONS, status_code="200") or 0.0
 
 
-def backlog(upstream_url: str):
+def backlog(upstream_url: str, **tap):
     """A running exporter whose tap holds one record in analysis and QUEUED more behind it."""
-    configs = [config(upstream_url, 1000), config(upstream_url, 2000)]
+    configs = [config(upstream_url, 1000, **tap), config(upstream_url, 2000, **tap)]
     running = wiring.start(configs[0], load_config=lambda: configs[1])
     old = the_tap(running)
     held = old.tap.on_record = Held(old.tap.on_record)
@@ -91,9 +91,13 @@ def reload_in_thread(running) -> threading.Thread:
     return thread
 
 
-def test_a_reload_that_rebuilds_the_tap_analyses_the_records_it_had_queued(upstream, monkeypatch):
-    monkeypatch.setattr(proxy, "RELOAD_DRAIN", 60.0, raising=False)  # ample on a loaded machine: the bound is the next test's
-    running, old, held = backlog(upstream.url)
+@pytest.mark.parametrize("where", ["memory", "spool_dir"])
+def test_a_reload_that_rebuilds_the_tap_analyses_the_records_it_had_queued(upstream, monkeypatch, tmp_path, where):
+    """Uploads held in memory, or spooled to disk in a spool_dir the new tap shares (its start
+    must not take the old tap's files for a crashed run's)."""
+    monkeypatch.setattr(proxy, "RELOAD_DRAIN", 60.0)  # ample on a loaded machine: the bound is the next test's
+    spool = {"spool_dir": str(tmp_path / "spool"), "max_in_memory": 1024} if where == "spool_dir" else {}
+    running, old, held = backlog(upstream.url, **spool)
     try:
         reloading = reload_in_thread(running)
         assert wait_for(lambda: old.tap.stopping.is_set(), timeout=30)
@@ -103,8 +107,9 @@ def test_a_reload_that_rebuilds_the_tap_analyses_the_records_it_had_queued(upstr
         assert the_tap(running) is not old  # rebuilt
         assert wait_for(lambda: requests_counted(running) == 1 + QUEUED, timeout=30), requests_counted(running)
         assert old.tap.stats.snapshot()["dropped"].get("shutdown", 0) == 0
+        assert old.tap.stats.snapshot()["analysis_errors"] == {}
         audio = sample(requests.get(running.url + "/metrics", timeout=10).text,
-                       "whisper_audio_processed_seconds_total", endpoint=TRANSCRIPTIONS)
+                       "whisper_audio_processed_seconds_total", language="en")
         assert audio == pytest.approx(2.0 * (1 + QUEUED))
     finally:
         held.release.set()
@@ -112,7 +117,7 @@ def test_a_reload_that_rebuilds_the_tap_analyses_the_records_it_had_queued(upstr
 
 
 def test_the_drain_is_bounded_a_wedged_analysis_does_not_hold_the_reload(upstream, monkeypatch, caplog):
-    monkeypatch.setattr(proxy, "RELOAD_DRAIN", 0.5, raising=False)
+    monkeypatch.setattr(proxy, "RELOAD_DRAIN", 0.5)
     caplog.set_level(logging.WARNING, logger="whisper_exporter.tap")
     running, old, held = backlog(upstream.url)
     try:
