@@ -11,7 +11,7 @@ import threading
 import pytest
 import requests
 from aiohttp import web
-from helpers import sample, wait_for
+from helpers import free_port, sample, wait_for
 from tap_helpers import Upstream, wav_bytes
 
 import whisper_exporter.tap.proxy as proxy
@@ -48,12 +48,11 @@ class Held:
         self.inner(record)
 
 
-def config(upstream_url: str, transcript_chars: int, **tap):
+def config(upstream_url: str, transcript_chars: int, listen: str = "127.0.0.1:0", **tap):
     return from_dict({"listen": "127.0.0.1:0", "service": {"url": upstream_url}, "collectors": {
         "gpu": {"enabled": False}, "process": {"enabled": False}, "probe": {"enabled": False},
         "quality": {"enabled": False},
-        # a changed setting rebuilds the tap; port 0 for both: the old one is halted for the new one
-        "tap": {"enabled": True, "listen": "127.0.0.1:0", "max_transcript_chars": transcript_chars, **tap}}})
+        "tap": {"enabled": True, "listen": listen, "max_transcript_chars": transcript_chars, **tap}}})
 
 
 def the_tap(running):
@@ -66,9 +65,12 @@ def requests_counted(running) -> float:
     return sample(text, "whisper_requests_total", endpoint=TRANSCRIPTIONS, status_code="200") or 0.0
 
 
-def backlog(upstream_url: str, **tap):
-    """A running exporter whose tap holds one record in analysis and QUEUED more behind it."""
-    configs = [config(upstream_url, 1000, **tap), config(upstream_url, 2000, **tap)]
+def backlog(upstream_url: str, moved: bool = False, **tap):
+    """A running exporter whose tap holds one record in analysis and QUEUED more behind it; the
+    configuration a reload reads changes a setting (port 0 both times: the old tap is halted for
+    the new one), or `moved`, the address (the new tap starts first, then the old one stops)."""
+    listen = f"127.0.0.1:{free_port()}" if moved else "127.0.0.1:0"
+    configs = [config(upstream_url, 1000, **tap), config(upstream_url, 2000, listen, **tap)]
     running = wiring.start(configs[0], load_config=lambda: configs[1])
     old = the_tap(running)
     held = old.tap.on_record = Held(old.tap.on_record)
@@ -91,13 +93,14 @@ def reload_in_thread(running) -> threading.Thread:
     return thread
 
 
-@pytest.mark.parametrize("where", ["memory", "spool_dir"])
-def test_a_reload_that_rebuilds_the_tap_analyses_the_records_it_had_queued(upstream, monkeypatch, tmp_path, where):
+@pytest.mark.parametrize("where,moved", [("memory", False), ("memory", True), ("spool_dir", True)])
+def test_a_reload_that_rebuilds_the_tap_analyses_the_records_it_had_queued(upstream, monkeypatch, tmp_path, where,
+                                                                          moved):
     """Uploads held in memory, or spooled to disk in a spool_dir the new tap shares (its start
-    must not take the old tap's files for a crashed run's)."""
+    must not take the old tap's files for a crashed run's); the tap's settings or its address changed."""
     monkeypatch.setattr(proxy, "RELOAD_DRAIN", 60.0)  # ample on a loaded machine: the bound is the next test's
     spool = {"spool_dir": str(tmp_path / "spool"), "max_in_memory": 1024} if where == "spool_dir" else {}
-    running, old, held = backlog(upstream.url, **spool)
+    running, old, held = backlog(upstream.url, moved, **spool)
     try:
         reloading = reload_in_thread(running)
         assert wait_for(lambda: old.tap.stopping.is_set(), timeout=30)
