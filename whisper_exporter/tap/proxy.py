@@ -201,13 +201,15 @@ class Tap:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=15)
         draining = drain > 0 and self._worker.is_alive()
-        if not draining:
+        timer = None
+        if draining:  # made before `stopping`, so the worker that drains the queue early can cancel it
+            timer = self._drain_timer = threading.Timer(drain, self._end_drain, args=(drain,))
+            timer.daemon = True
+        else:
             self._cut_off.set()
         self.stopping.set()  # no record is queued from now on (_finish, _submit)
-        if draining:
-            self._drain_timer = threading.Timer(drain, self._end_drain)
-            self._drain_timer.daemon = True
-            self._drain_timer.start()
+        if timer is not None:
+            timer.start()
         else:
             self._drop_queued()
         try:
@@ -226,11 +228,11 @@ class Tap:
         RELOAD_DRAIN seconds, in the background (they feed request metrics that carry on)."""
         self.stop(drain=RELOAD_DRAIN)
 
-    def _end_drain(self) -> None:
+    def _end_drain(self, drain: float) -> None:
         """A reload's drain ran out: what is still queued is dropped (the record in analysis finishes)."""
         self._cut_off.set()
         self._drop_queued()
-        self._log_dropped(f"replaced by a reload; after its {RELOAD_DRAIN:g} s drain,")
+        self._log_dropped(f"replaced by a reload; after its {drain:g} s drain,")
 
     def _drop_queued(self) -> None:
         while True:
