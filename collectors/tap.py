@@ -98,7 +98,11 @@ class TapCollector:
             self.keeper.expire()  # the retention limit holds even while no sample is drawn
 
     def stop(self) -> None:
-        self.tap.stop()
+        self.tap.stop()  # the exporter's exit: records still queued are dropped (docs/tap.md)
+
+    def stop_for_reload(self) -> None:
+        """Replaced by a reload: the tap's queued records are still analysed, for a bounded time."""
+        self.tap.retire()
 
     @staticmethod
     def _eligible(record: TapRecord) -> bool:
@@ -187,7 +191,9 @@ class TapCollector:
         yield by_reason(
             "whisper_tap_records_dropped_total",
             "Requests proxied whose record was dropped unanalysed and is missing from the request metrics: the "
-            "record queue was full (queue_full, collectors.tap.record_queue) or the tap stopped (shutdown).",
+            "record queue was full (queue_full, collectors.tap.record_queue) or the tap stopped (shutdown: "
+            "on exit, or a reload's drain ran out of time); stream_check_queue_full: no request but a WebSocket "
+            "stream's final transcript left unchecked for hallucination, the queue being full.",
             DROP_REASONS, stats["dropped"])
         budget = self.tap.budget
         yield GaugeMetricFamily("whisper_tap_memory_in_use_bytes",

@@ -138,7 +138,8 @@ def test_memory_gauges_are_exported(held):
     assert values["whisper_tap_memory_in_use_bytes"] == [0]
     assert values["whisper_tap_memory_budget_refused"] == [0]
     dropped = next(m for m in collector.families() if m.name == "whisper_tap_records_dropped")
-    assert {s.labels["reason"]: s.value for s in dropped.samples} == {"queue_full": 0, "shutdown": 0}
+    assert {s.labels["reason"]: s.value for s in dropped.samples} == {"queue_full": 0, "shutdown": 0,
+                                                                      "stream_check_queue_full": 0}
 
 
 def test_rss_stays_bounded_with_100_concurrent_1mb_uploads(held, tmp_path):
@@ -355,6 +356,36 @@ def test_the_record_queue_is_bounded_and_drops_are_counted(answering, tmp_path):
     assert dropped == {"queue_full": 4}  # 1 in the worker, 3 queued, 4 dropped
     assert len(spooled) == 4  # the dropped uploads' spool files went at once
     assert len(recs) == 4 and all(r.audio_duration == pytest.approx(0.5) for r in recs)
+
+
+def test_a_stream_check_that_finds_the_queue_full_is_counted_as_its_own_reason(answering):
+    """A WebSocket stream's final transcript check shares the record queue; when it finds the
+    queue full it is no request record, so it is not counted as queue_full."""
+    from collectors.tap import TapCollector
+    from whisper_exporter.tap import TapConfig
+
+    records = Blocking()
+    tap = start_tap(answering.url, records, record_queue=1)
+    checked: list[str] = []
+    tap.streams.on_final = lambda text, language, audio: checked.append(text)
+    body, headers = form(wav_bytes(0.5))
+    try:
+        assert post(tap, body, headers).status_code == 200
+        assert records.entered.wait(30)  # the worker holds the first record
+        assert post(tap, body, headers).status_code == 200
+        assert wait_for(lambda: tap._queue.full(), timeout=30)  # the second record waits in it
+        tap.streams.final("the meeting moved", "en", 2.0)  # as a session's completed transcript does
+        dropped = tap.stats.snapshot()["dropped"]
+        records.release.set()
+        records.wait(2)
+    finally:
+        records.release.set()
+        tap.stop()
+    assert dropped == {"stream_check_queue_full": 1}
+    assert checked == []
+    collector = TapCollector(TapConfig(enabled=True, listen="127.0.0.1:0"), answering.url)
+    family = next(m for m in collector.families() if m.name == "whisper_tap_records_dropped")
+    assert {s.labels["reason"]: s.value for s in family.samples}["stream_check_queue_full"] == 0
 
 
 def test_stop_drops_the_queue_instead_of_draining_it(answering, caplog):

@@ -169,7 +169,7 @@ class Running:
             if getattr(shared, view, None) is not None and all(getattr(shared, view) is not c
                                                                for c, _ in scheduler.entries):
                 setattr(shared, view, None)
-        old_scheduler.stop(keep=kept)
+        old_scheduler.stop(keep=kept, reload=True)  # a tap's queued records are drained (docs/tap.md)
         self.config, self.scheduler = new, scheduler
         if self.exporter is not None:
             self.exporter.scheduler = scheduler

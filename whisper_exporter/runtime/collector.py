@@ -56,6 +56,9 @@ class Collector(Protocol):
     def stop(self) -> None:
         """Release resources. Must not raise."""
 
+    # Optional: stop_for_reload(), called instead of stop() when a reload replaces the collector
+    # (the tap finishes its queued work then, bounded). Not in the Protocol: plugins need not have it.
+
 
 @dataclass(frozen=True)
 class Plugin:

@@ -114,8 +114,9 @@ class Scheduler:
                     kept.append(collector)
         return kept
 
-    def stop(self, wait: float = 2.0, keep: Iterable[Collector] = ()) -> None:
-        """Stop every collector, except those in `keep` (handed over to another scheduler)."""
+    def stop(self, wait: float = 2.0, keep: Iterable[Collector] = (), reload: bool = False) -> None:
+        """Stop every collector, except those in `keep` (handed over to another scheduler). On a
+        `reload`, a collector's optional stop_for_reload() is called instead of stop()."""
         kept = {id(c) for c in keep}
         for key, stop in self._stops.items():
             if key not in kept:
@@ -126,8 +127,9 @@ class Scheduler:
                 thread.join(max(0.0, deadline - time.monotonic()))
         for collector, state in self.entries:
             if state.started and id(collector) not in kept:
+                ending = getattr(collector, "stop_for_reload", None) if reload else None
                 try:
-                    collector.stop()
+                    (ending or collector.stop)()
                 except Exception as err:  # stop() must not raise; if it does, say so and go on
                     log.warning("collector %s: stop failed: %s", state.name, describe(err))
 
@@ -141,7 +143,7 @@ class Scheduler:
 
     def halt(self, collector: Collector) -> None:
         """Stop one collector and its thread now (a reload frees what it holds for its successor)."""
-        self.stop(keep=[c for c, _ in self.entries if c is not collector])
+        self.stop(keep=[c for c, _ in self.entries if c is not collector], reload=True)
         self._stops.pop(id(collector), None)
         self._threads.pop(id(collector), None)
         for c, state in self.entries:

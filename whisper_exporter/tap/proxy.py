@@ -70,6 +70,9 @@ LOG_EVERY = 60.0  # seconds between two warnings of one kind
 GRACE = 10.0  # seconds requests in flight may take to finish when the tap stops
 CLOSE_REASONS = ("head_timeout", "idle_timeout", "evicted")  # connections the tap closes itself
 WORKER_GRACE = 2.0  # seconds the record in analysis may take to finish after that (its work is bounded)
+# Seconds a tap replaced by a reload goes on analysing the records it had queued, in the background
+# (the reload and the new tap never wait on it); what is left then is dropped as shutdown.
+RELOAD_DRAIN = 5.0
 # What each connection buffers: asyncio reads up to 256 KiB at a time and aiohttp pauses a body's
 # reader past twice its buffer, so 200 uploads held 75+ MB in buffers alone (issue 22, item 3).
 # Smaller reads cost CPU per MB: 32 KiB ones doubled a 25 MB upload's (benchmarks/bench_tap.py).
@@ -160,6 +163,9 @@ class Tap:
         self._queue: queue.Queue[Union[None, _Flight, Callable[[], Any]]] = queue.Queue(config.record_queue)
         self._worker = threading.Thread(target=self._work, name="tap-record", daemon=True)
         self.stopping = threading.Event()
+        # Set once queued work is no longer done: at stop, or when a reload's drain runs out.
+        self._cut_off = threading.Event()
+        self._drain_timer: Optional[threading.Timer] = None
         # Upgraded answers are parsed here, off the loop; one at a time bounds the memory parsing takes.
         self._render = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tap-render")
         self._logged: dict[str, float] = {}
@@ -200,32 +206,63 @@ class Tap:
             raise failure[0]
         self._worker.start()
 
-    def stop(self) -> None:
-        """Stop accepting, close connections and the loop (requests in flight get GRACE seconds),
-        then drop the records still queued: the stop never waits on a queue's worth of analysis.
-        Does not raise."""
+    def stop(self, drain: float = 0.0) -> None:
+        """Stop accepting, close connections and the loop (requests in flight get GRACE seconds).
+        Then, with `drain` 0 (the exporter's exit), drop the records still queued: the stop never
+        waits on a queue's worth of analysis. With `drain` seconds (a reload, retire()), the worker
+        goes on analysing them in the background, the stop returning at once, and what is still
+        queued after `drain` seconds is dropped. Does not raise."""
         if self._loop is not None and self._thread is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=15)
-        self.stopping.set()
+        draining = drain > 0 and self._worker.is_alive()
+        timer = None
+        if draining:  # made before `stopping`, so the worker that drains the queue early can cancel it
+            timer = self._drain_timer = threading.Timer(drain, self._end_drain, args=(drain,))
+            timer.daemon = True
+        else:
+            self._cut_off.set()
+        self.stopping.set()  # no record is queued from now on (_finish, _submit)
+        if timer is not None:
+            timer.start()
+        else:
+            self._drop_queued()
+        try:
+            self._queue.put_nowait(None)  # wakes the worker, which ends once the queue is empty
+        except queue.Full:  # not waiting on get(): the worker ends when it finds the queue empty
+            pass
+        self._render.shutdown(wait=False, cancel_futures=True)
+        if draining:
+            return
+        if self._worker.is_alive():
+            self._worker.join(timeout=WORKER_GRACE)
+        self._log_dropped("stopped")
+
+    def retire(self) -> None:
+        """Stop for a reload that replaces this tap: its queued records are analysed for up to
+        RELOAD_DRAIN seconds, in the background (they feed request metrics that carry on)."""
+        self.stop(drain=RELOAD_DRAIN)
+
+    def _end_drain(self, drain: float) -> None:
+        """A reload's drain ran out: what is still queued is dropped (the record in analysis finishes)."""
+        self._cut_off.set()
+        self._drop_queued()
+        self._log_dropped(f"replaced by a reload; after its {drain:g} s drain,")
+
+    def _drop_queued(self) -> None:
         while True:
             try:
                 flight = self._queue.get_nowait()
             except queue.Empty:
-                break
+                return
             if isinstance(flight, _Flight):
                 self._drop(flight, "shutdown")
-        try:
-            self._queue.put_nowait(None)  # wakes the worker, which ends after its current record
-        except queue.Full:  # the loop did not stop in time and filled it again: the worker sees stopping
-            pass
-        if self._worker.is_alive():
-            self._worker.join(timeout=WORKER_GRACE)
-        self._render.shutdown(wait=False, cancel_futures=True)
+
+    def _log_dropped(self, when: str) -> None:
         dropped = self.stats.snapshot()["dropped"].get("shutdown", 0)
         if dropped:
-            log.warning("tap: stopped with %d request record(s) not analysed, counted in "
-                        "whisper_tap_records_dropped_total{reason=\"shutdown\"}", dropped)
+            log.warning("tap: %s %d request record(s) not analysed, counted in "
+                        "whisper_tap_records_dropped_total{reason=\"shutdown\"}", when, dropped)
 
     async def _open(self) -> None:
         cfg = self.config
@@ -557,13 +594,17 @@ class Tap:
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run fn(*args) in the record worker, in turn with the records; RuntimeError when the
-        tap is stopping or the queue is full: the caller drops the work (counted as a record)."""
+        tap is stopping or the queue is full: the caller drops the work (a full queue counted as
+        stream_check_queue_full, for it is no request record)."""
         if self.stopping.is_set():
             raise RuntimeError("the tap is stopping")
         try:
             self._queue.put_nowait(functools.partial(fn, *args))
         except queue.Full:
-            self.stats.count(self.stats.dropped, "queue_full")
+            self.stats.count(self.stats.dropped, "stream_check_queue_full")
+            self._warn("stream_check_queue_full", "tap: the record queue is full (record_queue: "
+                       f"{self.config.record_queue}); a stream's transcript goes unchecked, counted in "
+                       "whisper_tap_records_dropped_total{reason=\"stream_check_queue_full\"}")
             raise RuntimeError("the record queue is full") from None
 
     def _warn(self, kind: str, message: str) -> None:
@@ -602,19 +643,27 @@ class Tap:
         self.stats.count(self.stats.dropped, reason)
 
     def _work(self) -> None:
-        """The record worker: one record at a time, until stop() says so."""
+        """The record worker: one record at a time; once the tap stops, until the queue is empty."""
         while True:
-            flight = self._queue.get()
-            if flight is None:
-                return
+            if self.stopping.is_set():
+                try:
+                    flight = self._queue.get_nowait()
+                except queue.Empty:  # drained (or dropped): a reload's drain ends here
+                    if self._drain_timer is not None:
+                        self._drain_timer.cancel()
+                    return
+            else:
+                flight = self._queue.get()
+            if flight is None:  # stop()'s wake-up: what is still queued is drained or dropped
+                continue
             if not isinstance(flight, _Flight):  # a stream's final transcript to check
-                if not self.stopping.is_set():
+                if not self._cut_off.is_set():
                     try:
                         flight()
                     except Exception:  # noqa: BLE001 - a check's failure must not end the worker
                         log.exception("tap: checking a stream's transcript failed")
                 continue
-            if self.stopping.is_set():
+            if self._cut_off.is_set():
                 self._drop(flight, "shutdown")
                 continue
             self._complete(flight)
@@ -733,10 +782,22 @@ def upstream_url(base: URL, target: str) -> URL:
                      query_string=query, encoded=True)
 
 
+# The spool folders cleaned by this process: only its first tap on a folder finds a previous run's
+# files there; a later one (a reload's) would delete the uploads the tap it replaces still reads.
+_CLEANED: set[str] = set()
+_CLEANED_LOCK = threading.Lock()
+
+
 def _clean_spool(folder: str) -> None:
-    """Remove uploads a previous run left in its own spool directory (a crash, a kill)."""
+    """Remove uploads a previous run left in its own spool directory (a crash, a kill); once per
+    folder and process."""
     import glob
 
+    with _CLEANED_LOCK:
+        key = os.path.realpath(folder)
+        if key in _CLEANED:
+            return
+        _CLEANED.add(key)
     for path in glob.glob(os.path.join(glob.escape(folder), "whisper-tap-*")):
         try:
             os.unlink(path)

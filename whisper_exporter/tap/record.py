@@ -16,8 +16,10 @@ CLIENT_REASONS = ("client_gone", "client_timeout", "bad_target", "upload_too_slo
 # than one upload may; upgrade: a verbose_json answer too large to render, passed as it came.
 ANALYSIS_REASONS = ("multipart", "too_large", "audio", "answer", "internal", "callback", "spool",
                     "too_many_parts", "audio_work", "upgrade")
-# Records not handed on: the record queue was full, or the tap stopped with them still queued.
-DROP_REASONS = ("queue_full", "shutdown")
+# Records not handed on: the record queue was full, or the tap stopped with them still queued
+# (a reload's drain ran out of time: docs/tap.md). stream_check_queue_full: no request record but a
+# WebSocket stream's final transcript check, which shares the queue and found it full (docs/streaming.md).
+DROP_REASONS = ("queue_full", "shutdown", "stream_check_queue_full")
 
 
 @dataclass

@@ -110,7 +110,7 @@ class StreamStats:
             return
         try:
             self.submit(self.on_final, text, language, audio)
-        except RuntimeError:  # the tap is shutting down
+        except RuntimeError:  # the tap is stopping, or its queue is full (counted there)
             pass
 
     def snapshot(self) -> dict[str, Any]:

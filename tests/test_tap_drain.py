@@ -1,0 +1,154 @@
+"""A reload that rebuilds the tap: the old tap's queued records are analysed (a bounded drain),
+so the request metrics that carry on count them; the exporter's final exit still drops them.
+
+The exporter runs in-process (wiring.start, Running.reload) in front of an aiohttp upstream of
+our own; the old tap's record callback is held to build a backlog behind it."""
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+import requests
+from aiohttp import web
+from helpers import free_port, sample, wait_for
+from tap_helpers import Upstream, wav_bytes
+
+import whisper_exporter.tap.proxy as proxy
+from whisper_exporter import wiring
+from whisper_exporter.config import from_dict
+
+TRANSCRIPTIONS = "/v1/audio/transcriptions"
+QUEUED = 3  # records queued behind the one held in analysis
+
+
+@pytest.fixture
+def upstream():
+    async def transcribe(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"text": "the meeting moved to thursday"})
+
+    server = Upstream({TRANSCRIPTIONS: transcribe})
+    yield server
+    server.stop()
+
+
+class Held:
+    """Wraps a tap's record callback: the first record waits in it until released."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, record) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            self.release.wait(60)
+        self.inner(record)
+
+
+def config(upstream_url: str, transcript_chars: int, listen: str = "127.0.0.1:0", **tap):
+    return from_dict({"listen": "127.0.0.1:0", "service": {"url": upstream_url}, "collectors": {
+        "gpu": {"enabled": False}, "process": {"enabled": False}, "probe": {"enabled": False},
+        "quality": {"enabled": False},
+        "tap": {"enabled": True, "listen": listen, "max_transcript_chars": transcript_chars, **tap}}})
+
+
+def the_tap(running):
+    (tap,) = [c for c, _ in running.scheduler.entries if c.name == "tap"]
+    return tap
+
+
+def requests_counted(running) -> float:
+    text = requests.get(running.url + "/metrics", timeout=10).text
+    return sample(text, "whisper_requests_total", endpoint=TRANSCRIPTIONS, status_code="200") or 0.0
+
+
+def backlog(upstream_url: str, moved: bool = False, **tap):
+    """A running exporter whose tap holds one record in analysis and QUEUED more behind it; the
+    configuration a reload reads changes a setting (port 0 both times: the old tap is halted for
+    the new one), or `moved`, the address (the new tap starts first, then the old one stops)."""
+    listen = f"127.0.0.1:{free_port()}" if moved else "127.0.0.1:0"
+    configs = [config(upstream_url, 1000, **tap), config(upstream_url, 2000, listen, **tap)]
+    running = wiring.start(configs[0], load_config=lambda: configs[1])
+    old = the_tap(running)
+    held = old.tap.on_record = Held(old.tap.on_record)
+    url = f"http://127.0.0.1:{old.tap.port}{TRANSCRIPTIONS}"
+    for _ in range(1 + QUEUED):
+        answer = requests.post(url, files={"file": ("a.wav", wav_bytes(2.0), "audio/wav")},
+                               data={"language": "en"}, timeout=30)
+        assert answer.status_code == 200
+    assert held.entered.wait(30)
+    # a record is queued just after its answer went out
+    assert wait_for(lambda: old.tap._queue.qsize() == QUEUED, timeout=30), old.tap._queue.qsize()
+    return running, old, held
+
+
+def reload_in_thread(running) -> threading.Thread:
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(running.reload()))
+    thread.result = result  # type: ignore[attr-defined]
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("where,moved", [("memory", False), ("memory", True), ("spool_dir", True)])
+def test_a_reload_that_rebuilds_the_tap_analyses_the_records_it_had_queued(upstream, monkeypatch, tmp_path, where,
+                                                                          moved):
+    """Uploads held in memory, or spooled to disk in a spool_dir the new tap shares (its start
+    must not take the old tap's files for a crashed run's); the tap's settings or its address changed."""
+    monkeypatch.setattr(proxy, "RELOAD_DRAIN", 60.0)  # ample on a loaded machine: the bound is the next test's
+    spool = {"spool_dir": str(tmp_path / "spool"), "max_in_memory": 1024} if where == "spool_dir" else {}
+    running, old, held = backlog(upstream.url, moved, **spool)
+    try:
+        reloading = reload_in_thread(running)
+        assert wait_for(lambda: old.tap.stopping.is_set(), timeout=30)
+        held.release.set()  # the record in analysis finishes while the old tap is being stopped
+        reloading.join(60)
+        assert not reloading.is_alive() and reloading.result == [None]
+        assert the_tap(running) is not old  # rebuilt
+        assert wait_for(lambda: requests_counted(running) == 1 + QUEUED, timeout=30), requests_counted(running)
+        assert old.tap.stats.snapshot()["dropped"].get("shutdown", 0) == 0
+        assert old.tap.stats.snapshot()["analysis_errors"] == {}
+        audio = sample(requests.get(running.url + "/metrics", timeout=10).text,
+                       "whisper_audio_processed_seconds_total", language="en")
+        assert audio == pytest.approx(2.0 * (1 + QUEUED))
+    finally:
+        held.release.set()
+        running.close()
+
+
+def test_the_drain_is_bounded_a_wedged_analysis_does_not_hold_the_reload(upstream, monkeypatch, caplog):
+    monkeypatch.setattr(proxy, "RELOAD_DRAIN", 0.5)
+    caplog.set_level(logging.WARNING, logger="whisper_exporter.tap")
+    running, old, held = backlog(upstream.url)
+    try:
+        reloading = reload_in_thread(running)
+        reloading.join(60)  # the analysis stays wedged throughout
+        assert not reloading.is_alive() and reloading.result == [None]
+        assert not held.release.is_set()
+        # past the limit, what is still queued is dropped and counted as shutdown
+        assert wait_for(lambda: old.tap.stats.snapshot()["dropped"].get("shutdown", 0) == QUEUED, timeout=30), \
+            old.tap.stats.snapshot()
+        assert requests_counted(running) == 0
+        assert wait_for(lambda: any(f"{QUEUED} request record(s) not analysed" in r.getMessage()
+                                    for r in caplog.records), timeout=10)
+    finally:
+        held.release.set()
+        running.close()
+
+
+def test_the_final_exit_drops_the_queue_at_once(upstream):
+    """SIGTERM's stop (Running.close) does not drain: nothing scrapes the counters after it."""
+    running, old, held = backlog(upstream.url)
+    closing = threading.Thread(target=running.close)
+    closing.start()
+    try:
+        assert wait_for(lambda: old.tap.stopping.is_set(), timeout=30)
+        held.release.set()
+        closing.join(60)
+        assert not closing.is_alive()
+        assert old.tap.stats.snapshot()["dropped"] == {"shutdown": QUEUED}
+    finally:
+        held.release.set()
