@@ -374,3 +374,43 @@ def test_with_required_client_certificates_the_reviewer_is_the_certificates_name
             assert records(files)[-1]["reviewer"] == "bo"
         finally:
             running.close()
+
+
+def test_basic_auth_added_or_removed_by_a_reload_opens_or_closes_the_review_page_at_once(files):
+    """A reload applied new basic_auth_users to the requests (401 without them) but the review page
+    and the status page kept the start-up's verdict on authentication: users added by a reload met
+    403 "set basic_auth_users", and users removed left production text on an open status page."""
+    from types import SimpleNamespace
+
+    settings = {"listen": "127.0.0.1:0", "collectors": {
+        "gpu": {"enabled": False}, "process": {"enabled": False}, "probe": {"enabled": False},
+        "quality": {"enabled": True, "production": {"queue": str(files / "review" / "queue.jsonl"),
+                                                    "references": str(files / "review" / "verified.jsonl")}}}}
+    web = files / "web.yml"
+    web.write_text("http_server_config:\n  headers:\n    X-Frame-Options: DENY\n")
+    running = daemon.start(from_dict(settings, source=str(files / "config.yml")), web=load_web_config(str(web)),
+                           load_config=lambda: from_dict(settings, source=str(files / "config.yml")),
+                           load_web=lambda: load_web_config(str(web)))
+    try:
+        assert requests.get(running.url + "/review", auth=AUTH, timeout=10).status_code == 403
+
+        web.write_text(f"basic_auth_users:\n  ana: '{HASH}'\n")
+        assert running.reload() is None
+        assert requests.get(running.url + "/review", timeout=10).status_code == 401
+        page = requests.get(running.url + "/review", auth=AUTH, timeout=10)
+        assert page.status_code == 200, page.text
+        assert "Signed in as <b>ana</b>" in page.text
+
+        web.write_text("http_server_config:\n  headers:\n    X-Frame-Options: DENY\n")
+        assert running.reload() is None
+        answer = requests.get(running.url + "/review", auth=AUTH, timeout=10)
+        assert answer.status_code == 403 and "basic_auth_users" in answer.text
+        said = SimpleNamespace(id="p1", language="en", unit="word", error_rate=0.5, score=object(), result="scored",
+                               outcome="success", reference="my card number is 4111",
+                               transcript="my card number is 4111", started=0.0, reason="")
+        running.scheduler.shared.quality_view = SimpleNamespace(worst_items=lambda: {"production": [said]})
+        status = requests.get(running.url + "/", timeout=10)
+        assert status.status_code == 200 and "p1" in status.text
+        assert "4111" not in status.text  # the page is open again: no production text on it
+    finally:
+        running.close()
