@@ -414,3 +414,36 @@ def test_basic_auth_added_or_removed_by_a_reload_opens_or_closes_the_review_page
         assert "4111" not in status.text  # the page is open again: no production text on it
     finally:
         running.close()
+
+
+def test_users_removed_by_a_reload_hide_production_text_on_the_status_page_again(files, caplog):
+    """Started behind basic auth, the status page may show production text; a reload to a web
+    config without users opened the port but left the page showing it."""
+    from types import SimpleNamespace
+
+    settings = {"listen": "127.0.0.1:0", "collectors": {
+        "gpu": {"enabled": False}, "process": {"enabled": False}, "probe": {"enabled": False},
+        "quality": {"enabled": True, "production": {"queue": str(files / "review" / "queue.jsonl"),
+                                                    "references": str(files / "review" / "verified.jsonl")}}}}
+    web = files / "web.yml"
+    web.write_text(f"basic_auth_users:\n  ana: '{HASH}'\n")
+    running = daemon.start(from_dict(settings, source=str(files / "config.yml")), web=load_web_config(str(web)),
+                           load_config=lambda: from_dict(settings, source=str(files / "config.yml")),
+                           load_web=lambda: load_web_config(str(web)))
+    said = SimpleNamespace(id="p1", language="en", unit="word", error_rate=0.5, score=object(), result="scored",
+                           outcome="success", reference="my card number is 4111",
+                           transcript="my card number is 4111", started=0.0, reason="")
+    try:
+        running.scheduler.shared.quality_view = SimpleNamespace(worst_items=lambda: {"production": [said]})
+        assert "4111" in requests.get(running.url + "/", auth=AUTH, timeout=10).text  # behind auth: shown
+        web.write_text("{}\n")
+        with caplog.at_level(logging.WARNING, logger="whisper_exporter"):
+            assert running.reload() is None
+        assert any("no longer requires authentication" in r.getMessage() and "/review" in r.getMessage()
+                   for r in caplog.records), [r.getMessage() for r in caplog.records]
+        running.scheduler.shared.quality_view = SimpleNamespace(worst_items=lambda: {"production": [said]})
+        status = requests.get(running.url + "/", timeout=10)
+        assert status.status_code == 200 and "p1" in status.text
+        assert "4111" not in status.text
+    finally:
+        running.close()
