@@ -447,3 +447,54 @@ def test_users_removed_by_a_reload_hide_production_text_on_the_status_page_again
         assert "4111" not in status.text
     finally:
         running.close()
+
+
+def review_section(text: str) -> str:
+    """The status page's Review section (up to the next heading), or "" without one."""
+    found = re.search(r"<h2>Review</h2>(.*?)(?=<h2>|$)", text, re.S)
+    return found.group(1) if found else ""
+
+
+def test_the_status_page_shows_the_review_queue_and_links_to_the_review_page(exporter, files):
+    running = exporter()
+    status = requests.get(running.url + "/", auth=AUTH, timeout=10).text
+    section = review_section(status)
+    assert "<b>3</b> production samples waiting for review (the oldest for 2 h)" in section, section
+    assert "<b>0</b> verified" in section
+    link = re.search(r'<a id="review-link" href="([^"]+)"', section)
+    assert link, section
+    page = requests.get(requests.compat.urljoin(running.url + "/", link.group(1)), auth=AUTH, timeout=10)
+    assert page.status_code == 200 and 'id="left">3<' in page.text  # the link is the review page
+    assert HALLUCINATED not in status and SPOKEN not in status  # the section counts, it shows no text
+
+    answer = post(running, {"id": OLD, "token": token(page.text), "action": "submit", "reference": "hello",
+                            "language": "en"})
+    assert answer.status_code == 303
+    skipped = post(running, {"id": GERMAN, "token": token(requests.get(
+        running.url + f"/review?id={GERMAN}", auth=AUTH, timeout=10).text), "action": "skip"})
+    assert skipped.status_code == 303
+    section = review_section(requests.get(running.url + "/", auth=AUTH, timeout=10).text)
+    assert "<b>2</b> production samples waiting" in section and "1 skipped" in section, section
+    quality(running).update()  # the quality collector takes the verified record
+    section = review_section(requests.get(running.url + "/", auth=AUTH, timeout=10).text)
+    assert "<b>1</b> verified" in section, section
+
+
+def test_without_authentication_the_status_page_says_how_to_turn_the_review_page_on(exporter):
+    running = exporter(users=False)
+    section = review_section(requests.get(running.url + "/", timeout=10).text)
+    assert "<b>3</b> production samples waiting" in section, section
+    assert 'id="review-off"' in section and "basic_auth_users" in section and "client_auth_type" in section
+    assert 'href="review"' not in section  # no link to a page that answers 403
+
+
+def test_without_a_review_queue_the_status_page_has_no_review_section(tmp_path):
+    config = from_dict({"listen": "127.0.0.1:0", "collectors": {
+        "gpu": {"enabled": False}, "process": {"enabled": False}, "probe": {"enabled": False}}},
+        source=str(tmp_path / "config.yml"))
+    running = daemon.start(config)
+    try:
+        text = requests.get(running.url + "/", timeout=10).text
+        assert "<h2>Collectors</h2>" in text and review_section(text) == "" and 'href="review"' not in text
+    finally:
+        running.close()
