@@ -71,6 +71,11 @@ PUNCTUATION_NONE = ("No punctuation scored in this range: no reference of this l
                     ". , ? ! (or collectors.quality off)")
 NO_LANGUAGE_ID = ("No item sent without a language in this range (collectors.quality.language: given, probe "
                   "language: given, or no reviewer named a language); load rules/recording.yml")
+# The review queue (docs/quality.md, "A person verifies"): only production sampling with a queue feeds it.
+REVIEW_EMPTY = ("No review queue: production sampling is off (collectors.quality.production.queue and "
+                "references; the tap or a log with transcripts samples requests)")
+REVIEWS_EMPTY = ("No review in this range: nobody verified, flagged or skipped a sample on /review or by review "
+                 "import (or no collectors.quality.production.queue)")
 # Capacity and efficiency (rules/capacity.yml, docs/capacity.md).
 CAPACITY_EMPTY = ("No busy time measured: capacity needs the request tap (collectors.tap), a replica that served "
                   "in the last hour, and rules/capacity.yml")
@@ -108,6 +113,8 @@ NO_DATA_BY_PREFIX = (
     ("instance_gpu", "No GPU readings (no NVIDIA driver, or the gpu collector is off)"),
     ("whisper_gpu", "No GPU readings (no NVIDIA driver, or the gpu collector is off)"),
     ("whisper_probe", "No canary result (probe off, not run yet, or stale: see WhisperProbeStale)"),
+    ("whisper_quality_reviews", REVIEWS_EMPTY),  # before its prefix, whisper_quality_review
+    ("whisper_quality_review", REVIEW_EMPTY),
     ("whisper_quality", QUALITY_EMPTY),
     ("whisper_process", "No server process watched (process collector off, or nothing matched)"),
     ("whisper_exporter_log", "No log followed (logs collector off, or no files)"),
@@ -871,6 +878,27 @@ def quality() -> dict:
                             "{{probe}}")),
                    "cps", "Probes per second where a non-speech canary (silence, noise, a tone; expected "
                    "transcript empty) came back with text (WhisperCanaryHallucinating).", min_=0, width=8),
+        row("Review of production samples"),
+        stat("Samples waiting for review",
+             targets((f"sum by (instance) (whisper_quality_review_pending_items{{{JI}}})", "{{instance}}")),
+             "short", "Production samples in the review queue that no reviewer has verified or flagged yet "
+             "(verify them on the exporter's /review page, or in Label Studio).", width=6, height=8),
+        stat("Oldest waiting sample",
+             targets((f"max by (instance) (whisper_quality_review_oldest_pending_age_seconds{{{JI}}})",
+                      "{{instance}}")),
+             "s", "How long the oldest pending sample has waited for review on /review (0 when none waits). "
+             "Red from 3 days (WhisperReviewBacklogStale): the tap deletes kept audio after "
+             "collectors.tap.sample_retention, 7 days by default.",
+             thresholds=steps((86400, "yellow"), (3 * 86400, "red")), width=6, height=8),
+        timeseries("Reviews per hour against samples queued",
+                   targets((f"sum by (result) (rate(whisper_quality_reviews_total{{{JI}}}[{RI}])) * 3600",
+                            "{{result}}"),
+                           (f"sum (rate(whisper_quality_review_queue_added_total{{{JI}}}[{RI}])) * 3600",
+                            "queued")),
+                   "short", "Reviews per hour by result (verified: scored; flagged: once per flag; skipped), "
+                   "from /review and review import, beside the samples added to the queue per hour: while "
+                   "queued stays above verified plus flagged, the backlog grows. Verified and flagged count at "
+                   "the quality collector's next run.", min_=0, width=12),
         row("Canary"),
         stat("Canary success (1h)",
              targets((f"job_instance_probe:whisper_probe_runs_success:ratio_rate1h{{{JI}}}", "{{probe}}")),

@@ -692,3 +692,28 @@ def test_fleet_dashboard_shows_capacity_efficiency_and_cost():
     assert exprs["Cost per audio hour"] == ['job:whisper_gpu_hours_per_audio_hour:ratio_rate1h{job=~"$job"} * $gpu_hour_cost']
     cost = next(v for v in fleet["templating"]["list"] if v["name"] == "gpu_hour_cost")
     assert cost["type"] == "textbox" and float(cost["query"]) > 0
+
+
+def test_quality_dashboard_shows_the_review_queue_and_review_throughput():
+    """The review page's queue had alerts (rules/review.yml) and no panel: how many samples wait,
+    how long the oldest has, and reviews per hour against samples queued per hour."""
+    quality = load_dashboards()["whisper-quality.json"]
+    by_family = {}
+    for panel in panels(quality):
+        for t in panel.get("targets", []):
+            for name in ("whisper_quality_review_pending_items", "whisper_quality_review_oldest_pending_age_seconds",
+                         "whisper_quality_reviews_total", "whisper_quality_review_queue_added_total"):
+                if name in t["expr"]:
+                    by_family.setdefault(name, panel)
+    assert set(by_family) == {"whisper_quality_review_pending_items", "whisper_quality_review_oldest_pending_age_seconds",
+                              "whisper_quality_reviews_total", "whisper_quality_review_queue_added_total"}, by_family
+    age = by_family["whisper_quality_review_oldest_pending_age_seconds"]
+    assert age["fieldConfig"]["defaults"]["unit"] == "s"
+    assert 3 * 86400 in threshold_values(age)  # WhisperReviewBacklogStale
+    throughput = by_family["whisper_quality_reviews_total"]
+    assert by_family["whisper_quality_review_queue_added_total"] is throughput  # inflow beside outflow
+    assert any("by (result)" in t["expr"] for t in throughput["targets"])
+    for panel in by_family.values():
+        text = panel["fieldConfig"]["defaults"]["noValue"]
+        assert "production.queue" in text, f"{panel['title']}: {text!r}"  # not the WER panels' text
+        assert "/review" in panel["description"], panel["title"]

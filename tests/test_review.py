@@ -374,3 +374,127 @@ def test_with_required_client_certificates_the_reviewer_is_the_certificates_name
             assert records(files)[-1]["reviewer"] == "bo"
         finally:
             running.close()
+
+
+def test_basic_auth_added_or_removed_by_a_reload_opens_or_closes_the_review_page_at_once(files):
+    """A reload applied new basic_auth_users to the requests (401 without them) but the review page
+    and the status page kept the start-up's verdict on authentication: users added by a reload met
+    403 "set basic_auth_users", and users removed left production text on an open status page."""
+    from types import SimpleNamespace
+
+    settings = {"listen": "127.0.0.1:0", "collectors": {
+        "gpu": {"enabled": False}, "process": {"enabled": False}, "probe": {"enabled": False},
+        "quality": {"enabled": True, "production": {"queue": str(files / "review" / "queue.jsonl"),
+                                                    "references": str(files / "review" / "verified.jsonl")}}}}
+    web = files / "web.yml"
+    web.write_text("http_server_config:\n  headers:\n    X-Frame-Options: DENY\n")
+    running = daemon.start(from_dict(settings, source=str(files / "config.yml")), web=load_web_config(str(web)),
+                           load_config=lambda: from_dict(settings, source=str(files / "config.yml")),
+                           load_web=lambda: load_web_config(str(web)))
+    try:
+        assert requests.get(running.url + "/review", auth=AUTH, timeout=10).status_code == 403
+
+        web.write_text(f"basic_auth_users:\n  ana: '{HASH}'\n")
+        assert running.reload() is None
+        assert requests.get(running.url + "/review", timeout=10).status_code == 401
+        page = requests.get(running.url + "/review", auth=AUTH, timeout=10)
+        assert page.status_code == 200, page.text
+        assert "Signed in as <b>ana</b>" in page.text
+
+        web.write_text("http_server_config:\n  headers:\n    X-Frame-Options: DENY\n")
+        assert running.reload() is None
+        answer = requests.get(running.url + "/review", auth=AUTH, timeout=10)
+        assert answer.status_code == 403 and "basic_auth_users" in answer.text
+        said = SimpleNamespace(id="p1", language="en", unit="word", error_rate=0.5, score=object(), result="scored",
+                               outcome="success", reference="my card number is 4111",
+                               transcript="my card number is 4111", started=0.0, reason="")
+        running.scheduler.shared.quality_view = SimpleNamespace(worst_items=lambda: {"production": [said]})
+        status = requests.get(running.url + "/", timeout=10)
+        assert status.status_code == 200 and "p1" in status.text
+        assert "4111" not in status.text  # the page is open again: no production text on it
+    finally:
+        running.close()
+
+
+def test_users_removed_by_a_reload_hide_production_text_on_the_status_page_again(files, caplog):
+    """Started behind basic auth, the status page may show production text; a reload to a web
+    config without users opened the port but left the page showing it."""
+    from types import SimpleNamespace
+
+    settings = {"listen": "127.0.0.1:0", "collectors": {
+        "gpu": {"enabled": False}, "process": {"enabled": False}, "probe": {"enabled": False},
+        "quality": {"enabled": True, "production": {"queue": str(files / "review" / "queue.jsonl"),
+                                                    "references": str(files / "review" / "verified.jsonl")}}}}
+    web = files / "web.yml"
+    web.write_text(f"basic_auth_users:\n  ana: '{HASH}'\n")
+    running = daemon.start(from_dict(settings, source=str(files / "config.yml")), web=load_web_config(str(web)),
+                           load_config=lambda: from_dict(settings, source=str(files / "config.yml")),
+                           load_web=lambda: load_web_config(str(web)))
+    said = SimpleNamespace(id="p1", language="en", unit="word", error_rate=0.5, score=object(), result="scored",
+                           outcome="success", reference="my card number is 4111",
+                           transcript="my card number is 4111", started=0.0, reason="")
+    try:
+        running.scheduler.shared.quality_view = SimpleNamespace(worst_items=lambda: {"production": [said]})
+        assert "4111" in requests.get(running.url + "/", auth=AUTH, timeout=10).text  # behind auth: shown
+        web.write_text("{}\n")
+        with caplog.at_level(logging.WARNING, logger="whisper_exporter"):
+            assert running.reload() is None
+        assert any("no longer requires authentication" in r.getMessage() and "/review" in r.getMessage()
+                   for r in caplog.records), [r.getMessage() for r in caplog.records]
+        running.scheduler.shared.quality_view = SimpleNamespace(worst_items=lambda: {"production": [said]})
+        status = requests.get(running.url + "/", timeout=10)
+        assert status.status_code == 200 and "p1" in status.text
+        assert "4111" not in status.text
+    finally:
+        running.close()
+
+
+def review_section(text: str) -> str:
+    """The status page's Review section (up to the next heading), or "" without one."""
+    found = re.search(r"<h2>Review</h2>(.*?)(?=<h2>|$)", text, re.S)
+    return found.group(1) if found else ""
+
+
+def test_the_status_page_shows_the_review_queue_and_links_to_the_review_page(exporter, files):
+    running = exporter()
+    status = requests.get(running.url + "/", auth=AUTH, timeout=10).text
+    section = review_section(status)
+    assert "<b>3</b> production samples waiting for review (the oldest for 2 h)" in section, section
+    assert "<b>0</b> verified" in section
+    link = re.search(r'<a id="review-link" href="([^"]+)"', section)
+    assert link, section
+    page = requests.get(requests.compat.urljoin(running.url + "/", link.group(1)), auth=AUTH, timeout=10)
+    assert page.status_code == 200 and 'id="left">3<' in page.text  # the link is the review page
+    assert HALLUCINATED not in status and SPOKEN not in status  # the section counts, it shows no text
+
+    answer = post(running, {"id": OLD, "token": token(page.text), "action": "submit", "reference": "hello",
+                            "language": "en"})
+    assert answer.status_code == 303
+    skipped = post(running, {"id": GERMAN, "token": token(requests.get(
+        running.url + f"/review?id={GERMAN}", auth=AUTH, timeout=10).text), "action": "skip"})
+    assert skipped.status_code == 303
+    section = review_section(requests.get(running.url + "/", auth=AUTH, timeout=10).text)
+    assert "<b>2</b> production samples waiting" in section and "1 skipped" in section, section
+    quality(running).update()  # the quality collector takes the verified record
+    section = review_section(requests.get(running.url + "/", auth=AUTH, timeout=10).text)
+    assert "<b>1</b> verified" in section, section
+
+
+def test_without_authentication_the_status_page_says_how_to_turn_the_review_page_on(exporter):
+    running = exporter(users=False)
+    section = review_section(requests.get(running.url + "/", timeout=10).text)
+    assert "<b>3</b> production samples waiting" in section, section
+    assert 'id="review-off"' in section and "basic_auth_users" in section and "client_auth_type" in section
+    assert 'href="review"' not in section  # no link to a page that answers 403
+
+
+def test_without_a_review_queue_the_status_page_has_no_review_section(tmp_path):
+    config = from_dict({"listen": "127.0.0.1:0", "collectors": {
+        "gpu": {"enabled": False}, "process": {"enabled": False}, "probe": {"enabled": False}}},
+        source=str(tmp_path / "config.yml"))
+    running = daemon.start(config)
+    try:
+        text = requests.get(running.url + "/", timeout=10).text
+        assert "<h2>Collectors</h2>" in text and review_section(text) == "" and 'href="review"' not in text
+    finally:
+        running.close()

@@ -152,3 +152,40 @@ def test_a_reviewer_in_chromium_verifies_one_item_and_flags_another_and_the_qual
     assert sample(metrics, "whisper_quality_reviews_total", result="verified") == 1
     assert sample(metrics, "whisper_quality_reviews_total", result="flagged", flag="no_speech") == 1
     assert sample(metrics, "whisper_quality_review_pending_items") == 0
+
+
+def test_the_status_page_links_a_reviewer_to_the_review_queue_in_chromium(tmp_path):
+    """The status page's Review section, in Chromium: how many samples wait, and a link that opens
+    /review on the oldest of them."""
+    from selenium.webdriver.common.by import By
+    from test_review import queue_line
+
+    queue = tmp_path / "review" / "queue.jsonl"
+    queue.parent.mkdir(mode=0o700)
+    audio = wav(tmp_path / "samples" / "one.wav", seconds=2.0)
+    queue.write_text(queue_line("00000000000000aa", str(audio), SPOKEN, "en", 7200)
+                     + queue_line("00000000000000bb", str(audio), SPOKEN, "de", 60))
+    config = from_dict({"listen": "127.0.0.1:0", "collectors": {
+        "gpu": {"enabled": False}, "process": {"enabled": False}, "probe": {"enabled": False},
+        "quality": {"enabled": True, "production": {"queue": str(queue),
+                                                    "references": str(tmp_path / "review" / "verified.jsonl")}}}},
+        source=str(tmp_path / "config.yml"))
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode()
+    (tmp_path / "web.yml").write_text(f"basic_auth_users:\n  ana: '{hashed}'\n")
+    running = daemon.start(config, web=load_web_config(str(tmp_path / "web.yml")))
+    driver = browser()
+    try:
+        host = running.url.split("://", 1)[1]
+        driver.get(f"http://ana:s3cret@{host}/")
+        summary = driver.find_element(By.ID, "review-queue").text
+        assert "2 production samples waiting for review (the oldest for 2 h)" in summary, summary
+        headings = [h.text for h in driver.find_elements(By.TAG_NAME, "h2")]
+        assert "Review" in headings, headings
+        driver.find_element(By.ID, "review-link").click()
+        assert wait_for(lambda: driver.find_elements(By.ID, "item"), timeout=20)
+        assert driver.current_url.endswith("/review")
+        assert driver.find_element(By.ID, "item").text == "00000000000000aa"  # the oldest first
+        assert driver.find_element(By.ID, "left").text == "2"
+    finally:
+        driver.quit()
+        running.close()

@@ -105,6 +105,7 @@ class Running:
     load_web: Optional[Callable[[], WebConfig]] = None  # --web.config.file, read again on reload
     web_app: Optional["_Swappable"] = None
     health_open: bool = False
+    page_authenticated: bool = False  # the port requires authentication now (see authenticated())
     _reload_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -126,6 +127,8 @@ class Running:
                 self._apply(new)
                 if web is not None:
                     self._apply_web(web)
+                if self.scheduler.shared is not None:  # a new shared state starts at False
+                    self.scheduler.shared.page_authenticated = self.page_authenticated
             except Exception as err:  # a bad file, or a factory that fails: keep what runs
                 self.reloads.record(False)
                 reason = str(err) if isinstance(err, (ConfigError, RequiredStartError)) else describe(err)
@@ -229,6 +232,13 @@ class Running:
             self.server.set_ssl_context(web.ssl_context)
         if self.web_app is not None:
             self.web_app.app = _protect(self.web_app.inner, web, self.health_open)
+        # What the review page and the status page's production text go by: the users just
+        # swapped in, and the TLS settings the server now has (the old ones, if TLS cannot turn).
+        was, self.page_authenticated = self.page_authenticated, authenticated(web.users, self.server.ssl_context)
+        if was != self.page_authenticated:
+            log.warning("--web.config.file: the port %s authentication now; the review page (/review) is %s",
+                        "requires" if self.page_authenticated else "no longer requires",
+                        "on" if self.page_authenticated else "off and the status page hides production text")
 
     def close(self) -> None:
         self.server.shutdown()
@@ -248,6 +258,12 @@ class _Swappable:
 
     def __call__(self, environ: dict, start_response: Callable) -> Any:
         return self.app(environ, start_response)
+
+
+def authenticated(users: dict[str, bytes], context: Optional[ssl.SSLContext]) -> bool:
+    """Whether every request proves who sent it: basic auth users, or mutual TLS that requires a
+    client certificate. Only then may pages show production audio and text."""
+    return bool(users) or (context is not None and context.verify_mode == ssl.CERT_REQUIRED)
 
 
 def _protect(app: Callable, web: WebConfig, health_open: bool) -> Callable:
@@ -294,13 +310,13 @@ def start(
         scheduler.stop()
         raise
     registry.register(server)  # whisper_exporter_http_connections*
+    protected = authenticated(web.users, web.ssl_context)
     if scheduler.shared is not None:
         # Production transcripts show on the status page only behind basic auth, or mutual TLS that
         # requires a client certificate.
-        scheduler.shared.page_authenticated = bool(web.users) or (
-            web.ssl_context is not None and web.ssl_context.verify_mode == ssl.CERT_REQUIRED)
+        scheduler.shared.page_authenticated = protected
     running = Running(config, scheduler, server, server.thread, exporter, reloads, load_config, load_web, app,
-                      health_open)
+                      health_open, protected)
     scheduler.start()
     return running
 

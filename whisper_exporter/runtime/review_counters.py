@@ -97,6 +97,12 @@ class ReviewCounters:
         with self._lock:
             self._reviewed.difference_update(ids)
 
+    def totals(self) -> tuple[int, dict[str, int], int]:
+        """(verified, flagged by flag, skipped) since start-up, as whisper_quality_reviews_total counts them."""
+        with self._lock:
+            flagged = {flag: n for (result, flag), n in self._results.items() if result == FLAGGED}
+            return self._results[(VERIFIED, "")], flagged, self._results[(SKIPPED, "")]
+
     def reviewed_ids(self) -> set[str]:
         with self._lock:
             return set(self._reviewed)

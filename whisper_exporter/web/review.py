@@ -305,7 +305,8 @@ def _see_other(start_response: StartResponse, location: str) -> list[bytes]:
     return [b""]
 
 
-def _waited(seconds: float) -> str:
+def waited(seconds: float) -> str:
+    """How long, in words: minutes under an hour, hours under two days, then days."""
     seconds = max(0.0, seconds)
     if seconds < 3600:
         return f"{seconds / 60:.0f} min"
@@ -377,7 +378,7 @@ Language: {' | '.join(filters)}.</p>
                          for v in (0.5, 0.75, 1, 1.25, 1.5, 1.75, 2))
         duration = "" if current.duration is None else f", {current.duration:.1f} s"
         parts.append(f"""<h2>Item <code id="item">{escape(current.id)}</code></h2>
-<p>Language {escape(current.language)}{duration}; sampled {_waited(now - current.sampled_at)} ago.</p>
+<p>Language {escape(current.language)}{duration}; sampled {waited(now - current.sampled_at)} ago.</p>
 <p><audio id="audio" controls preload="metadata" src="review/audio/{quote(current.id)}"></audio>
 <label>Speed <select id="speed">{speeds}</select></label></p>
 <form id="review" method="post" action="review/submit">
@@ -409,7 +410,7 @@ confirmed hallucination)</legend>{flags}</fieldset>
             href = "review?" + urlencode({"id": q.id, **({"language": language} if language else {})})
             duration = "" if q.duration is None else f"{q.duration:.1f} s"
             parts.append(f'<tr{css}><td><a href="{escape(href)}">{escape(q.id)}</a></td><td>{escape(q.language)}'
-                         f"</td><td>{duration}</td><td>{_waited(now - q.sampled_at)}</td></tr>")
+                         f"</td><td>{duration}</td><td>{waited(now - q.sampled_at)}</td></tr>")
         parts.append("</table>")
         if len(shown) > MAX_LISTED:
             parts.append(f"<p>and {len(shown) - MAX_LISTED} more.</p>")

@@ -12,7 +12,7 @@ from whisper_exporter.config import Config, masked, masked_url
 from whisper_exporter.runtime.quality_counters import QualityCounters
 from whisper_exporter.runtime.scheduler import Scheduler
 from whisper_exporter.runtime.shared import ProbeView
-from whisper_exporter.web import service
+from whisper_exporter.web import review, service
 from whisper_exporter.whisper.transport import safe_text
 
 # What production users said is shown only behind authentication (SECURITY.md).
@@ -199,6 +199,42 @@ def _render_quality(scheduler: Scheduler) -> str:
     return "\n".join(parts) + "\n"
 
 
+def review_rows(scheduler: Scheduler) -> Optional[dict]:
+    """The review queue as the page shows it; None without production sampling into a queue.
+    `off` says why /review is off ("" when it is on), as the review page itself answers."""
+    shared = scheduler.shared
+    if shared is None or shared.review_queue is None:
+        return None
+    production = getattr(getattr(shared.config.collectors, "quality", None), "production", None)
+    if production is None or not production.references:
+        off = review.OFF_CONFIG.strip()
+    elif not shared.page_authenticated:
+        off = review.OFF_AUTH.strip()
+    else:
+        off = ""
+    waiting, oldest = shared.review_queue.pending(shared.reviews.reviewed_ids())
+    verified, flagged, skipped = shared.reviews.totals()
+    return {"pending": waiting, "oldest": "" if oldest is None else review.waited(time.time() - oldest),
+            "verified": verified, "flagged": {f: n for f, n in flagged.items() if n}, "skipped": skipped, "off": off}
+
+
+def _render_review(scheduler: Scheduler) -> str:
+    row = review_rows(scheduler)
+    if row is None:
+        return ""  # production sampling is off: docs/quality.md says how to turn it on
+    flagged = ", ".join(f"{escape(f)} {n}" for f, n in sorted(row["flagged"].items())) or "none"
+    waited = f" (the oldest for {escape(row['oldest'])})" if row["oldest"] else ""
+    parts = ["<h2>Review</h2>",
+             f'<p id="review-queue"><b>{row["pending"]}</b> production sample{"" if row["pending"] == 1 else "s"} '
+             f"waiting for review{waited}. Since start-up: <b>{row['verified']}</b> verified, flagged {flagged}, "
+             f"{row['skipped']} skipped (verified and flagged count at the quality collector's next run).</p>"]
+    if row["off"]:
+        parts.append(f'<p id="review-off">{escape(row["off"])}</p>')
+    else:
+        parts.append('<p><a id="review-link" href="review">Review them on /review</a>.</p>')
+    return "\n".join(parts) + "\n"
+
+
 def hallucination_rows(scheduler: Scheduler) -> list[dict]:
     """The last suspected hallucinations, newest first. Transcripts of real traffic are never shown
     (users' words on an unauthenticated page); canary and reference ones are the exporter's own."""
@@ -228,7 +264,8 @@ def _render_hallucinations(scheduler: Scheduler) -> str:
 
 # The page's sections, in order: a new section is a function here. The first ones come before the
 # collector table: the page answers "is the service healthy" before "do the collectors run".
-SECTIONS: list[Callable[[Scheduler], str]] = [service.render, _render_probes, _render_quality, _render_hallucinations]
+SECTIONS: list[Callable[[Scheduler], str]] = [service.render, _render_probes, _render_quality, _render_review,
+                                              _render_hallucinations]
 BEFORE_COLLECTORS = 1  # how many of SECTIONS come before the collector table
 
 
