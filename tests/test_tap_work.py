@@ -420,6 +420,32 @@ def test_stream_checks_a_stopping_tap_skips_are_counted_as_their_own_reason(answ
     assert {s.labels["reason"]: s.value for s in family.samples}["stream_check_shutdown"] == 0
 
 
+def test_a_stopped_taps_own_counters_carry_into_its_successor_once(answering):
+    """The memory budget's refusals (per tap, like its connection counters) are folded into the
+    totals a reload's next collector shares when the tap stops: exported once, then and after."""
+    from collectors.tap import TapCollector
+    from whisper_exporter.tap import TapConfig
+
+    def refused(collector) -> float:
+        return next(m for m in collector.families() if m.name == "whisper_tap_memory_budget_refused").samples[0].value
+
+    first = TapCollector(TapConfig(enabled=True, listen="127.0.0.1:0", memory_budget=4096), answering.url)
+    first.start()
+    try:
+        body, headers = form(wav_bytes(2.0))  # 64 KB: over the budget, spooled
+        assert post(first.tap, body, headers).status_code == 200
+        assert refused(first) == 1
+    finally:
+        first.stop_for_reload()
+    assert refused(first) == 1  # folded, not counted twice
+    second = TapCollector(TapConfig(enabled=True, listen="127.0.0.1:0"), answering.url, totals=first.totals)
+    assert refused(second) == 1
+    second.start()
+    second.stop()
+    first.stop()  # a second stop folds nothing more
+    assert refused(second) == 1 and refused(first) == 1
+
+
 def test_stop_drops_the_queue_instead_of_draining_it(answering, caplog):
     records = Blocking()
     tap = start_tap(answering.url, records)
