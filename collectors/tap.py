@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -28,8 +29,9 @@ from whisper_exporter.runtime.requests import LATENCY_BUCKETS, Labels, RequestMe
 from whisper_exporter.runtime.seeds import seed_requests
 from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.tap import TapConfig, TapRecord
-from whisper_exporter.tap.record import ANALYSIS_REASONS, CLIENT_REASONS, DROP_REASONS, UPSTREAM_REASONS
+from whisper_exporter.tap.record import ANALYSIS_REASONS, CLIENT_REASONS, DROP_REASONS, UPSTREAM_REASONS, TapStats
 from whisper_exporter.tap.streaming import ERROR_TYPES, PROTOCOLS, UPGRADE_RESULTS, Hist
+from whisper_exporter.web.connections import ConnectionStats
 from whisper_exporter.whisper import hallucination
 
 if TYPE_CHECKING:  # the sampling module is imported only for a tap that keeps samples
@@ -55,12 +57,28 @@ def by_reason(name: str, documentation: str, reasons: Iterable[str], counts: dic
     return family
 
 
+@dataclass
+class TapTotals:
+    """The whisper_tap_* counters across the reloads that rebuild the tap (a new collector, a new Tap),
+    kept in the shared state: none goes down, and what a replaced tap counts while it drains is exported."""
+
+    stats: TapStats = field(default_factory=TapStats)  # every tap's, shared: a retired one's drain counts on
+    ttfb: dict[str, _Hist] = field(default_factory=dict)  # by endpoint label, under `lock`
+    # A tap's own parts (connections, memory budget) are per tap, for their gauges; their counters
+    # are added in here once the tap has stopped (its loop has ended, so they no longer move).
+    closed: dict[str, int] = field(default_factory=dict)
+    accept_errors: int = 0
+    refused: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
 class TapCollector:
     name = "tap"
 
     def __init__(self, section: TapConfig, upstream: str, requests: Optional[RequestMetrics] = None,
                  hallucinations: Optional[HallucinationCounters] = None,
-                 sampler: Optional[ProductionSampler] = None, keeper: Optional[AudioKeeper] = None):
+                 sampler: Optional[ProductionSampler] = None, keeper: Optional[AudioKeeper] = None,
+                 totals: Optional[TapTotals] = None):
         from whisper_exporter.tap import Tap
 
         self.section = section
@@ -70,11 +88,14 @@ class TapCollector:
         self.hallucinations = hallucinations
         self.sampler, self.keeper = sampler, keeper
         self._lock = threading.Lock()
-        self.ttfb: dict[str, _Hist] = {}  # by endpoint label
+        # A reload's predecessor's totals (the shared state's), so its counters carry on.
+        self.totals = totals if totals is not None else TapTotals()
+        self.ttfb = self.totals.ttfb  # by endpoint label, under totals.lock
+        self._folded = False  # this tap's connection and budget counters are in the totals now
         self._cells: dict[int, tuple[str, str]] = {}  # id(record) -> its sampling cell, drawn in wants_audio
         self.tap = Tap(section, upstream, on_record=self.observe,
                        wants_audio=self.wants_audio if sampler is not None and keeper is not None else None,
-                       occupancy=self.requests.occupancy)
+                       occupancy=self.requests.occupancy, stats=self.totals.stats)
         self.status = f"proxying {section.listen} -> {masked_url(upstream)}"
         streams = self.tap.streams
         streams.on_final = self.stream_final  # in the tap's worker thread
@@ -99,10 +120,39 @@ class TapCollector:
 
     def stop(self) -> None:
         self.tap.stop()  # the exporter's exit: records still queued are dropped (docs/tap.md)
+        self._fold()
 
     def stop_for_reload(self) -> None:
-        """Replaced by a reload: the tap's queued records are still analysed, for a bounded time."""
+        """Replaced by a reload: the tap's queued records are still analysed, for a bounded time
+        (counted in the shared stats, which the next tap exports)."""
         self.tap.retire()
+        self._fold()
+
+    def _fold(self) -> None:
+        """The stopped tap's connection and memory budget counters into the totals, once: the next
+        tap's (which start at 0) are exported on top of them."""
+        totals, connections = self.totals, self.tap.connections
+        with totals.lock:
+            if self._folded:
+                return
+            self._folded = True
+            for reason, n in connections.closed.items():
+                totals.closed[reason] = totals.closed.get(reason, 0) + n
+            totals.accept_errors += connections.accept_errors
+            totals.refused += self.tap.budget.refused
+
+    def _connections(self) -> tuple[ConnectionStats, int]:
+        """The connection metrics with the stopped taps' counters added, and the budget's refusals."""
+        totals, own = self.totals, self.tap.connections
+        view = ConnectionStats(own.limit, own.prefix, own.what, (), own.limit_help)
+        view.open = own.open
+        with totals.lock:  # read with the flag: a tap folded is not counted twice
+            mine = not self._folded
+            reasons = dict.fromkeys([*own.closed, *totals.closed], 0)
+            view.closed = {r: totals.closed.get(r, 0) + (own.closed.get(r, 0) if mine else 0) for r in reasons}
+            view.accept_errors = totals.accept_errors + (own.accept_errors if mine else 0)
+            refused = totals.refused + (self.tap.budget.refused if mine else 0)
+        return view, refused
 
     @staticmethod
     def _eligible(record: TapRecord) -> bool:
@@ -131,7 +181,7 @@ class TapCollector:
             lang = self.requests.observe_locked(to_log_record(record), "tap")
             endpoint = self.requests.labels.endpoint(record.endpoint)
         if record.ttfb is not None:
-            with self._lock:
+            with self.totals.lock:
                 hist = self.ttfb.get(endpoint)
                 if hist is None:
                     hist = self.ttfb[endpoint] = _Hist(LATENCY_BUCKETS)
@@ -158,9 +208,10 @@ class TapCollector:
         yield from stream_families(self.tap.streams.snapshot())
         if self.owns_requests:
             yield from self.requests.families()
-        with self._lock:
+        with self.totals.lock:
             ttfb = {k: h.copy() for k, h in self.ttfb.items()}
         stats = self.tap.stats.snapshot()
+        connections, refused = self._connections()
         yield GaugeMetricFamily("whisper_tap_requests_in_flight", "Requests passing through the tap now.",
                                 value=stats["in_flight"])
         hist = HistogramMetricFamily(
@@ -192,8 +243,9 @@ class TapCollector:
             "whisper_tap_records_dropped_total",
             "Requests proxied whose record was dropped unanalysed and is missing from the request metrics: the "
             "record queue was full (queue_full, collectors.tap.record_queue) or the tap stopped (shutdown: "
-            "on exit, or a reload's drain ran out of time); stream_check_queue_full: no request but a WebSocket "
-            "stream's final transcript left unchecked for hallucination, the queue being full.",
+            "on exit, or a reload's drain ran out of time); stream_check_queue_full, stream_check_shutdown: no request "
+            "but a WebSocket stream's final transcript left unchecked for hallucination, the queue being full or "
+            "the tap stopping.",
             DROP_REASONS, stats["dropped"])
         budget = self.tap.budget
         yield GaugeMetricFamily("whisper_tap_memory_in_use_bytes",
@@ -205,12 +257,12 @@ class TapCollector:
                                 value=budget.limit)
         yield CounterMetricFamily("whisper_tap_memory_budget_refused_total",
                                   "Uploads spooled to disk (or upgraded answers passed as they came) because the "
-                                  "memory budget was spent.", value=budget.refused)
+                                  "memory budget was spent.", value=refused)
         yield CounterMetricFamily(
             "whisper_tap_audio_duration_mismatches_total",
             "WAV uploads whose header claimed more audio than the bytes received hold; the bytes' "
             "duration was counted.", value=stats["duration_mismatches"])
-        yield from self.tap.connections.collect()  # whisper_tap_connections*, whisper_tap_accept_errors_total
+        yield from connections.collect()  # whisper_tap_connections*, whisper_tap_accept_errors_total
         yield CounterMetricFamily("whisper_tap_request_bytes_total", "Request body bytes passed to the server.",
                                   value=stats["request_bytes"])
         yield CounterMetricFamily("whisper_tap_response_bytes_total", "Answer body bytes passed to clients.",
@@ -336,8 +388,11 @@ def make(section: TapConfig, shared: Shared) -> TapCollector:
     requests.tap_on = True  # the tap is the one source of request counts (docs/tap.md)
     requests.max_concurrency = config.service.max_concurrency  # the capacity model (docs/capacity.md)
     seed_requests(requests, config, audio=True)  # the tap measures every request's audio
+    # The totals carry on across reloads that build the tap anew (docs/tap.md, Reloads).
+    totals = shared.carried.setdefault("tap", TapTotals())
     return TapCollector(section, section.upstream or config.service.url, requests=requests,
-                        hallucinations=shared.use_hallucinations(), sampler=sampler, keeper=keeper)
+                        hallucinations=shared.use_hallucinations(), sampler=sampler, keeper=keeper,
+                        totals=totals)
 
 
 PLUGIN = Plugin("tap", TapConfig, make, "a reverse proxy in front of the server: real traffic's latency, RTF, language")

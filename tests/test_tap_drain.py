@@ -152,3 +152,69 @@ def test_the_final_exit_drops_the_queue_at_once(upstream):
         assert old.tap.stats.snapshot()["dropped"] == {"shutdown": QUEUED}
     finally:
         held.release.set()
+
+
+def tap_counters(running) -> dict:
+    """Every whisper_tap_* counter and histogram sample of a scrape: {(name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(running.url + "/metrics", timeout=10).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith("whisper_tap_") and family.type in ("counter", "histogram"):
+            for s in family.samples:
+                if not s.name.endswith("_created"):
+                    out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_no_tap_counter_goes_down_across_a_reload_and_the_old_taps_drops_are_exported(upstream, monkeypatch):
+    """Traffic of several kinds through the old tap, then a reload that rebuilds it while its drain
+    is wedged: every whisper_tap_* counter carries on (Prometheus reads a drop as a reset), and the
+    records the old tap drops after the hand-over show in the exported shutdown count."""
+    import socket
+
+    monkeypatch.setattr(proxy, "RELOAD_DRAIN", 0.5)
+    configs = [config(upstream.url, 1000, memory_budget=4096), config(upstream.url, 2000, memory_budget=4096)]
+    running = wiring.start(configs[0], load_config=lambda: configs[1])
+    old = the_tap(running)
+    url = f"http://127.0.0.1:{old.tap.port}{TRANSCRIPTIONS}"
+    held = Held(old.tap.on_record)
+    try:
+        for size in (0.1, 2.0):  # 2 s of audio is over the memory budget: refused, spooled
+            answer = requests.post(url, files={"file": ("a.wav", wav_bytes(size), "audio/wav")},
+                                   data={"language": "en"}, timeout=30)
+            assert answer.status_code == 200
+        answer = requests.post(url, data=b"--B\r\nnot a part", timeout=30,
+                               headers={"Content-Type": "multipart/form-data; boundary=B"})
+        assert answer.status_code == 200
+        with socket.create_connection(("127.0.0.1", old.tap.port), timeout=30) as conn:  # bad_target
+            conn.sendall(b"GET http://example.invalid/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert conn.recv(100).startswith(b"HTTP/1.1 400")
+        assert wait_for(lambda: requests_counted(running) == 2, timeout=30), requests_counted(running)
+        assert wait_for(lambda: old.tap.stats.snapshot()["analysis_errors"].get("multipart") == 1, timeout=30)
+        old.tap.on_record = held
+        for _ in range(1 + QUEUED):
+            answer = requests.post(url, files={"file": ("a.wav", wav_bytes(0.1), "audio/wav")},
+                                   data={"language": "en"}, timeout=30)
+            assert answer.status_code == 200
+        assert held.entered.wait(30)
+        assert wait_for(lambda: old.tap._queue.qsize() == QUEUED, timeout=30), old.tap._queue.qsize()
+        before = tap_counters(running)
+        assert before[("whisper_tap_request_bytes_total", ())] > 0
+        assert before[("whisper_tap_memory_budget_refused_total", ())] >= 1
+        assert before[("whisper_tap_analysis_errors_total", (("reason", "multipart"),))] == 1
+        assert before[("whisper_tap_client_errors_total", (("reason", "bad_target"),))] == 1
+        assert before[("whisper_tap_records_dropped_total", (("reason", "shutdown"),))] == 0
+
+        assert running.reload() is None  # the old tap's analysis stays wedged throughout
+        assert the_tap(running) is not old  # rebuilt
+        shutdown = ("whisper_tap_records_dropped_total", (("reason", "shutdown"),))
+        assert wait_for(lambda: tap_counters(running)[shutdown] == QUEUED, timeout=30), tap_counters(running)
+        after = tap_counters(running)
+        lower = {key: (value, after.get(key)) for key, value in before.items()
+                 if after.get(key) is None or after[key] < value}
+        assert lower == {}
+    finally:
+        held.release.set()
+        running.close()

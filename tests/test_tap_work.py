@@ -139,7 +139,8 @@ def test_memory_gauges_are_exported(held):
     assert values["whisper_tap_memory_budget_refused"] == [0]
     dropped = next(m for m in collector.families() if m.name == "whisper_tap_records_dropped")
     assert {s.labels["reason"]: s.value for s in dropped.samples} == {"queue_full": 0, "shutdown": 0,
-                                                                      "stream_check_queue_full": 0}
+                                                                      "stream_check_queue_full": 0,
+                                                                      "stream_check_shutdown": 0}
 
 
 def test_rss_stays_bounded_with_100_concurrent_1mb_uploads(held, tmp_path):
@@ -386,6 +387,63 @@ def test_a_stream_check_that_finds_the_queue_full_is_counted_as_its_own_reason(a
     collector = TapCollector(TapConfig(enabled=True, listen="127.0.0.1:0"), answering.url)
     family = next(m for m in collector.families() if m.name == "whisper_tap_records_dropped")
     assert {s.labels["reason"]: s.value for s in family.samples}["stream_check_queue_full"] == 0
+
+
+def test_stream_checks_a_stopping_tap_skips_are_counted_as_their_own_reason(answering):
+    """A stream's final transcript check queued when the tap stops, or handed to it while it stops,
+    goes unchecked: counted as stream_check_shutdown (no request record, so not `shutdown`)."""
+    from collectors.tap import TapCollector
+    from whisper_exporter.tap import TapConfig
+
+    records = Blocking()
+    tap = start_tap(answering.url, records)
+    checked: list[str] = []
+    tap.streams.on_final = lambda text, language, audio: checked.append(text)
+    body, headers = form(wav_bytes(0.5))
+    try:
+        assert post(tap, body, headers).status_code == 200
+        assert records.entered.wait(30)  # the worker holds the record
+        tap.streams.final("queued behind the record", "en", 2.0)
+        assert tap._queue.qsize() == 1
+        tap.stop()  # the exporter's exit: the queue is dropped (the held record is still in analysis)
+        tap.streams.final("ended while the tap stops", "en", 1.0)
+        dropped = tap.stats.snapshot()["dropped"]
+        records.release.set()
+        records.wait(1)
+    finally:
+        records.release.set()
+        tap.stop()
+    assert checked == []
+    assert dropped == {"stream_check_shutdown": 2}
+    collector = TapCollector(TapConfig(enabled=True, listen="127.0.0.1:0"), answering.url)
+    family = next(m for m in collector.families() if m.name == "whisper_tap_records_dropped")
+    assert {s.labels["reason"]: s.value for s in family.samples}["stream_check_shutdown"] == 0
+
+
+def test_a_stopped_taps_own_counters_carry_into_its_successor_once(answering):
+    """The memory budget's refusals (per tap, like its connection counters) are folded into the
+    totals a reload's next collector shares when the tap stops: exported once, then and after."""
+    from collectors.tap import TapCollector
+    from whisper_exporter.tap import TapConfig
+
+    def refused(collector) -> float:
+        return next(m for m in collector.families() if m.name == "whisper_tap_memory_budget_refused").samples[0].value
+
+    first = TapCollector(TapConfig(enabled=True, listen="127.0.0.1:0", memory_budget=4096), answering.url)
+    first.start()
+    try:
+        body, headers = form(wav_bytes(2.0))  # 64 KB: over the budget, spooled
+        assert post(first.tap, body, headers).status_code == 200
+        assert refused(first) == 1
+    finally:
+        first.stop_for_reload()
+    assert refused(first) == 1  # folded, not counted twice
+    second = TapCollector(TapConfig(enabled=True, listen="127.0.0.1:0"), answering.url, totals=first.totals)
+    assert refused(second) == 1
+    second.start()
+    second.stop()
+    first.stop()  # a second stop folds nothing more
+    assert refused(second) == 1 and refused(first) == 1
 
 
 def test_stop_drops_the_queue_instead_of_draining_it(answering, caplog):

@@ -81,6 +81,9 @@ class Shared:
     # builds its holders anew, and only them.
     building: Optional[str] = None
     holders: dict[str, set[str]] = field(default_factory=dict)
+    # What a collector's counters add up to across the reloads that build it anew, by section name
+    # (the tap's: collectors/tap.py TapTotals); the same dict in every renewed() state, so they carry on.
+    carried: dict[str, Any] = field(default_factory=dict)
     # The last minutes of the request metrics, for the status page's Service section; sampled on
     # each scrape and each page view.
     recent_requests: RecentRequests = field(init=False)

@@ -134,7 +134,7 @@ class Tap:
 
     def __init__(self, config: TapConfig, upstream: str, on_record: Callable[[TapRecord], None],
                  wants_audio: Optional[Callable[[TapRecord], bool]] = None,
-                 occupancy: Optional[Occupancy] = None):
+                 occupancy: Optional[Occupancy] = None, stats: Optional[TapStats] = None):
         config.check(KeyPath("<tap>", "whisper_exporter.collectors.tap"))  # raises ConfigError naming the field
         self.config = config
         self.upstream = upstream.rstrip("/")
@@ -142,7 +142,9 @@ class Tap:
         self.on_record = on_record
         self.wants_audio = wants_audio  # sampling's hook: keep the upload on disk for this record?
         self.occupancy = occupancy or Occupancy()  # busy time of transcription requests (docs/capacity.md)
-        self.stats = TapStats()
+        # A reload's new tap is given the old one's stats: the counters carry on (docs/tap.md).
+        self.stats = stats if stats is not None else TapStats()
+        self._shutdown_drops = 0  # this tap's own, for its log line (the stats may be its predecessors' too)
         self.streams = StreamStats()  # WebSocket sessions (tap/websocket.py, tap/streaming.py)
         self.relays: set[Any] = set()  # the sessions in progress, closed with 1001 when the tap stops
         self.ws_session: Optional[aiohttp.ClientSession] = None  # made on the first upgrade
@@ -257,9 +259,12 @@ class Tap:
                 return
             if isinstance(flight, _Flight):
                 self._drop(flight, "shutdown")
+            elif flight is not None:  # a stream's final transcript, left unchecked
+                self.stats.count(self.stats.dropped, "stream_check_shutdown")
 
     def _log_dropped(self, when: str) -> None:
-        dropped = self.stats.snapshot()["dropped"].get("shutdown", 0)
+        with self.stats.lock:
+            dropped = self._shutdown_drops
         if dropped:
             log.warning("tap: %s %d request record(s) not analysed, counted in "
                         "whisper_tap_records_dropped_total{reason=\"shutdown\"}", when, dropped)
@@ -343,7 +348,8 @@ class Tap:
         # Only transcription requests occupy the server: a health check or model list is not work.
         flight = _Flight(record, t0, self.occupancy if api is not None else None)
         stats = self.stats
-        stats.in_flight += 1
+        with stats.lock:  # a reload's old and new taps may share the stats: their loops run at once
+            stats.in_flight += 1
         gate = self._listener.gate(request) if self._listener is not None else None
         if gate is not None:
             gate.started()  # the head deadline no longer applies; the upload's own do
@@ -357,7 +363,8 @@ class Tap:
         finally:
             if gate is not None:
                 gate.finished()
-            stats.in_flight -= 1
+            with stats.lock:
+                stats.in_flight -= 1
             flight.release()
             record.duration = time.perf_counter() - t0
             self._finish(flight)
@@ -597,6 +604,7 @@ class Tap:
         tap is stopping or the queue is full: the caller drops the work (a full queue counted as
         stream_check_queue_full, for it is no request record)."""
         if self.stopping.is_set():
+            self.stats.count(self.stats.dropped, "stream_check_shutdown")
             raise RuntimeError("the tap is stopping")
         try:
             self._queue.put_nowait(functools.partial(fn, *args))
@@ -618,11 +626,12 @@ class Tap:
     def _finish(self, flight: _Flight) -> None:
         record = flight.record
         stats = self.stats
-        stats.requests += 1
-        stats.request_bytes += record.request_bytes
-        stats.response_bytes += record.response_bytes
-        if record.error is not None:
-            stats.count(stats.errors, record.error)
+        with stats.lock:
+            stats.requests += 1
+            stats.request_bytes += record.request_bytes
+            stats.response_bytes += record.response_bytes
+            if record.error is not None:
+                stats.errors[record.error] = stats.errors.get(record.error, 0) + 1
         if flight.upgrade is not None:
             flight.upgrade.close()  # a request that ended mid-hold still gives its bytes back
         if self.stopping.is_set():
@@ -640,7 +649,10 @@ class Tap:
         analyzer = flight.analyzer
         if analyzer is not None and analyzer.spool is not None:
             analyzer.spool.discard()
-        self.stats.count(self.stats.dropped, reason)
+        with self.stats.lock:
+            self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + 1
+            if reason == "shutdown":
+                self._shutdown_drops += 1
 
     def _work(self) -> None:
         """The record worker: one record at a time; once the tap stops, until the queue is empty."""
@@ -657,11 +669,13 @@ class Tap:
             if flight is None:  # stop()'s wake-up: what is still queued is drained or dropped
                 continue
             if not isinstance(flight, _Flight):  # a stream's final transcript to check
-                if not self._cut_off.is_set():
-                    try:
-                        flight()
-                    except Exception:  # noqa: BLE001 - a check's failure must not end the worker
-                        log.exception("tap: checking a stream's transcript failed")
+                if self._cut_off.is_set():
+                    self.stats.count(self.stats.dropped, "stream_check_shutdown")
+                    continue
+                try:
+                    flight()
+                except Exception:  # noqa: BLE001 - a check's failure must not end the worker
+                    log.exception("tap: checking a stream's transcript failed")
                 continue
             if self._cut_off.is_set():
                 self._drop(flight, "shutdown")

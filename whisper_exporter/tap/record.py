@@ -17,9 +17,10 @@ CLIENT_REASONS = ("client_gone", "client_timeout", "bad_target", "upload_too_slo
 ANALYSIS_REASONS = ("multipart", "too_large", "audio", "answer", "internal", "callback", "spool",
                     "too_many_parts", "audio_work", "upgrade")
 # Records not handed on: the record queue was full, or the tap stopped with them still queued
-# (a reload's drain ran out of time: docs/tap.md). stream_check_queue_full: no request record but a
-# WebSocket stream's final transcript check, which shares the queue and found it full (docs/streaming.md).
-DROP_REASONS = ("queue_full", "shutdown", "stream_check_queue_full")
+# (a reload's drain ran out of time: docs/tap.md). stream_check_queue_full, stream_check_shutdown: no
+# request record but a WebSocket stream's final transcript check, which shares the queue and found it
+# full, or was left in it (or handed to it) as the tap stopped (docs/streaming.md).
+DROP_REASONS = ("queue_full", "shutdown", "stream_check_queue_full", "stream_check_shutdown")
 
 
 @dataclass
@@ -53,7 +54,9 @@ class TapRecord:
 
 @dataclass
 class TapStats:
-    """Live counters, updated on the tap's loop and read by the collector under a short lock."""
+    """Live counters, updated under `lock` (on the tap's loop and its worker) and read by the collector.
+    A reload's new tap takes its predecessor's TapStats (Tap's `stats`), so the counters carry on and
+    what the old tap counts while it drains is exported: two taps may update one object at once."""
 
     in_flight: int = 0
     requests: int = 0
