@@ -100,6 +100,7 @@ class TapCollector:
         streams = self.tap.streams
         streams.on_final = self.stream_final  # in the tap's worker thread
         streams.on_canary = lambda: self.requests.canary_seen("tap")  # a marked session: no user metric
+        streams.on_spoofed = lambda: self.requests.spoofed_seen("tap")  # a false mark: user traffic, counted
 
     def start(self) -> None:
         try:

@@ -234,6 +234,22 @@ def test_a_canary_session_is_kept_out_of_user_metrics():
     assert value(snap, "whisper_stream_upgrades_total", result="accepted") == 1
 
 
+def test_a_spoofed_canary_session_is_counted_as_spoofed_and_as_user_traffic():
+    script = RealtimeScript(transcription_delay=0.05)
+    server = Upstream({"/v1/realtime": realtime(script)})
+    col = collector(server.url)
+    try:
+        asyncio.run(_realtime_client(f"http://127.0.0.1:{col.tap.port}", headers={marker.HEADER: "not-the-token"}))
+        snap = ended(col)
+    finally:
+        col.stop()
+        server.stop()
+    assert value(snap, "whisper_canary_requests_spoofed_total", source="tap") == 1
+    assert value(snap, "whisper_canary_requests_seen_total", source="tap") == 0
+    assert sum(snap["whisper_stream_sessions_total"].values()) == 1  # user traffic: in every user metric
+    assert value(snap, "whisper_stream_audio_seconds_total", protocol=OPENAI) > 0
+
+
 def test_every_protocol_series_is_exported_at_0_before_a_session():
     server = Upstream({"/": whisperlive(LiveScript())})
     col = collector(server.url)

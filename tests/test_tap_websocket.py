@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
 from tap_helpers import Records, Upstream, start_tap
 
 from whisper_exporter.tap import TapConfig
@@ -49,13 +50,27 @@ async def echo(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+async def with_headers(request: web.Request) -> web.WebSocketResponse:
+    """A 101 with headers of its own: two cookies, a server-specific one, a hop-by-hop one."""
+    ws = web.WebSocketResponse(protocols=("v2.speech",))
+    ws.headers.add("Set-Cookie", "session=abc; Path=/; HttpOnly")
+    ws.headers.add("Set-Cookie", "region=eu; Path=/")
+    ws.headers["X-Speech-Node"] = "gpu-3"
+    ws.headers["Keep-Alive"] = "timeout=5"
+    await ws.prepare(request)
+    await ws.send_str("hello")
+    await ws.receive()
+    return ws
+
+
 async def refuse(request: web.Request) -> web.Response:
     return web.json_response({"detail": "invalid api key"}, status=403)
 
 
 @pytest.fixture(scope="module")
 def upstream():
-    server = Upstream({"/v1/realtime": echo, "/refuse": refuse, "/{tail:.*}": echo})
+    server = Upstream({"/v1/realtime": echo, "/refuse": refuse, "/handshake-headers": with_headers,
+                       "/{tail:.*}": echo})
     yield server
     server.stop()
 
@@ -133,6 +148,96 @@ def test_a_client_close_code_reaches_the_upstream_and_its_answer_the_client(upst
 def test_no_subprotocol_when_the_upstream_chooses_none(upstream, tap):
     out = run(_session(f"http://127.0.0.1:{tap.port}", "/other", ["a"], protocols=("unknown",)))
     assert out["protocol"] is None and out["got"] == ["hello ", "a"]
+
+
+def test_the_upstreams_101_headers_reach_the_client_less_hop_by_hop_ones(upstream, tap):
+    async def go(base: str) -> tuple:
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(base + "/handshake-headers", protocols=("v1.speech", "v2.speech")) as ws:
+                hello = (await ws.receive()).data
+                got = ws._response.headers
+                return (hello, ws.protocol, got.getall("Set-Cookie", []), got.get("X-Speech-Node"),
+                        got.get("Keep-Alive"))
+
+    direct = run(go(upstream.url))
+    tapped = run(go(f"http://127.0.0.1:{tap.port}"))
+    assert direct == ("hello", "v2.speech", ["session=abc; Path=/; HttpOnly", "region=eu; Path=/"], "gpu-3",
+                      "timeout=5")
+    assert tapped == direct[:4] + (None,)  # Keep-Alive is hop-by-hop: never passed
+
+
+def test_subprotocols_offered_in_several_headers_get_the_upstreams_choice(upstream, tap):
+    """RFC 6455 11.3.4: repeated Sec-WebSocket-Protocol headers are one list. The tap offers the whole
+    list upstream, so the client must be told what the upstream chose from it."""
+    offers = CIMultiDict([("Sec-WebSocket-Protocol", "v3.unknown"), ("Sec-WebSocket-Protocol", "v2.speech")])
+
+    async def go() -> tuple:
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(f"http://127.0.0.1:{tap.port}/multi", headers=offers) as ws:
+                hello = (await ws.receive()).data
+                return hello, ws._response.headers.getall("Sec-WebSocket-Protocol", [])
+
+    seen.handshakes.clear()
+    assert run(go()) == ("hello ", ["v2.speech"])
+    assert [h["protocol"] for h in seen.handshakes] == ["v2.speech"]
+
+
+def test_heartbeats_pass_both_ways_and_keep_an_idle_session_open():
+    """Control frames pass as nginx passes them: the upstream's pings reach the client and the
+    client's pongs go back; a client's ping reaches the upstream and its pong comes back. Both
+    ends run aiohttp's heartbeat (0.5 s: no pong within 0.25 s closes) for several intervals."""
+    upstream_saw: list[tuple[str, bytes]] = []
+
+    async def beating(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(heartbeat=0.5, autoping=False)
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is WSMsgType.PING:
+                upstream_saw.append(("ping", msg.data))
+                await ws.pong(msg.data)
+            elif msg.type is WSMsgType.PONG:
+                upstream_saw.append(("pong", msg.data))
+            elif msg.type is WSMsgType.TEXT:
+                await ws.send_str(msg.data)
+        return ws
+
+    server = Upstream({"/beat": beating})
+    tap = start_tap(server.url, Records())
+    try:
+        async def go() -> tuple:
+            async with aiohttp.ClientSession() as client:
+                async with client.ws_connect(f"http://127.0.0.1:{tap.port}/beat", heartbeat=0.5,
+                                             autoping=False) as ws:
+                    pings, answer = 0, None
+                    await ws.ping(b"from the client")
+                    deadline = time.monotonic() + 30
+                    while pings < 4 or answer is None:  # four of the upstream's pings: two seconds
+                        if time.monotonic() > deadline:
+                            return "missing", pings, answer
+                        msg = await ws.receive(timeout=10)
+                        if msg.type is WSMsgType.PING:
+                            pings += 1
+                            await ws.pong(msg.data)
+                        elif msg.type is WSMsgType.PONG and msg.data == b"from the client":
+                            answer = msg.data
+                        elif msg.type is not WSMsgType.PONG:
+                            return "ended", msg.type, msg.data
+                    await ws.send_str("still here")
+                    while (msg := await ws.receive(timeout=10)).type in (WSMsgType.PING, WSMsgType.PONG):
+                        if msg.type is WSMsgType.PING:
+                            await ws.pong(msg.data)
+                    return pings, answer, msg.data
+
+        out = run(go())
+        assert out[0] not in ("missing", "ended"), out  # the upstream's pings, or the client's pong, never came
+        pings, answer, echoed = out
+        assert pings >= 4 and answer == b"from the client" and echoed == "still here"
+        assert ("ping", b"from the client") in upstream_saw  # the upstream answered it, not the tap
+        assert any(kind == "pong" for kind, _ in upstream_saw)  # the client's answers to its pings
+        assert ended(tap) == {("other", "1000", "client"): 1}  # ended by the client, never cut
+    finally:
+        tap.stop()
+        server.stop()
 
 
 def test_the_websockets_package_client_through_the_tap(upstream, tap):

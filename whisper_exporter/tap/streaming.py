@@ -82,6 +82,7 @@ class StreamStats:
     # Set by the collector: a final transcript (text, language, audio seconds), and a canary session seen.
     on_final: Optional[Callable[[str, Optional[str], Optional[float]], None]] = None
     on_canary: Optional[Callable[[], None]] = None
+    on_spoofed: Optional[Callable[[], None]] = None  # an upgrade marked as a canary without the token
     # How on_final runs: the tap sets its worker thread's submit, so the detector never runs on the loop.
     submit: Optional[Callable[..., Any]] = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

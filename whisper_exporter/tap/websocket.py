@@ -9,7 +9,9 @@ upstream; each awaits the other leg's send, so a slow reader slows its sender th
 with no queue between the legs. Messages keep their type, bytes and boundaries (a fragmented
 message arrives whole: its meaning is unchanged); close codes are passed on (1005 as 1000; a
 leg that vanished without a close frame is 1006, never sent: the other leg gets 1011 or
-1001). Each leg has its own heartbeat. permessage-deflate is not negotiated on either leg.
+1001). Pings and pongs are passed on as they came (each end's heartbeat is answered by the
+other end); each leg also has the tap's own heartbeat. The upstream's 101 headers reach the
+client, less hop-by-hop and handshake ones. permessage-deflate is not negotiated on either leg.
 A copy of every message goes to streaming.Session for the realtime metrics.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from whisper_exporter.tap.streaming import Session
+from whisper_exporter.whisper import marker
 
 if TYPE_CHECKING:
     from whisper_exporter.tap.proxy import Tap
@@ -107,6 +110,8 @@ async def relay(tap: "Tap", request: web.BaseRequest, forward: CIMultiDict, url:
     if not probe.can_prepare(request).ok:  # not a valid WebSocket handshake (key, version)
         stats.bump(stats.upgrades, "bad_request")
         return web.Response(status=400, text="invalid WebSocket handshake\n")
+    if marker.classify(request.headers, request.query) == marker.SPOOFED and stats.on_spoofed is not None:
+        stats.on_spoofed()  # a client's claim to be the canary: user traffic, and counted (as HTTP ones are)
     headers = CIMultiDict((k, v) for k, v in forward.items() if k.lower() not in HANDSHAKE_HEADERS)
     cfg = tap.config
     most = cfg.websocket_max_message + 1  # aiohttp refuses a message of max_msg_size bytes: the limit passes
@@ -114,7 +119,7 @@ async def relay(tap: "Tap", request: web.BaseRequest, forward: CIMultiDict, url:
     token = _REFUSAL.set(refusal)
     try:
         upstream = await _session(tap).ws_connect(
-            url, protocols=offered, headers=headers, autoclose=False, autoping=True, heartbeat=HEARTBEAT, compress=0,
+            url, protocols=offered, headers=headers, autoclose=False, autoping=False, heartbeat=HEARTBEAT, compress=0,
             max_msg_size=most, timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT))
     except aiohttp.WSServerHandshakeError as err:
         stats.bump(stats.upgrades, "refused" if err.status != 101 else "upstream_error")
@@ -133,8 +138,9 @@ async def relay(tap: "Tap", request: web.BaseRequest, forward: CIMultiDict, url:
         _REFUSAL.reset(token)
     stats.bump(stats.upgrades, "accepted")
     client = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else (),
-                                   autoclose=False, autoping=True, heartbeat=HEARTBEAT, compress=False,
+                                   autoclose=False, autoping=False, heartbeat=HEARTBEAT, compress=False,
                                    max_msg_size=most, timeout=CLOSE_TIMEOUT)
+    client.headers.extend(answer_headers(upstream))
     gate = tap._listener.gate(request) if tap._listener is not None else None
     if gate is not None:
         gate.started()  # a session in progress: counted, never evicted as idle
@@ -155,11 +161,29 @@ async def relay(tap: "Tap", request: web.BaseRequest, forward: CIMultiDict, url:
     return client
 
 
+def answer_headers(upstream: Any) -> CIMultiDict:
+    """The upstream's 101 headers a client gets, as nginx passes them: end-to-end ones only (not
+    hop-by-hop, nor those the Connection header names), none of the handshake's own (the tap's
+    leg computes its accept key), and the subprotocol the upstream chose, set here because aiohttp
+    matches only the first of repeated Sec-WebSocket-Protocol headers against it."""
+    from whisper_exporter.tap.proxy import _forward_headers  # proxy imports this module
+
+    out = CIMultiDict((k, v) for k, v in _forward_headers(upstream._response.headers).items()
+                      if k.lower() not in HANDSHAKE_HEADERS and k.lower() != "content-length")
+    if upstream.protocol:
+        out["Sec-WebSocket-Protocol"] = upstream.protocol
+    return out
+
+
 async def pass_on(msg: aiohttp.WSMessage, to: Any) -> None:
-    """Send a data frame on to the other leg as it came (text or binary)."""
+    """Send a frame on to the other leg as it came (text, binary, ping or pong)."""
     try:
         if msg.type is WSMsgType.TEXT:
             await to.send_str(msg.data)
+        elif msg.type is WSMsgType.PING:
+            await to.ping(msg.data)
+        elif msg.type is WSMsgType.PONG:
+            await to.pong(msg.data)
         else:
             await to.send_bytes(msg.data)
     except (ConnectionError, RuntimeError):
@@ -216,6 +240,9 @@ class _Bridge:
                 session.client_message(msg.data, self.last)
                 await pass_on(msg, self.upstream)
                 continue
+            if msg.type is WSMsgType.PING or msg.type is WSMsgType.PONG:
+                await pass_on(msg, self.upstream)  # the upstream answers the client's pings (as through nginx)
+                continue
             if msg.type is WSMsgType.CLOSE:
                 await self._client_closed(msg.data, msg.extra or "")
             elif msg.type is WSMsgType.ERROR or msg.type is WSMsgType.CLOSED:
@@ -255,6 +282,9 @@ class _Bridge:
             if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
                 self.last = time.monotonic()
                 session.server_message(msg.data, self.last)
+                await pass_on(msg, self.client)
+                continue
+            if msg.type is WSMsgType.PING or msg.type is WSMsgType.PONG:
                 await pass_on(msg, self.client)
                 continue
             if msg.type is WSMsgType.CLOSE:
