@@ -55,7 +55,9 @@ def ended(col, n: int = 1) -> dict:
 
 
 def close_to(measured: float, expected: float) -> bool:
-    return abs(measured - expected) <= 0.05 * expected
+    """Within 5% and 50 ms: the tap reads its clock a hop from the client's, and on a loaded machine
+    a hop can take more than 5% of a 0.3 s figure."""
+    return abs(measured - expected) <= 0.05 * expected + 0.05
 
 
 CHUNK = PCM16_24K // 10  # 100 ms of pcm16 at 24 kHz

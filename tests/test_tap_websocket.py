@@ -185,11 +185,12 @@ def test_subprotocols_offered_in_several_headers_get_the_upstreams_choice(upstre
 def test_heartbeats_pass_both_ways_and_keep_an_idle_session_open():
     """Control frames pass as nginx passes them: the upstream's pings reach the client and the
     client's pongs go back; a client's ping reaches the upstream and its pong comes back. Both
-    ends run aiohttp's heartbeat (0.5 s: no pong within 0.25 s closes) for several intervals."""
+    ends run aiohttp's heartbeat (2 s: no pong within 1 s closes; shorter ones failed on a loaded
+    machine, the pong crossing three event loops in one process) for two intervals and more."""
     upstream_saw: list[tuple[str, bytes]] = []
 
     async def beating(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(heartbeat=0.5, autoping=False)
+        ws = web.WebSocketResponse(heartbeat=2.0, autoping=False)
         await ws.prepare(request)
         async for msg in ws:
             if msg.type is WSMsgType.PING:
@@ -206,12 +207,12 @@ def test_heartbeats_pass_both_ways_and_keep_an_idle_session_open():
     try:
         async def go() -> tuple:
             async with aiohttp.ClientSession() as client:
-                async with client.ws_connect(f"http://127.0.0.1:{tap.port}/beat", heartbeat=0.5,
+                async with client.ws_connect(f"http://127.0.0.1:{tap.port}/beat", heartbeat=2.0,
                                              autoping=False) as ws:
                     pings, answer = 0, None
                     await ws.ping(b"from the client")
                     deadline = time.monotonic() + 30
-                    while pings < 4 or answer is None:  # four of the upstream's pings: two seconds
+                    while pings < 2 or answer is None:  # two of the upstream's pings: four seconds
                         if time.monotonic() > deadline:
                             return "missing", pings, answer
                         msg = await ws.receive(timeout=10)
@@ -231,7 +232,7 @@ def test_heartbeats_pass_both_ways_and_keep_an_idle_session_open():
         out = run(go())
         assert out[0] not in ("missing", "ended"), out  # the upstream's pings, or the client's pong, never came
         pings, answer, echoed = out
-        assert pings >= 4 and answer == b"from the client" and echoed == "still here"
+        assert pings >= 2 and answer == b"from the client" and echoed == "still here"
         assert ("ping", b"from the client") in upstream_saw  # the upstream answered it, not the tap
         assert any(kind == "pong" for kind, _ in upstream_saw)  # the client's answers to its pings
         assert ended(tap) == {("other", "1000", "client"): 1}  # ended by the client, never cut
