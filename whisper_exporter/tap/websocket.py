@@ -28,6 +28,7 @@ from aiohttp.http_websocket import WebSocketError
 from multidict import CIMultiDict
 from yarl import URL
 
+from whisper_exporter.tap.headers import forward_headers
 from whisper_exporter.tap.streaming import Session
 from whisper_exporter.whisper import marker
 
@@ -166,9 +167,7 @@ def answer_headers(upstream: Any) -> CIMultiDict:
     hop-by-hop, nor those the Connection header names), none of the handshake's own (the tap's
     leg computes its accept key), and the subprotocol the upstream chose, set here because aiohttp
     matches only the first of repeated Sec-WebSocket-Protocol headers against it."""
-    from whisper_exporter.tap.proxy import _forward_headers  # proxy imports this module
-
-    out = CIMultiDict((k, v) for k, v in _forward_headers(upstream._response.headers).items()
+    out = CIMultiDict((k, v) for k, v in forward_headers(upstream._response.headers).items()
                       if k.lower() not in HANDSHAKE_HEADERS and k.lower() != "content-length")
     if upstream.protocol:
         out["Sec-WebSocket-Protocol"] = upstream.protocol
