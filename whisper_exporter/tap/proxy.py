@@ -43,6 +43,7 @@ from whisper_exporter.tap.analysis import (
 from whisper_exporter.tap.budget import MemoryBudget
 from whisper_exporter.tap.config import TapConfig
 from whisper_exporter.tap.duration import TooMuchWork, upload_seconds
+from whisper_exporter.tap.headers import forward_headers as _forward_headers
 from whisper_exporter.tap.record import TapRecord, TapStats
 from whisper_exporter.tap.streaming import StreamStats
 from whisper_exporter.tap.upgrade import Upgrade, plan_upgrade, render_json
@@ -51,13 +52,6 @@ from whisper_exporter.whisper import marker
 
 log = logging.getLogger("whisper_exporter.tap")
 
-# RFC 9110 7.6.1 hop-by-hop headers, plus Expect: the tap's server side answers
-# 100-continue itself, and the upstream request is sent without waiting for one.
-# A WebSocket upgrade never gets here: tap/websocket.py relays it (its own handshake upstream).
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-    "te", "trailer", "trailers", "transfer-encoding", "upgrade", "expect",
-})
 # Path -> (api, task). Anything else is passed through and counted by path and status.
 API_PATHS = {
     "/v1/audio/transcriptions": ("openai", "transcribe"),
@@ -84,19 +78,6 @@ READ_BUFFER = 32768  # aiohttp's body buffer: reading pauses past twice this (it
 # timestamps is about 1 MB and 10,000 objects.
 UPGRADE_MAX = 8 << 20  # bytes
 UPGRADE_MAX_OBJECTS = 50000  # `{` in the answer: an upper bound on the objects parsing would make
-
-
-def _forward_headers(headers: Any) -> CIMultiDict:
-    """Headers minus hop-by-hop ones and those the Connection header names; order and repeats kept."""
-    named: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        named.update(v.strip().lower() for v in value.split(","))
-    out: CIMultiDict = CIMultiDict()
-    for name, value in headers.items():
-        low = name.lower()
-        if low not in HOP_BY_HOP and low not in named:
-            out.add(name, value)
-    return out
 
 
 class _Flight:
