@@ -174,7 +174,8 @@ class TapCollector:
 
     def observe(self, record: TapRecord) -> None:
         if record.canary:
-            self.requests.canary_seen("tap")
+            # Kept out of user traffic; its audio is the server's work all the same (capacity).
+            self.requests.canary_seen("tap", audio=to_log_record(record).audio_duration)
             return
         if record.canary_spoofed:  # a client's claim to be the canary: user traffic, and counted
             self.requests.spoofed_seen("tap")

@@ -622,6 +622,13 @@ def test_via_tap_sends_the_scheduled_canary_through_the_tap(fake):
     assert path == f"/v1/audio/transcriptions?{marker.QUERY_STRING}"
     assert headers[marker.HEADER] == marker.VALUE
     assert values[("whisper_tap_request_bytes_total", ())] > 0  # the tap carried it
+    # Its audio is the server's work (capacity counts it), kept out of user demand.
+    import wave
+    with wave.open(str(bundled_canary().audio)) as clip:
+        seconds = clip.getnframes() / clip.getframerate()
+    audio = ("whisper_canary_audio_processed_seconds_total", ())
+    assert values[audio] == pytest.approx(values[seen_by_tap] * seconds, rel=1e-6)
+    assert not any(name == "whisper_audio_processed_seconds_total" and value > 0 for (name, _), value in values.items())
     probe_section = from_dict({"collectors": {"tap": {"enabled": True, "listen": f"0.0.0.0:{tap_port}"},
                                               "probe": {"via_tap": True}}})
     assert ProbeCollector(probe_section.collectors.probe, probe_section).url == f"http://127.0.0.1:{tap_port}"
@@ -637,6 +644,7 @@ def test_without_via_tap_the_probe_goes_straight_to_the_server(fake):
     assert values.get(("whisper_canary_requests_seen_total", (("source", "tap"),)), 0) == 0
     assert values[("whisper_probe_success", (("probe", "en-short"),))] == 1
     assert values[("whisper_tap_request_bytes_total", ())] == 0
+    assert values[("whisper_canary_audio_processed_seconds_total", ())] == 0  # exported at 0 with the tap
 
 
 def test_via_tap_needs_a_fixed_tap_port():

@@ -174,6 +174,7 @@ class RequestMetrics:
         self.by_language: dict[str, _Language] = {}
         self.seeded_languages: set[str] = set()  # audio families rendered at 0 before any request
         self.canaries: dict[str, int] = {}  # source -> the exporter's own requests seen
+        self.canary_audio = 0.0  # audio seconds of the canaries the tap saw answered (docs/capacity.md)
         self.spoofed: dict[str, int] = {}  # source -> requests marked as canaries without the token
         # Busy time and requests in flight, fed by the tap (only it sees when a request starts);
         # here so that they carry on over a reload as the request counts do (docs/capacity.md).
@@ -213,10 +214,13 @@ class RequestMetrics:
         with self.lock:
             self.observe_locked(record)
 
-    def canary_seen(self, source: str, n: int = 1) -> None:
-        """The exporter's own (marked) requests seen by `source`: kept out of user traffic."""
+    def canary_seen(self, source: str, n: int = 1, audio: Optional[float] = None) -> None:
+        """The exporter's own (marked) requests seen by `source`: kept out of user traffic. `audio`:
+        the seconds of one answered, which the capacity rules count as the server's work."""
         with self.lock:
             self.canaries[source] = self.canaries.get(source, 0) + n
+            if audio is not None:
+                self.canary_audio += audio
 
     def spoofed_seen(self, source: str) -> None:
         """A request marked as the exporter's own without its token (counted as user traffic too)."""
@@ -365,6 +369,8 @@ class RequestMetrics:
     def capacity_families(self) -> Iterable[Metric]:
         """The busy and in-flight counters, from 0 while the tap runs (read up to this scrape)."""
         busy, integral = self.occupancy.totals()
+        with self.lock:
+            canary_audio = self.canary_audio
         yield CounterMetricFamily(
             "whisper_server_busy_seconds_total",
             "Seconds during which the server held at least one whole transcription request (upload's last byte to answer's end), seen by the tap.",
@@ -373,6 +379,11 @@ class RequestMetrics:
             "whisper_requests_in_flight_seconds_total",
             "The integral over time of transcription requests the server held, seen by the tap (request-seconds).",
             value=integral)
+        yield CounterMetricFamily(
+            "whisper_canary_audio_processed_seconds_total",
+            "Audio seconds of the exporter's own canaries answered through the tap: the server's work, kept "
+            "out of whisper_audio_processed_seconds_total (user traffic); the capacity rules add it back.",
+            value=canary_audio)
         if self.max_concurrency is not None:
             yield GaugeMetricFamily(
                 "whisper_server_max_concurrency",
