@@ -253,7 +253,7 @@ def test_the_keda_query_with_no_replica_scraped_is_empty_so_keda_falls_back(prom
     prom = prometheus([f"127.0.0.1:{free_port()}"], job="speech/whisper")  # nothing listens there
     prom.wait_for('up{job="speech/whisper"} == 0')
     query = spec["triggers"][0]["metadata"]["query"].replace("[2m]", "[10s]")
-    prom.wait_for(f'count_over_time(up{{job="speech/whisper"}}[10s]) >= 3')  # the window has scrapes
+    prom.wait_for('count_over_time(up{job="speech/whisper"}[10s]) >= 3')  # the window has scrapes
     assert prom.query(query) == []
     assert spec["fallback"]["replicas"] >= spec["minReplicaCount"]
 
