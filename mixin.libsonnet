@@ -53,7 +53,47 @@ local dropCommittedJob(e) =
   // Dashboards aggregate for display (by (le) of a heatmap): they get the matchers, not the labels.
   local panelExpr(e) = promql.rewrite(e, matchers, []),
 
-  local renderRule(r) = r + { expr: ruleExpr(r.expr) },
+  // A query an annotation runs ({{ with printf "<query>" $labels.job | query }}) reads series too: it
+  // gets the matchers (escaped for the template's string literal and for printf), and each aggregation
+  // label is matched to the alert's own value, so on a central ruler it reads the alert's cluster.
+  local goLiteral(m) = std.strReplace(std.strReplace(std.strReplace(m, '\\', '\\\\'), '"', '\\"'), '%', '%%'),
+  // The first '"' of s that no backslash escapes: the end of the format string.
+  local closingQuote(s, i=0) =
+    if i >= std.length(s) then error 'mixin: an annotation printf without its closing quote: ' + s
+    else if s[i] == '\\' then closingQuote(s, i + 2)
+    else if s[i] == '"' then i
+    else closingQuote(s, i + 1),
+  local templateQuery(part) =
+    local q = closingQuote(part);
+    local format = std.substr(part, 0, q), rest = std.substr(part, q + 1, std.length(part) - q - 1);
+    local pipes = std.findSubstr('|', rest), ends = std.findSubstr('}}', rest);
+    local isQuery = pipes != [] && (ends == [] || pipes[0] < ends[0])
+                    && std.startsWith(std.stripChars(std.substr(rest, pipes[0] + 1, std.length(rest)), ' '), 'query');
+    local verbs = std.length(std.findSubstr('%s', format));
+    local labels = cfg.aggregationLabels;
+    // Explicit argument indexes, so that the labels' arguments can go last whatever the matchers' place.
+    local indexed = if labels == [] then format else std.join('', [
+      (if i > 0 then '%[' + i + ']s' else '') + std.split(format, '%s')[i]
+      for i in std.range(0, verbs)
+    ]);
+    local labelMatchers = ["%s='%%[%d]s'" % [labels[j], verbs + 1 + j] for j in std.range(0, std.length(labels) - 1)];
+    local all = std.join(',', std.filter(function(m) m != '', [goLiteral(matchers)] + labelMatchers));
+    local args = std.join('', [' (index $labels "%s")' % l for l in labels]);
+    if !isQuery then 'printf "' + part
+    else if std.length(std.findSubstr('%', format)) != verbs + 2 * std.length(std.findSubstr('%%', format)) then
+      error 'mixin: an annotation query with a printf verb other than %s: ' + format
+    else
+      local before = std.substr(rest, 0, pipes[0]);
+      'printf "' + promql.rewrite(indexed, all, labels) + '"' + (if labels == [] then before else std.rstripChars(before, ' ') + args + ' ')
+      + std.substr(rest, pipes[0], std.length(rest) - pipes[0]),
+  local annotation(text) =
+    if matchers == '' && cfg.aggregationLabels == [] then text
+    else local parts = std.split(text, 'printf "');
+    std.join('', [parts[0]] + [templateQuery(p) for p in parts[1:]]),
+  local renderRule(r) = r + { expr: ruleExpr(r.expr) } + (
+    if std.objectHas(r, 'annotations') then { annotations: std.mapWithKey(function(k, v) annotation(v), r.annotations) }
+    else {}
+  ),
   local renderFile(text) =
     local doc = std.parseYaml(text);
     doc { groups: [g { rules: std.map(renderRule, g.rules) } for g in doc.groups] },

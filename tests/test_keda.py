@@ -1,7 +1,8 @@
 """Autoscaling (issue 25 part 3): deploy/kubernetes/keda-scaledobject.yaml validates against KEDA's own
 ScaledObject CRD schema (tests/data/keda, from kedacore/keda v2.20.2), and its query, run against a
-real Prometheus scraping 1 and 3 real exporters whose taps hold known requests in flight, returns
-exactly one sample whose value gives the replica count the HPA will set. The legacy
+real Prometheus scraping 1 and 3 real exporters whose taps hold known transcriptions in flight, returns
+exactly one sample, the mean number in flight from whisper_requests_in_flight_seconds_total, whose value
+gives the replica count the HPA will set. The legacy
 prometheus-adapter rule and its HPA ask for the same metric.
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ from tap_helpers import Upstream
 from test_fleet import exporter_command
 
 ROOT = Path(__file__).resolve().parent.parent
+# The integral of the transcriptions in flight (docs/capacity.md): its rate is the mean number in flight.
+COUNTER = "whisper_requests_in_flight_seconds_total"
 SCALED_OBJECT = ROOT / "deploy" / "kubernetes" / "keda-scaledobject.yaml"
 ADAPTER = ROOT / "deploy" / "kubernetes" / "prometheus-adapter.yaml"
 CRD = ROOT / "tests" / "data" / "keda" / "keda.sh_scaledobjects.yaml"
@@ -102,7 +105,10 @@ def test_scaled_object_settings_are_the_prometheus_scalers_and_say_what_is_asked
 def test_prometheus_adapter_rule_and_hpa_ask_for_the_same_metric():
     config_map, hpa = yaml.safe_load_all(ADAPTER.read_text())
     [rule] = yaml.safe_load(config_map["data"]["config.yaml"])["rules"]
-    assert rule["seriesQuery"].startswith("whisper_tap_requests_in_flight{")
+    keda_query = scaled_object()["spec"]["triggers"][0]["metadata"]["query"]
+    assert rule["seriesQuery"].startswith(COUNTER + '{job="speech/whisper",') and COUNTER in keda_query
+    # Both read the counter's rate over the same window: the mean in flight, per pod and in total.
+    assert "rate(<<.Series>>{<<.LabelMatchers>>}[2m])" in rule["metricsQuery"] and "[2m]" in keda_query
     assert hpa["apiVersion"] == "autoscaling/v2" and hpa["spec"]["scaleTargetRef"]["name"] == "whisper"
     [metric] = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == rule["name"]["as"]
@@ -202,7 +208,12 @@ def desired_replicas(value: float, spec: dict) -> int:
 @pytest.mark.parametrize("held, replicas_wanted", [((3,), 2), ((1, 2, 2), 3)], ids=["1-replica", "3-replicas"])
 def test_the_keda_query_is_one_sample_giving_the_replica_count(prometheus, gate, tmp_path, held, replicas_wanted):
     spec = scaled_object()["spec"]
-    query = spec["triggers"][0]["metadata"]["query"]
+    committed = spec["triggers"][0]["metadata"]["query"]
+    # The committed query: the counter's rate, summed to one element, for the PodMonitor's job only.
+    assert committed == f'sum(rate({COUNTER}{{job="speech/whisper"}}[2m]))', committed
+    # The same query over 10 s (ten scrapes at 1 s) instead of 2 minutes, so that the held load
+    # fills the window within seconds; the window changes how fast it follows, not what it says.
+    query = committed.replace("[2m]", "[10s]")
     replicas = [TapReplica(tmp_path, i, gate.upstream.url) for i in range(len(held))]
     try:
         for r in replicas:
@@ -215,12 +226,15 @@ def test_the_keda_query_is_one_sample_giving_the_replica_count(prometheus, gate,
         assert idle < float(spec["triggers"][0]["metadata"]["activationThreshold"])
         assert desired_replicas(idle, spec) == spec["minReplicaCount"]
         # The adapter's series exist under the name its rule matches.
-        assert sample(replicas[0].metrics(), "whisper_tap_requests_in_flight") == 0
+        assert sample(replicas[0].metrics(), COUNTER) == 0
         for r, n in zip(replicas, held):
             r.hold(n)
         total = sum(held)
-        loaded = keda_value(prom.wait_for(f"({query}) == {total}"))
-        assert loaded == total
+        # Once the window holds only the held load, the mean in flight is its count (to the few
+        # milliseconds between a scrape's timestamp and the exporter's reading).
+        prom.wait_for(f"abs(({query}) - {total}) < 0.05", timeout=90)
+        loaded = keda_value(prom.query(query))
+        assert loaded == pytest.approx(total, abs=0.05)
         assert desired_replicas(loaded, spec) == replicas_wanted
         # Per-pod answers are what breaks KEDA (vLLM production-stack's example): without sum()
         # the same selector gives one element per replica.
@@ -238,6 +252,8 @@ def test_the_keda_query_with_no_replica_scraped_is_empty_so_keda_falls_back(prom
     spec = scaled_object()["spec"]
     prom = prometheus([f"127.0.0.1:{free_port()}"], job="speech/whisper")  # nothing listens there
     prom.wait_for('up{job="speech/whisper"} == 0')
-    assert prom.query(spec["triggers"][0]["metadata"]["query"]) == []
+    query = spec["triggers"][0]["metadata"]["query"].replace("[2m]", "[10s]")
+    prom.wait_for('count_over_time(up{job="speech/whisper"}[10s]) >= 3')  # the window has scrapes
+    assert prom.query(query) == []
     assert spec["fallback"]["replicas"] >= spec["minReplicaCount"]
 

@@ -166,3 +166,57 @@ def test_custom_alert_fires_for_its_cluster_only(tmp_path, custom):
     result = subprocess.run([promtool, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def annotation_queries(mixin: dict) -> list[tuple[str, str]]:
+    """(alert, format string) of every query an alert's annotations run: {{ printf "<query>" ... | query }}."""
+    return [(r["alert"], m.group(1)) for g in mixin["alerts"]["groups"] for r in g["rules"]
+            for text in r.get("annotations", {}).values()
+            for m in re.finditer(r'printf "((?:[^"\\]|\\.)*)"[^|}]*\|\s*query', text)]
+
+
+def test_custom_selectors_reach_annotation_queries(default, custom):
+    """The queries that annotations run read the configured job, cluster and namespace, and each
+    aggregation label at the alert's own value: on a central ruler they do not pick another cluster."""
+    before, after = annotation_queries(default), annotation_queries(custom)
+    assert [a for a, _ in after] == [a for a, _ in before] and len(after) >= 8
+    escaped = MATCHERS.replace('"', '\\"')
+    for (alert, old), (_, new) in zip(before, after, strict=True):
+        found = series_read(new.replace('\\"', '"'))
+        assert [m.group(1) for m in found] == [m.group(1) for m in series_read(old)] and found, alert
+        for m in series_read(new):
+            assert new[m.end():].startswith("{" + escaped + ",cluster='%["), (alert, new)
+        verbs = old.count("%s")
+        assert f"namespace='%[{verbs + 2}]s'" in new and "%s" not in new, (alert, new)
+    text = next(t for g in custom["alerts"]["groups"] for r in g["rules"] if r["alert"] == "WhisperErrorRatioHigh"
+                for t in r["annotations"].values() if "query" in t)
+    assert '$labels.job (index $labels "cluster") (index $labels "namespace") | query' in text, text
+
+
+def test_custom_annotation_query_reads_the_alerts_cluster(tmp_path, custom):
+    """A real evaluation: WhisperReviewBacklogStale's description counts the pending samples of its own
+    cluster, not those of the same job and instance in another cluster."""
+    promtool = require_tool("promtool")
+    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(custom["alerts"]))
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(custom["rules"]))
+    labels = 'job="speech",namespace="asr",instance="a:10111"'
+    rule = next(r for g in custom["alerts"]["groups"] for r in g["rules"] if r["alert"] == "WhisperReviewBacklogStale")
+    age = 4 * 86400
+    series = [{"series": f'whisper_quality_review_oldest_pending_age_seconds{{{labels},cluster="{c}"}}',
+               "values": f"{age}+60x70"} for c in ("ap-1", "eu-1")]
+    series += [{"series": f'whisper_quality_review_pending_items{{{labels},cluster="{c}"}}', "values": f"{n}x70"}
+               for c, n in (("ap-1", 99), ("eu-1", 7))]
+    test = {"rule_files": ["alerts.yml", "rules.yml"], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": series,
+        "alert_rule_test": [{"eval_time": "70m", "alertname": "WhisperReviewBacklogStale", "exp_alerts": [{
+            "exp_labels": {"severity": "warning", "job": "speech", "namespace": "asr", "cluster": "eu-1",
+                           "instance": "a:10111"},
+            "exp_annotations": {
+                "summary": rule["annotations"]["summary"], "runbook_url": rule["annotations"]["runbook_url"],
+                "description": "The oldest sample pending review on a:10111 (job speech) has waited 4d 1h 10m 0s;"
+                               " 7 samples are pending."}}]}],
+    }]}
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(test))
+    result = subprocess.run([promtool, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
