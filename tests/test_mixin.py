@@ -141,12 +141,20 @@ def test_custom_dashboards_carry_the_selector_and_parse(tmp_path, custom):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_custom_alert_fires_for_its_cluster_only(tmp_path, custom):
-    """A real evaluation (promtool test rules): the rendered WhisperExporterDown fires for the configured
-    job in the configured cluster, and not for the same job down in another cluster."""
+def promtool_test(tmp_path, custom: dict, test: dict) -> None:
+    """`promtool test rules` of `test` against the custom rendering's alerts and rules."""
     promtool = require_tool("promtool")
     (tmp_path / "alerts.yml").write_text(yaml.safe_dump(custom["alerts"]))
     (tmp_path / "rules.yml").write_text(yaml.safe_dump(custom["rules"]))
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(test))
+    result = subprocess.run([promtool, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_custom_alert_fires_for_its_cluster_only(tmp_path, custom):
+    """A real evaluation (promtool test rules): the rendered WhisperExporterDown fires for the configured
+    job in the configured cluster, and not for the same job down in another cluster."""
     labels = 'job="speech",namespace="asr",instance="a:10111"'
     rule = next(r for g in custom["alerts"]["groups"] for r in g["rules"] if r["alert"] == "WhisperExporterDown")
     test = {"rule_files": ["alerts.yml", "rules.yml"], "evaluation_interval": "1m", "tests": [{
@@ -162,10 +170,7 @@ def test_custom_alert_fires_for_its_cluster_only(tmp_path, custom):
                 "description": "Scrapes of a:10111 (job speech) have failed for 5 minutes (up = 0): nothing about"
                                " this Whisper service is being measured."}}]}],
     }]}
-    (tmp_path / "test.yml").write_text(yaml.safe_dump(test))
-    result = subprocess.run([promtool, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
+    promtool_test(tmp_path, custom, test)
 
 
 def annotation_queries(mixin: dict) -> list[tuple[str, str]]:
@@ -196,9 +201,6 @@ def test_custom_selectors_reach_annotation_queries(default, custom):
 def test_custom_annotation_query_reads_the_alerts_cluster(tmp_path, custom):
     """A real evaluation: WhisperReviewBacklogStale's description counts the pending samples of its own
     cluster, not those of the same job and instance in another cluster."""
-    promtool = require_tool("promtool")
-    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(custom["alerts"]))
-    (tmp_path / "rules.yml").write_text(yaml.safe_dump(custom["rules"]))
     labels = 'job="speech",namespace="asr",instance="a:10111"'
     rule = next(r for g in custom["alerts"]["groups"] for r in g["rules"] if r["alert"] == "WhisperReviewBacklogStale")
     age = 4 * 86400
@@ -216,7 +218,4 @@ def test_custom_annotation_query_reads_the_alerts_cluster(tmp_path, custom):
                 "description": "The oldest sample pending review on a:10111 (job speech) has waited 4d 1h 10m 0s;"
                                " 7 samples are pending."}}]}],
     }]}
-    (tmp_path / "test.yml").write_text(yaml.safe_dump(test))
-    result = subprocess.run([promtool, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
+    promtool_test(tmp_path, custom, test)

@@ -74,15 +74,20 @@ def backlog(upstream_url: str, moved: bool = False, **tap):
     running = wiring.start(configs[0], load_config=lambda: configs[1])
     old = the_tap(running)
     held = old.tap.on_record = Held(old.tap.on_record)
+    hold_backlog(old, held, 2.0)
+    return running, old, held
+
+
+def hold_backlog(old, held, seconds: float) -> None:
+    """Uploads of `seconds` through the tap until one record is held in analysis and QUEUED wait."""
     url = f"http://127.0.0.1:{old.tap.port}{TRANSCRIPTIONS}"
     for _ in range(1 + QUEUED):
-        answer = requests.post(url, files={"file": ("a.wav", wav_bytes(2.0), "audio/wav")},
+        answer = requests.post(url, files={"file": ("a.wav", wav_bytes(seconds), "audio/wav")},
                                data={"language": "en"}, timeout=30)
         assert answer.status_code == 200
     assert held.entered.wait(30)
     # a record is queued just after its answer went out
     assert wait_for(lambda: old.tap._queue.qsize() == QUEUED, timeout=30), old.tap._queue.qsize()
-    return running, old, held
 
 
 def reload_in_thread(running) -> threading.Thread:
@@ -194,12 +199,7 @@ def test_no_tap_counter_goes_down_across_a_reload_and_the_old_taps_drops_are_exp
         assert wait_for(lambda: requests_counted(running) == 2, timeout=30), requests_counted(running)
         assert wait_for(lambda: old.tap.stats.snapshot()["analysis_errors"].get("multipart") == 1, timeout=30)
         old.tap.on_record = held
-        for _ in range(1 + QUEUED):
-            answer = requests.post(url, files={"file": ("a.wav", wav_bytes(0.1), "audio/wav")},
-                                   data={"language": "en"}, timeout=30)
-            assert answer.status_code == 200
-        assert held.entered.wait(30)
-        assert wait_for(lambda: old.tap._queue.qsize() == QUEUED, timeout=30), old.tap._queue.qsize()
+        hold_backlog(old, held, 0.1)
         before = tap_counters(running)
         assert before[("whisper_tap_request_bytes_total", ())] > 0
         assert before[("whisper_tap_memory_budget_refused_total", ())] >= 1
