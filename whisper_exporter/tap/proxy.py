@@ -436,11 +436,16 @@ class Tap:
             record.request_bytes += len(chunk)
             if analyzer is not None:
                 analyzer.feed(chunk)
-            if upgrade is not None:
-                for piece in upgrade.feed(chunk, analyzer):
-                    yield piece
-            else:
-                yield chunk
+            pieces = upgrade.feed(chunk, analyzer) if upgrade is not None else [chunk]
+            # With a Content-Length, the last chunk is known before it goes: the server's work starts
+            # as it is sent, not when this generator is next resumed (a loaded loop: milliseconds later).
+            last = request.content_length is not None and record.request_bytes >= request.content_length
+            if last and upgrade is not None:
+                pieces = pieces + upgrade.flush(analyzer)  # flush() is then empty after the loop
+            for i, piece in enumerate(pieces):
+                if last and i == len(pieces) - 1:
+                    flight.occupy()
+                yield piece
         if upgrade is None and content.exception() is None:
             flight.occupy()  # the last chunk went as it came, so the server has it all
         if analyzer is not None:
