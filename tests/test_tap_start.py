@@ -71,7 +71,18 @@ def test_with_required_false_it_starts_without_the_tap_and_takes_the_port_once_f
                 return None
             return sample(text, "whisper_exporter_collector_up", collector="tap")
 
-        assert wait_for(lambda: up() == 0, timeout=30)  # serving, with the tap down
+        def failed():
+            assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
+            try:
+                text = requests.get(url + "/metrics", timeout=2).text
+            except requests.ConnectionError:
+                return False
+            return (sample(text, "whisper_exporter_collector_errors_total", collector="tap") or 0) >= 1
+
+        # Serving, with the tap down: its start has been tried and failed (before its first run the
+        # collector is down too, and the status page says "starting", without a reason yet).
+        assert wait_for(failed, timeout=30)
+        assert up() == 0
         page = requests.get(url + "/", timeout=5).text
         assert "collectors.tap.listen" in page  # the reason is on the status page
         holder.close()
