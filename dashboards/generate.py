@@ -619,7 +619,7 @@ def capacity_panels() -> list[dict]:
                    min_=0, width=8),
         timeseries("Mean requests in flight",
                    targets((f"job_instance:whisper_requests_in_flight:avg_rate1m{{{JI}}}", by_instance)),
-                   "short", "The integral of requests in flight over the minute: the concurrency the "
+                   "short", "Requests in flight, averaged over the last minute: the concurrency the "
                    "throughput was measured at (queued requests included).", min_=0, width=8),
         timeseries("Energy per audio hour",
                    targets((f"job_instance:whisper_gpu_energy_joules_per_audio_hour:ratio_rate1h{{{JI}}}",
