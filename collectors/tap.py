@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
@@ -69,6 +69,7 @@ class TapTotals:
     closed: dict[str, int] = field(default_factory=dict)
     accept_errors: int = 0
     refused: int = 0
+    streams: dict[str, Any] = field(default_factory=dict)  # the stopped taps' StreamStats, summed (no in_flight)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -141,6 +142,7 @@ class TapCollector:
                 totals.closed[reason] = totals.closed.get(reason, 0) + n
             totals.accept_errors += connections.accept_errors
             totals.refused += self.tap.budget.refused
+            totals.streams = _add_streams(totals.streams, self.tap.streams.snapshot())
 
     def _connections(self) -> tuple[ConnectionStats, int]:
         """The connection metrics with the stopped taps' counters added, and the budget's refusals."""
@@ -206,8 +208,16 @@ class TapCollector:
             reasons = hallucination.suspect(text, language, audio)
             self.hallucinations.count(self.requests.labels.language(language), "traffic", reasons, text)
 
+    def _streams(self) -> dict[str, Any]:
+        """This tap's streaming figures with the stopped taps' counts added (in flight: this tap's)."""
+        own = self.tap.streams.snapshot()
+        with self.totals.lock:  # read with the flag: a tap folded is not counted twice
+            view = _add_streams(self.totals.streams, {} if self._folded else own)
+        view["in_flight"] = own["in_flight"]
+        return view
+
     def families(self) -> Iterable[Metric]:
-        yield from stream_families(self.tap.streams.snapshot())
+        yield from stream_families(self._streams())
         if self.owns_requests:
             yield from self.requests.families()
         with self.totals.lock:
@@ -307,6 +317,25 @@ STREAM_COUNTERS = (
     ("unparsed", "whisper_stream_messages_unparsed",
      "Messages too large to parse (over 256 KiB) or unreadable; passed on unchanged all the same."),
 )
+
+
+def _add_streams(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two StreamStats snapshots' counters and histograms, summed into a new one (in_flight left out)."""
+    out: dict[str, Any] = {}
+    for key in ("sessions", "counters", "errors", "rejections", "upgrades", "messages", "message_bytes"):
+        x, y = a.get(key, {}), b.get(key, {})
+        out[key] = {k: x.get(k, 0) + y.get(k, 0) for k in {*x, *y}}
+    hists: dict[Any, Hist] = {k: h.copy() for k, h in a.get("hists", {}).items()}
+    for k, h in b.get("hists", {}).items():
+        if k not in hists:
+            hists[k] = h.copy()
+            continue
+        mine = hists[k]
+        mine.counts = [m + n for m, n in zip(mine.counts, h.counts)]
+        mine.sum += h.sum
+    out["hists"] = hists
+    out["in_flight"] = {}
+    return out
 
 
 def _cumulative(h: Hist) -> list[tuple[str, float]]:

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
+from helpers import samples
 from multidict import CIMultiDict
 from tap_helpers import Records, Upstream, start_tap
 
@@ -501,3 +502,40 @@ def test_stopping_the_tap_closes_open_sessions_with_1001(upstream):
 
     assert run(go()) == (WSMsgType.CLOSE, 1001)
     assert tap.streams.snapshot()["sessions"] == {("other", "1001", "tap"): 1}
+
+
+def test_stream_counters_carry_on_when_a_reload_builds_the_tap_anew(upstream):
+    """A reload that rebuilds the tap (a new collector, a new Tap) keeps the whisper_stream_* counters
+    and histograms: the new collector exports the stopped tap's on top of its own, once."""
+    from collectors.tap import TapCollector
+
+    def counts(collector) -> dict:
+        got = samples(list(collector.families()))
+        return {"sessions": sum(v for (name, _), v in got.items() if name == "whisper_stream_sessions_total"),
+                "upstream": got[("whisper_stream_messages_total", (("direction", "upstream"),))],
+                "durations": sum(v for (name, _), v in got.items()
+                                 if name == "whisper_stream_session_duration_seconds_count")}
+
+    def one_session(collector) -> None:
+        run(_session(f"http://127.0.0.1:{collector.tap.port}", "/ws", ["a", "b", ("close", 1000)]))
+        ended(collector.tap, 1)
+
+    first = TapCollector(TapConfig(enabled=True, listen="127.0.0.1:0"), upstream.url)
+    first.start()
+    try:
+        one_session(first)
+        before = counts(first)
+        assert before == {"sessions": 1, "upstream": 2, "durations": 1}
+    finally:
+        first.stop_for_reload()
+    assert counts(first) == before  # folded, not counted twice
+    second = TapCollector(TapConfig(enabled=True, listen="127.0.0.1:0"), upstream.url, totals=first.totals)
+    assert counts(second) == before  # no reset: the stopped tap's counts go on
+    second.start()
+    try:
+        one_session(second)
+        assert counts(second) == {"sessions": 2, "upstream": 4, "durations": 2}
+    finally:
+        second.stop()
+    first.stop()  # a second stop folds nothing more
+    assert counts(second) == {"sessions": 2, "upstream": 4, "durations": 2}
