@@ -1,6 +1,6 @@
-"""The five attacks of issue 22's "How it will be judged", one after another, on one exporter.
+"""The attacks of issue 22's "How it will be judged" (and the tap's big heads), one after another, on one exporter.
 
-    python benchmarks/bench_tap_hostile.py [--phases idle,uploads,heads,flac,parts] [--pythonpath CHECKOUT]
+    python benchmarks/bench_tap_hostile.py [--phases idle,uploads,heads,tapheads,flac,parts] [--pythonpath CHECKOUT]
 
 The exporter (the real CLI: process collector and the tap) runs under `ulimit -n 1024`, the
 tap in front of a slow fake upstream (it reads the whole upload, waits --upstream-delay, then
@@ -11,8 +11,9 @@ the phases are:
   idle     1,100 idle sockets on the tap (request heads never finished, reopened when closed)
   uploads  200 concurrent 1 MB uploads sent slowly (--upload-rate bytes/s each)
   heads    500 request heads of 785 KB on the metrics port (100 headers of 7.85 KB, never finished)
+  tapheads 100 request heads of 960 KB on the tap (120 headers of 8 KB, never finished)
   flac     ten crafted FLACs: fLaC + 01 00 00 00 repeated, 4 MB each, at once
-  parts    one multipart upload of a million tiny parts (~50 MB)
+  parts    one multipart upload of a million tiny parts (64 MB)
 
 Per phase: scrape p50/p99/max (and p50 against the quiet phase), failed scrapes, legitimate
 uploads answered 200 of those tried, the exporter's peak RSS (VmRSS from /proc). At the end:
@@ -45,7 +46,7 @@ from tap_helpers import Upstream, multipart, wav_bytes  # noqa: E402
 TRANSCRIPTIONS = "/v1/audio/transcriptions"
 BOUNDARY = "benchboundary"
 CONTENT_TYPE = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
-PHASES = ("idle", "uploads", "heads", "flac", "parts")
+PHASES = ("idle", "uploads", "heads", "tapheads", "flac", "parts")
 
 
 class Phase:
@@ -167,10 +168,10 @@ def attack_uploads(port: int, rate: int) -> str:
     return "answers " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
 
 
-def _big_head(port: int, size: int, hold: float) -> bool:
-    """One head of `size` bytes, never finished, held `hold` seconds: whether the server closed it."""
-    line = b"X-H-%03d: " + b"a" * (size // 100 - 12) + b"\r\n"
-    head = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"".join(line % i for i in range(99))
+def _big_head(port: int, size: int, hold: float, lines: int = 100, target: bytes = b"GET /metrics") -> bool:
+    """One head of `size` bytes in `lines` lines, never finished, held `hold` seconds: whether the server closed it."""
+    line = b"X-H-%03d: " + b"a" * (size // lines - 12) + b"\r\n"
+    head = target + b" HTTP/1.1\r\nHost: x\r\n" + b"".join(line % i for i in range(lines - 1))
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(head)
@@ -187,6 +188,13 @@ def attack_heads(port: int) -> str:
     with concurrent.futures.ThreadPoolExecutor(500) as pool:
         closed = sum(pool.map(lambda _: _big_head(port, 785_000, 5.0), range(500)))
     return f"{closed}/500 closed by the server within 5 s"
+
+
+def attack_tap_heads(port: int) -> str:
+    with concurrent.futures.ThreadPoolExecutor(100) as pool:
+        closed = sum(pool.map(lambda _: _big_head(port, 960_000, 5.0, 120, b"POST " + TRANSCRIPTIONS.encode()),
+                              range(100)))
+    return f"{closed}/100 closed by the tap within 5 s"
 
 
 def _post(url: str, body: bytes, name: str) -> str:
@@ -273,6 +281,8 @@ def main() -> None:
                 phase.note = attack_uploads(exporter.tap_port, args.upload_rate)
             elif name == "heads":
                 phase.note = attack_heads(exporter.port)
+            elif name == "tapheads":
+                phase.note = attack_tap_heads(exporter.tap_port)
             elif name == "flac":
                 phase.note = attack_flac(tap_url)
             elif name == "parts":

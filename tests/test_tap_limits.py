@@ -141,6 +141,42 @@ def test_a_tap_request_head_that_never_finishes_is_closed_at_head_timeout(upstre
         tap.stop()
 
 
+def test_tap_refuses_a_request_head_over_max_head_bytes_before_it_reaches_the_server(upstream):
+    """Issue 22, item 3: 100 unfinished heads of 120 x 8 KB headers took the tap to 251 MB; aiohttp's
+    limits are per line and per header, so a head's total is the tap's to bound."""
+    records = Records()
+    tap = start_tap(upstream.url, records)  # max_head_bytes: 64 KiB by default
+    try:
+        with socket.create_connection(("127.0.0.1", tap.port), timeout=10) as s:
+            head = _upload_head(10)[:-2] + b"".join(b"X-Big-%d: %s\r\n" % (i, b"a" * 8000) for i in range(120))
+            try:
+                s.sendall(head)  # not a complete head: the refusal must not wait for its end
+            except OSError:
+                pass
+            answer = _answer(s)
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert tap.connections.closed["head_too_large"] == 1
+        assert _tap_metrics(tap)[("whisper_tap_connections_closed_total", (("reason", "head_too_large"),))] == 1
+        assert tap.stats.requests == 0 and records.items == []  # it never became a request
+        # A head under the limit goes through: 21 KB of token and cookies (each line under aiohttp's 8 KB),
+        # with a 2 MB upload sent in the same write (its body is not part of the head).
+        body = _body(60)
+        extra = b"Authorization: Bearer %s\r\nCookie: %s\r\nX-Trace: %s\r\n" % (b"t" * 7000, b"c" * 7000, b"x" * 7000)
+        with socket.create_connection(("127.0.0.1", tap.port), timeout=10) as s:
+            s.sendall(_upload_head(len(body))[:-2] + extra + b"\r\n" + body)
+            assert _answer_head(s).startswith(b"HTTP/1.1 200 ")
+    finally:
+        tap.stop()
+
+
+def _answer_head(s: socket.socket) -> bytes:
+    s.settimeout(30)
+    out = b""
+    while b"\r\n\r\n" not in out and (piece := s.recv(65536)):
+        out += piece
+    return out
+
+
 @pytest.mark.parametrize("limits, chunk, every", [
     ({"upload_min_rate": 1024, "upload_rate_grace": 1}, 1, 0.1),  # 10 bytes/s
     ({"upload_min_rate": 0, "upload_timeout": 1}, 4096, 0.05),  # 80 KB/s, but a 1 s deadline in all
@@ -197,7 +233,8 @@ def test_bad_tap_connection_settings_exit_2_naming_the_key(tmp_path):
 
     for bad, name in (({"max_connections": 0}, "max_connections"), ({"max_connections": "many"}, "max_connections"),
                       ({"head_timeout": 0}, "head_timeout"), ({"upload_min_rate": -1}, "upload_min_rate"),
-                      ({"upload_rate_grace": "soon"}, "upload_rate_grace"), ({"upload_timeout": 0}, "upload_timeout")):
+                      ({"upload_rate_grace": "soon"}, "upload_rate_grace"), ({"upload_timeout": 0}, "upload_timeout"),
+                      ({"max_head_bytes": 0}, "max_head_bytes")):
         with pytest.raises(ConfigError) as err:
             from_dict({"collectors": {"tap": bad}})
         assert err.value.key == f"collectors.tap.{name}"
@@ -340,3 +377,18 @@ def test_500_heads_of_785_kb_on_the_metrics_port_keep_rss_bounded(tmp_path):
         print(f"\nRSS {before / 2**20:.0f} MB -> peak {peak[0] / 2**20:.0f} MB (+{grown:.0f} MB)")
         assert grown < 100, f"RSS grew {grown:.0f} MB"
         assert sample(text, "whisper_exporter_http_connections_closed_total", reason="head_too_large") >= 400
+
+
+def test_a_heads_size_stops_at_its_blank_line_however_the_reads_split_it():
+    """What follows the blank line is a body, not head, even when the blank line spans two reads."""
+    from types import SimpleNamespace
+
+    from whisper_exporter.web.connections import _head_part
+
+    head, body = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n", b"b" * 100000
+    for cut in range(len(head) - 5, len(head) + 1):  # every split around the blank line
+        conn = SimpleNamespace(head_done=False, head_tail=b"")
+        counted = _head_part(conn, head[:cut])
+        if not conn.head_done:
+            counted += _head_part(conn, head[cut:] + body)
+        assert conn.head_done and counted == len(head), cut

@@ -62,7 +62,7 @@ API_PATHS = {
 TRUE = frozenset({"true", "1", "yes", "on"})
 LOG_EVERY = 60.0  # seconds between two warnings of one kind
 GRACE = 10.0  # seconds requests in flight may take to finish when the tap stops
-CLOSE_REASONS = ("head_timeout", "idle_timeout", "evicted")  # connections the tap closes itself
+CLOSE_REASONS = ("head_timeout", "head_too_large", "idle_timeout", "evicted")  # connections the tap closes itself
 WORKER_GRACE = 2.0  # seconds the record in analysis may take to finish after that (its work is bounded)
 # Seconds a tap replaced by a reload goes on analysing the records it had queued, in the background
 # (the reload and the new tap never wait on it); what is left then is dropped as shutdown.
@@ -272,7 +272,8 @@ class Tap:
         sock.setblocking(False)
         # The metrics port's connection policy (web/connections.py): a limit, a deadline for the
         # request head, idle keep-alive closed; no deadline on a request itself (its own timeouts).
-        policy = Policy(self.connections.limit, head_timeout=cfg.head_timeout, busy_timeout=None)
+        policy = Policy(self.connections.limit, head_timeout=cfg.head_timeout, busy_timeout=None,
+                        max_head_bytes=cfg.max_head_bytes)
         self._listener = Listener(sock, server, policy, self.connections, name="tap: ", logger=log)
         await self._listener.start()
         self.port = sock.getsockname()[1]

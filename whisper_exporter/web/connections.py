@@ -138,7 +138,9 @@ class _Gate(asyncio.Protocol):
         self.busy = False
         self.deadline = time.monotonic() + pool.policy.head_timeout
         self.reason = "head_timeout"
-        self.head_bytes = 0  # of the request head now arriving (counted until the app starts on it)
+        self.head_bytes = 0  # of the request head now arriving (counted until its blank line)
+        self.head_done = False  # its blank line arrived: what follows is a body, not counted
+        self.head_tail = b""  # the last bytes seen, for a blank line split across two reads
         self.closing = False
         self.handshake: Optional[asyncio.Future] = None
 
@@ -186,8 +188,9 @@ class _Gate(asyncio.Protocol):
                 # The first byte of the next request: its head is due within head_timeout.
                 self.deadline = min(self.deadline, time.monotonic() + self.pool.policy.head_timeout)
                 self.reason = "head_timeout"
-            self.head_bytes += len(data)
             most = self.pool.policy.max_head_bytes
+            if most is not None and not self.head_done:
+                self.head_bytes += _head_part(self, data)
             if most is not None and self.head_bytes > most:
                 # Refused before aiohttp buffers it: its limits are per line and per header.
                 self.close("head_too_large", HEAD_TOO_LARGE)
@@ -220,13 +223,13 @@ class _Gate(asyncio.Protocol):
         busy = self.pool.policy.busy_timeout
         self.busy, self.reason = True, "busy_timeout"
         self.deadline = time.monotonic() + busy if busy is not None else float("inf")
-        self.head_bytes = 0
+        self.head_bytes, self.head_done, self.head_tail = 0, False, b""
         self.pool.touch(self)
 
     def finished(self) -> None:
         """The app answered; sending it and waiting for the next request share the idle deadline."""
         self.busy, self.deadline, self.reason = False, time.monotonic() + self.pool.policy.idle_timeout, "idle_timeout"
-        self.head_bytes = 0
+        self.head_bytes, self.head_done, self.head_tail = 0, False, b""
         self.pool.touch(self)
 
     def close(self, reason: str, farewell: bytes = b"") -> None:
@@ -583,3 +586,22 @@ def serve(host: str, port: int, app: Callable, ssl_context: Optional[ssl.SSLCont
     server = HttpServer(sock, app, ssl_context)
     server.start()
     return server
+
+
+def _head_part(conn: _Gate, data: bytes) -> int:
+    """How many bytes of `data` belong to the request head; marks the head done at its blank line.
+
+    A body sent in the same read as its head (an upload) is not head: counted, a 2 MB upload
+    written at once got 431.
+    """
+    end = data.find(b"\r\n\r\n")
+    if end >= 0:
+        conn.head_done = True
+        return end + 4
+    joined = conn.head_tail + data[:3]  # the blank line split across reads
+    end = joined.find(b"\r\n\r\n")
+    if end >= 0:
+        conn.head_done = True
+        return end + 4 - len(conn.head_tail)
+    conn.head_tail = (conn.head_tail + data[-3:])[-3:]
+    return len(data)
