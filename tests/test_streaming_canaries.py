@@ -182,3 +182,54 @@ def test_websocket_apis_need_an_http_or_ws_url(api):
     assert from_dict({"service": {"api": api, "url": "ws://127.0.0.1:9090"}}).service.api == api
     with pytest.raises(ConfigError, match="service.url"):
         from_dict({"service": {"api": api, "url": "tcp://127.0.0.1:9090"}})
+
+
+# -- through the tap: the canary takes the path users' streaming clients take ----------------------
+
+
+@pytest.mark.parametrize("api", ["openai-realtime", "whisperlive"])
+def test_a_streaming_canary_via_the_tap_reaches_the_server_as_a_canary(started, api):
+    """collectors.probe.via_tap with a WebSocket API: the session goes through the tap's relay, which
+    counts it as the exporter's canary and keeps it out of the user's whisper_stream_* figures."""
+    from helpers import free_port, samples
+
+    from whisper_exporter.collectors.tap import TapCollector
+    from whisper_exporter.runtime.hallucination_counters import HallucinationCounters
+
+    if api == "openai-realtime":
+        server = started(Realtime(lambda audio, model, language: REFERENCE))
+    else:
+        server = started(WhisperLive(SEGMENTS, lag=0.5))
+    upstream = server.url.replace("ws://", "http://")
+    port = free_port()
+    config = from_dict({"service": {"url": upstream, "api": api, "model": "whisper-1"}, "collectors": {
+        "tap": {"enabled": True, "listen": f"127.0.0.1:{port}"},
+        "probe": {"canaries": [{"name": "en", "audio": str(EN), "reference": REFERENCE, "language": "en"}],
+                  "via_tap": True, "pace": 0}}})
+    tap = TapCollector(config.collectors.tap, upstream, hallucinations=HallucinationCounters())
+    tap.start()
+    try:
+        collector = ProbeCollector(config.collectors.probe, config)
+        collector.update()
+        (record,) = collector.recent_probes()["en"]
+        tap.update()
+        seen = samples(list(tap.families()))
+    finally:
+        tap.stop()
+    assert record.result == "success", record.reason
+    (session,) = server.sessions  # it reached the server, through the tap
+    assert marker.classify(session.headers, session.query) == marker.GENUINE
+    assert seen[("whisper_canary_requests_seen_total", (("source", "tap"),))] == 1
+    assert seen[("whisper_stream_upgrades_total", (("result", "accepted"),))] == 1
+    assert not any(v for (name, _), v in seen.items() if name == "whisper_stream_sessions_total")
+    assert not any(v for (name, _), v in seen.items() if name == "whisper_stream_audio_seconds_total")
+
+
+def test_realtime_negative_canary(started):
+    """A silence canary (reference "") on the Realtime API: an empty transcript is a success."""
+    server = started(Realtime(lambda audio, model, language: ""))
+    _, record = probe("openai-realtime", server.url, reference="", pace=0)
+    assert record.result == "success" and record.transcript == ""
+    server = started(Realtime(lambda audio, model, language: "Thank you."))
+    collector, record = probe("openai-realtime", server.url, reference="", pace=0)
+    assert record.result == "hallucination", (record.result, record.reason)
