@@ -30,7 +30,15 @@ from whisper_exporter.runtime.seeds import seed_requests
 from whisper_exporter.runtime.shared import Shared
 from whisper_exporter.tap import TapConfig, TapRecord
 from whisper_exporter.tap.record import ANALYSIS_REASONS, CLIENT_REASONS, DROP_REASONS, UPSTREAM_REASONS, TapStats
-from whisper_exporter.tap.streaming import ERROR_TYPES, PROTOCOLS, UPGRADE_RESULTS, Hist
+from whisper_exporter.tap.streaming import (
+    ERROR_TYPES,
+    HISTOGRAMS,
+    OPENAI,
+    PROTOCOLS,
+    UPGRADE_RESULTS,
+    WHISPERLIVE,
+    Hist,
+)
 from whisper_exporter.web.connections import ConnectionStats
 from whisper_exporter.whisper import hallucination
 
@@ -310,6 +318,13 @@ STREAM_HISTOGRAMS = (  # StreamStats' name, metric, help
     ("partials", "whisper_stream_partials_per_turn",
      "Partial transcripts per turn (OpenAI Realtime deltas; WhisperLive segment messages per session)."),
 )
+# The protocols a figure is known for before any session (the rest appear with their first value):
+# every session has a duration; ready, partials and lags are the recognised protocols'; transcript
+# lag is WhisperLive's alone.
+HISTOGRAM_PROTOCOLS = {
+    "ready": (OPENAI, WHISPERLIVE), "first_partial": (OPENAI, WHISPERLIVE), "finalisation": (OPENAI, WHISPERLIVE),
+    "partials": (OPENAI, WHISPERLIVE), "transcript_lag": (WHISPERLIVE,),
+}
 STREAM_COUNTERS = (
     ("audio_seconds", "whisper_stream_audio_seconds", "Seconds of audio the clients sent (appended or streamed)."),
     ("turns", "whisper_stream_turns", "Turns committed (OpenAI Realtime input_audio_buffer.committed)."),
@@ -368,6 +383,8 @@ def stream_families(snap: dict) -> Iterable[Metric]:
         hist = HistogramMetricFamily(metric, text, labels=["protocol"])
         for protocol in PROTOCOLS:
             h = snap["hists"].get((name, protocol))
+            if h is None and protocol in HISTOGRAM_PROTOCOLS.get(name, PROTOCOLS):
+                h = Hist(HISTOGRAMS[name])  # at 0 before the first session: rate() then sees the first one
             if h is not None:
                 hist.add_metric([protocol], _cumulative(h), h.sum)
         yield hist

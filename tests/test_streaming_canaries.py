@@ -2,6 +2,7 @@
 and WhisperLive's source (tests/streaming_servers.py); the realtime one transcribing through the real
 faster-whisper-server (tiny.en), as speaches does: success, an independent WER, first partials,
 finalisation and transcript lag, refusals, and the canary marker on the handshake."""
+import time
 from importlib import resources
 
 import jiwer
@@ -212,14 +213,16 @@ def test_a_streaming_canary_via_the_tap_reaches_the_server_as_a_canary(started, 
         collector = ProbeCollector(config.collectors.probe, config)
         collector.update()
         (record,) = collector.recent_probes()["en"]
-        tap.update()
-        seen = samples(list(tap.families()))
+        canary = ("whisper_canary_requests_seen_total", (("source", "tap"),))
+        deadline = time.monotonic() + 15  # the tap counts a session once both legs have closed
+        while (seen := samples(list(tap.families()))).get(canary, 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
     finally:
         tap.stop()
     assert record.result == "success", record.reason
     (session,) = server.sessions  # it reached the server, through the tap
     assert marker.classify(session.headers, session.query) == marker.GENUINE
-    assert seen[("whisper_canary_requests_seen_total", (("source", "tap"),))] == 1
+    assert seen[canary] == 1
     assert seen[("whisper_stream_upgrades_total", (("result", "accepted"),))] == 1
     assert not any(v for (name, _), v in seen.items() if name == "whisper_stream_sessions_total")
     assert not any(v for (name, _), v in seen.items() if name == "whisper_stream_audio_seconds_total")

@@ -235,7 +235,7 @@ def test_a_canary_session_is_kept_out_of_user_metrics():
     assert not any(snap.get("whisper_stream_sessions_total", {}).values())
     assert value(snap, "whisper_stream_audio_seconds_total", protocol=OPENAI) == 0
     assert value(snap, "whisper_stream_sessions_in_flight", protocol=OPENAI) == 0
-    assert "whisper_stream_first_partial_seconds_count" not in snap
+    assert value(snap, "whisper_stream_first_partial_seconds_count", protocol=OPENAI) == 0
     assert not snap.get("whisper_hallucination_checked_total")
     assert value(snap, "whisper_stream_upgrades_total", result="accepted") == 1
 
@@ -322,3 +322,24 @@ def test_messages_of_any_shape_never_raise():
             session.closed(1000, "client", 2.0)
     assert sum(stats.in_flight.values()) == 0
     assert sum(stats.sessions.values()) == 6
+
+
+def test_the_stream_histograms_are_exported_at_0_before_the_first_session():
+    """As the request series are (issue 21): a histogram that first appears with its first session in
+    it hides that session from rate() and the dashboards' p95, so each protocol's figures start at 0."""
+    server = Upstream({"/": whisperlive(LiveScript())})
+    col = collector(server.url)
+    try:
+        snap = samples(col)
+    finally:
+        col.stop()
+        server.stop()
+    for protocol in (OPENAI, WHISPERLIVE):
+        for name in ("ready", "first_partial", "finalisation_lag", "partials_per_turn", "session_duration"):
+            metric = f"whisper_stream_{name}_seconds" if name not in ("partials_per_turn",) else f"whisper_stream_{name}"
+            assert value(snap, f"{metric}_count", protocol=protocol) == 0, (metric, protocol)
+            assert (("le", "+Inf"), ("protocol", protocol)) in snap[f"{metric}_bucket"], (metric, protocol)
+    assert value(snap, "whisper_stream_transcript_lag_seconds_count", protocol=WHISPERLIVE) == 0
+    # WhisperLive's own figure only: an OpenAI Realtime session has no transcript lag.
+    assert (("protocol", OPENAI),) not in snap["whisper_stream_transcript_lag_seconds_count"]
+
