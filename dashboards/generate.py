@@ -739,6 +739,36 @@ def performance() -> dict:
              "with an info listing a speech-to-text program (alert WhisperWyomingDown).",
              mappings=UP_DOWN, thresholds=steps((1, "green"), base="red"), width=4, height=8,
              no_value="No Wyoming server probed (service.api wyoming)"),
+        # Users' own sessions, from the tap's WebSocket relay (docs/streaming.md).
+        timeseries("Streaming sessions through the tap",
+                   targets((f"sum by (protocol) (whisper_stream_sessions_in_flight{{{JI}}})", "in flight {{protocol}}"),
+                           (f"sum by (protocol) (rate(whisper_stream_rejections_total{{{JI}}}[{RI}]))",
+                            "rejected/s {{protocol}}")),
+                   "short", "Users' WebSocket sessions through the request tap now, by protocol, and sessions "
+                   "the server turned away (WhisperLive WAIT: all its clients busy).", min_=0, width=6,
+                   no_value="No WebSocket session through the tap (collectors.tap, docs/streaming.md)"),
+        timeseries("Users' first partial p95",
+                   targets((q.format(q=0.95, by=", protocol", metric="whisper_stream_first_partial_seconds",
+                                     sel=JI), "{{protocol}}")),
+                   "s", f"Users' sessions: from a turn's first audio to its first partial transcript, as the tap "
+                   f"relayed them. Line: {FIRST_PARTIAL_TARGET} s, the canaries' alert.",
+                   thresholds=steps((FIRST_PARTIAL_TARGET, "red")), min_=0, width=6,
+                   no_value="No streaming turn through the tap in this range"),
+        timeseries("Users' lag behind the speech p95",
+                   targets((q.format(q=0.95, by=", protocol", metric="whisper_stream_finalisation_lag_seconds",
+                                     sel=JI), "finalisation {{protocol}}"),
+                           (q.format(q=0.95, by=", protocol", metric="whisper_stream_transcript_lag_seconds",
+                                     sel=JI), "transcript {{protocol}}")),
+                   "s", "Users' sessions: finalisation, from the end of a turn to its completed transcript; "
+                   "transcript (WhisperLive), the audio sent minus the end of the last completed segment. A "
+                   "transcript lag that keeps growing is a server falling behind.", min_=0, width=6,
+                   no_value="No streaming turn through the tap in this range"),
+        timeseries("Streaming errors",
+                   targets((f"sum by (protocol, type) (rate(whisper_stream_errors_total{{{JI}}}[{RI}]))",
+                            "{{type}} {{protocol}}")),
+                   "short", "Error events per second in users' sessions: OpenAI Realtime error.type, failed "
+                   "transcriptions and responses; WhisperLive status ERROR.", min_=0, width=6,
+                   no_value="No error event in this range"),
     ]
     return dashboard("whisper-performance", "Whisper / Performance",
                      "Latency and real-time factor by language, histograms, queue wait.",
