@@ -23,11 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = ("whisper-overview.json", "whisper-performance.json")
 # What needs what this setup does not have: a GPU, a log with queue wait or inference time, a
 # reference set with thresholds, a week of history, a streaming canary (service.api wyoming,
-# openai-realtime or whisperlive: this probe speaks HTTP).
+# openai-realtime or whisperlive: this probe speaks HTTP), a user's streaming session (the
+# server speaks HTTP only; test_stack_streaming.py fills the Streaming row).
 NOT_HERE = ("whisper_gpu_", "whisper_queue_wait_seconds", "whisper_inference_duration_seconds",
             "whisper_quality_max_error_rate", "offset1w", "language:whisper_quality",
             "whisper_probe_finalisation_lag_seconds", "whisper_probe_transcript_lag_seconds",
-            "whisper_probe_first_partial_seconds", "whisper_wyoming_")
+            "whisper_probe_first_partial_seconds", "whisper_wyoming_", "whisper_stream_first_partial_seconds",
+            "whisper_stream_finalisation_lag_seconds", "whisper_stream_transcript_lag_seconds")
 
 
 def test_dashboards_have_data_from_tap_traffic_alone(prometheus, tmp_path):
