@@ -67,8 +67,10 @@ LOG_TIMINGS = ("No timings from the server's log: queue wait and inference time 
 QUALITY_EMPTY = ("No utterance of this set scored in this range (reference: collectors.quality with a manifest; "
                  "production: items verified in production.references; canary: the probe)")
 # Punctuation is scored only where a reference keeps its marks (docs/quality.md).
-PUNCTUATION_NONE = ("No punctuation scored in this range: no reference of this language and set has "
-                    ". , ? ! (or collectors.quality off)")
+# Every set can feed it, so naming only collectors.quality (as it did) sent production users the wrong way.
+PUNCTUATION_NONE = ("No punctuation scored in this range: no scored reference of this language and set keeps "
+                    ". , ? ! (reference: collectors.quality with a manifest; production: verified items; canary: "
+                    "the probe)")
 NO_LANGUAGE_ID = ("No item sent without a language in this range (collectors.quality.language: given, probe "
                   "language: given, or no reviewer named a language); load rules/recording.yml")
 # The review queue (docs/quality.md, "A person verifies"): only production sampling with a queue feeds it.
@@ -107,7 +109,7 @@ NO_DATA_BY_PREFIX = (
     ("whisper_hallucination", "No transcripts checked: enable the request tap (collectors.tap) or log transcripts"),
     ("language:whisper_quality_language_id", NO_LANGUAGE_ID),
     ("language_detected:", NO_LANGUAGE_ID),
-    ("language:whisper_quality_punctuation", PUNCTUATION_NONE),
+    ("language:whisper_quality_punctuation", PUNCTUATION_NONE + "; load rules/recording.yml"),
     ("whisper_quality_punctuation", PUNCTUATION_NONE),
     ("language:", QUALITY_EMPTY + "; load rules/recording.yml"),
     ("instance_gpu", "No GPU readings (no NVIDIA driver, or the gpu collector is off)"),
