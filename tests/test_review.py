@@ -221,6 +221,28 @@ def test_cross_site_and_tokenless_posts_are_refused(exporter, files):
     assert post(running, good).status_code == 303 and len(records(files)) == 1
 
 
+def test_a_form_over_the_body_limit_gets_413_and_writes_nothing(exporter, files):
+    """The review form is the one request body the metrics port reads: a body over MAX_BODY, sized
+    up front or chunked with no length, gets 413 without reaching the page, and the page serves on."""
+    from whisper_exporter.web.connections import MAX_BODY
+
+    running = exporter()
+    page = requests.get(running.url + "/review", auth=AUTH, timeout=10).text
+    good = {"id": OLD, "token": token(page), "action": "submit", "reference": "x y", "language": "en"}
+    huge = {**good, "reference": "word " * (MAX_BODY // 5 + 1)}
+    assert post(running, huge).status_code == 413
+
+    def chunks():
+        for _ in range(MAX_BODY // 4096 + 8):
+            yield b"reference=" + b"w" * 4086
+
+    chunked = requests.post(running.url + "/review/submit", data=chunks(), auth=AUTH, timeout=10,
+                            headers={"Origin": running.url, "Content-Type": "application/x-www-form-urlencoded"})
+    assert chunked.status_code == 413 and chunked.request.headers.get("Transfer-Encoding") == "chunked"
+    assert records(files) == []
+    assert post(running, good).status_code == 303 and len(records(files)) == 1  # still serving
+
+
 def test_skip_counts_and_shows_the_next_item(exporter, files):
     running = exporter()
     page = requests.get(running.url + "/review", auth=AUTH, timeout=10).text
