@@ -6,7 +6,9 @@ the tap, and compares what the client saw: messages, subprotocol, close code and
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import socket
 import time
 from typing import Any
 
@@ -539,3 +541,89 @@ def test_stream_counters_carry_on_when_a_reload_builds_the_tap_anew(upstream):
         second.stop()
     first.stop()  # a second stop folds nothing more
     assert counts(second) == {"sessions": 2, "upstream": 4, "durations": 2}
+
+
+def _handshake(port: int, path: str) -> socket.socket:
+    """A raw client that completes the opening handshake, then never reads or answers again: a
+    client whose machine hung, its TCP connection still open."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def test_the_taps_heartbeat_ends_a_session_whose_client_stopped_answering(monkeypatch):
+    """A client gone silent (no pong to the tap's pings) would hold the session and the upstream's
+    slot until the idle timeout, or for ever while the server keeps talking; the tap's own heartbeat
+    ends it in one interval and the upstream gets 1001."""
+    from whisper_exporter.tap import websocket
+
+    monkeypatch.setattr(websocket, "HEARTBEAT", 1.0)  # read per session; 20 s by default
+    upstream_closed: list[int] = []
+
+    async def talker(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        upstream_closed.append(ws.close_code)
+        return ws
+
+    server = Upstream({"/talk": talker})
+    tap = start_tap(server.url, Records(), websocket_idle_timeout=300.0)
+    try:
+        started = time.monotonic()
+        sock = _handshake(tap.port, "/talk")
+        try:
+            sessions = ended(tap)
+            took = time.monotonic() - started
+        finally:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while not upstream_closed and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        tap.stop()
+        server.stop()
+    assert sessions == {("other", "1006", "client"): 1}, sessions  # vanished: no close frame
+    assert took < 5, took  # one heartbeat (1 s, a pong due in 0.5 s), not the 5-minute idle timeout
+    assert upstream_closed == [1001]
+
+
+def test_the_taps_heartbeat_ends_a_session_whose_server_stopped_answering(monkeypatch):
+    """An upstream that stopped answering pings (a wedged server process) is cut by the tap's
+    heartbeat: the client gets 1011 and the session counts as ended by the server with 1006 (no frame)."""
+    from whisper_exporter.tap import websocket
+
+    monkeypatch.setattr(websocket, "HEARTBEAT", 1.0)
+
+    async def wedged(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=False)  # reads pings, never answers them
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        return ws
+
+    server = Upstream({"/wedged": wedged})
+    tap = start_tap(server.url, Records(), websocket_idle_timeout=300.0)
+    try:
+        async def go() -> tuple:
+            async with aiohttp.ClientSession() as client:
+                async with client.ws_connect(f"http://127.0.0.1:{tap.port}/wedged") as ws:
+                    started = time.monotonic()
+                    while (msg := await ws.receive(timeout=30)).type is not WSMsgType.CLOSE:
+                        pass
+                    return msg.data, time.monotonic() - started
+
+        code, took = run(go())
+        sessions = ended(tap)
+    finally:
+        tap.stop()
+        server.stop()
+    assert code == 1011 and took < 5, (code, took)
+    assert sessions == {("other", "1006", "server"): 1}, sessions
