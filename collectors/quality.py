@@ -385,9 +385,10 @@ class QualityCollector:
             # queue keeps no segments), against the reviewer's.
             suspected = had_text and bool(hallucination.suspect(queued.transcript, language, queued.duration))
             self.reviews.reviewed(language, ref.flags, had_text, suspected)
-            if ref.language and "no_speech" not in ref.flags:
-                # the reviewer named the language: the queued one is what the server went by
-                self.identified.count(ref.language, queued.language, PRODUCTION)
+            if ref.language and queued.detected and "no_speech" not in ref.flags:
+                # The reviewer named the language and the server identified one (the request named
+                # none): a language the client gave was never identified, so it is not counted.
+                self.identified.count(ref.language, queued.detected, PRODUCTION)
             if ref.flags:
                 flagged += 1
                 continue  # a flagged item is never scored as WER

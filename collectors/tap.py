@@ -40,7 +40,7 @@ from whisper_exporter.tap.streaming import (
     Hist,
 )
 from whisper_exporter.web.connections import ConnectionStats
-from whisper_exporter.whisper import hallucination
+from whisper_exporter.whisper import hallucination, language_id
 
 if TYPE_CHECKING:  # the sampling module is imported only for a tap that keeps samples
     from whisper_exporter.quality.sampling import AudioKeeper, ProductionSampler
@@ -208,7 +208,8 @@ class TapCollector:
             suffix = os.path.splitext(record.audio_path)[1] or ".audio"
             kept = self.keeper.keep(record.audio_path, suffix)  # the keeper names it (uniquely)
             if kept is not None and record.transcript is not None:
-                self.sampler.queue_item(cell, kept, record.transcript, record.audio_duration)
+                detected = language_id.detected_label(record.detected_language) if record.detected_language else None
+                self.sampler.queue_item(cell, kept, record.transcript, record.audio_duration, detected)
 
     def stream_final(self, text: str, language: Optional[str], audio: Optional[float]) -> None:
         """A streaming session's final transcript (a completed turn, a WhisperLive session's segments)."""

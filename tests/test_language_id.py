@@ -13,7 +13,7 @@ from whisper_exporter.cli import main
 from whisper_exporter.collectors.probe import ProbeCollector
 from whisper_exporter.collectors.quality import QualityCollector
 from whisper_exporter.config import from_dict
-from whisper_exporter.quality.sampling import QueueItem, append_reference
+from whisper_exporter.quality.sampling import QueueItem, ReviewQueue, append_reference
 from whisper_exporter.runtime.language_id_counters import LanguageIdCounters
 from whisper_exporter.whisper.language_id import detected_label, truth_label
 
@@ -146,12 +146,18 @@ def test_a_failed_detection_request_is_no_identification(server, manifest):
 
 
 def test_reviewed_production_items_count_where_the_reviewer_named_the_language(server, tmp_path):
+    """Truth: the reviewer's language; detected: the one the server identified. An item whose
+    client named its language was never identified (the page shows that language, so a reviewer
+    leaving it as it is would count as a correct identification), so it counts nothing here."""
     queue, refs = tmp_path / "queue.jsonl", tmp_path / "verified.jsonl"
-    queued = [("a", "en", "de"), ("b", "en", "en"), ("c", "zh", None), ("d", "unknown", "yue")]
+    # (id, queued language, what the server identified, the reviewer's language)
+    queued = [("a", "en", "en", "de"), ("b", "en", "en", "en"), ("c", "zh", "zh", None),
+              ("d", "unknown", "unknown", "yue"), ("e", "fr", None, "fr"), ("f", "fr", None, "de")]
     queue.write_text("".join(QueueItem(id=i, audio=f"/x/{i}.wav", transcript="hallo welt", language=lang,
-                                       duration=2.0, duration_band="short", sampled_at=1.0).to_json() + "\n"
-                             for i, lang, _ in queued), encoding="utf-8")
-    for ident, _, reviewer in queued:
+                                       duration=2.0, duration_band="short", sampled_at=1.0,
+                                       detected=detected).to_json() + "\n"
+                             for i, lang, detected, _ in queued), encoding="utf-8")
+    for ident, _, _, reviewer in queued:
         append_reference(str(refs), ident, "hallo welt", language=reviewer)
     config = from_dict({"service": {"url": server.url},
                         "collectors": {"quality": {"enabled": True, "production": {"queue": str(queue),
@@ -164,10 +170,25 @@ def test_reviewed_production_items_count_where_the_reviewer_named_the_language(s
     collector.update()
     assert {k: v for k, v in collector.identified.snapshot().items() if v} == {("en", "en", "production"): 1}
     collector.update()
-    # truth = the reviewer's language, detected = the queued one; c has no reviewed language
+    # c has no reviewed language; e and f named theirs (f's reviewer corrected it: still no identification)
     assert {k: v for k, v in collector.identified.snapshot().items() if v} == {
         ("de", "en", "production"): 1, ("en", "en", "production"): 1, ("yue", "unknown", "production"): 1}
+    assert not any(k[0] == "fr" or k[1] == "fr" for k in collector.identified.snapshot())
     assert server.requests == []  # production items are not sent again
+
+
+def test_the_queue_keeps_what_the_server_identified_and_old_lines_read_as_unidentified(tmp_path):
+    item = QueueItem(id="a", audio="/x/a.wav", transcript="t", language="de", duration=1.0,
+                     duration_band="short", sampled_at=1.0, detected="de")
+    assert json.loads(item.to_json())["detected"] == "de"
+    plain = QueueItem(id="b", audio="/x/b.wav", transcript="t", language="de", duration=1.0,
+                      duration_band="short", sampled_at=1.0)
+    assert "detected" not in json.loads(plain.to_json())  # the format of queues written before it
+    path = tmp_path / "queue.jsonl"
+    path.write_text(item.to_json() + "\n" + plain.to_json() + "\n")
+    path.chmod(0o600)
+    read = {i.id: i.detected for i in ReviewQueue(str(path), 100).items()}
+    assert read == {"a": "de", "b": None}
 
 
 def test_probe_both_identifies_speech_canaries_and_sends_non_speech_with_its_language(tmp_path):

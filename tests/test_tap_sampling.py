@@ -126,3 +126,27 @@ def test_traffic_transcripts_are_checked_and_counted_once_with_the_log(tmp_path)
         by_name["tap"].stop()
         by_name["logs"].stop()
         upstream.stop()
+
+
+def test_a_queued_sample_keeps_the_language_the_server_identified_only_when_the_client_named_none(tmp_path):
+    """Language identification on reviewed production items compares the reviewer's language with
+    the one the server identified: a request that named its language was not identified."""
+    async def transcribe(request: web.Request) -> web.Response:
+        await request.post()
+        return web.json_response({"text": "guten morgen", "language": "german"})
+
+    upstream = Upstream({TRANSCRIPTIONS: transcribe})
+    config, scheduler, url = exporter(tmp_path, sample_dir=str(tmp_path / "samples"), upstream=upstream.url)
+    (tap,) = [c for c, _ in scheduler.entries]
+    tap.start()
+    try:
+        for language in ("", "", "de", "de"):  # fraction 0.5: the first of each cell is drawn
+            assert post(url, "clip.wav", language=language).status_code == 200
+        assert wait_for(lambda: (tmp_path / "queue.jsonl").exists()
+                        and len((tmp_path / "queue.jsonl").read_text().splitlines()) == 2, timeout=30)
+    finally:
+        tap.stop()
+        upstream.stop()
+    queued = [json.loads(line) for line in (tmp_path / "queue.jsonl").read_text().splitlines()]
+    assert [q["language"] for q in queued] == ["de", "de"]
+    assert [q.get("detected") for q in queued] == ["de", None]

@@ -25,8 +25,9 @@ toward clean recordings: 98% measured where people heard 89%).
 The review queue (`ReviewQueue`) is a JSON-lines file, one item per line:
 
     {"id": "3f2a...", "audio": "/data/uploads/abc.wav", "transcript": "...", "language": "en",
-     "duration": 7.2, "duration_band": "5-15s", "sampled_at": 1718000000.0}
+     "duration": 7.2, "duration_band": "5-15s", "sampled_at": 1718000000.0, "detected": "en"}
 
+(`detected`: only when the server identified the language, the request naming none),
 bounded by `max_items`: a sample drawn while it is full is dropped and counted.
 Reviewers write the verified record of an item into the references file (JSON
 lines, keyed by the queue's id; the review page and `review import` write through
@@ -189,12 +190,16 @@ class QueueItem:
     duration: Optional[float]
     duration_band: str
     sampled_at: float
+    # The language the server identified (the request named none); None when the client named it
+    # or the source cannot tell (a log line): language identification counts only identified ones.
+    detected: Optional[str] = None
 
     def to_json(self) -> str:
-        return json.dumps({"id": self.id, "audio": self.audio, "transcript": self.transcript,
-                           "language": self.language, "duration": self.duration,
-                           "duration_band": self.duration_band, "sampled_at": self.sampled_at},
-                          ensure_ascii=False)
+        obj = {"id": self.id, "audio": self.audio, "transcript": self.transcript, "language": self.language,
+               "duration": self.duration, "duration_band": self.duration_band, "sampled_at": self.sampled_at}
+        if self.detected is not None:
+            obj["detected"] = self.detected
+        return json.dumps(obj, ensure_ascii=False)
 
 
 def item_id(audio: str, transcript: str) -> str:
@@ -248,7 +253,8 @@ class ReviewQueue:
                     language=str(obj.get("language") or "unknown"),
                     duration=obj.get("duration") if isinstance(obj.get("duration"), (int, float)) else None,
                     duration_band=str(obj.get("duration_band") or "unknown"),
-                    sampled_at=float(obj.get("sampled_at") or 0.0)))
+                    sampled_at=float(obj.get("sampled_at") or 0.0),
+                    detected=str(obj["detected"]) if obj.get("detected") else None))
             except (ValueError, KeyError, TypeError, AttributeError):
                 problems.append(Problem(number, "not a queue item"))
         return items, problems
@@ -370,12 +376,14 @@ class ProductionSampler:
         self._drawn[cell] = drawn + 1  # a draw the queue drops still counts as drawn: the sample stays systematic
         return cell
 
-    def queue_item(self, cell: tuple[str, str], audio: str, transcript: str, duration: Optional[float]) -> bool:
-        """Add a drawn request to the review queue; False when the queue dropped it (counted there)."""
+    def queue_item(self, cell: tuple[str, str], audio: str, transcript: str, duration: Optional[float],
+                   detected: Optional[str] = None) -> bool:
+        """Add a drawn request to the review queue; False when the queue dropped it (counted there).
+        `detected`: the language the server identified, when the request named none."""
         return self.queue.add(QueueItem(
             id=item_id(audio, transcript), audio=audio, transcript=transcript, language=cell[0],
             duration=duration if duration is not None and math.isfinite(duration) else None,
-            duration_band=cell[1], sampled_at=self._clock()))
+            duration_band=cell[1], sampled_at=self._clock(), detected=detected))
 
     def offer(self, audio: str, transcript: str, language: Optional[str], duration: Optional[float]) -> bool:
         """One logged request with its audio path and transcript; True when it was queued.

@@ -709,6 +709,7 @@ class Tap:
                         record.segments = answer.segments
                         if not record.language or record.language.strip().lower() in ("auto", ""):
                             record.language = answer.language
+                            record.detected_language = answer.language
                         if record.audio_duration is None and answer.duration is not None \
                                 and record.analysis_error is None:
                             record.audio_duration = answer.duration

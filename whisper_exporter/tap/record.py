@@ -39,6 +39,7 @@ class TapRecord:
     task: Optional[str] = None  # transcribe | translate
     audio_duration: Optional[float] = None  # seconds, from the uploaded file's header
     language: Optional[str] = None  # the request's language field, else the answer's (as written)
+    detected_language: Optional[str] = None  # the answer's, when the request named none: the server identified it
     model: Optional[str] = None
     response_format: Optional[str] = None  # as asked by the client
     stream: bool = False
