@@ -95,7 +95,8 @@ def test_a_reviewer_in_chromium_verifies_one_item_and_flags_another_and_the_qual
     queue = folder / "review" / "queue.jsonl"
     assert wait_for(lambda: queue.exists() and len(queue.read_text().splitlines()) == 2, timeout=30)
     spoken, hallucinated = answers["speech.wav"], answers["silence.wav"]
-    assert hallucinated.strip()  # text where nobody spoke
+    # Where nobody spoke tiny.en writes text on some CPUs ("You") and nothing on others: what the
+    # exporter does with either is asserted below, never which one came.
     (quality,) = [c for c, s in running.scheduler.entries if s.name == "quality"]
     quality.update()  # an hourly run that finds both waiting (their languages go out at 0)
 
@@ -148,7 +149,8 @@ def test_a_reviewer_in_chromium_verifies_one_item_and_flags_another_and_the_qual
                       "insertion": truth.insertions}
     assert sample(metrics, "whisper_quality_reference_units_total", set="production", language="en") == \
         len(norm(CORRECTED).split())
-    assert sample(metrics, "whisper_hallucination_confirmed_total", language="en") == 1
+    # No speech on a transcript with text is a confirmed hallucination; on an empty one there was none.
+    assert sample(metrics, "whisper_hallucination_confirmed_total", language="en") == (1 if hallucinated.strip() else 0)
     assert sample(metrics, "whisper_quality_reviews_total", result="verified") == 1
     assert sample(metrics, "whisper_quality_reviews_total", result="flagged", flag="no_speech") == 1
     assert sample(metrics, "whisper_quality_review_pending_items") == 0
