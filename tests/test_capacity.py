@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -213,6 +214,93 @@ def test_the_energy_test_follows_the_h100_fixture():
     expected = next(c for c in test["promql_expr_test"]
                     if c["expr"].startswith("round(job_instance:whisper_gpu_energy_joules_per_audio_hour"))
     assert expected["exp_samples"][0]["value"] == pytest.approx(3600 * load_w / 5, abs=1e-6)
+
+
+def test_joules_per_audio_hour_from_the_fake_nvmls_energy_ramp_equal_the_hand_computation(tmp_path):
+    """Efficiency through the exporter's own path: the fake NVML's energy counter ramps at the H100
+    fixture's powers (idle for an hour, then under load), the GPU collector reads it each minute, the
+    request metrics count 5 audio-s/s under load, and promtool evaluates the shipped rules over those
+    expositions, minute by minute. The records equal 3600 x power / audio rate, worked by hand."""
+    from fake_nvml import FakeNVML
+    from helpers import require_tool
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from whisper_exporter.collectors.gpu import GpuCollector, GpuConfig
+    from whisper_exporter.logfiles.parse import Record
+    from whisper_exporter.runtime.exporter import ExporterCollector
+    from whisper_exporter.runtime.requests import RequestMetrics
+    from whisper_exporter.runtime.scheduler import Scheduler
+
+    promtool = require_tool("promtool")
+    fixture = json.loads((ROOT / "tests" / "fixtures" / "nvml_h100.json").read_text())
+    nvml = FakeNVML(state="idle")
+    gpu = GpuCollector(GpuConfig(), nvml=nvml, watched_pids=lambda: set())
+    scheduler = Scheduler([(gpu, 60.0, 10.0)])
+    entry, state = scheduler.entries[0]
+    traffic = RequestMetrics()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ExporterCollector(scheduler))
+
+    class Requests:
+        def collect(self):
+            return traffic.families()
+
+    registry.register(Requests())
+    kept = ("whisper_gpu_energy_joules_total", "whisper_gpu_power_watts", "whisper_gpu_utilization_ratio",
+            "whisper_gpu_info", "whisper_audio_processed_seconds_total")
+    energy_mj = fixture["idle"]["total_energy_mj"]["ok"]
+    series: dict[str, dict[int, float]] = {}  # selector -> minute -> value
+    try:
+        for minute in range(131):  # the promtool case's timeline: idle through 60m, under load after
+            nvml.state = "idle" if minute <= 60 else "under_load"
+            if minute:
+                energy_mj += fixture[nvml.state]["power_usage_mw"]["ok"] * 60  # mW for 60 s: mJ
+                if nvml.state == "under_load":
+                    for _ in range(30):  # 30 requests of 10 audio seconds a minute: 5 audio-s/s
+                        traffic.observe(Record("/v1/audio/transcriptions", 200, "en", 2.0, None, None, 10.0,
+                                               "large-v3", None))
+            nvml.override("total_energy_mj", ok=energy_mj)
+            scheduler.run_once(entry, state)
+            for family in text_string_to_metric_families(generate_latest(registry).decode()):
+                for s in family.samples:
+                    if s.name in kept:
+                        labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                        selector = f'{s.name}{{job="whisper",instance="a:10111",{labels}}}'
+                        series.setdefault(selector, {})[minute] = s.value
+    finally:
+        gpu.stop()
+    assert {sel.split("{")[0] for sel in series} == set(kept)
+    assert all(len(v) == 131 for k, v in series.items() if k.startswith("whisper_gpu_"))
+    # the audio counter appears with the first request (user traffic's labels are not known before)
+    (audio,) = [v for k, v in series.items() if k.startswith("whisper_audio_processed")]
+    assert min(audio) == 61 and audio[130] == 70 * 300
+
+    load_w = fixture["under_load"]["power_usage_mw"]["ok"] / 1000
+    utilization = fixture["under_load"]["utilization"]["ok"]["gpu"] / 100
+    name = fixture["under_load"]["name"]["ok"]
+    joules = 3600 * load_w / 5  # J per audio hour: the power over 5 audio-s/s
+    expected = [
+        ("job_instance:whisper_gpu_energy_joules_per_audio_hour:ratio_rate1h", {"instance": "a:10111"}, joules),
+        ("job:whisper_gpu_energy_joules_per_audio_hour:ratio_rate1h", {}, joules),
+        ("job_name:whisper_gpu_energy_joules_per_audio_hour:ratio_rate1h", {"name": name}, joules),
+        ("job_instance:whisper_gpu_seconds_per_audio_hour:ratio_rate1h", {"instance": "a:10111"},
+         3600 * utilization / 5),
+        ("job:whisper_gpu_hours_per_audio_hour:ratio_rate1h", {}, 1 / 5),  # one GPU held for 5 audio-s/s
+    ]
+    test = {"rule_files": [str(ROOT / "rules" / "capacity.yml")], "evaluation_interval": "1m", "tests": [{
+        "name": "the fake NVML's energy ramp through the collectors", "interval": "1m",
+        "input_series": [{"series": sel, "values": " ".join(repr(v[m]) if m in v else "_" for m in range(131))}
+                         for sel, v in series.items()],
+        "promql_expr_test": [{
+            "expr": f"round({record}, 0.001)", "eval_time": "130m",
+            "exp_samples": [{"labels": "{" + ",".join(f'{k}="{v}"' for k, v in {"job": "whisper", **labels}.items()) + "}",
+                             "value": round(value, 3)}]} for record, labels, value in expected]}]}
+    (tmp_path / "energy_test.yml").write_text(yaml.safe_dump(test, sort_keys=False))
+    out = subprocess.run([promtool, "test", "rules", str(tmp_path / "energy_test.yml")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert joules == pytest.approx(94442.4)  # 26.2 Wh per audio hour on the fixture's H100 (docs/capacity.md)
 
 
 # -- the judged run: a server of known speed, one request at a time, behind the tap --------------
