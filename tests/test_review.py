@@ -221,7 +221,7 @@ def test_cross_site_and_tokenless_posts_are_refused(exporter, files):
     assert post(running, good).status_code == 303 and len(records(files)) == 1
 
 
-def test_a_form_over_the_body_limit_gets_413_and_writes_nothing(exporter, files):
+def test_a_form_over_the_body_limit_gets_413_and_one_over_its_own_limits_400_and_writes_nothing(exporter, files):
     """The review form is the one request body the metrics port reads: a body over MAX_BODY, sized
     up front or chunked with no length, gets 413 without reaching the page, and the page serves on."""
     from whisper_exporter.web.connections import MAX_BODY
@@ -239,6 +239,11 @@ def test_a_form_over_the_body_limit_gets_413_and_writes_nothing(exporter, files)
     chunked = requests.post(running.url + "/review/submit", data=chunks(), auth=AUTH, timeout=10,
                             headers={"Origin": running.url, "Content-Type": "application/x-www-form-urlencoded"})
     assert chunked.status_code == 413 and chunked.request.headers.get("Transfer-Encoding") == "chunked"
+    # Under the body limit, the form's own limits: 20 fields, a transcript of 20,000 characters.
+    many = post(running, {**good, **{f"x{n}": "1" for n in range(20)}})
+    assert many.status_code == 400 and "too many fields" in many.text
+    long = post(running, {**good, "reference": "a" * 20001})
+    assert long.status_code == 400 and "20000" in long.text
     assert records(files) == []
     assert post(running, good).status_code == 303 and len(records(files)) == 1  # still serving
 
