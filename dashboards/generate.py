@@ -76,6 +76,10 @@ NO_LANGUAGE_ID = ("No item sent without a language in this range (collectors.qua
 # The review queue (docs/quality.md, "A person verifies"): only production sampling with a queue feeds it.
 REVIEW_EMPTY = ("No review queue: production sampling is off (collectors.quality.production.queue and "
                 "references; the tap or a log with transcripts samples requests)")
+# The detector against reviewers: only reviewed production items with text feed it.
+HALLUCINATION_REVIEW_EMPTY = ("No reviewed transcript with text in this range (or nothing suspected, for precision, "
+                              "or confirmed, for recall): reviewers' verdicts come from /review and review import "
+                              "of production samples (collectors.quality.production.queue)")
 REVIEWS_EMPTY = ("No review in this range: nobody verified, flagged or skipped a sample on /review or by review "
                  "import (or no collectors.quality.production.queue)")
 # Capacity and efficiency (rules/capacity.yml, docs/capacity.md).
@@ -106,11 +110,13 @@ NO_DATA_BY_PREFIX = (
     ("whisper_realtime_factor", "No request timings: enable the request tap (collectors.tap), or a log with durations"),
     ("whisper_audio", "No request timings: enable the request tap (collectors.tap), or a log with durations"),
     ("whisper_tap", "The request tap is off (collectors.tap)"),
+    ("whisper_hallucination_confirmed", HALLUCINATION_REVIEW_EMPTY),
     ("whisper_hallucination", "No transcripts checked: enable the request tap (collectors.tap) or log transcripts"),
     ("language:whisper_quality_language_id", NO_LANGUAGE_ID),
     ("language_detected:", NO_LANGUAGE_ID),
     ("language:whisper_quality_punctuation", PUNCTUATION_NONE + "; load rules/recording.yml"),
     ("whisper_quality_punctuation", PUNCTUATION_NONE),
+    ("language:whisper_hallucination_review", HALLUCINATION_REVIEW_EMPTY + "; load rules/recording.yml"),
     ("language:", QUALITY_EMPTY + "; load rules/recording.yml"),
     ("instance_gpu", "No GPU readings (no NVIDIA driver, or the gpu collector is off)"),
     ("whisper_gpu", "No GPU readings (no NVIDIA driver, or the gpu collector is off)"),
@@ -887,7 +893,7 @@ def quality() -> dict:
         timeseries("Punctuation marks by mark and result",
                    targets((f'sum by (mark, result) (rate(whisper_quality_punctuation_marks_total{{{qsel},'
                             f'result!="correct"}}[{RI}])) / ignoring (result) group_left () '
-                            f"sum by (mark) (rate(whisper_quality_punctuation_marks_total{{{qsel}}}[{RI}]))",
+                            f"(sum by (mark) (rate(whisper_quality_punctuation_marks_total{{{qsel}}}[{RI}])) > 0)",
                             "{{mark}} {{result}}")),
                    "percentunit", "Per mark, the share of its marks substituted (on the reference's mark), "
                    "deleted or inserted: which mark the server loses or adds.", stack=True, min_=0, width=12),
@@ -931,6 +937,22 @@ def quality() -> dict:
                    "from /review and review import, beside the samples added to the queue per hour: while "
                    "queued stays above verified plus flagged, the backlog grows. Verified and flagged count at "
                    "the quality collector's next run.", min_=0, width=12),
+        timeseries("Hallucination detector against reviewers (7 days)",
+                   targets((f'language:whisper_hallucination_review_precision:ratio_rate7d{{job=~"$job",{LANG}}}',
+                            "precision {{language}}"),
+                           (f'language:whisper_hallucination_review_recall:ratio_rate7d{{job=~"$job",{LANG}}}',
+                            "recall {{language}}")),
+                   "percentunit", "The hallucination detector's verdicts on reviewed production transcripts with "
+                   "text, against the reviewers' (no speech flagged: a confirmed hallucination). Precision: of "
+                   "the transcripts it suspected, the share reviewers confirmed. Recall: of those confirmed, the "
+                   "share it suspected. Low precision makes its alerts noise; low recall means users see "
+                   "hallucinations it misses.", min_=0, max_=1, width=12),
+        timeseries("Confirmed hallucinations per day",
+                   targets((f"sum by (language) (rate(whisper_hallucination_confirmed_total{{{JI},{LANG}}}[{RI}])) "
+                            "* 86400", "{{language}}")),
+                   "short", "Reviewed production transcripts with text on audio a reviewer flagged as no speech, "
+                   "per day at the rate of each interval: text nobody said that reached users. Counted when "
+                   "the quality collector takes the review.", min_=0, width=12),
         row("Canary"),
         stat("Canary success (1h)",
              targets((f"job_instance_probe:whisper_probe_runs_success:ratio_rate1h{{{JI}}}", "{{probe}}")),

@@ -717,3 +717,71 @@ def test_quality_dashboard_shows_the_review_queue_and_review_throughput():
         text = panel["fieldConfig"]["defaults"]["noValue"]
         assert "production.queue" in text, f"{panel['title']}: {text!r}"  # not the WER panels' text
         assert "/review" in panel["description"], panel["title"]
+
+
+def _promtool_cases(tmp_path: Path, rule_files: list[str], series: list[dict], cases: list[dict]) -> None:
+    """Evaluate dashboard queries with promtool over hand-made hourly series and the given rule
+    files (evaluated hourly: every minute for a week of every recording rule takes promtool 25 s)."""
+    promtool = require_tool("promtool")
+    test = {"rule_files": rule_files, "evaluation_interval": "1h",
+            "tests": [{"interval": "1h", "input_series": series, "promql_expr_test": cases}]}
+    (tmp_path / "panel_test.yml").write_text(yaml.safe_dump(test, sort_keys=False))
+    result = subprocess.run([promtool, "test", "rules", "panel_test.yml"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_punctuation_marks_panel_is_empty_not_nan_when_nothing_was_scored(tmp_path):
+    """The per-mark panel divided raw rates: its series are exported at 0 before anything is
+    scored, so it gave 0/0 = NaN (an empty graph) instead of its no-data text. Evaluated by promtool:
+    nothing scored gives no sample; scored marks give each mark's share by result."""
+    (expr,) = [t["expr"] for t in panel_by_title("whisper-quality", "Punctuation marks by mark and result")["targets"]]
+    expr = substitute(expr, "1h")
+    marks = 'whisper_quality_punctuation_marks_total{{job="whisper",instance="w:10111",language="en",set="{s}",mark="{m}",result="{r}"}}'
+    series = [{"series": marks.format(s="reference", m=m, r=r), "values": "0x10"}
+              for m in (".", "?") for r in ("correct", "deleted", "inserted")]
+    # production: 8 full stops an hour, 4 correct and 4 deleted; no question mark scored at all
+    series += [{"series": marks.format(s="production", m=".", r=r), "values": f"0+{n}x10"}
+               for r, n in (("correct", 4), ("deleted", 4), ("inserted", 0))]
+    series += [{"series": marks.format(s="production", m="?", r=r), "values": "0x10"}
+               for r in ("correct", "deleted", "inserted")]
+    scoped = {s: expr.replace('set=~".*"', f'set=~"{s}"') for s in ("reference", "production")}
+    assert scoped["reference"] != expr
+    (tmp_path / "none.yml").write_text("groups: []\n")
+    _promtool_cases(tmp_path, [str(tmp_path / "none.yml")], series, [
+        {"expr": scoped["reference"], "eval_time": "5h", "exp_samples": []},
+        {"expr": scoped["production"], "eval_time": "5h", "exp_samples": [
+            {"labels": '{mark=".",result="deleted"}', "value": 0.5},
+            {"labels": '{mark=".",result="inserted"}', "value": 0}]},
+    ])
+
+
+def test_quality_dashboard_shows_the_hallucination_detector_against_reviewers(tmp_path):
+    """Issue 23: the detector's precision and recall on reviewed traffic were PromQL in docs only.
+    The Review row reads the shipped records (rules/recording.yml), evaluated by promtool over a
+    week of reviews: per language, precision 1/4 and recall 1/2 for en; de, never suspected, has no
+    precision (its text shows, not NaN) and recall 0. Confirmed hallucinations per day beside it."""
+    panel = panel_by_title("whisper-quality", "Hallucination detector against reviewers (7 days)")
+    precision, recall = (substitute(t["expr"]) for t in panel["targets"])
+    assert "precision" in precision and "recall" in recall
+    assert "/review" in panel["fieldConfig"]["defaults"]["noValue"]
+    confirmed = panel_by_title("whisper-quality", "Confirmed hallucinations per day")
+    (per_day,) = (substitute(t["expr"], "1h") for t in confirmed["targets"])
+    assert "/review" in confirmed["fieldConfig"]["defaults"]["noValue"]
+    review = 'whisper_hallucination_review_total{{job="whisper",instance="w:10111",language="{l}",suspected="{s}",confirmed="{c}"}}'
+    per_hour = {("en", "true", "true"): 1, ("en", "true", "false"): 3, ("en", "false", "true"): 1,
+                ("en", "false", "false"): 10, ("de", "true", "true"): 0, ("de", "true", "false"): 0,
+                ("de", "false", "true"): 2, ("de", "false", "false"): 5}
+    series = [{"series": review.format(l=l, s=s, c=c), "values": f"0+{n}x200"} for (l, s, c), n in per_hour.items()]
+    series += [{"series": f'whisper_hallucination_confirmed_total{{job="whisper",instance="w:10111",language="{l}"}}',
+                "values": f"0+{n}x200"} for l, n in (("en", 2), ("de", 2))]
+    _promtool_cases(tmp_path, [str(RULES / "recording.yml")], series, [
+        {"expr": precision, "eval_time": "8d", "exp_samples": [
+            {"labels": f'language:whisper_hallucination_review_precision:ratio_rate7d{{job="whisper",language="en"}}',
+             "value": 0.25}]},
+        {"expr": recall, "eval_time": "8d", "exp_samples": [
+            {"labels": f'language:whisper_hallucination_review_recall:ratio_rate7d{{job="whisper",language="{l}"}}',
+             "value": v} for l, v in (("en", 0.5), ("de", 0))]},
+        {"expr": per_day, "eval_time": "8d", "exp_samples": [
+            {"labels": f'{{language="{l}"}}', "value": 48} for l in ("en", "de")]},
+    ])
