@@ -777,7 +777,7 @@ def test_quality_dashboard_shows_the_hallucination_detector_against_reviewers(tm
                 "values": f"0+{n}x200"} for l, n in (("en", 2), ("de", 2))]
     _promtool_cases(tmp_path, [str(RULES / "recording.yml")], series, [
         {"expr": precision, "eval_time": "8d", "exp_samples": [
-            {"labels": f'language:whisper_hallucination_review_precision:ratio_rate7d{{job="whisper",language="en"}}',
+            {"labels": 'language:whisper_hallucination_review_precision:ratio_rate7d{job="whisper",language="en"}',
              "value": 0.25}]},
         {"expr": recall, "eval_time": "8d", "exp_samples": [
             {"labels": f'language:whisper_hallucination_review_recall:ratio_rate7d{{job="whisper",language="{l}"}}',

@@ -627,3 +627,157 @@ def test_the_taps_heartbeat_ends_a_session_whose_server_stopped_answering(monkey
         server.stop()
     assert code == 1011 and took < 5, (code, took)
     assert sessions == {("other", "1006", "server"): 1}, sessions
+
+
+def _frame(opcode: int, payload: bytes, fin: bool) -> bytes:
+    """One masked client frame (RFC 6455 5.2), short payloads only."""
+    assert len(payload) < 126
+    key = os.urandom(4)
+    return bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + key + \
+        bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def _read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            assert chunk, "closed"
+            data += chunk
+        return data
+    b0, b1 = exactly(2)
+    size = b1 & 0x7F
+    if size == 126:
+        size = int.from_bytes(exactly(2), "big")
+    elif size == 127:
+        size = int.from_bytes(exactly(8), "big")
+    return b0, exactly(size)
+
+
+def _fragmented_session(port: int) -> list[tuple[int, bytes]]:
+    """A raw client that sends a text and a binary message in three fragments each, a ping between
+    two fragments (control frames may interleave, RFC 6455 5.4), and says what came back."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall((f"GET /fragments HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        got = [_read_frame(sock)]  # the upstream's hello
+        text = "fragménted".encode()  # split inside the é: b"m\xc3" | b"\xa9nted"
+        sock.sendall(_frame(0x1, text[:4], fin=False) + _frame(0x9, b"still there?", fin=True)
+                     + _frame(0x0, text[4:6], fin=False) + _frame(0x0, text[6:], fin=True))
+        got += [_read_frame(sock), _read_frame(sock)]  # the pong and the echo, in the order they come
+        sock.sendall(_frame(0x2, b"\x00\x01", fin=False) + _frame(0x0, b"\x02", fin=False)
+                     + _frame(0x0, b"\x03\x04", fin=True))
+        got.append(_read_frame(sock))
+        sock.sendall(_frame(0x8, (1000).to_bytes(2, "big"), fin=True))
+        got.append(_read_frame(sock))
+        return got
+    finally:
+        sock.close()
+
+
+def test_a_fragmented_message_arrives_as_the_same_one_message(upstream, tap):
+    """Fragmentation does not change a message's meaning: a text message in three fragments (its
+    UTF-8 split inside a character, a ping between fragments) and a binary one reach the server as
+    one message each, and the client sees what it sees when talking to the server directly."""
+    direct = _fragmented_session(int(upstream.url.rsplit(":", 1)[1]))
+    tapped = _fragmented_session(tap.port)
+    assert sorted(tapped[1:3]) == sorted(direct[1:3])
+    assert tapped[0] == direct[0] and tapped[3:] == direct[3:]
+    assert tapped[0] == (0x81, b"hello ")
+    assert (0x81, "fragménted".encode()) in tapped[1:3]  # one whole text message, FIN set
+    assert (0x8A, b"still there?") in tapped[1:3]  # the ping was answered, mid-message
+    assert tapped[3] == (0x82, b"\x00\x01\x02\x03\x04")
+    assert tapped[4][0] == 0x88 and tapped[4][1][:2] == (1000).to_bytes(2, "big")
+
+
+def test_a_server_flooding_a_slow_client_is_held_back_not_buffered():
+    """Backpressure the other way: while the client reads nothing, the server can get only a few
+    socket buffers ahead through the tap; once the client reads, every message arrives in order."""
+    import threading
+
+    TOTAL, SIZE = 256, 1 << 20  # 256 MB offered
+    sent = [0]
+    done = threading.Event()
+
+    async def flood(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=1 << 21)
+        await ws.prepare(request)
+        body = bytearray(SIZE)
+        for i in range(TOTAL):
+            body[:4] = i.to_bytes(4, "big")
+            await ws.send_bytes(bytes(body))
+            sent[0] = i + 1
+        done.set()
+        await ws.receive()
+        return ws
+
+    server = Upstream({"/ws": flood})
+    tap = start_tap(server.url, Records())
+    try:
+        async def go() -> tuple[int, list[int]]:
+            async with aiohttp.ClientSession() as client:
+                async with client.ws_connect(f"http://127.0.0.1:{tap.port}/ws", max_msg_size=1 << 21) as ws:
+                    last, still = -1, 0
+                    while still < 4 and not done.is_set():  # until the server's sends stop advancing
+                        await asyncio.sleep(0.25)
+                        still = still + 1 if sent[0] == last else 0
+                        last = sent[0]
+                    held = sent[0]
+                    got = []
+                    while len(got) < TOTAL:
+                        msg = await ws.receive(timeout=120)
+                        assert msg.type is WSMsgType.BINARY, msg
+                        got.append(int.from_bytes(msg.data[:4], "big"))
+                    return held, got
+        held, got = run(go())
+        assert held < 64, f"the server got {held} MB ahead of a client that reads nothing"
+        assert got == list(range(TOTAL))
+    finally:
+        tap.stop()
+        server.stop()
+
+
+def test_websocket_sessions_at_the_connection_limit_are_busy_never_evicted(upstream):
+    """max_connections counts WebSocket sessions like uploads in progress: at the limit, silent
+    connections do not evict an open session, a fifth session waits (in the listen backlog) until
+    one ends, and then goes through."""
+    tap = start_tap(upstream.url, Records(), max_connections=4)
+    silent: list[socket.socket] = []
+    try:
+        async def go() -> tuple[list[str], bool, str]:
+            async with aiohttp.ClientSession() as client:
+                sessions = [await client.ws_connect(f"http://127.0.0.1:{tap.port}/ws/{i}") for i in range(4)]
+                for ws in sessions:
+                    await ws.receive(timeout=10)  # the upstream's hello
+                for _ in range(6):
+                    silent.append(socket.create_connection(("127.0.0.1", tap.port), timeout=10))
+                fifth = asyncio.ensure_future(client.ws_connect(f"http://127.0.0.1:{tap.port}/ws/5"))
+                await asyncio.sleep(1.5)
+                waited = not fifth.done()
+                echoes = []
+                for i, ws in enumerate(sessions):  # every session still open and answering
+                    await ws.send_str(f"still {i}")
+                    echoes.append((await ws.receive(timeout=10)).data)
+                await sessions[0].close()
+                ws5 = await asyncio.wait_for(fifth, timeout=15)
+                await ws5.receive(timeout=10)
+                await ws5.send_str("fifth")
+                answer = (await ws5.receive(timeout=10)).data
+                for ws in sessions[1:] + [ws5]:
+                    await ws.close()
+                return echoes, waited, answer
+        echoes, waited, answer = run(go())
+        assert echoes == [f"still {i}" for i in range(4)]
+        assert waited, "a fifth session was let in over max_connections=4"
+        assert answer == "fifth"
+        assert ended(tap, 5).get(("other", "1000", "client")) == 5
+    finally:
+        for s in silent:
+            s.close()
+        tap.stop()
