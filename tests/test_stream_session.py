@@ -129,3 +129,29 @@ def test_whisperlive_error_status_is_a_server_error_and_the_session_goes_on():
     assert observed(stats, "ready", WHISPERLIVE) == (1, pytest.approx(0.3))
     assert observed(stats, "transcript_lag", WHISPERLIVE) == (1, pytest.approx(0.2))
     assert finals == ["Hello."]
+
+
+def test_whisperlive_final_transcript_keeps_the_last_partial_after_the_completed_segments():
+    """The real server closes after END_OF_AUDIO without completing its last segment (seen with
+    WhisperLive 0.10.0, tests/test_whisperlive_real_server.py): the session's final transcript is
+    the completed segments and the last partial after them, as the canary reads it. Before, the
+    tail was lost, and a session with no completed segment was never checked."""
+    for messages, want in (
+        ([[("0.000", "1.0", "Hello.", True), ("1.0", "1.5", "How are", False)],
+          [("0.000", "1.0", "Hello.", True), ("1.0", "2.0", "How are you?", False)]], ["Hello. How are you?"]),
+        ([[("0.000", "1.0", "Only a partial", False)]], ["Only a partial"]),
+        ([[("0.000", "1.0", "Done.", True)]], ["Done."]),
+        ([[("0.000", "1.0", "Done.", True), ("1.0", "1.2", "", False)]], ["Done."]),
+        ([[("0.000", "1.0", "", False)]], []),  # nothing written: nothing to check
+    ):
+        stats, finals = StreamStats(), []
+        stats.on_final = lambda text, language, audio: finals.append(text)
+        session = Session(stats, "/", 0.0)
+        session.client_message(json.dumps({"uid": "u1", "language": "en", "model": "tiny"}), 0.1)
+        session.server_message(json.dumps({"uid": "u1", "message": "SERVER_READY"}), 0.2)
+        session.client_message(b"\0" * 64000, 0.3)
+        for segments in messages:
+            session.server_message(json.dumps({"uid": "u1", "segments": [
+                {"start": a, "end": b, "text": text, "completed": done} for a, b, text, done in segments]}), 1.0)
+        session.closed(1000, "server", 2.0)
+        assert finals == want, messages

@@ -175,6 +175,7 @@ class Session:
         self.first_partial = False
         self.completed: "OrderedDict[str, str]" = OrderedDict()  # segment start -> text
         self.completed_end = 0.0
+        self.last_partial = ""  # the newest message's segment not yet completed
         if not canary:
             stats.bump(stats.in_flight, OTHER)
         if path.rstrip("/").endswith("/realtime"):  # OpenAI's and speaches' path
@@ -234,8 +235,16 @@ class Session:
         stats.observe("duration", self.protocol, now - self.opened)
         if self.protocol == WHISPERLIVE and self.options_at is not None:
             stats.observe("partials", WHISPERLIVE, self.partials)
-            if self.completed:
-                self._final(" ".join(t.strip() for t in self.completed.values()).strip(), self.audio)
+            # The completed segments and the last partial after them, as the canary reads a session
+            # (whisper/streaming_clients.py): the real server closes after END_OF_AUDIO without
+            # completing its last segment, so completed segments alone lost the tail, or everything.
+            texts = [t.strip() for t in self.completed.values()]
+            tail = self.last_partial.strip()
+            if tail and (not texts or texts[-1] != tail):
+                texts.append(tail)
+            text = " ".join(t for t in texts if t)
+            if text:
+                self._final(text, self.audio)
 
     # -- detection ------------------------------------------------------------
 
@@ -417,7 +426,10 @@ class Session:
         if not self.first_partial and self.first_audio is not None:
             self.first_partial = True
             stats.observe("first_partial", WHISPERLIVE, now - self.first_audio)
+        partial = ""
         for seg in segments:
+            if isinstance(seg, dict) and seg.get("completed") is not True and isinstance(seg.get("text"), str):
+                partial = seg["text"][:MAX_TRANSCRIPT]
             if isinstance(seg, dict) and seg.get("completed") is True:
                 start, text = str(seg.get("start"))[:32], seg.get("text")
                 try:
@@ -427,6 +439,7 @@ class Session:
                 if isinstance(text, str) and start not in self.completed and \
                         sum(len(t) for t in self.completed.values()) < MAX_TRANSCRIPT:
                     self.completed[start] = text
+        self.last_partial = partial
         # The streaming number that matters: audio sent minus the end of the last completed segment.
         stats.observe("transcript_lag", WHISPERLIVE, self.audio - self.completed_end)
 
