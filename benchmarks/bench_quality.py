@@ -5,7 +5,7 @@
 2. Manifest: loading a 5,000-line manifest (every audio header read) and
    drawing a stratified sample from it.
 3. Scoring: Whisper normaliser + jiwer per utterance, English words and
-   Mandarin characters.
+   Mandarin characters; and with the punctuation error rate beside it.
 4. The real thing (unless --no-real-server): the quality collector against
    faster-whisper-server (tiny.en, CPU) on the labeled test set with
    max_server_share 0.5: the share of the run's wall time with a request in
@@ -32,7 +32,7 @@ from whisper_exporter.collectors.quality import QualityCollector  # noqa: E402
 from whisper_exporter.config import from_dict  # noqa: E402
 from whisper_exporter.quality import manifest as mf  # noqa: E402
 from whisper_exporter.quality.sampling import ProductionSampler, ReviewQueue, StratifiedSampler  # noqa: E402
-from whisper_exporter.whisper import scoring  # noqa: E402
+from whisper_exporter.whisper import punctuation, scoring  # noqa: E402
 
 
 def best_of(fn, repeat=5):
@@ -93,7 +93,10 @@ def scoring_cost() -> None:
     for label, args in (("en (15 words)", (en_ref, en_hyp, "en")), ("zh (15 chars)", (zh_ref, zh_hyp, "zh"))):
         n = 2000
         seconds = best_of(lambda: [scoring.score(*args) for _ in range(n)], 3)
-        print(f"  score {label}: {seconds / n * 1e6:.0f} us/utterance")
+        # What punctuation scoring adds where the reference keeps its marks (docs/quality.md, PER).
+        both = best_of(lambda: [(scoring.score(*args), punctuation.score(args[0], args[1])) for _ in range(n)], 3)
+        print(f"  score {label}: {seconds / n * 1e6:.0f} us/utterance; with PER {both / n * 1e6:.0f} us "
+              f"({both / seconds:.2f}x)")
 
 
 def real_server(tmp: Path) -> None:

@@ -9,7 +9,9 @@ measured in the same run:
 - `nginx-ka`: upstream keep-alive (`keepalive 8`, `proxy_http_version 1.1`,
   `Connection ""`), request and answer unbuffered: the fastest nginx setup for this;
 - `tap@NAME` (with --pythonpath DIR, repeatable): the tap imported from another checkout
-  (the code before a change), a baseline in the same run.
+  (the code before a change), a baseline in the same run;
+- `tap+sample` (with --sampling FRACTION): the tap with production sampling, each drawn
+  request's audio copied to a sample folder and queued for review (docs/quality.md).
 
 1. Added latency: sequential multipart WAV uploads of 1 MB and 25 MB over a kept-alive
    connection, round-robin between all targets; p50 and p99 of each minus direct's, and
@@ -21,7 +23,7 @@ measured in the same run:
 3. Memory: the tap's peak RSS while 64 clients upload 25 MB each at once.
 
     python benchmarks/bench_tap.py [--n1 200] [--n25 30] [--seconds 10] [--only 1mb ...]
-                                   [--pythonpath OLD_CHECKOUT ...]
+                                   [--pythonpath OLD_CHECKOUT ...] [--sampling 1.0]
 """
 from __future__ import annotations
 
@@ -86,13 +88,21 @@ def run_upstream(port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
-def run_tap(port: int, upstream: str, spool: str, pythonpath: str = "") -> None:
+def run_tap(port: int, upstream: str, spool: str, pythonpath: str = "", sampling: float = 0.0) -> None:
     if pythonpath:  # a baseline: the tap of another checkout
         sys.path.insert(0, pythonpath)
     from whisper_exporter.collectors.tap import TapCollector
     from whisper_exporter.tap import TapConfig
 
-    col = TapCollector(TapConfig(enabled=True, listen=f"127.0.0.1:{port}", spool_dir=spool), upstream)
+    sampler = keeper = None
+    if sampling:  # production sampling as collectors.tap.sample_dir sets it up (collectors/tap.py make)
+        from whisper_exporter.quality.sampling import AudioKeeper, ProductionSampler, ReviewQueue
+
+        sampler = ProductionSampler(ReviewQueue(os.path.join(spool, "queue.jsonl"), 10**6), sampling)
+        # Old samples go as new ones come (max_files): the bench measures the steady state, not a full folder.
+        keeper = AudioKeeper(os.path.join(spool, "samples"), 50, 10**10, 7 * 86400)
+    col = TapCollector(TapConfig(enabled=True, listen=f"127.0.0.1:{port}", spool_dir=spool), upstream,
+                       sampler=sampler, keeper=keeper)
     col.start()
     threading.Event().wait()
 
@@ -231,6 +241,9 @@ def main() -> None:
     parser.add_argument("--n25", type=int, default=30, help="requests per target at 25 MB")
     parser.add_argument("--seconds", type=float, default=10.0, help="throughput run length")
     parser.add_argument("--only", action="append", choices=PARTS, help="run only this part (repeatable)")
+    parser.add_argument("--sampling", type=float, default=0.0, metavar="FRACTION",
+                        help="also run a tap with production sampling at FRACTION (1: every request kept for "
+                             "review, its audio copied and queued), as tap+sample")
     parser.add_argument("--pythonpath", action="append", default=[],
                         help="also run the tap of this checkout (the code before a change), as tap@NAME")
     args = parser.parse_args()
@@ -256,6 +269,12 @@ def main() -> None:
         own.mkdir()
         targets[name] = (port, subprocess.Popen(me + ["--child-tap", str(port), f"http://127.0.0.1:{upstream_port}",
                                                       str(own), str(Path(path).resolve()) if path else ""]))
+    if args.sampling:
+        port = free_port()
+        own = spool / "tap+sample"
+        own.mkdir()
+        targets["tap+sample"] = (port, subprocess.Popen(me + ["--child-tap", str(port), f"http://127.0.0.1:{upstream_port}",
+                                                              str(own), "", str(args.sampling)]))
     for name, keepalive in (("nginx", False), ("nginx-ka", True)):
         port = free_port()
         prefix = folder / name
@@ -337,6 +356,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--child-upstream":
         run_upstream(int(sys.argv[2]))
     elif len(sys.argv) > 5 and sys.argv[1] == "--child-tap":
-        run_tap(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
+        run_tap(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5],
+                float(sys.argv[6]) if len(sys.argv) > 6 else 0.0)
     else:
         main()
