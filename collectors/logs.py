@@ -316,11 +316,31 @@ class LogsCollector:
         return "; ".join(parts) or "no files configured"
 
 
+def declares(entry: Any, name: str) -> bool:
+    """Whether a logs.files[] entry says where record field `name` is: a preset's field, the
+    entry's `fields` mapping, or a named group of its pattern (a plain json format only may)."""
+    preset = logparse.PRESETS.get(entry.format)
+    if preset is not None:
+        return any(field == name for field, _ in preset.fields)
+    if entry.fields and name in entry.fields:
+        return True
+    patterns = [entry.pattern] if isinstance(entry.pattern, str) else list(entry.pattern or [])
+    return entry.format == "regex" and any(f"(?P<{name}>" in p for p in patterns)
+
+
 def make(section: LogsConfig, shared: Shared) -> LogsCollector:
     requests = shared.use_requests()
-    seed_requests(requests, shared.config, audio=False)  # a log may say nothing of audio
-    return LogsCollector(section, requests=requests, sampler=shared.production_sampler(),
-                         hallucinations=shared.use_hallucinations())
+    collector = LogsCollector(section, requests=requests, sampler=shared.production_sampler(),
+                              hallucinations=shared.use_hallucinations())
+    # A log whose format names inference times measures the server's busy time when no tap does
+    # (docs/capacity.md): those counters, and the audio beside them, start at 0 (else the first
+    # batch of audio was invisible to rate() beside a busy time counted from 0: capacity 1% low).
+    # A log that only may carry them (plain json) says nothing of them: "not measured", not 0.
+    timed = [entry for entry in section.files if declares(entry, "inference")]
+    requests.log_timings = bool(timed)
+    seed_requests(requests, shared.config, audio=any(declares(entry, "audio_duration") for entry in timed))
+    requests.max_concurrency = shared.config.service.max_concurrency  # the capacity model, as the tap sets it
+    return collector
 
 
 PLUGIN = Plugin("logs", LogsConfig, make, "request metrics from the Whisper server's log files")

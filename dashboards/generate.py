@@ -83,10 +83,10 @@ HALLUCINATION_REVIEW_EMPTY = ("No reviewed transcript with text in this range (o
 REVIEWS_EMPTY = ("No review in this range: nobody verified, flagged or skipped a sample on /review or by review "
                  "import (or no collectors.quality.production.queue)")
 # Capacity and efficiency (rules/capacity.yml, docs/capacity.md).
-CAPACITY_EMPTY = ("No busy time measured: capacity needs the request tap (collectors.tap), a replica that served "
-                  "in the last hour, and rules/capacity.yml")
-EFFICIENCY_EMPTY = ("No audio completed or no GPU readings in the last hour: needs the tap, the gpu collector and "
-                    "rules/capacity.yml")
+CAPACITY_EMPTY = ("No busy time measured: capacity needs the request tap (collectors.tap) or a server log with "
+                  "inference times, a replica that served in the last hour, and rules/capacity.yml")
+EFFICIENCY_EMPTY = ("No audio completed or no GPU readings in the last hour: needs the tap (or a log with audio "
+                    "durations), the gpu collector and rules/capacity.yml")
 NO_DATA_BY_PREFIX = (
     ("ALERTS", "No Whisper alert pending or firing"),
     ("slo:", "No SLO records: load rules/slo.yml into Prometheus"),

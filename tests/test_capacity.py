@@ -183,6 +183,108 @@ def test_no_tap_no_busy_series():
         running.close()
 
 
+def _log_replica(tmp_path: Path, fmt: str = "json-request", **service):
+    """An exporter whose one source is the server's log (no tap), read every 100 ms; its traffic's
+    language configured, so that language's series start at 0 too."""
+    log = tmp_path / "server.log"
+    log.write_text("")
+    config = from_dict({"listen": "127.0.0.1:0", "service": service, "collectors": {**OFF, "logs": {
+        "enabled": True, "interval": "100ms", "languages": ["en"], "files": [{"path": str(log), "format": fmt}]}}})
+    return daemon.start(config), log
+
+
+def _logged(log: Path, inference_ms: float, queue_ms: float = 0.0, audio: float = 5.0) -> None:
+    with open(log, "a") as f:  # the json-request preset's fields (docs/logs.md)
+        f.write(json.dumps({"path": "/v1/audio/transcriptions", "status": 200, "language": "en", "duration_ms": inference_ms + queue_ms + 20,
+                            "queue_ms": queue_ms, "inference_ms": inference_ms, "audio_seconds": audio}) + "\n")
+
+
+def test_a_log_with_inference_times_is_the_source_without_the_tap(tmp_path):
+    """Issue 25 asked for capacity "from the tap (and logs with timings)". Without the tap, each
+    logged request's inference time is busy time of a one-at-a-time server (it processes one
+    request at a time, so the times do not overlap), and queue wait plus inference its time held:
+    both exported from 0, counted as each line is read."""
+    running, log = _log_replica(tmp_path)
+    try:
+        text = metrics(running)
+        assert sample(text, "whisper_server_busy_seconds_total") == 0
+        assert sample(text, "whisper_requests_in_flight_seconds_total") == 0
+        # the audio beside them starts at 0 too (before, a log's audio series came with their first count)
+        assert sample(text, "whisper_audio_processed_seconds_total", language="en") == 0
+        for inference, queue in ((250, 100), (125, 0), (500, 50), (125, 0)):
+            _logged(log, inference, queue)
+        assert wait_for(lambda: sample(metrics(running), "whisper_server_busy_seconds_total") == pytest.approx(1.0),
+                        timeout=10), metrics(running)
+        text = metrics(running)
+        assert sample(text, "whisper_requests_in_flight_seconds_total") == pytest.approx(1.15)
+        assert sample(text, "whisper_audio_processed_seconds_total", language="en") == pytest.approx(20.0)
+        assert sample(text, "whisper_server_max_concurrency") is None
+    finally:
+        running.close()
+
+
+def test_a_batching_servers_log_gives_requests_in_flight_but_no_busy_time(tmp_path):
+    """With service.max_concurrency the server processes requests together: their inference times
+    overlap, so their sum is not its busy time (left absent), while request-seconds held (the
+    batching model's input: capacity = audio per request-second x max_concurrency) still are."""
+    running, log = _log_replica(tmp_path, max_concurrency=4)
+    try:
+        for _ in range(4):
+            _logged(log, 1000, 500)
+        assert wait_for(lambda: sample(metrics(running), "whisper_requests_in_flight_seconds_total")
+                        == pytest.approx(6.0), timeout=10), metrics(running)
+        text = metrics(running)
+        assert sample(text, "whisper_server_busy_seconds_total") is None
+        assert sample(text, "whisper_server_max_concurrency") == 4
+    finally:
+        running.close()
+
+
+def test_a_reload_that_turns_the_timed_log_off_leaves_busy_time_unmeasured(tmp_path):
+    """The counters carry on over a reload as request counts do; once no log measures them any
+    more they go (absent: not measured), rather than stay flat, which would read as idle."""
+    running, log = _log_replica(tmp_path)
+    try:
+        _logged(log, 250)
+        assert wait_for(lambda: sample(metrics(running), "whisper_server_busy_seconds_total") == pytest.approx(0.25),
+                        timeout=10)
+        running.load_config = lambda: from_dict({"listen": "127.0.0.1:0", "collectors": {**OFF, "logs": {
+            "enabled": True, "interval": "100ms", "languages": ["en"],
+            "files": [{"path": str(log), "format": "json-request"}]}}})
+        assert running.reload() is None
+        assert sample(metrics(running), "whisper_server_busy_seconds_total") == pytest.approx(0.25)  # kept: unchanged
+        # the same file read as uvicorn's access log: request counts carry on, busy time is not measured
+        running.load_config = lambda: from_dict({"listen": "127.0.0.1:0", "collectors": {**OFF, "logs": {
+            "enabled": True, "interval": "100ms", "languages": ["en"],
+            "files": [{"path": str(log), "format": "uvicorn-access"}]}}})
+        assert running.reload() is None
+        text = metrics(running)
+        assert "whisper_server_busy_seconds_total" not in text
+        assert sample(text, "whisper_requests_total", status_code="200", language="en") == 1
+        running.load_config = lambda: from_dict({"listen": "127.0.0.1:0", "collectors": OFF})
+        assert running.reload() is None
+        assert "whisper_server_busy_seconds_total" not in metrics(running)
+    finally:
+        running.close()
+
+
+@pytest.mark.parametrize("fmt", ["uvicorn-access", "json"])
+def test_a_log_without_inference_times_measures_no_busy_time(tmp_path, fmt):
+    """Absent, not 0: uvicorn's access log has no timings, and a plain json format only may carry
+    them (its fields are looked up by their own names), so neither says the server was idle."""
+    running, log = _log_replica(tmp_path, fmt=fmt)
+    try:
+        log.write_text('INFO:     127.0.0.1:5000 - "POST /v1/audio/transcriptions HTTP/1.1" 200 OK\n' if fmt != "json"
+                       else '{"endpoint": "/v1/audio/transcriptions", "status_code": 200}\n')
+        assert wait_for(lambda: "whisper_requests_total{" in metrics(running)
+                        and 'status_code="200"' in metrics(running), timeout=10)
+        text = metrics(running)
+        assert "whisper_server_busy_seconds_total" not in text
+        assert "whisper_requests_in_flight_seconds_total" not in text
+    finally:
+        running.close()
+
+
 @pytest.mark.parametrize("value", [0, -2, 1.5, "many"])
 def test_max_concurrency_must_be_a_whole_number_of_requests(value):
     with pytest.raises(ConfigError) as info:
@@ -424,3 +526,81 @@ def test_busy_ratio_and_headroom_on_a_real_prometheus_are_within_5_percent(prome
             exporter.close()
         for server in servers:
             server.upstream.stop()
+
+
+LOG_RUN = 80.0  # seconds of logged requests before the rules are read (the 1m window full)
+
+
+def _write_log(log: Path, period: float, inference_ms: float, queue_ms: float, audio: float,
+               stop: threading.Event, written: list[float]) -> None:
+    """A server's log at a steady pace: one request's line every `period` seconds; when each was written."""
+    start, n = time.monotonic(), 0
+    while not stop.is_set():
+        _logged(log, inference_ms, queue_ms, audio)
+        written.append(time.time())
+        n += 1
+        stop.wait(max(0.0, start + n * period - time.monotonic()))
+
+
+@pytest.mark.integration
+def test_capacity_rules_on_a_real_prometheus_from_logs_alone(prometheus, tmp_path, capsys):
+    """Two replicas measured by their logs only, no tap: a one-at-a-time server 25% busy (a 0.1 s
+    inference for 2 s of audio every 0.4 s: 20 audio-s/s while busy), and a batching one with
+    max_concurrency 4 holding each request 1 s (0.2 s queued, 0.8 s processed) for 4 s of audio
+    every 0.5 s (2 in flight: saturation 0.5, capacity 4 x 4 = 16 audio-s/s). The shipped rules
+    give capacity exactly, and busy ratio, saturation and headroom within 5% of the log's own
+    timeline over the samples the 1m window held."""
+    replicas = []
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+    written: dict[str, list[float]] = {"single": [], "batch": []}
+    try:
+        for name, service in (("single", {}), ("batch", {"max_concurrency": 4})):
+            folder = tmp_path / name
+            folder.mkdir()
+            replicas.append(_log_replica(folder, **service))
+        targets = [running.url.removeprefix("http://") for running, _ in replicas]
+        prom = prometheus(targets, rule_files=[str(ROOT / "rules" / "capacity.yml")])
+        assert wait_for(lambda: len(prom.query("whisper_requests_in_flight_seconds_total == 0")) == 2, timeout=30)
+        for (_, log), name, args in zip(replicas, ("single", "batch"), ((0.4, 100, 0, 2.0), (0.5, 800, 200, 4.0))):
+            threads.append(threading.Thread(target=_write_log, args=(log, *args, stop, written[name]), daemon=True))
+        for t in threads:
+            t.start()
+        time.sleep(LOG_RUN)
+        single, batch = (f'{{instance="{t}"}}' for t in targets)
+        at = float(prom.query(f"timestamp(job_instance:whisper_server_saturation:ratio_rate1m{single})")[0]["value"][1])
+
+        def truth(name: str, held: float, metric: str, where: str) -> float:
+            """The logged time held per second over the span rate() measured (a line counts once read)."""
+            first, last = sample_span(prom, f"{metric}{where}[1m]", at)
+            lines = sum(1 for w in written[name] if first < w + 0.1 <= last)  # read within 100 ms
+            return lines * held / (last - first)
+
+        got = {
+            "single busy": (value_at(prom, f"job_instance:whisper_server_busy:ratio_rate1m{single}", at),
+                            truth("single", 0.1, "whisper_server_busy_seconds_total", single)),
+            "single capacity": (value_at(prom, f"job_instance:whisper_audio_capacity_seconds:rate1h{single}", at), 20.0),
+            "batch saturation": (value_at(prom, f"job_instance:whisper_server_saturation:ratio_rate1m{batch}", at),
+                                 truth("batch", 1.0, "whisper_requests_in_flight_seconds_total", batch) / 4),
+            "batch capacity": (value_at(prom, f"job_instance:whisper_audio_capacity_seconds:rate1h{batch}", at), 16.0),
+        }
+        headroom = {name: value_at(prom, f"job_instance:whisper_audio_headroom_seconds:rate1m{where}", at)
+                    for name, where in (("single", single), ("batch", batch))}
+        with capsys.disabled():
+            for name, (measured, true) in got.items():
+                print(f"\n{name}: {measured:.4f} (truth {true:.4f}, {measured / true - 1:+.2%})")
+            print(f"headroom: single {headroom['single']:.3f}, batch {headroom['batch']:.3f} audio-s/s")
+        assert not prom.query(f"whisper_server_busy_seconds_total{batch}")  # overlapping times: no busy time
+        for name, (measured, true) in got.items():
+            # capacity: audio and time counted together, line by line (within a line read between
+            # the two counters of one scrape); the rest against the log's timeline
+            assert measured == pytest.approx(true, rel=0.05 if "capacity" not in name else 0.005), name
+        assert abs(got["single busy"][1] - 0.25) < 0.05 and abs(got["batch saturation"][1] - 0.5) < 0.1
+        assert headroom["single"] == pytest.approx(20 * (1 - got["single busy"][1]), rel=0.05)
+        assert headroom["batch"] == pytest.approx(16 * (1 - got["batch saturation"][1]), rel=0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        for running, _ in replicas:
+            running.close()

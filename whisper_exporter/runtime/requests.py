@@ -180,6 +180,11 @@ class RequestMetrics:
         # here so that they carry on over a reload as the request counts do (docs/capacity.md).
         self.occupancy = Occupancy()
         self.max_concurrency: Optional[int] = None  # service.max_concurrency, exported when set
+        # Without the tap, a log that records each request's inference time is the source of the
+        # same counters (docs/capacity.md): set by the logs collector when one of its formats has it.
+        self.log_timings = False
+        self.log_busy = 0.0  # inference seconds logged: busy time of a one-at-a-time server
+        self.log_in_flight = 0.0  # queue wait + inference seconds logged: request-seconds held
 
     def seed(self, endpoints: Iterable[str], status_codes: Iterable[int], languages: Iterable[str],
              audio: bool = False) -> None:
@@ -243,6 +248,10 @@ class RequestMetrics:
             self.spoofed[source] = self.spoofed.get(source, 0) + 1
         if self.tap_on and source == "log":
             endpoint = status = duration = audio = None  # counted by the tap (docs/tap.md)
+        elif source == "log" and inference is not None and inference >= 0:
+            # Counted when the line is read, in one step (the tap counts as a request goes).
+            self.log_busy += inference
+            self.log_in_flight += inference + (queue if queue is not None and queue > 0 else 0.0)
         error = record.error
         labels = self.labels
         lang = labels.language(language)
@@ -363,21 +372,32 @@ class RequestMetrics:
         for source, n in sorted(snap["spoofed"].items()):
             spoofed.add_metric([source], n)
         yield spoofed
-        if self.tap_on:
+        if self.tap_on or self.log_timings:
             yield from self.capacity_families()
 
     def capacity_families(self) -> Iterable[Metric]:
-        """The busy and in-flight counters, from 0 while the tap runs (read up to this scrape)."""
-        busy, integral = self.occupancy.totals()
+        """The busy and in-flight counters, from 0 while the tap runs (read up to this scrape), or
+        else from a log with inference times (counted as each line is read)."""
+        busy: Optional[float]
+        if self.tap_on:
+            busy, integral = self.occupancy.totals()
+            source = "seen by the tap"
+        else:
+            with self.lock:
+                busy, integral = self.log_busy, self.log_in_flight
+            source = "from the inference times in the server's log"
+            if self.max_concurrency is not None and self.max_concurrency > 1:
+                busy = None  # requests processed together overlap: their sum is not the busy time
         with self.lock:
             canary_audio = self.canary_audio
-        yield CounterMetricFamily(
-            "whisper_server_busy_seconds_total",
-            "Seconds during which the server held at least one whole transcription request (upload's last byte to answer's end), seen by the tap.",
-            value=busy)
+        if busy is not None:
+            yield CounterMetricFamily(
+                "whisper_server_busy_seconds_total",
+                f"Seconds during which the server held at least one whole transcription request (upload's last byte to answer's end), {source}.",
+                value=busy)
         yield CounterMetricFamily(
             "whisper_requests_in_flight_seconds_total",
-            "The integral over time of transcription requests the server held, seen by the tap (request-seconds).",
+            f"The integral over time of transcription requests the server held, {source} (request-seconds).",
             value=integral)
         yield CounterMetricFamily(
             "whisper_canary_audio_processed_seconds_total",
