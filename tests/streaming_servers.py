@@ -194,9 +194,13 @@ class WhisperLive(_Threaded):
     """WhisperLive's server with a scripted transcript: `segments` are (start, end, text)."""
 
     def __init__(self, segments: list[tuple[float, float, str]], lag: float = 0.5, max_clients: int = 4,
-                 busy: int = 0):
+                 busy: int = 0, delay: float = 0.0, close_at_end: bool = False):
         self.segments = segments
         self.lag = lag
+        # A slow server: what it says about the audio heard comes `delay` seconds after it; and, as
+        # WhisperLive 0.10.0 does (tests/test_whisperlive_real_server.py), END_OF_AUDIO closes at
+        # once, dropping what it has not said yet, instead of sending the last segments.
+        self.delay, self.close_at_end = delay, close_at_end
         self.max_clients = max_clients
         self.busy = busy  # clients already connected elsewhere
         self.sessions: list[Session] = []
@@ -226,24 +230,39 @@ class WhisperLive(_Threaded):
             return ws
         await ws.send_str(json.dumps({"uid": uid, "message": "SERVER_READY", "backend": "faster_whisper"}))
         self.ready_sent.append(time.perf_counter())
-        done = 0  # segments completed so far
-        async for msg in ws:
-            if msg.type != WSMsgType.BINARY:
-                continue
-            if msg.data == b"END_OF_AUDIO":
-                await ws.send_str(json.dumps({"uid": uid, "segments": [
-                    self._segment(i, True) for i in range(max(0, len(self.segments) - 10), len(self.segments))]}))
-                await ws.close()
-                break
-            session.audio += msg.data
-            heard = len(session.audio) / 4 / 16000
+        state = {"done": 0}  # segments completed so far
+        pending: list[asyncio.Task] = []
+
+        async def progress(heard: float) -> None:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            done = state["done"]
             progressed = False
             while done < len(self.segments) and heard >= self.segments[done][1] + self.lag:
                 done += 1
                 progressed = True
-            if progressed:
+            state["done"] = done
+            if progressed and not ws.closed:
                 shown = [self._segment(i, True) for i in range(max(0, done - 10), done)]
                 if done < len(self.segments):
                     shown.append(self._segment(done, False))
                 await ws.send_str(json.dumps({"uid": uid, "segments": shown}))
+
+        async for msg in ws:
+            if msg.type != WSMsgType.BINARY:
+                continue
+            if msg.data == b"END_OF_AUDIO":
+                if not self.close_at_end:
+                    await ws.send_str(json.dumps({"uid": uid, "segments": [
+                        self._segment(i, True) for i in range(max(0, len(self.segments) - 10), len(self.segments))]}))
+                for task in pending:
+                    task.cancel()
+                await ws.close()
+                break
+            session.audio += msg.data
+            heard = len(session.audio) / 4 / 16000
+            if self.delay:
+                pending.append(asyncio.ensure_future(progress(heard)))
+            else:
+                await progress(heard)
         return ws

@@ -246,10 +246,17 @@ def test_agent_to_victoriametrics_with_vmalert_pages_as_prometheus_does(promethe
             time.sleep(1)
         assert tickets["vmalert"] == tickets["prometheus"]
         assert [t["instance"] for t in tickets["vmalert"]] == [bad]
-        # Whatever fires on one engine fires on the other, with the same labels.
+        # Whatever fires on one engine fires on the other, with the same labels. Save the capacity
+        # forecast: the replicas' logs have inference times, so they measure capacity (docs/capacity.md),
+        # and WhisperCapacityRunningOut's predict_linear over 6h reads minutes-old 5m rates here, which
+        # Prometheus extrapolates and VictoriaMetrics does not (docs/fleet.md); with `for:` cut to 2 s
+        # one engine fires first. test_capacity_rules_on_vmalert_give_promtools_figures_and_forecast
+        # compares it on both engines over hours of data.
+        young = ("WhisperCapacityRunningOut",)
         deadline = time.monotonic() + 30
         while True:
-            both = [sorted(json.dumps(a["labels"], sort_keys=True) for a in firing(url))
+            both = [sorted(json.dumps(a["labels"], sort_keys=True) for a in firing(url)
+                           if a["labels"]["alertname"] not in young)
                     for url in (reference.url, vmalert_url)]
             if both[0] == both[1]:
                 break

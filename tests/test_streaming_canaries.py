@@ -15,6 +15,7 @@ from whisper_exporter.cli import main
 from whisper_exporter.collectors.probe import ProbeCollector
 from whisper_exporter.config import ConfigError, from_dict
 from whisper_exporter.whisper import marker
+from whisper_exporter.whisper.streaming_clients import SETTLE_SECONDS
 
 pytest_plugins = ["whisper_server"]
 
@@ -153,6 +154,25 @@ def test_whisperlive_canary_with_known_lags(started):
     assert len(session.audio) / 4 / 16000 == pytest.approx(record.audio_duration, abs=0.01)  # float32 16 kHz
     assert marker.classify(session.headers, session.query) == marker.GENUINE
     assert metric(collector, "whisper_probe_transcript_lag_seconds") == [st.transcript_lag]
+
+
+def test_whisperlive_canary_waits_for_a_slow_server_before_end_of_audio(started):
+    """WhisperLive 0.10.0 closes at END_OF_AUDIO and drops what it has not transcribed yet (seen with
+    the real server under the full suite's load: the canary got an empty transcript and a WER of 1).
+    Its own client waits for quiet first; so does the canary now. Against a server that speaks a
+    second after the audio and closes at END_OF_AUDIO, the canary sent 4 s of audio in 1 s: before,
+    END_OF_AUDIO at 1 s came before any segment. The finalisation lag is the last segments'
+    arrival, not the close after the quiet."""
+    server = started(WhisperLive(SEGMENTS, lag=0.5, delay=1.0, close_at_end=True))
+    _, record = probe("whisperlive", server.url, pace=4.0)
+    assert record.result == "success", record.reason
+    assert record.transcript == "Please call Stella and ask her to bring these things with her from the store."
+    st = record.stream
+    # the server's 1 s, less the last frames' own sending, after the audio; end to end to that
+    # transcript, not to the close after the wait for quiet
+    assert 0.5 <= st.finalisation_lag <= 1.5, st.finalisation_lag
+    assert record.duration == pytest.approx(st.audio_seconds / 4 + st.finalisation_lag, abs=0.3)
+    assert record.duration < st.audio_seconds / 4 + SETTLE_SECONDS
 
 
 def test_whisperlive_full_server_says_wait(started):

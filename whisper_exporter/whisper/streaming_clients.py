@@ -24,9 +24,14 @@ Two WebSocket APIs are spoken here, the Wyoming one in whisper/wyoming.py:
   `...completed`; `error` and `...failed` are bad_response.
 - `whisperlive` (collabora/WhisperLive): an options JSON (uid, language,
   model, use_vad false), `SERVER_READY` back (or `WAIT`: the server is full),
-  the clip as binary float32 16 kHz frames, `END_OF_AUDIO`; the server sends
-  its last segments (`completed` true or false) and closes. The transcript is
-  the completed segments, in order, and the last partial after them.
+  the clip as binary float32 16 kHz frames, then, once the server has said
+  nothing for SETTLE_SECONDS (at most SETTLE_MAX after the audio), `END_OF_AUDIO`;
+  the server may send its last segments (`completed` true or false) and closes.
+  WhisperLive 0.10.0 closes at once and drops what it has not transcribed yet,
+  so its own client waits for silence (15 s) first; without the wait a loaded
+  server's canary got no transcript at all. The transcript is the completed
+  segments, in order, and the last partial after them; its time, for the
+  finalisation lag, is the last segments message's (with none, the close).
 """
 from __future__ import annotations
 
@@ -50,6 +55,12 @@ from whisper_exporter.whisper.audio import AudioError
 MAX_MESSAGE_BYTES = 1024 * 1024  # one server message; a transcript event is a few KB
 MAX_RECEIVED_BYTES = clients.MAX_BODY_BYTES  # all of one session
 MAX_SEGMENTS = 10_000  # WhisperLive segments kept (by start time)
+# WhisperLive: after the audio, the server has caught up once it has sent nothing for this long (it
+# transcribes its pending audio again and again, sending each pass, until the last segment is
+# completed, then says nothing); its own client waits 15 s, too long for a canary that runs every
+# minute; 3 s is ten passes of tiny.en on a loaded CPU. SETTLE_MAX bounds a server that never stops.
+SETTLE_SECONDS = 3.0
+SETTLE_MAX = 15.0
 CHUNK_SECONDS = 0.1  # audio per message: what speaches' and WhisperLive's own clients send, about
 
 
@@ -239,7 +250,9 @@ class WebSocketClient(clients.WhisperClient):
         exchange.status_code = status
         exchange.body_bytes = session.received
         exchange.body_excerpt = self.redact(clients._excerpt(session.last_message))
-        elapsed = time.perf_counter() - session.started
+        # End to end: to the final transcript (WhisperLive's waits for quiet after it, then closes).
+        elapsed = ((session.final_at if outcome == clients.SUCCESS and session.final_at else time.perf_counter())
+                   - session.started)
         times = session.times(self.pace, pcm.seconds)
         if outcome == clients.SUCCESS and session.text is None:
             outcome, reason = clients.CONNECTION_ERROR, "the server closed the session before the transcript"
@@ -446,22 +459,38 @@ class WhisperLiveClient(WebSocketClient):
 
         async def sender() -> None:
             await self._paced(session, chunks, send, done)
+            if done.is_set():
+                return
+            ends = [end for end in ends_seen]
+            session.transcript_lag = max(0.0, sent["seconds"] - max(ends)) if ends else sent["seconds"]
+            session.audio_end = time.perf_counter()
+            # END_OF_AUDIO once the server has caught up: it drops what it has not transcribed yet.
+            while not done.is_set():
+                now = time.perf_counter()
+                quiet = now - max(heard["at"], session.audio_end)
+                left = min(SETTLE_SECONDS - quiet, session.audio_end + SETTLE_MAX - now)
+                if left <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(done.wait(), left)
+                except asyncio.TimeoutError:
+                    pass
             if not done.is_set():
-                ends = [end for end in ends_seen]
-                session.transcript_lag = max(0.0, sent["seconds"] - max(ends)) if ends else sent["seconds"]
                 await ws.send_bytes(self.END_OF_AUDIO)
-                session.audio_end = time.perf_counter()
 
         ends_seen: list[float] = []
+        heard = {"at": 0.0, "segments": 0.0}  # when the last message, and the last segments, came
         task = asyncio.ensure_future(sender())
         try:
             while True:
                 message = await self._read(ws, session)
                 if message is None or (isinstance(message, dict) and message.get("message") == "DISCONNECT"):
                     break
+                heard["at"] = time.perf_counter()
                 segments = message.get("segments") if isinstance(message, dict) else None
                 if not isinstance(segments, list):
                     continue
+                heard["segments"] = heard["at"]
                 session.partial()
                 partial = ""
                 for seg in segments[:MAX_SEGMENTS]:
@@ -483,7 +512,8 @@ class WhisperLiveClient(WebSocketClient):
             await asyncio.gather(task, return_exceptions=True)
         if not session.audio_end:
             raise _Failed(clients.CONNECTION_ERROR, "the server closed the session before the audio ended")
-        session.final_at = time.perf_counter()
+        # The final transcript came with the last segments (not at the close, after the wait for quiet).
+        session.final_at = max(heard["segments"], session.audio_end) if heard["segments"] else time.perf_counter()
         texts = [completed[k].strip() for k in sorted(completed)]
         tail = (last_partial or [""])[0].strip()
         if tail and (not texts or texts[-1] != tail):
