@@ -186,6 +186,9 @@ def test_whisperlive_negative_canary(started):
     server = started(WhisperLive([]))
     _, record = probe("whisperlive", server.url, reference="", pace=0)
     assert record.result == "success" and record.transcript == ""
+    # Nothing said: the (empty) transcript is final at the end of the audio, not at the close after
+    # the canary's wait for quiet before END_OF_AUDIO.
+    assert record.stream.finalisation_lag < 0.5 and record.duration < SETTLE_SECONDS
 
 
 def test_probe_command_with_the_websocket_apis(started):

@@ -31,7 +31,8 @@ Two WebSocket APIs are spoken here, the Wyoming one in whisper/wyoming.py:
   so its own client waits for silence (15 s) first; without the wait a loaded
   server's canary got no transcript at all. The transcript is the completed
   segments, in order, and the last partial after them; its time, for the
-  finalisation lag, is the last segments message's (with none, the close).
+  finalisation lag, is the last segments message's (with none, the end of
+  the audio).
 """
 from __future__ import annotations
 
@@ -488,7 +489,7 @@ class WhisperLiveClient(WebSocketClient):
                     break
                 heard["at"] = time.perf_counter()
                 segments = message.get("segments") if isinstance(message, dict) else None
-                if not isinstance(segments, list):
+                if not isinstance(segments, list) or not segments:  # an empty list says nothing (as in the tap)
                     continue
                 heard["segments"] = heard["at"]
                 session.partial()
@@ -512,8 +513,9 @@ class WhisperLiveClient(WebSocketClient):
             await asyncio.gather(task, return_exceptions=True)
         if not session.audio_end:
             raise _Failed(clients.CONNECTION_ERROR, "the server closed the session before the audio ended")
-        # The final transcript came with the last segments (not at the close, after the wait for quiet).
-        session.final_at = max(heard["segments"], session.audio_end) if heard["segments"] else time.perf_counter()
+        # The final transcript came with the last segments, not at the close after the wait for quiet
+        # (none, as for a negative canary: it was final when the audio ended).
+        session.final_at = max(heard["segments"], session.audio_end)
         texts = [completed[k].strip() for k in sorted(completed)]
         tail = (last_partial or [""])[0].strip()
         if tail and (not texts or texts[-1] != tail):
