@@ -339,7 +339,6 @@ def make(section: LogsConfig, shared: Shared) -> LogsCollector:
     timed = [entry for entry in section.files if declares(entry, "inference")]
     requests.log_timings = bool(timed)
     seed_requests(requests, shared.config, audio=any(declares(entry, "audio_duration") for entry in timed))
-    requests.max_concurrency = shared.config.service.max_concurrency  # the capacity model, as the tap sets it
     return collector
 
 

@@ -435,7 +435,6 @@ def make(section: TapConfig, shared: Shared) -> TapCollector:
         keeper = AudioKeeper(folder, section.sample_max_files, section.sample_max_bytes, section.sample_retention)
     requests = shared.use_requests()
     requests.tap_on = True  # the tap is the one source of request counts (docs/tap.md)
-    requests.max_concurrency = config.service.max_concurrency  # the capacity model (docs/capacity.md)
     seed_requests(requests, config, audio=True)  # the tap measures every request's audio
     # The totals carry on across reloads that build the tap anew (docs/tap.md, Reloads).
     totals = shared.carried.setdefault("tap", TapTotals())

@@ -35,6 +35,18 @@ PROMETHEUS_HEADERS = {
 HALF_REQUEST = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: slowloris\r\n"  # never finished
 
 
+def cpu_while_starved(pid: int, port: int, connections: int = 30,
+                      seconds: float = 4.0) -> tuple[float, list[socket.socket]]:
+    """Open `connections` to a server that is out of descriptors and leave them there for
+    `seconds`: the CPU-seconds (user + system) it spent meanwhile, and the connections (the
+    caller closes them). A server that retries accept() on EMFILE in a loop spins a core."""
+    ps = psutil.Process(pid)
+    attackers = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(connections)]
+    before = sum(ps.cpu_times()[:2])
+    time.sleep(seconds)  # the measuring window itself, not a wait for an event
+    return sum(ps.cpu_times()[:2]) - before, attackers
+
+
 def _limit_fds() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
 

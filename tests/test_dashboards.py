@@ -470,13 +470,28 @@ CANARY_HEALTH = [("whisper-overview", "Canary probe"), ("whisper-fleet", "Canary
                  ("whisper-fleet", "Replicas side by side")]
 
 
+def promtool_cases(tmp_path: Path, series: list[dict], cases: list[dict], rule_files: tuple[str, ...] = (),
+                   interval: str = "1m") -> None:
+    """Evaluate dashboard queries with promtool (promql_expr_test) over hand-made series sampled and
+    evaluated every `interval`, with these rule files (none: an empty one, as promtool needs one)."""
+    promtool = require_tool("promtool")
+    if not rule_files:
+        (tmp_path / "empty.yml").write_text("groups: []\n")
+        rule_files = ("empty.yml",)
+    test = {"rule_files": list(rule_files), "evaluation_interval": interval,
+            "tests": [{"interval": interval, "input_series": series, "promql_expr_test": cases}]}
+    (tmp_path / "panel_test.yml").write_text(yaml.safe_dump(test, sort_keys=False))
+    result = subprocess.run([promtool, "test", "rules", "panel_test.yml"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_canary_health_panels_judge_the_speech_canaries(tmp_path):
     """Issue 21: on a default install tiny.en answers the silence canary with "You", so its
     whisper_probe_success is 0; min() over every canary showed the healthy server FAILING. The
     health panels judge the speech canaries (the negative ones have their own panel and alert):
     evaluated by promtool over a healthy server whose silence canary hallucinates (1), and one
     whose speech canary fails (0)."""
-    promtool = require_tool("promtool")
     exprs = []
     for uid, title in CANARY_HEALTH:
         exprs += [t["expr"] for t in panel_by_title(uid, title)["targets"] if "whisper_probe_success" in t["expr"]]
@@ -495,13 +510,7 @@ def test_canary_health_panels_judge_the_speech_canaries(tmp_path):
         for instance, want in (("healthy:10111", 1), ("broken:10111", 0)):
             scoped = text.replace('instance=~".*"', f'instance=~"{instance}"')
             cases.append({"expr": f"max({scoped})", "eval_time": "5m", "exp_samples": [{"labels": "{}", "value": want}]})
-    (tmp_path / "empty.yml").write_text("groups: []\n")
-    test = {"rule_files": ["empty.yml"], "evaluation_interval": "1m",
-            "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": cases}]}
-    (tmp_path / "canary_test.yml").write_text(yaml.safe_dump(test, sort_keys=False))
-    result = subprocess.run([promtool, "test", "rules", "canary_test.yml"], capture_output=True, text=True,
-                            cwd=tmp_path, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
+    promtool_cases(tmp_path, series, cases)
 
 
 def test_every_query_parses(tmp_path):
@@ -719,18 +728,6 @@ def test_quality_dashboard_shows_the_review_queue_and_review_throughput():
         assert "/review" in panel["description"], panel["title"]
 
 
-def _promtool_cases(tmp_path: Path, rule_files: list[str], series: list[dict], cases: list[dict]) -> None:
-    """Evaluate dashboard queries with promtool over hand-made hourly series and the given rule
-    files (evaluated hourly: every minute for a week of every recording rule takes promtool 25 s)."""
-    promtool = require_tool("promtool")
-    test = {"rule_files": rule_files, "evaluation_interval": "1h",
-            "tests": [{"interval": "1h", "input_series": series, "promql_expr_test": cases}]}
-    (tmp_path / "panel_test.yml").write_text(yaml.safe_dump(test, sort_keys=False))
-    result = subprocess.run([promtool, "test", "rules", "panel_test.yml"], capture_output=True, text=True,
-                            cwd=tmp_path, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 def test_punctuation_marks_panel_is_empty_not_nan_when_nothing_was_scored(tmp_path):
     """The per-mark panel divided raw rates: its series are exported at 0 before anything is
     scored, so it gave 0/0 = NaN (an empty graph) instead of its no-data text. Evaluated by promtool:
@@ -747,13 +744,12 @@ def test_punctuation_marks_panel_is_empty_not_nan_when_nothing_was_scored(tmp_pa
                for r in ("correct", "deleted", "inserted")]
     scoped = {s: expr.replace('set=~".*"', f'set=~"{s}"') for s in ("reference", "production")}
     assert scoped["reference"] != expr
-    (tmp_path / "none.yml").write_text("groups: []\n")
-    _promtool_cases(tmp_path, [str(tmp_path / "none.yml")], series, [
+    promtool_cases(tmp_path, series, [
         {"expr": scoped["reference"], "eval_time": "5h", "exp_samples": []},
         {"expr": scoped["production"], "eval_time": "5h", "exp_samples": [
             {"labels": '{mark=".",result="deleted"}', "value": 0.5},
             {"labels": '{mark=".",result="inserted"}', "value": 0}]},
-    ])
+    ], interval="1h")
 
 
 def test_quality_dashboard_shows_the_hallucination_detector_against_reviewers(tmp_path):
@@ -775,7 +771,7 @@ def test_quality_dashboard_shows_the_hallucination_detector_against_reviewers(tm
     series = [{"series": review.format(l=l, s=s, c=c), "values": f"0+{n}x200"} for (l, s, c), n in per_hour.items()]
     series += [{"series": f'whisper_hallucination_confirmed_total{{job="whisper",instance="w:10111",language="{l}"}}',
                 "values": f"0+{n}x200"} for l, n in (("en", 2), ("de", 2))]
-    _promtool_cases(tmp_path, [str(RULES / "recording.yml")], series, [
+    promtool_cases(tmp_path, series, [
         {"expr": precision, "eval_time": "8d", "exp_samples": [
             {"labels": 'language:whisper_hallucination_review_precision:ratio_rate7d{job="whisper",language="en"}',
              "value": 0.25}]},
@@ -784,4 +780,4 @@ def test_quality_dashboard_shows_the_hallucination_detector_against_reviewers(tm
              "value": v} for l, v in (("en", 0.5), ("de", 0))]},
         {"expr": per_day, "eval_time": "8d", "exp_samples": [
             {"labels": f'{{language="{l}"}}', "value": 48} for l in ("en", "de")]},
-    ])
+    ], rule_files=(str(RULES / "recording.yml"),), interval="1h")  # hourly: a week of every record each minute took 25 s

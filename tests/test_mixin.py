@@ -141,15 +141,14 @@ def test_custom_dashboards_carry_the_selector_and_parse(tmp_path, custom):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def promtool_test(tmp_path, custom: dict, test: dict) -> None:
-    """`promtool test rules` of `test` against the custom rendering's alerts and rules."""
+def promtool_test(tmp_path, custom: dict, test: dict) -> subprocess.CompletedProcess:
+    """`promtool test rules` of `test` against the custom rendering's alerts and rules: its result."""
     promtool = require_tool("promtool")
     (tmp_path / "alerts.yml").write_text(yaml.safe_dump(custom["alerts"]))
     (tmp_path / "rules.yml").write_text(yaml.safe_dump(custom["rules"]))
     (tmp_path / "test.yml").write_text(yaml.safe_dump(test))
-    result = subprocess.run([promtool, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
+    return subprocess.run([promtool, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_custom_alert_fires_for_its_cluster_only(tmp_path, custom):
@@ -170,7 +169,8 @@ def test_custom_alert_fires_for_its_cluster_only(tmp_path, custom):
                 "description": "Scrapes of a:10111 (job speech) have failed for 5 minutes (up = 0): nothing about"
                                " this Whisper service is being measured."}}]}],
     }]}
-    promtool_test(tmp_path, custom, test)
+    result = promtool_test(tmp_path, custom, test)
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
 
 
 def annotation_queries(mixin: dict) -> list[tuple[str, str]]:
@@ -218,4 +218,5 @@ def test_custom_annotation_query_reads_the_alerts_cluster(tmp_path, custom):
                 "description": "The oldest sample pending review on a:10111 (job speech) has waited 4d 1h 10m 0s;"
                                " 7 samples are pending."}}]}],
     }]}
-    promtool_test(tmp_path, custom, test)
+    result = promtool_test(tmp_path, custom, test)
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr

@@ -120,24 +120,17 @@ def test_accept_backs_off_when_descriptors_run_out(tmp_path):
     """The old server retried accept() on EMFILE in a tight loop (190% CPU). Here accepting
     pauses after it: 4 s of descriptor starvation cost a small fraction of a core, the
     failures are counted and logged once, and it serves again once descriptors are free."""
-    import socket
     import subprocess
     import sys
-    import time
 
-    import psutil
-    from slowloris import ROOT
+    from slowloris import ROOT, cpu_while_starved
 
     stderr = open(tmp_path / "stderr", "w+")
     proc = subprocess.Popen([sys.executable, "-c", EMFILE_SERVER], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=stderr, text=True)
     try:
         port = int(proc.stdout.readline())
-        ps = psutil.Process(proc.pid)
-        attackers = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(30)]
-        before = sum(ps.cpu_times()[:2])
-        time.sleep(4)
-        cpu = sum(ps.cpu_times()[:2]) - before
+        cpu, attackers = cpu_while_starved(proc.pid, port)
         for s in attackers:
             s.close()
         answer = requests.get(f"http://127.0.0.1:{port}/", timeout=10)

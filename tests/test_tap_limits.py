@@ -20,7 +20,15 @@ import requests
 import yaml
 from aiohttp import web
 from helpers import sample, samples, wait_for
-from slowloris import FD_LIMIT, ROOT, Slowloris, exporter_under_fd_limit, raise_own_fd_limit, scrape_like_prometheus
+from slowloris import (
+    FD_LIMIT,
+    ROOT,
+    Slowloris,
+    cpu_while_starved,
+    exporter_under_fd_limit,
+    raise_own_fd_limit,
+    scrape_like_prometheus,
+)
 from tap_helpers import Records, Upstream, multipart, start_tap, wav_bytes
 
 TRANSCRIPTIONS = "/v1/audio/transcriptions"
@@ -422,8 +430,6 @@ def test_the_tap_backs_off_when_descriptors_run_out(tmp_path):
     """The tap's listener on EMFILE (issue 22 item 2: 98,340 'accept() out of system resource'
     tracebacks in 25 s): 4 s of descriptor starvation cost a small fraction of a core, the
     failures are counted and logged once, and the tap serves again once descriptors are free."""
-    import psutil
-
     stderr = open(tmp_path / "stderr", "w+")
     proc = subprocess.Popen([sys.executable, "-c", TAP_EMFILE], cwd=ROOT, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=stderr, text=True)
@@ -431,11 +437,7 @@ def test_the_tap_backs_off_when_descriptors_run_out(tmp_path):
     try:
         assert proc.stdout is not None and proc.stdin is not None
         port = int(proc.stdout.readline())
-        ps = psutil.Process(proc.pid)
-        attackers = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(30)]
-        before = sum(ps.cpu_times()[:2])
-        time.sleep(4)
-        cpu = sum(ps.cpu_times()[:2]) - before
+        cpu, attackers = cpu_while_starved(proc.pid, port)
         proc.stdin.write("errors\n")
         proc.stdin.flush()
         errors = int(proc.stdout.readline())

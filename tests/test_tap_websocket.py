@@ -10,7 +10,7 @@ import base64
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 import pytest
@@ -361,6 +361,17 @@ def test_the_upstream_vanishing_sends_1011_never_1006():
         server.stop()
 
 
+async def stalled(sent: list[int], finished: Callable[[], bool]) -> int:
+    """How many messages a flooding sender got out once its count stopped advancing for a second
+    (four looks 0.25 s apart), or once it finished: what backpressure let through."""
+    last, still = -1, 0
+    while still < 4 and not finished():
+        await asyncio.sleep(0.25)
+        still = still + 1 if sent[0] == last else 0
+        last = sent[0]
+    return sent[0]
+
+
 def test_a_client_flooding_a_slow_upstream_is_held_back_not_buffered():
     """Backpressure: while the upstream reads nothing, the client can get only a few socket
     buffers ahead (no queue between the legs); once it reads, every message arrives in order."""
@@ -395,12 +406,7 @@ def test_a_client_flooding_a_slow_upstream_is_held_back_not_buffered():
                             await ws.send_bytes(bytes(body))
                             sent[0] = i + 1
                     task = asyncio.ensure_future(flood())
-                    last, still = -1, 0
-                    while still < 4 and not task.done():  # until the client's sends stop advancing
-                        await asyncio.sleep(0.25)
-                        still = still + 1 if sent[0] == last else 0
-                        last = sent[0]
-                    held = sent[0]
+                    held = await stalled(sent, task.done)  # until the client's sends stop advancing
                     release.set()
                     await task
                     answer = await ws.receive(timeout=120)
@@ -723,12 +729,7 @@ def test_a_server_flooding_a_slow_client_is_held_back_not_buffered():
         async def go() -> tuple[int, list[int]]:
             async with aiohttp.ClientSession() as client:
                 async with client.ws_connect(f"http://127.0.0.1:{tap.port}/ws", max_msg_size=1 << 21) as ws:
-                    last, still = -1, 0
-                    while still < 4 and not done.is_set():  # until the server's sends stop advancing
-                        await asyncio.sleep(0.25)
-                        still = still + 1 if sent[0] == last else 0
-                        last = sent[0]
-                    held = sent[0]
+                    held = await stalled(sent, done.is_set)  # until the server's sends stop advancing
                     got = []
                     while len(got) < TOTAL:
                         msg = await ws.receive(timeout=120)

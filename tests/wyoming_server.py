@@ -18,10 +18,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import IO, Iterator, Optional
 
 import pytest
-from helpers import free_port
+from helpers import free_port, read_log, stop_process
 
 STARTUP_TIMEOUT = 90.0
 
@@ -34,24 +34,13 @@ class WyomingServer:
     workdir: Path
     log_path: Path
     started_in: float = 0.0  # seconds from the process start to its first info
-    _log: object = field(default=None, repr=False)
+    _log: Optional[IO[str]] = field(default=None, repr=False)
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
+        stop_process(self.proc, self._log)
 
 
 def start_server(workdir: Optional[Path] = None, port: Optional[int] = None) -> WyomingServer:

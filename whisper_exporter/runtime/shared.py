@@ -122,6 +122,8 @@ class Shared:
     def use_requests(self) -> RequestMetrics:
         """The request metrics, for a collector that feeds them (they are rendered from now on)."""
         self.requests.in_use = True
+        # the capacity model (docs/capacity.md), for whichever source measures busy time: tap or log
+        self.requests.max_concurrency = self.config.service.max_concurrency
         self._hold("requests")
         return self.requests
 

@@ -462,8 +462,7 @@ class WhisperLiveClient(WebSocketClient):
             await self._paced(session, chunks, send, done)
             if done.is_set():
                 return
-            ends = [end for end in ends_seen]
-            session.transcript_lag = max(0.0, sent["seconds"] - max(ends)) if ends else sent["seconds"]
+            session.transcript_lag = max(0.0, sent["seconds"] - max(ends_seen)) if ends_seen else sent["seconds"]
             session.audio_end = time.perf_counter()
             # END_OF_AUDIO once the server has caught up: it drops what it has not transcribed yet.
             while not done.is_set():
